@@ -1,0 +1,47 @@
+"""``orthonode``: the one command-line program in front of the node, the predictor and the trainer.
+
+Each subcommand lives in the package that owns it, as a module with two functions:
+``configure(parser)`` adds its arguments and ``run(args) -> int`` does the work.  Those
+modules import heavy libraries (torch, highdicom) inside ``run`` so that ``orthonode --help``
+stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+#: subcommand -> (module with configure/run, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "phantom": ("training.phantoms.cli", "generate synthetic knee/ankle/shoulder MRI studies with ground truth"),
+    "train": ("training.cli", "pretrain, fine-tune and evaluate the OrthoDiffusion models"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orthonode",
+        description="DICOM AI node for musculoskeletal MRI (OrthoDiffusion). Not a medical device.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        module.configure(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose + 1, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
