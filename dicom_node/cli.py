@@ -16,6 +16,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "phantom": ("training.phantoms.cli", "generate synthetic knee/ankle/shoulder MRI studies with ground truth"),
     "train": ("training.cli", "pretrain, fine-tune and evaluate the OrthoDiffusion models"),
+    "check-config": ("dicom_node.check_config", "validate a node.yaml and show its main settings"),
+    "demo": ("dicom_node.demo", "run the main job end to end on phantom data (what `make demo` runs)"),
 }
 
 

@@ -1,0 +1,269 @@
+"""node.yaml, parsed into typed, frozen objects at start-up.
+
+Every section is a pydantic model that forbids unknown keys, so a typo is an error rather
+than a silently ignored setting.  :func:`load_config` reports every problem with the dotted
+key and the file it came from.  Relative paths are resolved against the folder of the file.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
+
+
+class ConfigError(ValueError):
+    """A node.yaml problem; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_ae(value: str) -> str:
+    if not _AE_RE.match(value) or value.strip() == "" or "\\" in value:
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no backslash)")
+    return value.strip()
+
+
+class NodeSection(_Section):
+    name: str = "orthonode"
+    data_dir: Path = Path("./data")
+    institution: str = ""
+
+
+class AllowedCaller(_Section):
+    ae_title: str
+    hosts: tuple[str, ...] = ()  # empty = any host
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae(value)
+
+
+class TLSSection(_Section):
+    enabled: bool = False
+    certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    require_client_certificate: bool = True
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> "TLSSection":
+        if self.enabled:
+            for key in ("certificate", "private_key"):
+                if not getattr(self, key):
+                    raise ValueError(f"{key} is required when tls.enabled is true")
+        return self
+
+
+class ListenerSection(_Section):
+    ae_titles: tuple[str, ...] = ("ORTHONODE",)
+    bind_address: str = "127.0.0.1"
+    port: int = Field(11112, ge=1, le=65535)
+    max_associations: int = Field(8, ge=1)
+    allow_any_caller: bool = False
+    allowed_callers: tuple[AllowedCaller, ...] = (
+        AllowedCaller(ae_title="ORTHANC", hosts=("127.0.0.1",)),
+        AllowedCaller(ae_title="STORESCU", hosts=("127.0.0.1",)),
+    )
+    accept_sop_classes: tuple[str, ...] = ("MRImageStorage", "EnhancedMRImageStorage")
+    ignore_sop_classes: tuple[str, ...] = ("GrayscaleSoftcopyPresentationStateStorage",)
+    duplicate_policy: Literal["keep_first", "overwrite", "reject_if_different"] = "reject_if_different"
+    tls: TLSSection = TLSSection()
+
+    @field_validator("ae_titles")
+    @classmethod
+    def _titles(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one AE title is required")
+        return tuple(_check_ae(v) for v in value)
+
+    @field_validator("accept_sop_classes", "ignore_sop_classes")
+    @classmethod
+    def _sop_classes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from pydicom.uid import UID
+        from pynetdicom import sop_class
+
+        resolved = []
+        for name in value:
+            if re.match(r"^[0-9.]+$", name):
+                resolved.append(name)
+            elif isinstance(getattr(sop_class, name, None), UID):
+                resolved.append(name)
+            else:
+                raise ValueError(f"{name!r} is neither a SOP Class UID nor a pynetdicom SOP class name")
+        return tuple(resolved)
+
+
+class StorageSection(_Section):
+    min_free_mb: int = Field(2048, ge=0)
+
+
+class DatabaseSection(_Section):
+    url: str = ""  # empty: SQLite (WAL) in data_dir
+
+
+class StudyAssemblySection(_Section):
+    series_quiet_seconds: float = Field(30, gt=0)
+    study_quiet_seconds: float = Field(60, gt=0)
+    forced_after_seconds: float = Field(900, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> "StudyAssemblySection":
+        if self.forced_after_seconds < self.study_quiet_seconds:
+            raise ValueError("forced_after_seconds must be at least study_quiet_seconds")
+        return self
+
+
+class JobsSection(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: int = Field(1, ge=1)
+
+
+class ModelSection(_Section):
+    checkpoint: Path = Path("./models/demo-knee.pt")
+
+
+class Destination(_Section):
+    type: Literal["dimse", "stowrs"]
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    url: str | None = None  # STOW-RS base URL, e.g. http://127.0.0.1:8042/dicom-web
+    username: str | None = None
+    password: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> "Destination":
+        if self.type == "dimse":
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) in (None, "")]
+            if missing:
+                raise ValueError(f"a dimse destination needs {', '.join(missing)}")
+            _check_ae(self.ae_title or "")
+        elif not self.url:
+            raise ValueError("a stowrs destination needs url")
+        return self
+
+
+class Route(_Section):
+    match: dict[str, str] = {}
+    destinations: tuple[str, ...]
+
+    @field_validator("match")
+    @classmethod
+    def _keys(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = set(value) - {"calling_ae_title", "joint"}
+        if unknown:
+            raise ValueError(f"unknown match keys {sorted(unknown)} (allowed: calling_ae_title, joint)")
+        for key, pattern in value.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"match.{key} is not a valid regular expression: {exc}") from None
+        return value
+
+
+class RetrySection(_Section):
+    max_attempts: int = Field(5, ge=1)
+    initial_delay_seconds: float = Field(30, gt=0)
+    max_delay_seconds: float = Field(900, gt=0)
+
+
+class ExportSection(_Section):
+    destinations: dict[str, Destination] = {
+        "pacs": Destination(type="dimse", ae_title="ORTHANC", host="127.0.0.1", port=4242)
+    }
+    routes: tuple[Route, ...] = (Route(match={}, destinations=("pacs",)),)
+    retry: RetrySection = RetrySection()
+
+    @model_validator(mode="after")
+    def _routes_name_destinations(self) -> "ExportSection":
+        for i, route in enumerate(self.routes):
+            for name in route.destinations:
+                if name not in self.destinations:
+                    raise ValueError(f"routes[{i}] names destination {name!r}, which is not defined")
+        return self
+
+
+class HTTPSection(_Section):
+    bind_address: str = "127.0.0.1"
+    port: int = Field(8090, ge=1, le=65535)
+    enabled: bool = True
+
+
+class LoggingSection(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_phi: bool = False
+
+
+class NodeConfig(_Section):
+    node: NodeSection = NodeSection()
+    listener: ListenerSection = ListenerSection()
+    storage: StorageSection = StorageSection()
+    database: DatabaseSection = DatabaseSection()
+    study_assembly: StudyAssemblySection = StudyAssemblySection()
+    jobs: JobsSection = JobsSection()
+    model: ModelSection = ModelSection()
+    export: ExportSection = ExportSection()
+    http: HTTPSection = HTTPSection()
+    logging: LoggingSection = LoggingSection()
+    #: folder of the file this came from; relative paths resolve against it
+    base_dir: Path = Path(".")
+
+    def resolve(self, path: Path) -> Path:
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.resolve(self.node.data_dir)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.resolve(self.model.checkpoint)
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.data_dir / 'orthonode.sqlite'}"
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: {len(exc.errors())} problem(s) in the node configuration"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = None) -> NodeConfig:
+    """Validate an already-parsed mapping; ``source`` names it in errors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    if "base_dir" in data:
+        raise ConfigError(f"{source}: base_dir: not a configuration key")
+    try:
+        return NodeConfig(**data, base_dir=base_dir or Path("."))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_config(path: str | Path) -> NodeConfig:
+    """Read and validate node.yaml."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, source=str(path), base_dir=path.resolve().parent)

@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dicom_node.config import ConfigError, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_node_yaml_is_valid_and_matches_documented_defaults():
+    cfg = load_config(REPO / "node.yaml")
+    assert cfg.listener.ae_titles == ("ORTHONODE",)
+    assert (cfg.listener.bind_address, cfg.listener.port) == ("127.0.0.1", 11112)
+    pacs = cfg.export.destinations["pacs"]
+    assert (pacs.type, pacs.ae_title, pacs.host, pacs.port) == ("dimse", "ORTHANC", "127.0.0.1", 4242)
+    assert cfg.export.routes[0].destinations == ("pacs",)
+    assert cfg.database_url.startswith("sqlite:///") and cfg.database_url.endswith("orthonode.sqlite")
+    assert cfg.checkpoint == (REPO / "models" / "demo-knee.pt").resolve()
+    assert cfg.http.bind_address == "127.0.0.1"
+    assert cfg.logging.log_phi is False
+
+
+def test_every_key_of_the_shipped_file_equals_the_code_default():
+    """node.yaml documents the defaults: an empty file must configure the same node."""
+    shipped = load_config(REPO / "node.yaml")
+    empty = parse_config({}, base_dir=REPO)
+    assert shipped.model_dump(exclude={"base_dir"}) == empty.model_dump(exclude={"base_dir"})
+
+
+def _write(tmp_path, data) -> Path:
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_unknown_key_is_an_error_naming_the_key_and_file(tmp_path):
+    path = _write(tmp_path, {"listener": {"prot": 104}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+    assert "listener.prot" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"listener": {"port": 70000}}, "listener.port"),
+        ({"listener": {"ae_titles": ["A_TITLE_FAR_TOO_LONG"]}}, "listener.ae_titles"),
+        ({"listener": {"accept_sop_classes": ["NotASopClass"]}}, "listener.accept_sop_classes"),
+        ({"listener": {"duplicate_policy": "delete"}}, "listener.duplicate_policy"),
+        ({"export": {"destinations": {"x": {"type": "dimse", "host": "h"}}}}, "export.destinations.x"),
+        ({"export": {"routes": [{"destinations": ["nowhere"]}]}}, "export"),
+        ({"study_assembly": {"study_quiet_seconds": 100, "forced_after_seconds": 10}}, "study_assembly"),
+        ({"listener": {"tls": {"enabled": True}}}, "listener.tls"),
+    ],
+)
+def test_invalid_values_name_their_key(tmp_path, data, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, data))
+    assert key in str(err.value)
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path):
+    cfg = load_config(_write(tmp_path, {"node": {"data_dir": "state"}, "model": {"checkpoint": "m/x.pt"}}))
+    assert cfg.data_dir == (tmp_path / "state").resolve()
+    assert cfg.checkpoint == (tmp_path / "m" / "x.pt").resolve()
+    assert cfg.database_url == f"sqlite:///{(tmp_path / 'state' / 'orthonode.sqlite').resolve()}"
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listener: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_config_objects_are_frozen():
+    cfg = parse_config({})
+    with pytest.raises(Exception):
+        cfg.listener.port = 1  # type: ignore[misc]
