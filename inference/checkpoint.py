@@ -1,0 +1,427 @@
+"""One-file model checkpoints that carry their own model card.
+
+A checkpoint is a single ``torch.save`` file::
+
+    {"format": "orthonode-checkpoint/1",
+     "card": ModelCard as plain types,
+     "state": {"classifier": state_dict, "segmenter": state_dict}}   # either may be absent
+
+It loads with ``torch.load(weights_only=True)`` (no pickled code runs), and the card alone
+says how to rebuild the networks (model configuration, planes, labels, EHR use,
+preprocessing), so inference never needs outside knowledge or guesses.  Files are written
+to a temporary name in the target folder, flushed to disk and renamed into place, so a crash
+never leaves a half-written checkpoint under the final name.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from inference.labels import JOINTS, KNEE_STRUCTURES, PLANES
+from inference.model import (
+    EHR_FEATURES,
+    ModelConfig,
+    OrthoDiffusionClassifier,
+    OrthoDiffusionSegmenter,
+    encode_ehr,
+)
+from inference.preprocess import PreprocessConfig, preprocess_volume, segment_series
+
+__all__ = ["CHECKPOINT_FORMAT", "INTENDED_USE", "CheckpointError", "ModelBundle", "ModelCard", "pick_device"]
+
+CHECKPOINT_FORMAT = "orthonode-checkpoint/1"
+INTENDED_USE = "Research use only; not a medical device"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read as an orthonode checkpoint; the message names the file."""
+
+
+def _framework_versions() -> dict[str, str]:
+    import monai
+
+    versions = {"torch": str(torch.__version__), "monai": str(monai.__version__), "numpy": str(np.__version__)}
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        versions["orthonode"] = version("orthonode")
+    except PackageNotFoundError:
+        versions["orthonode"] = "unknown"
+    return versions
+
+
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+@dataclass
+class ModelCard:
+    """What a model is, what it was trained on and how to rebuild and use it.
+
+    ``labels`` are the label keys in model output order and ``label_names`` their readable
+    names; ``structures`` the segmentation structure keys in class order (class ``i + 1`` is
+    ``structures[i]``; empty without a segmenter).  ``thresholds`` map each label to the
+    probability at which it is reported present.  ``model`` and ``preprocess`` are
+    :meth:`ModelConfig.to_dict` and :meth:`PreprocessConfig.to_dict`.  ``training_data``
+    describes the data (``description``, ``fingerprint`` sha256, ``counts``, ``sites``; it
+    says "synthetic phantoms" where so).
+    """
+
+    name: str
+    version: str
+    joint: str
+    labels: list[str]
+    label_names: list[str]
+    structures: list[str]
+    thresholds: dict[str, float]
+    planes: list[str]
+    use_ehr: bool
+    model: dict[str, Any]
+    preprocess: dict[str, Any]
+    training_data: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=_now_iso)
+    framework: dict[str, str] = field(default_factory=_framework_versions)
+    intended_use: str = INTENDED_USE
+
+    def __post_init__(self) -> None:
+        for name in ("name", "version", "joint", "created", "intended_use"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"ModelCard.{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if self.joint not in JOINTS:
+            raise ValueError(f"ModelCard.joint must be one of {JOINTS}, got {self.joint!r}")
+        for name in ("labels", "label_names", "structures", "planes"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"ModelCard.{name} must be a list of non-empty strings, got {value!r}")
+            setattr(self, name, list(value))
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"ModelCard.labels repeat a key: {self.labels}")
+        if len(self.label_names) != len(self.labels):
+            raise ValueError(
+                f"ModelCard.label_names has {len(self.label_names)} entries; labels has {len(self.labels)}"
+            )
+        known_structures = [s.key for s in KNEE_STRUCTURES]
+        unknown = [s for s in self.structures if s not in known_structures]
+        if unknown:
+            raise ValueError(f"ModelCard.structures: unknown structure(s) {unknown}; known are {known_structures}")
+        bad_planes = [p for p in self.planes if p not in PLANES]
+        if bad_planes or len(set(self.planes)) != len(self.planes):
+            raise ValueError(f"ModelCard.planes must be distinct planes from {PLANES}, got {self.planes}")
+        if not isinstance(self.thresholds, Mapping):
+            raise ValueError(f"ModelCard.thresholds must map label -> probability, got {self.thresholds!r}")
+        if set(self.thresholds) != set(self.labels):
+            raise ValueError(
+                f"ModelCard.thresholds must have exactly one entry per label: missing "
+                f"{sorted(set(self.labels) - set(self.thresholds))}, extra {sorted(set(self.thresholds) - set(self.labels))}"
+            )
+        for key, value in self.thresholds.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"ModelCard.thresholds[{key!r}] must be a probability in [0, 1], got {value!r}")
+        self.thresholds = {k: float(self.thresholds[k]) for k in self.labels}
+        if not isinstance(self.use_ehr, bool):
+            raise ValueError(f"ModelCard.use_ehr must be a bool, got {self.use_ehr!r}")
+        for name in ("model", "preprocess", "training_data", "metrics", "framework"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise ValueError(f"ModelCard.{name} must be a mapping, got {getattr(self, name)!r}")
+        # Both configurations must rebuild; checking here means a card that saves also loads.
+        self.model_config()
+        self.preprocess_config()
+
+    def model_config(self) -> ModelConfig:
+        try:
+            return ModelConfig.from_dict(self.model)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"ModelCard.model: {err}") from None
+
+    def preprocess_config(self) -> PreprocessConfig:
+        try:
+            cfg = PreprocessConfig.from_dict(self.preprocess)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"ModelCard.preprocess: {err}") from None
+        model_shape = tuple(self.model.get("input_shape", ModelConfig().input_shape))
+        if cfg.shape != model_shape:
+            raise ValueError(
+                f"ModelCard.preprocess gives inputs of shape {cfg.shape} but ModelCard.model.input_shape is "
+                f"{model_shape}"
+            )
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python types only (what ``torch.load(weights_only=True)`` accepts)."""
+        return _plain(asdict(self), "card")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelCard:
+        if not isinstance(d, Mapping):
+            raise ValueError(f"model card must be a mapping, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"model card has unknown key(s) {unknown}")
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"model card lacks key(s) {missing}")
+        return cls(**dict(d))
+
+
+def pick_device(prefer: str = "auto") -> torch.device:
+    """``"auto"``: CUDA when present, else CPU; ``"cuda"``/``"cuda:N"``: must exist; ``"cpu"``."""
+    if prefer == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(prefer)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {prefer!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {prefer!r} was asked for but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {prefer!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device.type != "cpu":
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {prefer!r}")
+    return device
+
+
+class ModelBundle:
+    """A model card with its classifier and/or segmenter, ready for inference."""
+
+    def __init__(
+        self,
+        card: ModelCard,
+        classifier: OrthoDiffusionClassifier | None = None,
+        segmenter: OrthoDiffusionSegmenter | None = None,
+    ) -> None:
+        if classifier is None and segmenter is None:
+            raise ValueError("ModelBundle needs a classifier, a segmenter or both")
+        cfg = card.model_config()
+        if classifier is not None:
+            if not card.labels:
+                raise ValueError("ModelBundle: the card lists no labels but a classifier was given")
+            if classifier.num_labels != len(card.labels):
+                raise ValueError(
+                    f"ModelBundle: the classifier has {classifier.num_labels} outputs; card.labels has "
+                    f"{len(card.labels)}"
+                )
+            if list(classifier.planes) != card.planes:
+                raise ValueError(f"ModelBundle: classifier planes {list(classifier.planes)} != card.planes {card.planes}")
+            if classifier.use_ehr != card.use_ehr:
+                raise ValueError(f"ModelBundle: classifier use_ehr={classifier.use_ehr} != card.use_ehr={card.use_ehr}")
+            if classifier.cfg != cfg:
+                raise ValueError("ModelBundle: the classifier's ModelConfig differs from card.model")
+        if segmenter is not None:
+            if not card.structures:
+                raise ValueError("ModelBundle: the card lists no structures but a segmenter was given")
+            if segmenter.num_classes != len(card.structures) + 1:
+                raise ValueError(
+                    f"ModelBundle: the segmenter has {segmenter.num_classes} classes; card.structures gives "
+                    f"{len(card.structures)} + background"
+                )
+            if segmenter.cfg != cfg:
+                raise ValueError("ModelBundle: the segmenter's ModelConfig differs from card.model")
+        elif card.structures:
+            raise ValueError("ModelBundle: card.structures is not empty but no segmenter was given")
+        self.card = card
+        self.classifier = classifier
+        self.segmenter = segmenter
+        self.preprocess = card.preprocess_config()
+        self.device = torch.device("cpu")
+        for net in (classifier, segmenter):
+            if net is not None:
+                net.eval()
+
+    # -- persistence -------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the bundle to ``path`` atomically (temporary file, fsync, rename)."""
+        path = Path(path)
+        state: dict[str, Any] = {}
+        if self.classifier is not None:
+            state["classifier"] = {k: v.detach().cpu() for k, v in self.classifier.state_dict().items()}
+        if self.segmenter is not None:
+            state["segmenter"] = {k: v.detach().cpu() for k, v in self.segmenter.state_dict().items()}
+        payload = {"format": CHECKPOINT_FORMAT, "card": self.card.to_dict(), "state": state}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(payload, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> ModelBundle:
+        """Rebuild a bundle from its file alone; a foreign, corrupt or old file raises CheckpointError."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model checkpoint {str(path)!r} does not exist or is not a file")
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path}: not an orthonode checkpoint (not a PyTorch zip archive; truncated or foreign file)")
+        try:
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(
+                f"{path}: not an orthonode checkpoint: it holds Python objects that a weights-only load refuses "
+                "(orthonode checkpoints hold only tensors and plain data)"
+            ) from err
+        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {first})") from err
+        if not isinstance(payload, dict) or "format" not in payload:
+            raise CheckpointError(f"{path}: not an orthonode checkpoint (no 'format' entry)")
+        if payload["format"] != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"{path}: checkpoint format {payload['format']!r} is not supported; this version reads "
+                f"{CHECKPOINT_FORMAT!r}"
+            )
+        for key in ("card", "state"):
+            if not isinstance(payload.get(key), dict):
+                raise CheckpointError(f"{path}: the checkpoint has no {key!r} mapping")
+        try:
+            card = ModelCard.from_dict(payload["card"])
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: invalid model card: {err}") from None
+        state = payload["state"]
+        unknown = sorted(set(state) - {"classifier", "segmenter"})
+        if unknown:
+            raise CheckpointError(f"{path}: unknown state entries {unknown}")
+        cfg = card.model_config()
+        classifier = segmenter = None
+        if "classifier" in state:
+            classifier = OrthoDiffusionClassifier(cfg, card.planes, len(card.labels), card.use_ehr)
+            _load_state(classifier, state["classifier"], path, "classifier")
+        if "segmenter" in state:
+            segmenter = OrthoDiffusionSegmenter(cfg, len(card.structures) + 1)
+            _load_state(segmenter, state["segmenter"], path, "segmenter")
+        try:
+            bundle = cls(card, classifier, segmenter)
+        except ValueError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+        return bundle.to(map_location)
+
+    # -- inference ---------------------------------------------------------------------
+
+    def to(self, device: str | torch.device) -> ModelBundle:
+        device = torch.device(device)
+        for net in (self.classifier, self.segmenter):
+            if net is not None:
+                net.to(device)
+        self.device = device
+        return self
+
+    @torch.no_grad()
+    def predict_proba(
+        self,
+        volumes: Mapping[str, np.ndarray],
+        ehr: Mapping[str, Any] | None = None,
+    ) -> dict[str, float]:
+        """Probability per label for one exam.
+
+        ``volumes[plane]`` is the ``(S, R, C)`` series of each plane in ``card.planes``.
+        ``ehr`` has keys ``age``, ``sex``, ``height_m``, ``weight_kg`` (any may be None or
+        absent: it is then masked as missing); it is ignored by a model without EHR fusion.
+        """
+        if self.classifier is None:
+            raise ValueError(f"model {self.card.name!r} has no classifier")
+        missing = [p for p in self.card.planes if p not in volumes]
+        if missing:
+            raise ValueError(f"predict_proba: volumes lacks plane(s) {missing}; model {self.card.name!r} needs {self.card.planes}")
+        self.classifier.eval()
+        inputs = {
+            plane: torch.from_numpy(preprocess_volume(volumes[plane], self.preprocess))[None].to(self.device)
+            for plane in self.card.planes
+        }
+        ehr_values = ehr_mask = None
+        if self.card.use_ehr:
+            ehr = dict(ehr or {})
+            unknown = sorted(set(ehr) - {"age", "sex", "height_m", "weight_kg"})
+            if unknown:
+                raise ValueError(f"predict_proba: unknown EHR key(s) {unknown}")
+            values, mask = encode_ehr(ehr.get("age"), ehr.get("sex"), ehr.get("height_m"), ehr.get("weight_kg"))
+            ehr_values = torch.from_numpy(values)[None].to(self.device)
+            ehr_mask = torch.from_numpy(mask)[None].to(self.device)
+        logits = self.classifier(inputs, ehr_values, ehr_mask)
+        probs = torch.sigmoid(logits.float())[0].cpu().tolist()
+        return dict(zip(self.card.labels, probs))
+
+    @torch.no_grad()
+    def segment(self, volume: np.ndarray, stride: int | None = None) -> np.ndarray:
+        """uint8 label map ``(S, R, C)`` on the series' own grid (0 = background,
+        ``i + 1`` = ``card.structures[i]``), from sliding windows over all slices."""
+        if self.segmenter is None:
+            raise ValueError(f"model {self.card.name!r} has no segmenter")
+        self.segmenter.eval()
+        segmenter = self.segmenter
+
+        def predict(x: np.ndarray) -> np.ndarray:
+            logits = segmenter(torch.from_numpy(x)[None].to(self.device))
+            return logits[0].float().cpu().numpy()
+
+        return segment_series(predict, volume, self.preprocess, stride)
+
+    @property
+    def ehr_features(self) -> tuple[str, ...]:
+        return EHR_FEATURES
+
+
+def _plain(value: Any, where: str) -> Any:
+    """Convert ``value`` to plain str/int/float/bool/None/list/dict, or name what cannot be."""
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where}: key {key!r} is not a string")
+            out[str(key)] = _plain(item, f"{where}.{key}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_plain(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist(), where)
+    raise ValueError(f"{where}: a {type(value).__name__} cannot be stored in a model card")
+
+
+def _load_state(net: torch.nn.Module, state: Any, path: Path, what: str) -> None:
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: state[{what!r}] is not a state dict")
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise CheckpointError(f"{path}: the {what} weights do not match the card's model configuration ({first})") from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
