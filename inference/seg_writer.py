@@ -1,0 +1,273 @@
+"""DICOM SEG writer: the knee structure label map as a BINARY Segmentation on the source grid.
+
+What viewers need (OHIF, 3D Slicer; see docs/peers.md) and how this writer provides it:
+
+- One SEG per source series, in that series' own plane and pixel grid.  The label map must
+  already be on the source grid (the caller resamples back from any model grid); this writer
+  checks the shape and takes every frame's geometry from the source slice it was derived from,
+  so oblique series come out exactly as acquired.
+- Slice order.  Classic series arrive in any file order and Instance Numbers are not reliable,
+  so the writer sorts the source slices itself by projecting Image Position (Patient) on the
+  slice normal (row x column direction cosines), ascending, and expects ``label_map[k]`` to be
+  the k-th slice in that order.  For one Enhanced (multi-frame) MR dataset the frames are sorted
+  the same way and the label map is mapped back to frame order.
+- Segments.  Every structure of ``structures`` is described, and its Segment Number is its
+  index in :data:`inference.labels.KNEE_STRUCTURES`.  DICOM (and highdicom) require segment
+  numbers 1..N without gaps, so describing only the structures present would renumber them
+  from study to study; a structure absent from a series is an empty segment instead, which
+  both viewers list without error.  Codes, labels and colours come from
+  ``sr_templates/structures.yaml``; private codes are declared in the Coding Scheme
+  Identification Sequence.
+- Empty frames are kept (``omit_empty_frames=False``): peers report overlays shifting in
+  viewers when empty frames are dropped, and a BINARY frame is a few hundred bytes.
+- Identity: Series/SOP Instance UIDs are derived from (study, source series, model version,
+  kind), so a re-sent study replaces rather than duplicates; the node and the model are
+  named in the Contributing Equipment Sequence and each segment carries the Algorithm
+  Identification with type AUTOMATIC.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+
+from inference.labels import KNEE_STRUCTURES, Structure
+from inference.uids import AlgorithmInfo, NodeInfo, default_node_info, derived_uid
+
+#: direction cosines of one series may differ by rounding in the last written digits
+_ORIENTATION_TOLERANCE = 1e-4
+#: two slices closer than this along the normal (mm) are considered the same position
+_POSITION_TOLERANCE = 1e-3
+
+
+class SourceSeriesError(ValueError):
+    """The source datasets do not form one consistent image series."""
+
+
+def _orientation(ds: Dataset, where: str) -> np.ndarray:
+    try:
+        iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
+    except AttributeError:
+        raise SourceSeriesError(f"{where}: Image Orientation (Patient) is missing") from None
+    if iop.shape != (6,):
+        raise SourceSeriesError(f"{where}: Image Orientation (Patient) must have 6 values, got {iop.tolist()}")
+    return iop
+
+
+def _normal(iop: np.ndarray) -> np.ndarray:
+    normal = np.cross(iop[:3], iop[3:])
+    length = float(np.linalg.norm(normal))
+    if length < 0.5:
+        raise SourceSeriesError(f"row and column directions {iop.tolist()} are not orthogonal unit vectors")
+    return normal / length
+
+
+def sort_single_frame(source: Sequence[Dataset]) -> list[Dataset]:
+    """Classic single-frame slices of one series, sorted along the slice normal (ascending).
+
+    Raises:
+        SourceSeriesError: mixed series/study/frame of reference, different orientations or
+            matrix sizes, or two slices at the same position.
+    """
+    if not source:
+        raise SourceSeriesError("source series is empty")
+    first = source[0]
+    iop0 = _orientation(first, f"source[0] {first.SOPInstanceUID}")
+    normal = _normal(iop0)
+    keyed = []
+    for i, ds in enumerate(source):
+        where = f"source[{i}] {getattr(ds, 'SOPInstanceUID', '<no SOP Instance UID>')}"
+        for attr in ("SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID", "Rows", "Columns"):
+            if getattr(ds, attr, None) != getattr(first, attr, None):
+                raise SourceSeriesError(
+                    f"{where}: {attr} {getattr(ds, attr, None)!r} differs from source[0] "
+                    f"{getattr(first, attr, None)!r}; pass exactly one series"
+                )
+        if "NumberOfFrames" in ds and int(ds.NumberOfFrames) > 1:
+            raise SourceSeriesError(f"{where}: multi-frame dataset mixed with single-frame slices")
+        if np.max(np.abs(_orientation(ds, where) - iop0)) > _ORIENTATION_TOLERANCE:
+            raise SourceSeriesError(f"{where}: orientation differs from source[0]; slices must be parallel")
+        try:
+            position = np.asarray(ds.ImagePositionPatient, dtype=float)
+        except AttributeError:
+            raise SourceSeriesError(f"{where}: Image Position (Patient) is missing") from None
+        keyed.append((float(np.dot(normal, position)), i, ds))
+    keyed.sort(key=lambda item: item[0])
+    for (d0, i0, _), (d1, i1, _) in zip(keyed, keyed[1:]):
+        if d1 - d0 < _POSITION_TOLERANCE:
+            raise SourceSeriesError(f"source[{i0}] and source[{i1}] lie at the same slice position ({d0:.3f} mm)")
+    return [ds for _, _, ds in keyed]
+
+
+def multiframe_sort_order(ds: Dataset) -> np.ndarray:
+    """Frame indices (0-based) of one enhanced multi-frame dataset sorted along the slice normal."""
+    try:
+        per_frame = ds.PerFrameFunctionalGroupsSequence
+    except AttributeError:
+        raise SourceSeriesError("multi-frame source has no Per-Frame Functional Groups Sequence") from None
+    shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+    positions, normals = [], []
+    for f, item in enumerate(per_frame):
+        orient_group = item.get("PlaneOrientationSequence") or shared.get("PlaneOrientationSequence")
+        position_group = item.get("PlanePositionSequence") or shared.get("PlanePositionSequence")
+        if not orient_group or not position_group:
+            raise SourceSeriesError(f"frame {f + 1}: plane orientation or position is missing")
+        normals.append(_normal(_orientation(orient_group[0], f"frame {f + 1}")))
+        positions.append(np.asarray(position_group[0].ImagePositionPatient, dtype=float))
+    normal = normals[0]
+    if any(np.max(np.abs(n - normal)) > _ORIENTATION_TOLERANCE for n in normals):
+        raise SourceSeriesError("frames of the multi-frame source are not parallel")
+    distances = np.array([float(np.dot(normal, p)) for p in positions])
+    order = np.argsort(distances, kind="stable")
+    if np.any(np.diff(distances[order]) < _POSITION_TOLERANCE):
+        raise SourceSeriesError("two frames of the multi-frame source lie at the same slice position")
+    return order
+
+
+def structure_tracking_uid(study_uid: str, source_series_uid: str, version: str, key: str) -> str:
+    """Tracking UID of one structure's segment; the SR's volume group of it uses the same UID."""
+    return derived_uid(study_uid, source_series_uid, version, "structure-tracking", key)
+
+
+def _segment_descriptions(
+    structures: Sequence[Structure], algorithm: AlgorithmInfo, study_uid: str, series_uid: str
+) -> tuple[list[hd.seg.SegmentDescription], set[str]]:
+    """Segment descriptions from structures.yaml, and the private scheme designators they use."""
+    from sr_templates import load_structures  # noqa: PLC0415 - YAML load only when writing
+
+    templates = {t.key: t for t in load_structures()}
+    descriptions = []
+    schemes: set[str] = set()
+    for number, structure in enumerate(structures, start=1):
+        if structure.index != number:
+            raise ValueError(
+                f"structures must be numbered 1..N in order (segment numbers may not have gaps); "
+                f"structure {structure.key!r} has index {structure.index}, expected {number}"
+            )
+        try:
+            tpl = templates[structure.key]
+        except KeyError:
+            raise ValueError(f"structure {structure.key!r} has no description in sr_templates/structures.yaml") from None
+        description = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=tpl.label,
+            segmented_property_category=tpl.category.code(),
+            segmented_property_type=tpl.type.code(),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm.seg_identification(),
+            anatomic_regions=[tpl.anatomic_region.code()] if tpl.anatomic_region else None,
+            display_color=hd.color.CIELabColor.from_rgb(*tpl.color_rgb),
+            tracking_id=structure.key,
+            tracking_uid=structure_tracking_uid(study_uid, series_uid, algorithm.version, structure.key),
+        )
+        if tpl.type_modifier is not None:
+            description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = DicomSequence(
+                [hd.sr.CodedConcept.from_code(tpl.type_modifier.code())]
+            )
+        descriptions.append(description)
+        for spec in (tpl.category, tpl.type, tpl.type_modifier, tpl.anatomic_region):
+            if spec is not None:
+                schemes.add(spec.scheme)
+    return descriptions, schemes
+
+
+def _check_label_map(label_map: np.ndarray, expected_shape: tuple[int, int, int], n_structures: int) -> np.ndarray:
+    if not isinstance(label_map, np.ndarray):
+        raise TypeError(f"label_map must be a numpy array, got {type(label_map).__name__}")
+    if label_map.dtype != np.uint8:
+        raise TypeError(f"label_map must have dtype uint8 (structure indices), got {label_map.dtype}")
+    if label_map.shape != expected_shape:
+        raise ValueError(
+            f"label_map shape {label_map.shape} does not match the source series "
+            f"(slices, rows, columns) = {expected_shape}; resample it onto the source grid first"
+        )
+    top = int(label_map.max(initial=0))
+    if top > n_structures:
+        raise ValueError(f"label_map holds value {top}, but only {n_structures} structures are described")
+    return label_map
+
+
+def write_segmentation(
+    source: Sequence[Dataset],
+    label_map: np.ndarray,
+    algorithm: AlgorithmInfo,
+    series_number: int,
+    structures: Sequence[Structure] = KNEE_STRUCTURES,
+    node_info: NodeInfo | None = None,
+) -> hd.seg.Segmentation:
+    """Build the BINARY DICOM SEG of ``label_map`` on the grid of the ``source`` series.
+
+    Args:
+        source: the source series: classic single-frame datasets in any order, or exactly one
+            enhanced multi-frame dataset.
+        label_map: ``(slices, rows, columns)`` uint8, value = structure index (0 = background),
+            slices in the order of the source slices sorted along the slice normal
+            (ascending projection of Image Position (Patient)); see :func:`sort_single_frame`.
+        algorithm: the model that produced the label map (enters the UIDs via its version).
+        series_number: Series Number of the new SEG series.
+        structures: the structures described as segments, numbered 1..N without gaps.
+        node_info: the writing node; defaults to the installed package.
+
+    Returns:
+        The Segmentation, a pydicom Dataset ready to be saved or sent.
+    """
+    if not source:
+        raise SourceSeriesError("source series is empty")
+    node_info = node_info or default_node_info()
+    structures = tuple(structures)
+    if len(source) == 1 and int(source[0].get("NumberOfFrames", 1)) > 1:
+        (multiframe,) = source
+        order = multiframe_sort_order(multiframe)
+        n_frames = int(multiframe.NumberOfFrames)
+        checked = _check_label_map(label_map, (n_frames, int(multiframe.Rows), int(multiframe.Columns)), len(structures))
+        pixel_array = np.empty_like(checked)
+        pixel_array[order] = checked  # sorted slice k is frame order[k]
+        source_images: list[Dataset] = [multiframe]
+    else:
+        source_images = sort_single_frame(source)
+        first = source_images[0]
+        pixel_array = _check_label_map(
+            label_map, (len(source_images), int(first.Rows), int(first.Columns)), len(structures)
+        )
+    first = source_images[0]
+    study_uid, series_uid = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+    descriptions, schemes = _segment_descriptions(structures, algorithm, study_uid, series_uid)
+    seg = hd.seg.Segmentation(
+        source_images=source_images,
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=derived_uid(study_uid, series_uid, algorithm.version, "seg-series"),
+        series_number=series_number,
+        sop_instance_uid=derived_uid(study_uid, series_uid, algorithm.version, "seg-instance"),
+        instance_number=1,
+        manufacturer=node_info.manufacturer,
+        manufacturer_model_name=node_info.model_name,
+        software_versions=node_info.software_version,
+        device_serial_number=node_info.device_serial_number,
+        content_description=f"{algorithm.name} {algorithm.version} knee structures",
+        content_label="KNEE_STRUCTURES",
+        omit_empty_frames=False,
+        contributing_equipment=[node_info.contributing_equipment(), algorithm.contributing_equipment()],
+    )
+    source_description = str(first.get("SeriesDescription", "")).strip()
+    seg.SeriesDescription = f"AI segmentation {source_description}".strip()[:64]
+    _declare_private_schemes(seg, schemes)
+    return seg
+
+
+def _declare_private_schemes(dataset: Dataset, schemes: set[str]) -> None:
+    """Add the Coding Scheme Identification item of the project's private scheme, if used."""
+    from sr_templates import structures_coding_scheme  # noqa: PLC0415
+
+    scheme = structures_coding_scheme()
+    if scheme.designator not in schemes:
+        return
+    existing = dataset.get("CodingSchemeIdentificationSequence", DicomSequence())
+    if any(item.CodingSchemeDesignator == scheme.designator for item in existing):
+        return
+    existing.append(scheme.dataset())
+    dataset.CodingSchemeIdentificationSequence = existing
