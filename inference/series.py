@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -277,20 +278,37 @@ def _read_header(path: Path) -> tuple[Dataset | None, str | None]:
     sop_class = _text(ds, "SOPClassUID") or _text(getattr(ds, "file_meta", Dataset()), "MediaStorageSOPClassUID")
     if sop_class == MEDIA_STORAGE_DIRECTORY_SOP_CLASS or "DirectoryRecordSequence" in ds:
         return None, "DICOMDIR (a file-set index, not an image)"
+    if "Rows" not in ds or "Columns" not in ds:
+        if header_end >= os.path.getsize(path):
+            return None, "truncated: the file ends inside the header"
+        return None, f"not an image (SOP Class {sop_class or 'unknown'} has no Rows/Columns)"
     if not _text(ds, "SeriesInstanceUID"):
         return None, "no SeriesInstanceUID"
-    if "Rows" not in ds or "Columns" not in ds:
-        return None, f"not an image (SOP Class {sop_class or 'unknown'} has no Rows/Columns)"
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    size = os.path.getsize(path)
+    if header_end >= size:
+        return None, f"truncated: the file ends at byte {size} before any pixel data"
     if syntax is not None and not syntax.is_compressed:
         expected = _expected_pixel_bytes(ds)
-        size = os.path.getsize(path)
         if expected is not None and size < header_end + expected:
             return None, (
                 f"truncated: {size} bytes on disk, header and pixel data need at least "
                 f"{header_end + expected}"
             )
+    elif syntax is not None and not _ends_with_sequence_delimiter(path, size):
+        return None, "truncated: the compressed pixel data has no end-of-sequence delimiter"
     return ds, None
+
+
+#: (FFFE,E0DD) Sequence Delimitation Item with zero length: how encapsulated pixel data ends
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+def _ends_with_sequence_delimiter(path: Path, size: int) -> bool:
+    """True when the delimiter sits near the end of the file (padding may follow it)."""
+    with open(path, "rb") as handle:
+        handle.seek(max(0, size - 4096))
+        return _SEQUENCE_DELIMITER in handle.read()
 
 
 def _iter_files(folder: Path) -> Iterable[Path]:
@@ -473,6 +491,28 @@ def _decode(ds: Dataset, path: Path, series_uid: str) -> np.ndarray:
     return array
 
 
+def _read_full(path: Path, uid: str) -> Dataset:
+    """Whole dataset of ``path``; a truncated file is an error, not an empty dataset.
+
+    pydicom only warns when encapsulated pixel data ends early, and then returns a dataset
+    with nothing in it, so the warning is turned into a :class:`SeriesError`.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(path)
+        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+            raise SeriesError(uid, f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
+    for warning in caught:
+        message = str(warning.message)
+        if "End of file reached" in message or "truncated" in message.lower():
+            raise SeriesError(uid, f"{path}: truncated file ({message})")
+        log.warning("%s: %s", path, message)
+    if len(ds) == 0:
+        raise SeriesError(uid, f"{path}: no data elements could be read")
+    return ds
+
+
 def load_series(info: SeriesInfo) -> SeriesVolume:
     """Decode ``info`` into a :class:`SeriesVolume` or raise :class:`SeriesError` saying why."""
     uid = info.series_instance_uid
@@ -481,10 +521,7 @@ def load_series(info: SeriesInfo) -> SeriesVolume:
     datasets: dict[Path, Dataset] = {}
     frames: list[_FrameHeader] = []
     for path in info.files:
-        try:
-            ds = pydicom.dcmread(path)
-        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:
-            raise SeriesError(uid, f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
+        ds = _read_full(path, uid)
         if _text(ds, "SeriesInstanceUID") != uid:
             raise SeriesError(uid, f"{path}: belongs to series {_text(ds, 'SeriesInstanceUID')}, not this one")
         datasets[path] = ds

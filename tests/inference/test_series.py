@@ -216,3 +216,27 @@ def test_undecodable_pixel_data_is_reported(tmp_path: Path) -> None:
     ds.save_as(paths[1])
     with pytest.raises(SeriesError, match="undecodable pixel data"):
         load_series(_only(tmp_path / "s"))
+
+
+def test_truncated_headers_and_compressed_files(tmp_path: Path) -> None:
+    paths = write_classic_series(tmp_path / "s", pattern_volume(6, 32, 32), Geometry(), transfer_syntax=RLELossless)
+    data = paths[0].read_bytes()
+    (tmp_path / "header_cut.dcm").write_bytes(data[:400])
+    paths[3].write_bytes(paths[3].read_bytes()[:-300])
+    report = scan_folder_report(tmp_path)
+    reasons = {item.path.name: item.reason for item in report.skipped}
+    assert reasons == {
+        "header_cut.dcm": "truncated: the file ends inside the header",
+        paths[3].name: "truncated: the compressed pixel data has no end-of-sequence delimiter",
+    }
+    # the slice left out leaves a hole that the loader refuses to paper over
+    with pytest.raises(SeriesError, match="non-uniform slice spacing"):
+        load_series(_only(tmp_path / "s"))
+
+
+def test_file_truncated_after_scan_is_a_load_error(tmp_path: Path) -> None:
+    paths = write_classic_series(tmp_path / "s", pattern_volume(4, 32, 32), Geometry(), transfer_syntax=JPEGLSLossless)
+    info = _only(tmp_path / "s")
+    paths[2].write_bytes(paths[2].read_bytes()[:-200])
+    with pytest.raises(SeriesError, match="truncated file"):
+        load_series(info)
