@@ -142,11 +142,6 @@ def _segment_descriptions(
     descriptions = []
     schemes: set[str] = set()
     for number, structure in enumerate(structures, start=1):
-        if structure.index != number:
-            raise ValueError(
-                f"structures must be numbered 1..N in order (segment numbers may not have gaps); "
-                f"structure {structure.key!r} has index {structure.index}, expected {number}"
-            )
         try:
             tpl = templates[structure.key]
         except KeyError:
@@ -172,6 +167,20 @@ def _segment_descriptions(
             if spec is not None:
                 schemes.add(spec.scheme)
     return descriptions, schemes
+
+
+def _check_structures(structures: Sequence[Structure]) -> tuple[Structure, ...]:
+    """Segment numbers are structure indices and must run 1..N without gaps (PS3.3 C.8.20.2)."""
+    structures = tuple(structures)
+    if not structures:
+        raise ValueError("structures is empty: a SEG needs at least one segment")
+    for number, structure in enumerate(structures, start=1):
+        if structure.index != number:
+            raise ValueError(
+                f"structures must be numbered 1..N in order (segment numbers may not have gaps); "
+                f"structure {structure.key!r} has index {structure.index}, expected {number}"
+            )
+    return structures
 
 
 def _check_label_map(label_map: np.ndarray, expected_shape: tuple[int, int, int], n_structures: int) -> np.ndarray:
@@ -217,7 +226,7 @@ def write_segmentation(
     if not source:
         raise SourceSeriesError("source series is empty")
     node_info = node_info or default_node_info()
-    structures = tuple(structures)
+    structures = _check_structures(structures)
     if len(source) == 1 and int(source[0].get("NumberOfFrames", 1)) > 1:
         (multiframe,) = source
         order = multiframe_sort_order(multiframe)

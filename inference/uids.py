@@ -9,14 +9,18 @@ kind of object), so the same inputs give the same UID and a new model version gi
 UID root
 --------
 Derived UIDs live under the ``2.25`` root (ISO/IEC 9834-8, PS3.5 B.2): ``2.25.`` followed by
-the decimal form of a 128-bit number, here the SHA-512 of the joined parts truncated to 128 bits
-(``pydicom.uid.generate_uid(prefix=None, entropy_srcs=parts)``).  It needs no registered
-organisation root, cannot collide with UIDs issued under somebody else's root, and is stable
-across pydicom releases.  A site with its own registered root can set :data:`UID_ROOT`
-(ending in ``.``) before the node starts; UIDs then come from that root instead.
+the decimal form of a UUID.  The UUID is name-based (RFC 4122 version 5, SHA-1) in the
+project's namespace :data:`UID_NAMESPACE`, with the joined parts as the name.  This root
+needs no registered organisation, cannot collide with UIDs issued under somebody else's
+root, and does not depend on pydicom internals (``pydicom.uid.generate_uid(prefix=None)``
+ignores ``entropy_srcs`` and returns a *random* UUID, so it cannot be used here).  A site
+with its own registered root can set :data:`UID_ROOT` (ending in ``.``) before the node
+starts; UIDs then come from ``generate_uid(prefix=UID_ROOT, entropy_srcs=...)``, a SHA-512
+of the parts under that root.
 """
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +31,10 @@ from pydicom.uid import UID, generate_uid
 
 #: Root for derived UIDs; ``None`` selects the ``2.25`` UUID-derived root (see module docstring).
 UID_ROOT: str | None = None
+
+#: Namespace of the name-based UUIDs behind ``2.25`` UIDs; fixed forever, changing it would
+#: give every re-sent study new UIDs.
+UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_DNS, "orthonode.derived-uids")
 
 #: PS3.5 9.1: a UID is at most 64 characters.
 _MAX_UID_LENGTH = 64
@@ -49,13 +57,14 @@ def derived_uid(*parts: str) -> str:
     for i, part in enumerate(parts):
         if not isinstance(part, str) or not part:
             raise ValueError(f"derived_uid part {i} must be a non-empty string, got {part!r}")
-    entropy = ["\x1f".join(parts)]
-    if UID_ROOT is not None:
-        if not UID_ROOT.endswith(".") or not UID(UID_ROOT[:-1]).is_valid:
-            raise ValueError(f"UID_ROOT must be a valid UID prefix ending in '.', got {UID_ROOT!r}")
-        if len(UID_ROOT) > _MAX_UID_LENGTH - 20:
-            raise ValueError(f"UID_ROOT {UID_ROOT!r} leaves too little room for a unique suffix")
-    return str(generate_uid(prefix=UID_ROOT, entropy_srcs=entropy))
+    name = "\x1f".join(parts)
+    if UID_ROOT is None:
+        return f"2.25.{uuid.uuid5(UID_NAMESPACE, name).int}"
+    if not UID_ROOT.endswith(".") or not UID(UID_ROOT[:-1]).is_valid:
+        raise ValueError(f"UID_ROOT must be a valid UID prefix ending in '.', got {UID_ROOT!r}")
+    if len(UID_ROOT) > _MAX_UID_LENGTH - 20:
+        raise ValueError(f"UID_ROOT {UID_ROOT!r} leaves too little room for a unique suffix")
+    return str(generate_uid(prefix=UID_ROOT, entropy_srcs=[name]))
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,11 @@ instead of sorting along the slice normal fails the tests.
 """
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from pydicom import Dataset
@@ -141,10 +144,22 @@ def make_series(
         ds.BitsStored = 12
         ds.HighBit = 11
         ds.PixelRepresentation = 0
+        ds.WindowCenter = 2048
+        ds.WindowWidth = 4096
         ds.PixelData = rng.integers(0, 4096, size=(rows, columns), dtype=np.uint16).tobytes()
         datasets.append(ds)
     order = rng.permutation(slices)
     return [datasets[i] for i in order]
+
+
+def enhanced_from(series: Sequence[Dataset], series_number: int = 50) -> Dataset:
+    """The series as one (legacy converted) Enhanced MR multi-frame dataset."""
+    import highdicom as hd  # noqa: PLC0415
+
+    return hd.legacy.LegacyConvertedEnhancedMRImage(
+        list(series), series_instance_uid=generate_uid(), series_number=series_number,
+        sop_instance_uid=generate_uid(), instance_number=1,
+    )
 
 
 def sorted_positions(series: Sequence[Dataset]) -> list[Dataset]:
@@ -171,3 +186,26 @@ def knee_label_map(shape: tuple[int, int, int], *, present: Sequence[int] | None
         r0, c0 = int(rng.integers(0, rows - 4)), int(rng.integers(0, cols - 4))
         label_map[z0:z1, r0 : r0 + int(rng.integers(2, 5)), c0 : c0 + int(rng.integers(2, 5))] = index
     return label_map
+
+
+def dciodvfy_errors(path: str | Path) -> list[str]:
+    """Lines of ``dciodvfy`` output that start with ``Error`` for the file at ``path``."""
+    executable = shutil.which("dciodvfy")
+    if executable is None:
+        raise RuntimeError("dciodvfy (dicom3tools) is not installed; it is a test requirement")
+    result = subprocess.run([executable, str(path)], capture_output=True, text=True, timeout=60, check=False)
+    output = result.stdout + result.stderr
+    if "Abort" in output:
+        raise RuntimeError(f"dciodvfy could not read {path}: {output.strip()}")
+    return [line for line in output.splitlines() if line.startswith("Error")]
+
+
+def dsrdump_text(path: str | Path) -> str:
+    """``dsrdump +Pl`` output (long values printed in full) of the SR at ``path``."""
+    executable = shutil.which("dsrdump")
+    if executable is None:
+        raise RuntimeError("dsrdump (dcmtk) is not installed; it is a test requirement")
+    result = subprocess.run([executable, "+Pl", str(path)], capture_output=True, text=True, timeout=60, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"dsrdump failed on {path}: {result.stderr.strip()}")
+    return result.stdout
