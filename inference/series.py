@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -30,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.uid import UID
 
 from inference.planes import classify_plane, slice_normal
 
@@ -48,6 +50,19 @@ _ORIENTATION_TOLERANCE = 1e-3
 #: relative tolerance on the spacing between consecutive slices; beyond it a slice is
 #: missing or the series holds several stacks, and a single affine would be wrong
 _SPACING_RELATIVE_TOLERANCE = 0.05
+
+
+#: what pydicom raises on malformed values (wrong VR, bad lengths, type confusion)
+_HEADER_ERRORS = (
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    struct.error,
+    NotImplementedError,
+    BytesLengthException,
+)
 
 
 class SeriesError(ValueError):
@@ -268,11 +283,17 @@ def _read_header(path: Path) -> tuple[Dataset | None, str | None]:
         with open(path, "rb") as handle:
             ds = pydicom.dcmread(handle, stop_before_pixels=True)
             header_end = handle.tell()
+        # pydicom converts element values lazily: convert them all now, so that a corrupt
+        # value is this file's reason to be skipped rather than a crash later in the scan
+        for _ in ds.file_meta.iterall():
+            pass
+        for _ in ds.iterall():
+            pass
     except InvalidDicomError as exc:
         return None, f"not a DICOM file ({exc})"
     except (OSError, EOFError) as exc:
         return None, f"unreadable ({type(exc).__name__}: {exc})"
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except _HEADER_ERRORS as exc:
         # pydicom reports a corrupt or truncated header through these
         return None, f"corrupt DICOM header ({type(exc).__name__}: {exc})"
     sop_class = _text(ds, "SOPClassUID") or _text(getattr(ds, "file_meta", Dataset()), "MediaStorageSOPClassUID")
@@ -285,6 +306,10 @@ def _read_header(path: Path) -> tuple[Dataset | None, str | None]:
     if not _text(ds, "SeriesInstanceUID"):
         return None, "no SeriesInstanceUID"
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and not isinstance(syntax, UID):
+        return None, f"malformed Transfer Syntax UID {syntax!r}"
+    if syntax is not None and not syntax.is_transfer_syntax:
+        return None, f"unknown transfer syntax {syntax!s}"
     size = os.path.getsize(path)
     if header_end >= size:
         return None, f"truncated: the file ends at byte {size} before any pixel data"
@@ -318,10 +343,68 @@ def _iter_files(folder: Path) -> Iterable[Path]:
             yield Path(dirpath) / name
 
 
-def _build_info(series_uid: str, entries: list[tuple[Path, Dataset]]) -> SeriesInfo:
-    entries.sort(key=lambda item: (int(item[1].get("InstanceNumber", 0) or 0), str(item[0])))
-    first = entries[0][1]
-    frames = [header for path, ds in entries for header in _frame_headers(ds, path)]
+@dataclass(frozen=True)
+class _FileHeader:
+    """What the scan keeps of one file: parsed once, under one guard, so a malformed value
+    makes that file a skipped file instead of breaking its whole series."""
+
+    path: Path
+    series_uid: str
+    instance_number: int
+    frames: tuple[_FrameHeader, ...]
+    fields: dict[str, Any]
+    transfer_syntax: str
+    multiframe: bool
+
+
+def _int_or_none(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    return int(value)
+
+
+def _parse_file(path: Path, ds: Dataset) -> _FileHeader:
+    """Every header value the scan needs, converted (raises on malformed values)."""
+    image_type = tuple(str(v).strip().upper() for v in (ds.get("ImageType", None) or ()))
+    laterality = _text(ds, "Laterality") or _text(ds, "ImageLaterality") or None
+    if laterality is None:
+        frame_anatomy = _first_item(ds, "SharedFunctionalGroupsSequence", "FrameAnatomySequence")
+        if frame_anatomy is not None:
+            laterality = _text(frame_anatomy, "FrameLaterality") or None
+    fields = {
+        "study_instance_uid": _text(ds, "StudyInstanceUID"),
+        "frame_of_reference_uid": _text(ds, "FrameOfReferenceUID") or None,
+        "series_number": _int_or_none(ds.get("SeriesNumber", None)),
+        "series_description": _text(ds, "SeriesDescription"),
+        "modality": _text(ds, "Modality"),
+        "sop_class_uid": _text(ds, "SOPClassUID"),
+        "body_part": _text(ds, "BodyPartExamined"),
+        "laterality": laterality,
+        "study_description": _text(ds, "StudyDescription"),
+        "protocol_name": _text(ds, "ProtocolName"),
+        "image_type": image_type,
+        "rows": int(ds.Rows),
+        "columns": int(ds.Columns),
+        "manufacturer": _text(ds, "Manufacturer"),
+        "patient_id": _text(ds, "PatientID"),
+        "accession_number": _text(ds, "AccessionNumber"),
+        "study_date": _text(ds, "StudyDate"),
+    }
+    meta = getattr(ds, "file_meta", Dataset())
+    return _FileHeader(
+        path=path,
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        instance_number=_int_or_none(ds.get("InstanceNumber", None)) or 0,
+        frames=tuple(_frame_headers(ds, path)),
+        fields=fields,
+        transfer_syntax=_text(meta, "TransferSyntaxUID"),
+        multiframe=_is_multiframe(ds),
+    )
+
+
+def _build_info(series_uid: str, entries: list[_FileHeader]) -> SeriesInfo:
+    entries = sorted(entries, key=lambda item: (item.instance_number, str(item.path)))
+    frames = [header for entry in entries for header in entry.frames]
     distinct = _distinct_orientations(h.orientation for h in frames)
     orientation: np.ndarray | None = None
     plane: str | None = None
@@ -334,45 +417,19 @@ def _build_info(series_uid: str, entries: list[tuple[Path, Dataset]]) -> SeriesI
         except ValueError as exc:
             log.warning("series %s: orientation %s unusable: %s", series_uid, orientation.tolist(), exc)
             orientation = None
-    spacing = next((h.pixel_spacing for h in frames if h.pixel_spacing), None)
-    thickness = next((h.slice_thickness for h in frames if h.slice_thickness is not None), None)
-    image_type = tuple(str(v).strip().upper() for v in (first.get("ImageType", None) or ()))
-    laterality = _text(first, "Laterality") or _text(first, "ImageLaterality") or None
-    if laterality is None:
-        frame_anatomy = _first_item(first, "SharedFunctionalGroupsSequence", "FrameAnatomySequence")
-        if frame_anatomy is not None:
-            laterality = _text(frame_anatomy, "FrameLaterality") or None
-    syntaxes = sorted({str(ds.file_meta.TransferSyntaxUID) for _, ds in entries if "TransferSyntaxUID" in getattr(ds, "file_meta", Dataset())})
-    number = first.get("SeriesNumber", None)
     return SeriesInfo(
-        study_instance_uid=_text(first, "StudyInstanceUID"),
         series_instance_uid=series_uid,
-        frame_of_reference_uid=_text(first, "FrameOfReferenceUID") or None,
-        series_number=int(number) if number not in (None, "") else None,
-        series_description=_text(first, "SeriesDescription"),
-        modality=_text(first, "Modality"),
-        sop_class_uid=_text(first, "SOPClassUID"),
-        body_part=_text(first, "BodyPartExamined"),
-        laterality=laterality,
-        study_description=_text(first, "StudyDescription"),
-        protocol_name=_text(first, "ProtocolName"),
-        image_type=image_type,
-        files=tuple(path for path, _ in entries),
+        files=tuple(entry.path for entry in entries),
         num_frames=len(frames),
         orientation=orientation,
         orientation_count=len(distinct),
-        pixel_spacing=spacing,
-        slice_thickness=thickness,
-        rows=int(first.Rows) if "Rows" in first else None,
-        columns=int(first.Columns) if "Columns" in first else None,
-        manufacturer=_text(first, "Manufacturer"),
+        pixel_spacing=next((h.pixel_spacing for h in frames if h.pixel_spacing), None),
+        slice_thickness=next((h.slice_thickness for h in frames if h.slice_thickness is not None), None),
         plane=plane,
         obliquity_deg=obliquity,
-        patient_id=_text(first, "PatientID"),
-        accession_number=_text(first, "AccessionNumber"),
-        study_date=_text(first, "StudyDate"),
-        transfer_syntaxes=tuple(syntaxes),
-        is_multiframe=any(_is_multiframe(ds) for _, ds in entries),
+        transfer_syntaxes=tuple(sorted({entry.transfer_syntax for entry in entries if entry.transfer_syntax})),
+        is_multiframe=any(entry.multiframe for entry in entries),
+        **entries[0].fields,
     )
 
 
@@ -381,17 +438,29 @@ def scan_folder_report(folder: Path | str) -> ScanResult:
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"scan folder {root} does not exist or is not a directory")
-    grouped: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
+    grouped: dict[str, list[_FileHeader]] = defaultdict(list)
     skipped: list[SkippedFile] = []
     for path in _iter_files(root):
         ds, reason = _read_header(path)
-        if ds is None:
+        parsed: _FileHeader | None = None
+        if ds is not None:
+            try:
+                parsed = _parse_file(path, ds)
+            except _HEADER_ERRORS as exc:
+                reason = f"malformed header value ({type(exc).__name__}: {exc})"
+        if parsed is None:
             log.info("skipping %s: %s", path, reason)
             skipped.append(SkippedFile(path, reason or "unknown"))
             continue
-        grouped[_text(ds, "SeriesInstanceUID")].append((path, ds))
+        grouped[parsed.series_uid].append(parsed)
     series = [_build_info(uid, entries) for uid, entries in grouped.items()]
-    series.sort(key=lambda s: (s.study_instance_uid, s.series_number if s.series_number is not None else 1 << 30, s.series_instance_uid))
+    series.sort(
+        key=lambda s: (
+            s.study_instance_uid,
+            s.series_number if s.series_number is not None else 1 << 30,
+            s.series_instance_uid,
+        )
+    )
     return ScanResult(series=series, skipped=skipped)
 
 
@@ -472,7 +541,12 @@ def _decode(ds: Dataset, path: Path, series_uid: str) -> np.ndarray:
         raise SeriesError(series_uid, f"{path}: photometric interpretation {photometric!r} is not greyscale")
     try:
         array = ds.pixel_array
-    except Exception as exc:  # decoders raise many types; report which file and why
+    except BaseException as exc:
+        # decoders raise many types, and the Rust-based ones raise a PanicException that
+        # derives from BaseException on corrupt input; report which file and why, but never
+        # swallow an interrupt
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = syntax.name if syntax is not None else "unknown transfer syntax"
         raise SeriesError(
@@ -501,13 +575,15 @@ def _read_full(path: Path, uid: str) -> Dataset:
         warnings.simplefilter("always")
         try:
             ds = pydicom.dcmread(path)
-        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+            for _ in ds.iterall():  # convert lazily parsed values now, under this guard
+                pass
+        except (InvalidDicomError, OSError, EOFError, *_HEADER_ERRORS) as exc:
             raise SeriesError(uid, f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
     for warning in caught:
         message = str(warning.message)
         if "End of file reached" in message or "truncated" in message.lower():
             raise SeriesError(uid, f"{path}: truncated file ({message})")
-        log.warning("%s: %s", path, message)
+        log.info("%s: %s", path, message)
     if len(ds) == 0:
         raise SeriesError(uid, f"{path}: no data elements could be read")
     return ds
@@ -520,14 +596,19 @@ def load_series(info: SeriesInfo) -> SeriesVolume:
         raise SeriesError(uid, "no files")
     datasets: dict[Path, Dataset] = {}
     frames: list[_FrameHeader] = []
+    sizes: set[tuple[int, int]] = set()
     for path in info.files:
         ds = _read_full(path, uid)
         if _text(ds, "SeriesInstanceUID") != uid:
             raise SeriesError(uid, f"{path}: belongs to series {_text(ds, 'SeriesInstanceUID')}, not this one")
         datasets[path] = ds
-        frames.extend(_frame_headers(ds, path))
+        try:
+            frames.extend(_frame_headers(ds, path))
+            size = (int(ds.Rows), int(ds.Columns))
+        except _HEADER_ERRORS as exc:
+            raise SeriesError(uid, f"{path}: malformed header value ({type(exc).__name__}: {exc})") from exc
+        sizes.add(size)
 
-    sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets.values()}
     if len(sizes) > 1:
         raise SeriesError(uid, f"mixed image sizes (rows, columns) {sorted(sizes)}")
     missing_orientation = [h for h in frames if h.orientation is None]
