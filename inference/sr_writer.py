@@ -10,8 +10,10 @@ the only SR form OHIF interprets.  Its content tree:
   - one TID 1501 group per label of the joint, in model order: finding type = the label's
     concept from the template, Algorithm Identification (TID 4019, with the decision threshold
     as a parameter), finding site with laterality, the probability (DCM 122157, unit UCUM "1")
-    and a qualitative evaluation Finding (DCM 121071) = Present (DCM 121053) / Absent (DCM
-    121054) at the model card's threshold;
+    and the qualitative evaluation Presence of property (DCM 121052) = Present (DCM 121053) /
+    Absent (DCM 121054) at the model card's threshold.  The evaluation is not named Finding
+    (DCM 121071): in TID 1501 that concept already names the group's finding type (row 3), and
+    two "Finding" items in one group are ambiguous (highdicom reads back only one of them);
   - one TID 1411 group per structure volume, referencing the structure's SEG segment (built
     explicitly, see the single-segment pitfall in docs/peers.md) with the volume (SCT 118565006)
     in cm3 (= mL) and the same tracking UID as the segment.
@@ -177,7 +179,7 @@ def _finding_group(
         ],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(
-                name=codes.DCM.Finding,
+                name=codes.DCM.PresenceOfProperty,
                 value=codes.DCM.Present if finding.present else codes.DCM.Absent,
             )
         ],

@@ -1,0 +1,247 @@
+"""SR writer: TID 1500 content, dciodvfy, dsrdump text, highdicom round trip, UIDs, templates."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import highdicom as hd
+from pydicom.sr.codedict import codes
+
+from inference.labels import JOINTS, KNEE_STRUCTURES, label_keys
+from inference.seg_writer import write_segmentation
+from inference.sr_writer import Finding, write_report
+from inference.uids import AlgorithmInfo, NodeInfo
+from sr_templates import load_template
+from tests.inference.output_factory import (
+    dciodvfy_errors,
+    dsrdump_text,
+    knee_label_map,
+    make_series,
+    new_study,
+)
+
+ALGORITHM = AlgorithmInfo(name="OrthoDiffusion", version="2.0.1")
+NODE = NodeInfo(software_version="0.1.0")
+THRESHOLDS = (0.5, 0.3, 0.65, 0.45, 0.5, 0.5, 0.4, 0.55)
+
+
+def _findings(joint: str, seed: int) -> list[Finding]:
+    template = load_template(joint)
+    rng = np.random.default_rng(seed)
+    findings = []
+    for i, label in enumerate(template.labels):
+        threshold = THRESHOLDS[i % len(THRESHOLDS)]
+        # alternate clearly above / below the threshold so both outcomes occur
+        probability = threshold + (0.2 if i % 2 == 0 else -0.2) * float(rng.uniform(0.5, 1.0))
+        findings.append(Finding.at_threshold(label.key, label.name, probability, threshold))
+    return findings
+
+
+@pytest.fixture(scope="module")
+def knee_case():
+    study = new_study()
+    series = {
+        "sagittal": make_series(study, "sagittal", series_number=3, description="PD FS SAG", seed=1),
+        "coronal": make_series(study, "coronal", oblique=True, series_number=4, description="PD FS COR", seed=2),
+    }
+    label_map = knee_label_map((7, 24, 20), seed=4)
+    seg = write_segmentation(series["sagittal"], label_map, ALGORITHM, 300, node_info=NODE)
+    volumes = {s.key: round(0.5 + s.index * 1.7, 2) for s in KNEE_STRUCTURES}
+    return study, series, seg, volumes
+
+
+def _write_knee(knee_case, findings, algorithm=ALGORITHM):
+    _study, series, seg, volumes = knee_case
+    return write_report(
+        template=load_template("knee"),
+        evidence=[s[0] for s in series.values()],
+        findings=findings,
+        used_series={p: (s[0].SeriesInstanceUID, s[0].SeriesDescription) for p, s in series.items()},
+        missing_planes=["axial"],
+        laterality="R",
+        algorithm=algorithm,
+        segmentation=seg,
+        volumes_ml=volumes,
+        series_number=301,
+        node_info=NODE,
+    )
+
+
+def test_knee_report_round_trip(knee_case, tmp_path):
+    study, series, seg, volumes = knee_case
+    findings = _findings("knee", seed=0)
+    path = tmp_path / "knee_sr.dcm"
+    _write_knee(knee_case, findings).save_as(path)
+    seg_path = tmp_path / "knee_seg.dcm"
+    seg.save_as(seg_path)
+
+    assert dciodvfy_errors(path) == []
+    assert dciodvfy_errors(seg_path) == []
+
+    sr = hd.sr.srread(path)
+    assert sr.StudyInstanceUID == study.study_uid
+    assert (sr.CompletionFlag, sr.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
+    assert "99ORTHONODE" in {item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence}
+    equipment = {(e.Manufacturer, e.get("ManufacturerModelName")) for e in sr.ContributingEquipmentSequence}
+    assert (ALGORITHM.manufacturer, ALGORITHM.model_name) in equipment
+    evidence = {
+        ref.ReferencedSOPInstanceUID
+        for study_item in sr.CurrentRequestedProcedureEvidenceSequence
+        for series_item in study_item.ReferencedSeriesSequence
+        for ref in series_item.ReferencedSOPSequence
+    }
+    assert {seg.SOPInstanceUID, series["sagittal"][0].SOPInstanceUID, series["coronal"][0].SOPInstanceUID} <= evidence
+
+    template = load_template("knee")
+    groups = sr.content.get_image_measurement_groups()
+    assert len(groups) == len(label_keys("knee"))
+    by_concept = {(g.finding_type.scheme_designator, g.finding_type.value): g for g in groups}
+    for finding in findings:
+        concept = template.label(finding.key).concept
+        group = by_concept[(concept.scheme, concept.value)]
+        (probability,) = group.get_measurements(name=codes.DCM.Probability)
+        assert probability.value == pytest.approx(finding.probability, abs=1e-6)
+        (evaluation,) = group.get_qualitative_evaluations(name=codes.DCM.PresenceOfProperty)
+        expected = codes.DCM.Present if finding.probability >= finding.threshold else codes.DCM.Absent
+        assert evaluation.value == expected
+        site = group.finding_sites[0]
+        assert site.laterality == codes.SCT.Right
+        assert group.tracking_uid is not None
+    effusion = by_concept[("SCT", "41699000")]
+    assert effusion.finding_sites[0].value == codes.SCT.KneeJoint
+
+    volume_groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert len(volume_groups) == len(KNEE_STRUCTURES)
+    segment_labels = {int(s.SegmentNumber): s.SegmentLabel for s in seg.SegmentSequence}
+    tracking = {int(s.SegmentNumber): s.TrackingUID for s in seg.SegmentSequence}
+    for group, structure in zip(volume_groups, KNEE_STRUCTURES):
+        ref = group.referenced_segment
+        assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
+        assert ref.referenced_segment_numbers == [structure.index]
+        assert segment_labels[structure.index] == structure.name
+        assert group.tracking_uid == tracking[structure.index]
+        (volume,) = group.get_measurements(name=codes.SCT.Volume)
+        assert volume.value == pytest.approx(volumes[structure.key])
+
+    text = dsrdump_text(path)
+    for finding in findings:
+        state = "present" if finding.present else "absent"
+        assert f"{finding.name}: {state} (probability {finding.probability:.2f}" in text
+    assert 'Impression")="' in text
+    positives = [template.label(f.key).impression_present for f in findings if f.present]
+    assert positives and all(sentence in text for sentence in positives)
+    assert "Research use only; not a medical device" in text
+    assert "Missing planes: axial" in text
+    assert "sagittal: PD FS SAG" in text and "coronal: PD FS COR" in text
+    assert "Femur" in text and "mL" in text
+
+
+def test_uids_deterministic_and_versioned(knee_case):
+    findings = _findings("knee", seed=1)
+    first = _write_knee(knee_case, findings)
+    again = _write_knee(knee_case, list(reversed(findings)))
+    newer = _write_knee(knee_case, findings, AlgorithmInfo(name="OrthoDiffusion", version="2.1.0"))
+    assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (again.SeriesInstanceUID, again.SOPInstanceUID)
+    assert first.SeriesInstanceUID != newer.SeriesInstanceUID
+    assert first.SOPInstanceUID != newer.SOPInstanceUID
+
+
+@pytest.mark.parametrize("joint", [j for j in JOINTS if j != "knee"])
+def test_other_joint_reports(joint, tmp_path):
+    study = new_study(body_part=joint.upper())
+    sagittal = make_series(study, "sagittal", seed=5, description=f"{joint} sag")
+    axial = make_series(study, "axial", seed=6, description=f"{joint} ax")
+    findings = _findings(joint, seed=2)
+    sr = write_report(
+        template=load_template(joint),
+        evidence=[sagittal[0], axial[0]],
+        findings=findings,
+        used_series={"sagittal": (sagittal[0].SeriesInstanceUID, "s"), "axial": (axial[0].SeriesInstanceUID, "a")},
+        missing_planes=["coronal"],
+        laterality=None,
+        algorithm=ALGORITHM,
+        segmentation=None,
+        volumes_ml=None,
+        series_number=301,
+        node_info=NODE,
+    )
+    path = tmp_path / f"{joint}.dcm"
+    sr.save_as(path)
+    assert dciodvfy_errors(path) == []
+    read = hd.sr.srread(path)
+    groups = read.content.get_image_measurement_groups()
+    assert len(groups) == len(label_keys(joint))
+    assert read.content.get_volumetric_roi_measurement_groups() == []
+    for group, finding in zip(groups, findings):
+        (evaluation,) = group.get_qualitative_evaluations(name=codes.DCM.PresenceOfProperty)
+        assert evaluation.value == (codes.DCM.Present if finding.present else codes.DCM.Absent)
+    text = dsrdump_text(path)
+    assert all(f.name in text for f in findings)
+    assert "Missing planes: coronal" in text
+
+
+def test_single_segment_segmentation_is_referenced(tmp_path):
+    """highdicom's ReferencedSegment.from_segmentation fails on one-segment SEGs (peers.md)."""
+    study = new_study()
+    series = make_series(study, "sagittal", seed=8)
+    label_map = knee_label_map((7, 24, 20), present=[1], seed=1)
+    seg = write_segmentation(series, label_map, ALGORITHM, 300, structures=KNEE_STRUCTURES[:1], node_info=NODE)
+    assert len(seg.SegmentSequence) == 1
+    sr = write_report(
+        template=load_template("knee"),
+        evidence=[series[0]],
+        findings=_findings("knee", seed=3),
+        used_series={"sagittal": (series[0].SeriesInstanceUID, "sag")},
+        missing_planes=["coronal", "axial"],
+        laterality="L",
+        algorithm=ALGORITHM,
+        segmentation=seg,
+        volumes_ml={"femur": 42.0},
+        series_number=301,
+        node_info=NODE,
+    )
+    path = tmp_path / "single.dcm"
+    sr.save_as(path)
+    assert dciodvfy_errors(path) == []
+    (group,) = hd.sr.srread(path).content.get_volumetric_roi_measurement_groups()
+    assert group.referenced_segment.referenced_segment_numbers == [1]
+
+
+def test_finding_must_agree_with_threshold():
+    with pytest.raises(ValueError, match="contradicts"):
+        Finding("acl", "ACL tear", probability=0.2, threshold=0.5, present=True)
+    with pytest.raises(ValueError, match="probability must lie in"):
+        Finding("acl", "ACL tear", probability=1.2, threshold=0.5, present=True)
+    assert Finding.at_threshold("acl", "ACL tear", 0.5, 0.5).present
+
+
+def test_rejects_inconsistent_inputs(knee_case):
+    study, series, seg, volumes = knee_case
+    template = load_template("knee")
+    findings = _findings("knee", seed=4)
+    kwargs = dict(
+        template=template,
+        evidence=[series["sagittal"][0]],
+        findings=findings,
+        used_series={"sagittal": (series["sagittal"][0].SeriesInstanceUID, "sag")},
+        missing_planes=[],
+        laterality="R",
+        algorithm=ALGORITHM,
+        segmentation=seg,
+        volumes_ml=volumes,
+        series_number=301,
+    )
+    with pytest.raises(ValueError, match=r"missing \['acl'\]"):
+        write_report(**{**kwargs, "findings": findings[1:]})
+    other = make_series(new_study(), "axial", seed=1)
+    with pytest.raises(ValueError, match="belongs to study"):
+        write_report(**{**kwargs, "evidence": [series["sagittal"][0], other[0]]})
+    with pytest.raises(ValueError, match="plane must be one of"):
+        write_report(**{**kwargs, "missing_planes": ["oblique"]})
+    with pytest.raises(ValueError, match="no instance in evidence"):
+        write_report(**{**kwargs, "used_series": {"axial": (other[0].SeriesInstanceUID, "ax")}})
+    with pytest.raises(ValueError, match="laterality"):
+        write_report(**{**kwargs, "laterality": "left"})
+    with pytest.raises(ValueError, match="'menisci' is not a structure"):
+        write_report(**{**kwargs, "volumes_ml": {"menisci": 1.0}})
+    with pytest.raises(ValueError, match="needs the segmentation"):
+        write_report(**{**kwargs, "segmentation": None})
