@@ -28,7 +28,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from training.phantoms.acquisition import MAX_STORED_VALUE, AcquiredSeries, SliceStack
+from training.phantoms.acquisition import AcquiredSeries, SliceStack
 from training.phantoms.anatomy import CaseSpec
 from training.phantoms.sites import SiteProfile
 
@@ -207,9 +207,9 @@ def _base_dataset(series: AcquiredSeries, study: StudyContext) -> Dataset:
     ds.AcquisitionNumber = 1
     ds.FrameOfReferenceUID = study.frame_of_reference_uid
     ds.PositionReferenceIndicator = ""
-    if site.laterality_tags in ("series", "both"):
+    if site.laterality_tags == "series":
         ds.Laterality = spec.laterality
-    if site.laterality_tags in ("image", "both"):
+    else:
         ds.ImageLaterality = spec.laterality
     # pixels
     ds.SamplesPerPixel = 1
@@ -218,10 +218,6 @@ def _base_dataset(series: AcquiredSeries, study: StudyContext) -> Dataset:
     ds.BitsStored = 12
     ds.HighBit = 11
     ds.PixelRepresentation = 0
-    ds.SmallestImagePixelValue = 0
-    ds.LargestImagePixelValue = MAX_STORED_VALUE
-    ds["SmallestImagePixelValue"].VR = "US"
-    ds["LargestImagePixelValue"].VR = "US"
     center, width = series.window
     ds.WindowCenter = _ds(center, 1)
     ds.WindowWidth = _ds(width, 1)

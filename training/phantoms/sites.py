@@ -58,7 +58,7 @@ class SiteProfile:
     intensity_scale: float
     wording: str  # key of _WORDING
     body_part_style: str  # "joint" (KNEE/ANKLE/SHOULDER), "extremity" or "empty"
-    laterality_tags: str  # "series" (0020,0060), "image" (0020,0062) or "both"
+    laterality_tags: str  # "series": Laterality (0020,0060); "image": ImageLaterality (0020,0062)
     writes_spacing_between_slices: bool
     series_number_step: int  # 1 for consecutive numbering, 100 for Philips-style 101, 201, ...
     slice_thickness_mm: tuple[float, float]  # range drawn per series
@@ -69,8 +69,10 @@ class SiteProfile:
             raise ValueError(f"SiteProfile {self.name!r}: wording must be one of {sorted(_WORDING)}, got {self.wording!r}")
         if self.body_part_style not in ("joint", "extremity", "empty"):
             raise ValueError(f"SiteProfile {self.name!r}: body_part_style {self.body_part_style!r} is not joint/extremity/empty")
-        if self.laterality_tags not in ("series", "image", "both"):
-            raise ValueError(f"SiteProfile {self.name!r}: laterality_tags {self.laterality_tags!r} is not series/image/both")
+        # Laterality is Type 2C in General Series: it may not be present together with Image
+        # Laterality, so a site writes one or the other
+        if self.laterality_tags not in ("series", "image"):
+            raise ValueError(f"SiteProfile {self.name!r}: laterality_tags {self.laterality_tags!r} is not series/image")
         if self.field_strength_t not in (1.5, 3.0):
             raise ValueError(f"SiteProfile {self.name!r}: field_strength_t must be 1.5 or 3.0, got {self.field_strength_t}")
         if not 0.0 <= self.fat_sat_residual < 1.0:
@@ -144,7 +146,7 @@ SITES: dict[str, SiteProfile] = {
             intensity_scale=2600.0,
             wording="ge",
             body_part_style="extremity",
-            laterality_tags="both",
+            laterality_tags="series",
             writes_spacing_between_slices=True,
             series_number_step=1,
             slice_thickness_mm=(3.5, 4.0),
