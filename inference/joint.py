@@ -7,6 +7,7 @@ sites write a generic value ("EXTREMITY", "LEG") or nothing, and then the StudyD
 scanner protocol tree is usually organised by joint).  Conflicting evidence at one level
 is reported, not resolved by guessing.
 """
+
 from __future__ import annotations
 
 import re
@@ -26,7 +27,9 @@ def _check_patterns(patterns: list[str], key: str) -> list[str]:
         try:
             re.compile(pattern, re.IGNORECASE)
         except re.error as exc:
-            raise ValueError(f"{key}[{index}] is not a valid regular expression ({pattern!r}): {exc}") from None
+            raise ValueError(
+                f"{key}[{index}] is not a valid regular expression ({pattern!r}): {exc}"
+            ) from None
     return patterns
 
 
@@ -72,24 +75,27 @@ _ANKLE = [
     rf"{_B}(ankle|sprunggelenk|osg|cheville|tobillo|caviglia|tornozelo|hindfoot|talus|achill)",
     rf"{_B}(foot[ _&-]*(and|&)?[ _-]*ankle)",
 ]
-_SHOULDER = [rf"{_B}(shoulder|schulter|epaule|épaule|hombro|spalla|ombro|skulder)", rf"{_B}(rotator|glenoh|labrum|supraspin)"]
+_SHOULDER = [
+    rf"{_B}(shoulder|schulter|epaule|épaule|hombro|spalla|ombro|skulder)",
+    rf"{_B}(rotator|glenoh|labrum|supraspin)",
+]
 
 DEFAULT_JOINT_RULES = JointRules(
     joints={
         "knee": JointPatterns(
-            body_part=[rf"^\s*(knee|knie|genou)\s*$"],
+            body_part=[r"^\s*(knee|knie|genou)\s*$"],
             study_description=_KNEE,
             series_description=_KNEE,
             protocol_name=_KNEE,
         ),
         "ankle": JointPatterns(
-            body_part=[rf"^\s*(ankle|sprunggelenk|cheville|foot ?and ?ankle|ankle ?foot)\s*$"],
+            body_part=[r"^\s*(ankle|sprunggelenk|cheville|foot ?and ?ankle|ankle ?foot)\s*$"],
             study_description=_ANKLE,
             series_description=_ANKLE,
             protocol_name=_ANKLE,
         ),
         "shoulder": JointPatterns(
-            body_part=[rf"^\s*(shoulder|schulter|epaule)\s*$"],
+            body_part=[r"^\s*(shoulder|schulter|epaule)\s*$"],
             study_description=_SHOULDER,
             series_description=_SHOULDER,
             protocol_name=_SHOULDER,

@@ -8,6 +8,7 @@ between the normal and that axis is the obliquity.  A coronal-oblique knee tilte
 degrees is still a coronal series; a flipped normal (slices stacked the other way) is the
 same plane.
 """
+
 from __future__ import annotations
 
 import math

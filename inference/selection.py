@@ -7,6 +7,7 @@ win) or exclude them (``avoid``).  Every choice and every rejection is written t
 in words an administrator can act on: which series (number and description), which rule,
 which value.
 """
+
 from __future__ import annotations
 
 import re
@@ -25,7 +26,9 @@ def _compile_all(patterns: Sequence[str], key: str) -> list[str]:
         try:
             re.compile(pattern, re.IGNORECASE)
         except re.error as exc:
-            raise ValueError(f"{key}[{index}] is not a valid regular expression ({pattern!r}): {exc}") from None
+            raise ValueError(
+                f"{key}[{index}] is not a valid regular expression ({pattern!r}): {exc}"
+            ) from None
     return list(patterns)
 
 
@@ -91,17 +94,17 @@ _STIR = rf"{_B}(stir|tirm){_E}"
 _DESS = rf"{_B}(dess|we[ _-]?dess){_E}"
 _T1 = rf"{_B}(t1|t1w|t1[ _-]?w){_E}"
 
-_FAT_SAT_PD = rf"{_PD}.*{_FS}|{_FS}.*{_PD}"
-_FAT_SAT_T2 = rf"{_T2}.*{_FS}|{_FS}.*{_T2}"
+_FAT_SAT_PD = rf"{_PD}.*{_FS}|{_FS}.*{_PD}|{_B}(pdfs|pdwfs|dpfs){_E}"
+_FAT_SAT_T2 = rf"{_T2}.*{_FS}|{_FS}.*{_T2}|{_B}(t2fs|t2wfs){_E}"
 
 #: series no model should see: scouts, derived projections, subtractions, diffusion maps,
-#: coil calibration, post-contrast studies of other questions
+#: coil calibration.  Post-contrast series are not avoided: in an MR arthrogram the
+#: fat-suppressed T1 after intra-articular contrast is the fluid-sensitive series.
 _AVOID = [
     rf"{_B}(localizer|localiser|loc|scout|survey|tri[ _-]?pilot|3[ _-]?plane){_E}",
     rf"{_B}(mip|mpr|reformat\w*|sub|subtraction){_E}",
     rf"{_B}(dwi|adc|trace|diffusion|dti){_E}",
     rf"{_B}(cal|calibration|asset[ _-]?cal|coil[ _-]?cal){_E}",
-    rf"{_B}(gad|gd|post|\+c|c\+){_E}",
 ]
 
 _PREFER_FLUID = [_FAT_SAT_PD, _FAT_SAT_T2, _STIR, _DESS, _PD, _T2]
@@ -109,9 +112,27 @@ _PREFER_FLUID = [_FAT_SAT_PD, _FAT_SAT_T2, _STIR, _DESS, _PD, _T2]
 #: sensible for knee, ankle and shoulder: fluid-sensitive fat-suppressed PD/T2 first (what
 #: the models were trained on), then STIR/DESS, then plain PD/T2; T1 only when nothing else
 DEFAULT_RULES = SelectionRules(
-    sagittal=PlaneRule(prefer=_PREFER_FLUID + [_T1], avoid=_AVOID, min_slices=8, max_slice_thickness_mm=6.0, max_obliquity_deg=40.0),
-    coronal=PlaneRule(prefer=_PREFER_FLUID + [_T1], avoid=_AVOID, min_slices=8, max_slice_thickness_mm=6.0, max_obliquity_deg=40.0),
-    axial=PlaneRule(prefer=_PREFER_FLUID + [_T1], avoid=_AVOID, min_slices=8, max_slice_thickness_mm=6.0, max_obliquity_deg=30.0),
+    sagittal=PlaneRule(
+        prefer=_PREFER_FLUID + [_T1],
+        avoid=_AVOID,
+        min_slices=8,
+        max_slice_thickness_mm=6.0,
+        max_obliquity_deg=40.0,
+    ),
+    coronal=PlaneRule(
+        prefer=_PREFER_FLUID + [_T1],
+        avoid=_AVOID,
+        min_slices=8,
+        max_slice_thickness_mm=6.0,
+        max_obliquity_deg=40.0,
+    ),
+    axial=PlaneRule(
+        prefer=_PREFER_FLUID + [_T1],
+        avoid=_AVOID,
+        min_slices=8,
+        max_slice_thickness_mm=6.0,
+        max_obliquity_deg=30.0,
+    ),
 )
 
 
@@ -154,7 +175,9 @@ def select_series(series: list[SeriesInfo], rules: SelectionRules = DEFAULT_RULE
     for info in series:
         name = _describe(info)
         if info.modality.upper() not in modalities:
-            log.append(f"{name}: not used: modality {info.modality or 'missing'} is not one of {sorted(modalities)}")
+            log.append(
+                f"{name}: not used: modality {info.modality or 'missing'} is not one of {sorted(modalities)}"
+            )
             continue
         if is_localizer(info):
             why = "a localizer/scout"
@@ -212,7 +235,7 @@ def select_series(series: list[SeriesInfo], rules: SelectionRules = DEFAULT_RULE
             else "matches no preferred pattern but is the only usable kind"
         )
         log.append(f"{plane}: chose {_describe(best)}: {why}; {_geometry_words(best, plane, best_obliquity)}")
-        for key, info, obliquity, match in ranked[1:]:
+        for _rank, info, _obliquity, match in ranked[1:]:
             if match is not None and best_match is not None and match[0] == best_match[0]:
                 because = "same preference; the chosen one has thinner slices, less obliquity or a later series number"
             elif match is not None:

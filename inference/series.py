@@ -16,6 +16,7 @@ functional groups) are read; compressed transfer syntaxes are decoded through py
 plugins (pylibjpeg, pyjpegls).  Geometry is computed from Image Position/Orientation
 (Patient), never from InstanceNumber or SliceLocation, which vendors fill inconsistently.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,7 +24,7 @@ import os
 import struct
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -230,7 +231,9 @@ def _frame_headers(ds: Dataset, path: Path) -> list[_FrameHeader]:
     for index in range(n_frames):
         frame = per_frame[index] if index < len(per_frame) else None
         spacing = _floats(_group_value(shared, frame, "PixelMeasuresSequence", "PixelSpacing"), 2)
-        slope = _float_or_none(_group_value(shared, frame, "PixelValueTransformationSequence", "RescaleSlope"))
+        slope = _float_or_none(
+            _group_value(shared, frame, "PixelValueTransformationSequence", "RescaleSlope")
+        )
         intercept = _float_or_none(
             _group_value(shared, frame, "PixelValueTransformationSequence", "RescaleIntercept")
         )
@@ -242,7 +245,9 @@ def _frame_headers(ds: Dataset, path: Path) -> list[_FrameHeader]:
                 orientation=_floats(
                     _group_value(shared, frame, "PlaneOrientationSequence", "ImageOrientationPatient"), 6
                 ),
-                position=_floats(_group_value(shared, frame, "PlanePositionSequence", "ImagePositionPatient"), 3),
+                position=_floats(
+                    _group_value(shared, frame, "PlanePositionSequence", "ImagePositionPatient"), 3
+                ),
                 pixel_spacing=(spacing[0], spacing[1]) if spacing else None,
                 slice_thickness=_float_or_none(
                     _group_value(shared, frame, "PixelMeasuresSequence", "SliceThickness")
@@ -296,7 +301,9 @@ def _read_header(path: Path) -> tuple[Dataset | None, str | None]:
     except _HEADER_ERRORS as exc:
         # pydicom reports a corrupt or truncated header through these
         return None, f"corrupt DICOM header ({type(exc).__name__}: {exc})"
-    sop_class = _text(ds, "SOPClassUID") or _text(getattr(ds, "file_meta", Dataset()), "MediaStorageSOPClassUID")
+    sop_class = _text(ds, "SOPClassUID") or _text(
+        getattr(ds, "file_meta", Dataset()), "MediaStorageSOPClassUID"
+    )
     if sop_class == MEDIA_STORAGE_DIRECTORY_SOP_CLASS or "DirectoryRecordSequence" in ds:
         return None, "DICOMDIR (a file-set index, not an image)"
     if "Rows" not in ds or "Columns" not in ds:
@@ -427,7 +434,9 @@ def _build_info(series_uid: str, entries: list[_FileHeader]) -> SeriesInfo:
         slice_thickness=next((h.slice_thickness for h in frames if h.slice_thickness is not None), None),
         plane=plane,
         obliquity_deg=obliquity,
-        transfer_syntaxes=tuple(sorted({entry.transfer_syntax for entry in entries if entry.transfer_syntax})),
+        transfer_syntaxes=tuple(
+            sorted({entry.transfer_syntax for entry in entries if entry.transfer_syntax})
+        ),
         is_multiframe=any(entry.multiframe for entry in entries),
         **entries[0].fields,
     )
@@ -600,7 +609,9 @@ def load_series(info: SeriesInfo) -> SeriesVolume:
     for path in info.files:
         ds = _read_full(path, uid)
         if _text(ds, "SeriesInstanceUID") != uid:
-            raise SeriesError(uid, f"{path}: belongs to series {_text(ds, 'SeriesInstanceUID')}, not this one")
+            raise SeriesError(
+                uid, f"{path}: belongs to series {_text(ds, 'SeriesInstanceUID')}, not this one"
+            )
         datasets[path] = ds
         try:
             frames.extend(_frame_headers(ds, path))
@@ -613,16 +624,23 @@ def load_series(info: SeriesInfo) -> SeriesVolume:
         raise SeriesError(uid, f"mixed image sizes (rows, columns) {sorted(sizes)}")
     missing_orientation = [h for h in frames if h.orientation is None]
     if missing_orientation:
-        raise SeriesError(uid, f"{len(missing_orientation)} slice(s) without ImageOrientationPatient, e.g. {missing_orientation[0].path}")
+        raise SeriesError(
+            uid,
+            f"{len(missing_orientation)} slice(s) without ImageOrientationPatient, e.g. {missing_orientation[0].path}",
+        )
     distinct = _distinct_orientations(h.orientation for h in frames)
     if len(distinct) > 1:
         raise SeriesError(
-            uid, f"inconsistent orientation: slices lie in {len(distinct)} different orientations "
-            "(a multi-plane localizer or a mixed series)"
+            uid,
+            f"inconsistent orientation: slices lie in {len(distinct)} different orientations "
+            "(a multi-plane localizer or a mixed series)",
         )
     missing_position = [h for h in frames if h.position is None]
     if missing_position:
-        raise SeriesError(uid, f"{len(missing_position)} slice(s) without ImagePositionPatient, e.g. {missing_position[0].path}")
+        raise SeriesError(
+            uid,
+            f"{len(missing_position)} slice(s) without ImagePositionPatient, e.g. {missing_position[0].path}",
+        )
     spacings = {h.pixel_spacing for h in frames}
     if None in spacings:
         raise SeriesError(uid, "missing PixelSpacing")
@@ -641,7 +659,9 @@ def load_series(info: SeriesInfo) -> SeriesVolume:
     projections = projections[order]
     frames = [frames[i] for i in order]
     row_spacing, col_spacing = frames[0].pixel_spacing  # type: ignore[misc]
-    slice_spacing = _slice_spacing(uid, projections, positions, normal, frames[0], min(row_spacing, col_spacing))
+    slice_spacing = _slice_spacing(
+        uid, projections, positions, normal, frames[0], min(row_spacing, col_spacing)
+    )
 
     decoded: dict[Path, np.ndarray] = {path: _decode(ds, path, uid) for path, ds in datasets.items()}
     rows, cols = sizes.pop()
@@ -650,7 +670,9 @@ def load_series(info: SeriesInfo) -> SeriesVolume:
         stack = decoded[header.path]
         index = 0 if header.frame is None else header.frame - 1
         if index >= stack.shape[0]:
-            raise SeriesError(uid, f"{header.path}: frame {index + 1} missing from pixel data ({stack.shape[0]} frames)")
+            raise SeriesError(
+                uid, f"{header.path}: frame {index + 1} missing from pixel data ({stack.shape[0]} frames)"
+            )
         pixels[k] = stack[index].astype(np.float64) * header.slope + header.intercept
 
     ordered_datasets: list[Dataset] = []
@@ -692,22 +714,24 @@ def _slice_spacing(
     if np.any(steps < 1e-4):
         duplicates = int(np.sum(steps < 1e-4))
         raise SeriesError(
-            uid, f"{duplicates} slice(s) share a position with another slice "
-            "(several echoes, phases or repeated acquisitions in one series)"
+            uid,
+            f"{duplicates} slice(s) share a position with another slice "
+            "(several echoes, phases or repeated acquisitions in one series)",
         )
     spacing = float(np.median(steps))
     worst = float(np.max(np.abs(steps - spacing)))
     if worst > max(_SPACING_RELATIVE_TOLERANCE * spacing, 1e-3):
         raise SeriesError(
-            uid, f"non-uniform slice spacing: steps from {steps.min():.3f} to {steps.max():.3f} mm "
-            f"(median {spacing:.3f} mm); a slice is missing or stacks are interleaved"
+            uid,
+            f"non-uniform slice spacing: steps from {steps.min():.3f} to {steps.max():.3f} mm "
+            f"(median {spacing:.3f} mm); a slice is missing or stacks are interleaved",
         )
     expected = positions[0] + np.outer(projections - projections[0], normal)
     shift = float(np.max(np.linalg.norm(positions - expected, axis=1)))
     if shift > max(0.5 * in_plane, 1e-3):
         raise SeriesError(
-            uid, f"slices are shifted in-plane by up to {shift:.2f} mm (gantry tilt or stitched "
-            "stations); the volume is not a regular grid"
+            uid,
+            f"slices are shifted in-plane by up to {shift:.2f} mm (gantry tilt or stitched "
+            "stations); the volume is not a regular grid",
         )
     return spacing
-

@@ -9,6 +9,7 @@ Other test modules may reuse it: ``write_classic_series`` for a folder of MR Ima
 files, ``write_enhanced_series`` for one Enhanced MR Image Storage file, ``write_junk`` for
 files a scanner must skip.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,6 +31,14 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     generate_uid,
 )
+
+#: the compressed transfer syntaxes the factory writes (JPEG baseline needs uint8 volumes)
+COMPRESSED_SYNTAXES: dict[str, UID] = {
+    "rle": RLELossless,
+    "jpegls": JPEGLSLossless,
+    "jpeg2000": JPEG2000Lossless,
+    "jpeg": JPEGBaseline8Bit,
+}
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -55,7 +64,9 @@ def rotation(axis: str, degrees: float) -> np.ndarray:
     raise ValueError(f"axis must be 'x', 'y' or 'z', got {axis!r}")
 
 
-def orientation(plane: str, tilt_deg: float = 0.0, tilt_axis: str = "z", flip: bool = False) -> tuple[float, ...]:
+def orientation(
+    plane: str, tilt_deg: float = 0.0, tilt_axis: str = "z", flip: bool = False
+) -> tuple[float, ...]:
     """Direction cosines of ``plane`` rotated by ``tilt_deg`` about ``tilt_axis``.
 
     ``flip`` swaps the row direction, which reverses the slice normal: same plane, slices
@@ -242,7 +253,9 @@ def write_classic_series(
         ds.RepetitionTime = 3000.0
         ds.EchoTime = 30.0
         ds.ImagePositionPatient = list(positions[k]) if positions is not None else list(geometry.position(k))
-        ds.ImageOrientationPatient = list(orientations[k]) if orientations is not None else list(geometry.orientation)
+        ds.ImageOrientationPatient = (
+            list(orientations[k]) if orientations is not None else list(geometry.orientation)
+        )
         ds.PixelSpacing = list(geometry.pixel_spacing)
         ds.SliceThickness = geometry.slice_thickness
         ds.SpacingBetweenSlices = geometry.slice_spacing
@@ -279,7 +292,11 @@ def write_enhanced_series(
     ds = Dataset()
     ds.file_meta = _file_meta(ENHANCED_MR_IMAGE_STORAGE, sop, transfer_syntax)
     _common(ds, header, ENHANCED_MR_IMAGE_STORAGE, sop)
-    ds.ImageType = list(header.image_type[:3]) + ["NONE"] if len(header.image_type) >= 3 else ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    ds.ImageType = (
+        list(header.image_type[:3]) + ["NONE"]
+        if len(header.image_type) >= 3
+        else ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    )
     ds.InstanceNumber = 1
     ds.NumberOfFrames = n
     ds.ContentQualification = "RESEARCH"
@@ -290,16 +307,15 @@ def write_enhanced_series(
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
 
-    def group(keyword: str, **values: object) -> DicomSequence:
+    def group(**values: object) -> DicomSequence:
         item = Dataset()
         for key, value in values.items():
             setattr(item, key, value)
         return DicomSequence([item])
 
     shared = Dataset()
-    shared.PlaneOrientationSequence = group("PlaneOrientationSequence", ImageOrientationPatient=list(geometry.orientation))
+    shared.PlaneOrientationSequence = group(ImageOrientationPatient=list(geometry.orientation))
     shared.PixelMeasuresSequence = group(
-        "PixelMeasuresSequence",
         PixelSpacing=list(geometry.pixel_spacing),
         SliceThickness=geometry.slice_thickness,
         SpacingBetweenSlices=geometry.slice_spacing,
@@ -307,13 +323,15 @@ def write_enhanced_series(
     rescale = header.rescale or (1.0, 0.0)
     if not per_frame_rescale:
         shared.PixelValueTransformationSequence = group(
-            "PixelValueTransformationSequence", RescaleSlope=rescale[0], RescaleIntercept=rescale[1], RescaleType="US"
+            RescaleSlope=rescale[0],
+            RescaleIntercept=rescale[1],
+            RescaleType="US",
         )
     ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
     per_frame = []
     for i, k in enumerate(order):
         item = Dataset()
-        item.PlanePositionSequence = group("PlanePositionSequence", ImagePositionPatient=list(geometry.position(k)))
+        item.PlanePositionSequence = group(ImagePositionPatient=list(geometry.position(k)))
         content = Dataset()
         content.StackID = "1"
         content.InStackPositionNumber = k + 1
@@ -321,7 +339,9 @@ def write_enhanced_series(
         item.FrameContentSequence = DicomSequence([content])
         if per_frame_rescale:
             item.PixelValueTransformationSequence = group(
-                "PixelValueTransformationSequence", RescaleSlope=rescale[0], RescaleIntercept=rescale[1], RescaleType="US"
+                RescaleSlope=rescale[0],
+                RescaleIntercept=rescale[1],
+                RescaleType="US",
             )
         per_frame.append(item)
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
@@ -349,7 +369,9 @@ def write_junk(folder: Path) -> dict[str, Path]:
     ds.DirectoryRecordSequence = DicomSequence([])
     ds.save_as(dicomdir, enforce_file_format=True)
 
-    source = write_classic_series(folder / "_tmp_truncated", pattern_volume(1, 16, 16), Geometry(), SeriesHeader(series_number=99))[0]
+    source = write_classic_series(
+        folder / "_tmp_truncated", pattern_volume(1, 16, 16), Geometry(), SeriesHeader(series_number=99)
+    )[0]
     truncated = folder / "truncated.dcm"
     data = source.read_bytes()
     truncated.write_bytes(data[: len(data) - 200])

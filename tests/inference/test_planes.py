@@ -1,4 +1,5 @@
 """Plane classification from direction cosines, and localizer detection."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,7 +30,13 @@ def test_cardinal_planes_and_flipped_normals(plane: str, flip: bool) -> None:
 
 @pytest.mark.parametrize(
     ("plane", "axis", "tilt"),
-    [("coronal", "z", 20.0), ("coronal", "x", -20.0), ("sagittal", "z", 15.0), ("axial", "x", 25.0), ("sagittal", "y", -30.0)],
+    [
+        ("coronal", "z", 20.0),
+        ("coronal", "x", -20.0),
+        ("sagittal", "z", 15.0),
+        ("axial", "x", 25.0),
+        ("sagittal", "y", -30.0),
+    ],
 )
 def test_oblique_within_tolerance_keeps_its_plane(plane: str, axis: str, tilt: float) -> None:
     for flip in (False, True):
@@ -106,12 +113,21 @@ def test_localizer_by_image_type_planes_slices_and_description(tmp_path: Path) -
         n = Geometry(orientation=CARDINAL_ORIENTATIONS[p]).normal
         positions.append(tuple(np.array([-6.0, -6.0, 6.0]) + d * n))
     header = SeriesHeader(series_description="AX COR SAG", image_type=("ORIGINAL", "PRIMARY", "M", "NONE"))
-    write_classic_series(tmp_path / "tri", pattern_volume(9, 16, 16), geometry, header, positions=positions, orientations=orientations)
+    write_classic_series(
+        tmp_path / "tri",
+        pattern_volume(9, 16, 16),
+        geometry,
+        header,
+        positions=positions,
+        orientations=orientations,
+    )
     tri = _scan_one(tmp_path / "tri")
     assert tri.orientation is None and tri.orientation_count == 3 and tri.plane is None
     assert is_localizer(tri)
 
-    write_classic_series(tmp_path / "few", pattern_volume(2, 16, 16), geometry, SeriesHeader(series_description="T1 SAG"))
+    write_classic_series(
+        tmp_path / "few", pattern_volume(2, 16, 16), geometry, SeriesHeader(series_description="T1 SAG")
+    )
     assert is_localizer(_scan_one(tmp_path / "few"))
 
     write_classic_series(tmp_path / "named", volume, geometry, SeriesHeader(series_description="3-PLANE LOC"))

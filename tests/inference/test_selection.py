@@ -1,4 +1,5 @@
 """Series selection per plane and joint detection, from headers built like a scanner writes them."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -76,7 +77,11 @@ def test_fat_sat_pd_sagittal_beats_t1_sagittal_and_the_localizer() -> None:
         make_info(7, "PD SPAIR AX", plane="axial"),
     ]
     selection = select_series(series)
-    assert {p: s.series_number for p, s in selection.chosen.items()} == {"sagittal": 3, "coronal": 5, "axial": 7}
+    assert {p: s.series_number for p, s in selection.chosen.items()} == {
+        "sagittal": 3,
+        "coronal": 5,
+        "axial": 7,
+    }
     assert selection.missing == []
     (chosen,) = _lines_about(selection.log, "sagittal: chose")
     assert "series 3 'PD_FS_SAG'" in chosen and "preferred pattern #1" in chosen
@@ -88,7 +93,17 @@ def test_fat_sat_pd_sagittal_beats_t1_sagittal_and_the_localizer() -> None:
 
 @pytest.mark.parametrize(
     "description",
-    ["PD_FS_SAG", "Sag PD FSE FS", "sag pd fat sat", "PDW_SPAIR SAG", "DP FS SAG", "PD TSE FS", "pd_tse_fs_sag"],
+    [
+        "PD_FS_SAG",
+        "Sag PD FSE FS",
+        "sag pd fat sat",
+        "PDW_SPAIR SAG",
+        "DP FS SAG",
+        "PD TSE FS",
+        "pd_tse_fs_sag",
+        "SAG PDFS",
+        "FSE PD FatSat",
+    ],
 )
 def test_vendor_wordings_of_fat_sat_pd_rank_first(description: str) -> None:
     selection = select_series([make_info(2, "T1 SAG"), make_info(8, "T2 SAG"), make_info(9, description)])
@@ -146,7 +161,9 @@ def test_plane_comes_from_geometry_not_description() -> None:
 
 
 def test_ties_prefer_thinner_slices_then_later_repeat() -> None:
-    selection = select_series([make_info(3, "PD FS SAG", thickness=4.0), make_info(4, "PD FS SAG", thickness=3.0)])
+    selection = select_series(
+        [make_info(3, "PD FS SAG", thickness=4.0), make_info(4, "PD FS SAG", thickness=3.0)]
+    )
     assert selection.chosen["sagittal"].series_number == 4
     selection = select_series([make_info(3, "PD FS SAG"), make_info(13, "PD FS SAG")])
     assert selection.chosen["sagittal"].series_number == 13
@@ -187,10 +204,25 @@ def test_selection_from_scanned_files_with_a_three_plane_localizer(tmp_path: Pat
         positions=[(0.0, 0.0, float(i)) for i in range(9)],
         orientations=[CARDINAL_ORIENTATIONS[p] for p in planes],
     )
-    write_classic_series(tmp_path / "2_t1", volume, Geometry(), SeriesHeader(series_number=2, series_description="T1 SAG", study_uid=study))
-    write_classic_series(tmp_path / "3_pd", volume, Geometry(), SeriesHeader(series_number=3, series_description="PD FS SAG", study_uid=study))
+    write_classic_series(
+        tmp_path / "2_t1",
+        volume,
+        Geometry(),
+        SeriesHeader(series_number=2, series_description="T1 SAG", study_uid=study),
+    )
+    write_classic_series(
+        tmp_path / "3_pd",
+        volume,
+        Geometry(),
+        SeriesHeader(series_number=3, series_description="PD FS SAG", study_uid=study),
+    )
     coronal = Geometry(orientation=orientation("coronal", 20.0, "z"))
-    write_classic_series(tmp_path / "4_cor", volume, coronal, SeriesHeader(series_number=4, series_description="PD FS COR", study_uid=study))
+    write_classic_series(
+        tmp_path / "4_cor",
+        volume,
+        coronal,
+        SeriesHeader(series_number=4, series_description="PD FS COR", study_uid=study),
+    )
     selection = select_series(scan_folder(tmp_path))
     assert {p: s.series_number for p, s in selection.chosen.items()} == {"sagittal": 3, "coronal": 4}
     assert selection.missing == ["axial"]
@@ -217,7 +249,9 @@ def test_joint_from_descriptions_when_body_part_is_generic() -> None:
     ]
     joint, reason = detect_joint(series)
     assert joint == "knee" and "SeriesDescription" in reason and "2 of 2" in reason
-    joint, reason = detect_joint([make_info(3, "t2 sag", body_part="", study_description="", protocol_name="OSG_t2_sag")])
+    joint, reason = detect_joint(
+        [make_info(3, "t2 sag", body_part="", study_description="", protocol_name="OSG_t2_sag")]
+    )
     assert joint == "ankle" and "ProtocolName" in reason
 
 
@@ -236,5 +270,7 @@ def test_joint_rules_validate() -> None:
     with pytest.raises(pydantic.ValidationError, match=r"body_part\[0\]"):
         JointPatterns(body_part=["(knee"])
     custom = JointRules(joints={"knee": JointPatterns(body_part=["^KNIEGELENK$"])})
-    assert detect_joint([make_info(3, "x", body_part="KNIEGELENK", study_description="")], custom)[0] == "knee"
+    assert (
+        detect_joint([make_info(3, "x", body_part="KNIEGELENK", study_description="")], custom)[0] == "knee"
+    )
     assert JointRules.model_validate(DEFAULT_JOINT_RULES.model_dump()) == DEFAULT_JOINT_RULES

@@ -1,4 +1,5 @@
 """Folder scanning and series loading: sorting, geometry, multi-frame, compression, bad files."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -38,7 +39,9 @@ def _only(folder: Path) -> SeriesInfo:
 
 def test_shuffled_files_are_sorted_along_the_normal(tmp_path: Path) -> None:
     volume = pattern_volume(9, 20, 18, seed=1)
-    paths = write_classic_series(tmp_path / "s", volume, OBLIQUE, SeriesHeader(rescale=(2.0, -100.0)), shuffle_seed=7)
+    paths = write_classic_series(
+        tmp_path / "s", volume, OBLIQUE, SeriesHeader(rescale=(2.0, -100.0)), shuffle_seed=7
+    )
     info = _only(tmp_path / "s")
     assert info.num_frames == 9 and info.plane == "coronal"
     assert info.obliquity_deg == pytest.approx(20.0)
@@ -95,7 +98,12 @@ def test_enhanced_multiframe_gives_the_same_volume_as_classic(tmp_path: Path) ->
     write_classic_series(tmp_path / "classic", volume, OBLIQUE, header, shuffle_seed=5)
     enhanced_header = SeriesHeader(rescale=(1.5, 7.0), series_number=4)
     write_enhanced_series(
-        tmp_path / "enhanced" / "mf.dcm", volume, OBLIQUE, enhanced_header, frame_order=[4, 0, 7, 2, 1, 6, 3, 5], per_frame_rescale=True
+        tmp_path / "enhanced" / "mf.dcm",
+        volume,
+        OBLIQUE,
+        enhanced_header,
+        frame_order=[4, 0, 7, 2, 1, 6, 3, 5],
+        per_frame_rescale=True,
     )
     classic = load_series(_only(tmp_path / "classic"))
     info = _only(tmp_path / "enhanced")
@@ -123,7 +131,9 @@ def test_lossless_compressed_series_decode_exactly(tmp_path: Path, syntax: str) 
 
 def test_lossless_compressed_multiframe_decodes(tmp_path: Path) -> None:
     volume = pattern_volume(4, 32, 40, seed=6)
-    write_enhanced_series(tmp_path / "mf.dcm", volume, OBLIQUE, transfer_syntax=JPEG2000Lossless, frame_order=[2, 0, 3, 1])
+    write_enhanced_series(
+        tmp_path / "mf.dcm", volume, OBLIQUE, transfer_syntax=JPEG2000Lossless, frame_order=[2, 0, 3, 1]
+    )
     np.testing.assert_array_equal(load_series(_only(tmp_path)).pixels, volume.astype(np.float32))
 
 
@@ -159,15 +169,32 @@ def test_scan_of_missing_folder_names_it(tmp_path: Path) -> None:
 
 
 def test_series_grouped_by_uid_with_header_fields(tmp_path: Path) -> None:
-    header_a = SeriesHeader(series_number=2, series_description="T1 TSE COR", protocol_name="t1_tse_cor", body_part="KNEE")
+    header_a = SeriesHeader(
+        series_number=2, series_description="T1 TSE COR", protocol_name="t1_tse_cor", body_part="KNEE"
+    )
     header_b = SeriesHeader(series_number=5, series_description="PD FS AX", study_uid=header_a.study_uid)
-    write_classic_series(tmp_path / "study" / "a", pattern_volume(4, 16, 16), Geometry(orientation=orientation("coronal")), header_a)
-    write_classic_series(tmp_path / "study" / "b" / "deeper", pattern_volume(6, 12, 12), Geometry(orientation=orientation("axial")), header_b)
+    write_classic_series(
+        tmp_path / "study" / "a",
+        pattern_volume(4, 16, 16),
+        Geometry(orientation=orientation("coronal")),
+        header_a,
+    )
+    write_classic_series(
+        tmp_path / "study" / "b" / "deeper",
+        pattern_volume(6, 12, 12),
+        Geometry(orientation=orientation("axial")),
+        header_b,
+    )
     series = scan_folder(tmp_path)
     by_number = {s.series_number: s for s in series}
     assert set(by_number) == {2, 5}
     a = by_number[2]
-    assert (a.series_description, a.protocol_name, a.body_part, a.modality) == ("T1 TSE COR", "t1_tse_cor", "KNEE", "MR")
+    assert (a.series_description, a.protocol_name, a.body_part, a.modality) == (
+        "T1 TSE COR",
+        "t1_tse_cor",
+        "KNEE",
+        "MR",
+    )
     assert a.image_type == ("ORIGINAL", "PRIMARY", "M", "NONE") and a.laterality == "R"
     assert a.study_instance_uid == by_number[5].study_instance_uid
     assert by_number[5].plane == "axial"
@@ -183,21 +210,33 @@ def _break(paths: list[Path], edit: Callable[[int, pydicom.Dataset], object]) ->
 def test_specific_errors(tmp_path: Path) -> None:
     volume = pattern_volume(5, 16, 16)
 
-    def expect(name: str, edit: Callable[[int, pydicom.Dataset], object], message: str, count: int = 5) -> None:
+    def expect(
+        name: str, edit: Callable[[int, pydicom.Dataset], object], message: str, count: int = 5
+    ) -> None:
         paths = write_classic_series(tmp_path / name, volume[:count], Geometry())
         _break(paths, edit)
         with pytest.raises(SeriesError, match=message) as caught:
             load_series(_only(tmp_path / name))
         assert caught.value.reason and caught.value.series_uid
 
-    expect("nopos", lambda i, ds: i == 2 and delattr(ds, "ImagePositionPatient"), "without ImagePositionPatient")
+    expect(
+        "nopos", lambda i, ds: i == 2 and delattr(ds, "ImagePositionPatient"), "without ImagePositionPatient"
+    )
     expect(
         "mixedorient",
         lambda i, ds: i == 1 and setattr(ds, "ImageOrientationPatient", list(orientation("axial"))),
         "inconsistent orientation",
     )
-    expect("gap", lambda i, ds: i == 4 and setattr(ds, "ImagePositionPatient", list(Geometry().position(6))), "non-uniform slice spacing")
-    expect("dup", lambda i, ds: i == 4 and setattr(ds, "ImagePositionPatient", list(Geometry().position(3))), "share a position")
+    expect(
+        "gap",
+        lambda i, ds: i == 4 and setattr(ds, "ImagePositionPatient", list(Geometry().position(6))),
+        "non-uniform slice spacing",
+    )
+    expect(
+        "dup",
+        lambda i, ds: i == 4 and setattr(ds, "ImagePositionPatient", list(Geometry().position(3))),
+        "share a position",
+    )
 
     def resize(i: int, ds: pydicom.Dataset) -> None:
         if i == 0:
@@ -207,7 +246,9 @@ def test_specific_errors(tmp_path: Path) -> None:
 
 
 def test_undecodable_pixel_data_is_reported(tmp_path: Path) -> None:
-    paths = write_classic_series(tmp_path / "s", pattern_volume(4, 32, 32), Geometry(), transfer_syntax=JPEG2000Lossless)
+    paths = write_classic_series(
+        tmp_path / "s", pattern_volume(4, 32, 32), Geometry(), transfer_syntax=JPEG2000Lossless
+    )
     ds = pydicom.dcmread(paths[1])
     data = bytearray(ds.PixelData)
     data[-300:-2] = b"\x00" * 298  # keep the encapsulation intact, destroy the codestream
@@ -219,7 +260,9 @@ def test_undecodable_pixel_data_is_reported(tmp_path: Path) -> None:
 
 
 def test_truncated_headers_and_compressed_files(tmp_path: Path) -> None:
-    paths = write_classic_series(tmp_path / "s", pattern_volume(6, 32, 32), Geometry(), transfer_syntax=RLELossless)
+    paths = write_classic_series(
+        tmp_path / "s", pattern_volume(6, 32, 32), Geometry(), transfer_syntax=RLELossless
+    )
     data = paths[0].read_bytes()
     (tmp_path / "header_cut.dcm").write_bytes(data[:400])
     paths[3].write_bytes(paths[3].read_bytes()[:-300])
@@ -235,7 +278,9 @@ def test_truncated_headers_and_compressed_files(tmp_path: Path) -> None:
 
 
 def test_file_truncated_after_scan_is_a_load_error(tmp_path: Path) -> None:
-    paths = write_classic_series(tmp_path / "s", pattern_volume(4, 32, 32), Geometry(), transfer_syntax=JPEGLSLossless)
+    paths = write_classic_series(
+        tmp_path / "s", pattern_volume(4, 32, 32), Geometry(), transfer_syntax=JPEGLSLossless
+    )
     info = _only(tmp_path / "s")
     paths[2].write_bytes(paths[2].read_bytes()[:-200])
     with pytest.raises(SeriesError, match="truncated file"):
