@@ -304,9 +304,9 @@ def _format_validation(path: Path, exc: ValidationError, data: dict[str, Any], l
             items = data.get(list_key) or []
             if loc[1] < len(items) and isinstance(items[loc[1]], dict) and "key" in items[loc[1]]:
                 loc[1] = f"[{items[loc[1]]['key']}]"
-        where = ".".join(str(p) for p in loc).replace(".[", "[") or "<top level>"
+        where = ".".join(str(p) for p in loc).replace(".[", "[")
         message = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {message}")
+        parts.append(f"{where}: {message}" if where else message)
     return TemplateError(f"{path}: " + "; ".join(parts))
 
 
@@ -314,6 +314,11 @@ def load_template_file(path: str | Path) -> JointTemplate:
     """Load and validate one joint template file; label display names come from inference.labels."""
     path = Path(path)
     data = _read_yaml(path)
+    for item in data.get("labels") or []:
+        if isinstance(item, dict) and "name" in item:
+            raise TemplateError(
+                f"{path}: labels[{item.get('key')}].name: display names come from inference.labels; remove it"
+            )
     try:
         template = JointTemplate.model_validate(data)
     except ValidationError as exc:
