@@ -170,6 +170,7 @@ def _common(ds: Dataset, header: SeriesHeader, sop_class: str, sop_instance: str
     ds.SeriesNumber = header.series_number
     ds.FrameOfReferenceUID = header.frame_of_reference_uid
     ds.PositionReferenceIndicator = ""
+    ds.PatientPosition = "FFS"  # extremity MR: feet first supine
     ds.Laterality = header.laterality
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -269,6 +270,27 @@ def write_classic_series(
     return paths
 
 
+def _item(**values: object) -> Dataset:
+    item = Dataset()
+    for key, value in values.items():
+        setattr(item, key, value)
+    return item
+
+
+def group(**values: object) -> DicomSequence:
+    """A functional-group sequence with one item holding ``values``."""
+    return DicomSequence([_item(**values)])
+
+
+def _dimension(organization_uid: str, pointer: int, label: str) -> Dataset:
+    return _item(
+        DimensionOrganizationUID=organization_uid,
+        DimensionIndexPointer=pointer,
+        FunctionalGroupPointer=0x00209111,  # Frame Content Sequence
+        DimensionDescriptionLabel=label,
+    )
+
+
 def write_enhanced_series(
     path: Path,
     volume: np.ndarray,
@@ -292,11 +314,9 @@ def write_enhanced_series(
     ds = Dataset()
     ds.file_meta = _file_meta(ENHANCED_MR_IMAGE_STORAGE, sop, transfer_syntax)
     _common(ds, header, ENHANCED_MR_IMAGE_STORAGE, sop)
-    ds.ImageType = (
-        list(header.image_type[:3]) + ["NONE"]
-        if len(header.image_type) >= 3
-        else ["ORIGINAL", "PRIMARY", "M", "NONE"]
-    )
+    # value 3 of an Enhanced MR image type is the image flavour; frames carry the laterality
+    ds.ImageType = list(header.image_type[:2]) + ["VOLUME", "NONE"]
+    del ds.Laterality
     ds.InstanceNumber = 1
     ds.NumberOfFrames = n
     ds.ContentQualification = "RESEARCH"
@@ -306,14 +326,106 @@ def write_enhanced_series(
     ds.PresentationLUTShape = "IDENTITY"
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
-
-    def group(**values: object) -> DicomSequence:
-        item = Dataset()
-        for key, value in values.items():
-            setattr(item, key, value)
-        return DicomSequence([item])
+    # Enhanced General Equipment, Enhanced MR Image and MR Pulse Sequence modules
+    ds.ManufacturerModelName = "Phantom"
+    ds.DeviceSerialNumber = "0001"
+    ds.SoftwareVersions = "1"
+    ds.PixelPresentation = "MONOCHROME"
+    ds.VolumetricProperties = "VOLUME"
+    ds.VolumeBasedCalculationTechnique = "NONE"
+    ds.ComplexImageComponent = "MAGNITUDE"
+    ds.AcquisitionContrast = "PROTON_DENSITY"
+    ds.MagneticFieldStrength = 3.0
+    ds.ResonantNucleus = "1H"
+    ds.KSpaceFiltering = "NONE"
+    ds.ApplicableSafetyStandardAgency = "IEC"
+    ds.PulseSequenceName = "PD_TSE_FS"
+    ds.MRAcquisitionType = "2D"
+    ds.EchoPulseSequence = "SPIN"
+    ds.MultipleSpinEcho = "YES"
+    ds.MultiPlanarExcitation = "NO"
+    ds.PhaseContrast = "NO"
+    ds.SaturationRecovery = "NO"
+    ds.SpectrallySelectedSuppression = "FAT"
+    ds.OversamplingPhase = "NONE"
+    ds.GeometryOfKSpaceTraversal = "RECTILINEAR"
+    ds.SegmentedKSpaceTraversal = "PARTIAL"
+    ds.RectilinearPhaseEncodeReordering = "LINEAR"
+    ds.NumberOfKSpaceTrajectories = 1
+    ds.EchoPlanarPulseSequence = "NO"
+    ds.SteadyStatePulseSequence = "NONE"
+    ds.TimeOfFlightContrast = "NO"
+    # frames are organised as (stack, position in stack)
+    dimension_uid = generate_uid()
+    ds.DimensionOrganizationSequence = group(DimensionOrganizationUID=dimension_uid)
+    ds.DimensionIndexSequence = DicomSequence(
+        [
+            _dimension(dimension_uid, 0x00209056, "Stack ID"),
+            _dimension(dimension_uid, 0x00209057, "In-Stack Position Number"),
+        ]
+    )
 
     shared = Dataset()
+    anatomy = Dataset()
+    anatomy.CodeValue, anatomy.CodingSchemeDesignator, anatomy.CodeMeaning = "72696002", "SCT", "Knee"
+    shared.FrameAnatomySequence = group(AnatomicRegionSequence=DicomSequence([anatomy]), FrameLaterality="R")
+    shared.MRImageFrameTypeSequence = group(
+        FrameType=list(ds.ImageType),
+        PixelPresentation="MONOCHROME",
+        VolumetricProperties="VOLUME",
+        VolumeBasedCalculationTechnique="NONE",
+        ComplexImageComponent="MAGNITUDE",
+        AcquisitionContrast="PROTON_DENSITY",
+    )
+    shared.MRTimingAndRelatedParametersSequence = group(
+        RepetitionTime=3000.0,
+        FlipAngle=90.0,
+        EchoTrainLength=8,
+        RFEchoTrainLength=8,
+        GradientEchoTrainLength=0,
+        GradientOutputType="DB_DT",
+        GradientOutput=10.0,
+        OperatingModeSequence=DicomSequence(
+            [_item(OperatingModeType="STATIC FIELD", OperatingMode="IEC_NORMAL")]
+        ),
+        SpecificAbsorptionRateSequence=DicomSequence(
+            [_item(SpecificAbsorptionRateDefinition="IEC_WHOLE_BODY", SpecificAbsorptionRateValue=0.5)]
+        ),
+    )
+    shared.MREchoSequence = group(EffectiveEchoTime=30.0)
+    shared.MRModifierSequence = group(
+        InversionRecovery="NO",
+        FlowCompensation="NONE",
+        T2Preparation="NO",
+        SpectrallySelectedExcitation="NONE",
+        SpatialPresaturation="NONE",
+        PartialFourier="NO",
+        ParallelAcquisition="NO",
+    )
+    shared.MRImagingModifierSequence = group(
+        MagnetizationTransfer="NONE",
+        BloodSignalNulling="NO",
+        Tagging="NONE",
+        TransmitterFrequency=123.2,
+        PixelBandwidth=200.0,
+    )
+    shared.MRReceiveCoilSequence = group(
+        ReceiveCoilName="Knee 18",
+        ReceiveCoilManufacturerName="Phantom",
+        ReceiveCoilType="VOLUME",
+        QuadratureReceiveCoil="NO",
+    )
+    shared.MRTransmitCoilSequence = group(
+        TransmitCoilName="Body", TransmitCoilManufacturerName="Phantom", TransmitCoilType="BODY"
+    )
+    shared.MRFOVGeometrySequence = group(
+        InPlanePhaseEncodingDirection="ROW",
+        MRAcquisitionFrequencyEncodingSteps=int(volume.shape[2]),
+        MRAcquisitionPhaseEncodingStepsInPlane=int(volume.shape[1]),
+        PercentSampling=100.0,
+        PercentPhaseFieldOfView=100.0,
+    )
+    shared.MRAveragesSequence = group(NumberOfAverages=1.0)
     shared.PlaneOrientationSequence = group(ImageOrientationPatient=list(geometry.orientation))
     shared.PixelMeasuresSequence = group(
         PixelSpacing=list(geometry.pixel_spacing),
@@ -336,6 +448,9 @@ def write_enhanced_series(
         content.StackID = "1"
         content.InStackPositionNumber = k + 1
         content.DimensionIndexValues = [1, k + 1]
+        content.FrameAcquisitionDateTime = "20260101120000"
+        content.FrameReferenceDateTime = "20260101120000"
+        content.FrameAcquisitionDuration = 60.0
         item.FrameContentSequence = DicomSequence([content])
         if per_frame_rescale:
             item.PixelValueTransformationSequence = group(
