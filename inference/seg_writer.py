@@ -145,7 +145,9 @@ def _segment_descriptions(
         try:
             tpl = templates[structure.key]
         except KeyError:
-            raise ValueError(f"structure {structure.key!r} has no description in sr_templates/structures.yaml") from None
+            raise ValueError(
+                f"structure {structure.key!r} has no description in sr_templates/structures.yaml"
+            ) from None
         description = hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=tpl.label,
@@ -231,7 +233,8 @@ def write_segmentation(
         (multiframe,) = source
         order = multiframe_sort_order(multiframe)
         n_frames = int(multiframe.NumberOfFrames)
-        checked = _check_label_map(label_map, (n_frames, int(multiframe.Rows), int(multiframe.Columns)), len(structures))
+        shape = (n_frames, int(multiframe.Rows), int(multiframe.Columns))
+        checked = _check_label_map(label_map, shape, len(structures))
         pixel_array = np.empty_like(checked)
         pixel_array[order] = checked  # sorted slice k is frame order[k]
         source_images: list[Dataset] = [multiframe]

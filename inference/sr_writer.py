@@ -240,8 +240,8 @@ def _volume_groups(
 def impression_text(template: JointTemplate, findings: Sequence[Finding], missing_planes: Sequence[str]) -> str:
     """The impression: positive findings first, then the negatives, then the limitations."""
     by_key = {f.key: f for f in findings}
-    present = [template.label(k).impression_present for k in (lbl.key for lbl in template.labels) if by_key[k].present]
-    absent = [template.label(k).impression_absent for k in (lbl.key for lbl in template.labels) if not by_key[k].present]
+    present = [label.impression_present for label in template.labels if by_key[label.key].present]
+    absent = [label.impression_absent for label in template.labels if not by_key[label.key].present]
     sentences = present or [template.impression_normal]
     if present and absent:
         sentences += absent

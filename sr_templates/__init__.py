@@ -267,11 +267,15 @@ class StructureSet(BaseModel):
             raise ValueError("a structure key is given twice")
         missing = [s.key for s in KNEE_STRUCTURES if s.key not in by_key]
         if missing:
-            raise ValueError(f"structures missing key(s) {', '.join(map(repr, missing))} (inference.labels.KNEE_STRUCTURES)")
+            raise ValueError(
+                f"structures missing key(s) {', '.join(map(repr, missing))} (inference.labels.KNEE_STRUCTURES)"
+            )
         known = {s.key for s in KNEE_STRUCTURES}
         unknown = [k for k in by_key if k not in known]
         if unknown:
-            raise ValueError(f"structure key(s) {', '.join(map(repr, unknown))} are not in inference.labels.KNEE_STRUCTURES")
+            raise ValueError(
+                f"structure key(s) {', '.join(map(repr, unknown))} are not in inference.labels.KNEE_STRUCTURES"
+            )
         return self
 
 

@@ -39,6 +39,7 @@ def _frame_source_uid(frame) -> str:
     return frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
 
 
+@pytest.mark.dicomtools
 @pytest.mark.parametrize(("plane", "oblique"), PLANES, ids=["axial", "sagittal", "oblique-coronal"])
 def test_seg_matches_source_geometry_and_masks(study, plane, oblique, tmp_path):
     series = make_series(study, plane, oblique=oblique, seed=3)
@@ -87,6 +88,7 @@ def test_seg_matches_source_geometry_and_masks(study, plane, oblique, tmp_path):
     np.testing.assert_array_equal(decoded, label_map)
 
 
+@pytest.mark.dicomtools
 def test_segment_descriptions_codes_and_equipment(study, tmp_path):
     series = make_series(study, "sagittal", seed=1)
     label_map = knee_label_map((len(series), 24, 20), present=[1, 2, 4, 10], seed=2)
@@ -117,7 +119,8 @@ def test_segment_descriptions_codes_and_equipment(study, tmp_path):
     assert "99ORTHONODE" in declared
 
     equipment = {
-        (e.Manufacturer, e.get("ManufacturerModelName"), str(e.get("SoftwareVersions"))) for e in seg.ContributingEquipmentSequence
+        (e.Manufacturer, e.get("ManufacturerModelName"), str(e.get("SoftwareVersions")))
+        for e in seg.ContributingEquipmentSequence
     }
     assert (NODE.manufacturer, NODE.model_name, NODE.software_version) in equipment
     assert (ALGORITHM.manufacturer, ALGORITHM.model_name, ALGORITHM.version) in equipment
@@ -158,6 +161,7 @@ def test_derived_uid_properties():
         derived_uid("1.2.3", "")
 
 
+@pytest.mark.dicomtools
 def test_enhanced_multiframe_source(study, tmp_path):
     series = make_series(study, "coronal", oblique=True, seed=6)
     enhanced = enhanced_from(series)

@@ -66,6 +66,7 @@ def _write_knee(knee_case, findings, algorithm=ALGORITHM):
     )
 
 
+@pytest.mark.dicomtools
 def test_knee_report_round_trip(knee_case, tmp_path):
     study, series, seg, volumes = knee_case
     findings = _findings("knee", seed=0)
@@ -145,6 +146,7 @@ def test_uids_deterministic_and_versioned(knee_case):
     assert first.SOPInstanceUID != newer.SOPInstanceUID
 
 
+@pytest.mark.dicomtools
 @pytest.mark.parametrize("joint", [j for j in JOINTS if j != "knee"])
 def test_other_joint_reports(joint, tmp_path):
     study = new_study(body_part=joint.upper())
@@ -179,6 +181,7 @@ def test_other_joint_reports(joint, tmp_path):
     assert "Missing planes: coronal" in text
 
 
+@pytest.mark.dicomtools
 def test_single_segment_segmentation_is_referenced(tmp_path):
     """highdicom's ReferencedSegment.from_segmentation fails on one-segment SEGs (peers.md)."""
     study = new_study()
