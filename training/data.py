@@ -165,7 +165,10 @@ def classification_dataset(
         elif missing:
             excluded.append((r.exam_id, f"missing plane(s) {missing}"))
         else:
-            values, mask = encode_ehr(r.ehr["age"], r.ehr["sex"], r.ehr["height_m"], r.ehr["weight_kg"])
+            try:
+                values, mask = encode_ehr(r.ehr["age"], r.ehr["sex"], r.ehr["height_m"], r.ehr["weight_kg"])
+            except ValueError as err:
+                raise ValueError(f"exam {r.exam_id}: {err}") from None
             known = ~np.isnan(r.labels)
             sources = {p: r.planes[p] for p in planes}
             data.append(

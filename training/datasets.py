@@ -883,35 +883,39 @@ def _stratified_indices(y: np.ndarray, n: int, rng: np.random.Generator) -> np.n
     if left > 0:
         order = np.lexsort((rng.random(len(names)), -remainder))
         quota[order[:left]] += 1
-    chosen: list[int] = []
-    pool_order: dict[str, list[int]] = {}
+    chosen_set: set[int] = set()
+    members_of: dict[str, list[int]] = {}
     for g, q in zip(names, quota):
-        members = list(rng.permutation(groups[g]))
-        pool_order[g] = members
-        chosen.extend(int(i) for i in members[:q])
-    chosen_set = set(chosen)
+        members = [int(i) for i in rng.permutation(groups[g])]
+        members_of[g] = members
+        chosen_set.update(members[:q])
 
     positives = np.nan_to_num(y, nan=0.0) > 0.5
-    label_order = np.argsort(positives.sum(axis=0), kind="stable")
-    for k in label_order:
+    chosen_count = {g: sum(1 for i in members_of[g] if i in chosen_set) for g in names}
+    chosen_pos = positives[sorted(chosen_set)].sum(axis=0) if chosen_set else np.zeros(y.shape[1], int)
+    for k in np.argsort(positives.sum(axis=0), kind="stable"):  # rarest label first
         pos = np.flatnonzero(positives[:, k])
-        if len(pos) == 0 or any(i in chosen_set for i in pos):
+        if len(pos) == 0 or chosen_pos[k] > 0:
             continue
         candidate = int(rng.choice(pos))
-
-        def removable(i: int) -> bool:
-            covered = [positives[list(chosen_set - {i}), j].any() for j in np.flatnonzero(positives[i])]
-            return all(covered)
-
-        over = sorted(
-            chosen_set,
-            key=lambda i: (-(sum(1 for j in chosen_set if keys[j] == keys[i]) - n * len(groups[keys[i]]) / total), i),
-        )
-        victim = next((i for i in over if removable(i)), None)
+        victim = None
+        # most over-represented combination first; a victim must not hold the last chosen
+        # positive of any label
+        for g in sorted(names, key=lambda g: -(chosen_count[g] - n * len(groups[g]) / total)):
+            for i in members_of[g]:
+                if i in chosen_set and all(chosen_pos[j] > 1 for j in np.flatnonzero(positives[i])):
+                    victim = i
+                    break
+            if victim is not None:
+                break
         if victim is None:
             continue
         chosen_set.discard(victim)
+        chosen_count[keys[victim]] -= 1
+        chosen_pos -= positives[victim]
         chosen_set.add(candidate)
+        chosen_count[keys[candidate]] += 1
+        chosen_pos += positives[candidate]
     return np.array(sorted(chosen_set), dtype=int)
 
 
