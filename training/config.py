@@ -112,6 +112,9 @@ class SegmentConfig(_Section):
     backbone_lr_factor: float = Field(0.05, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
+    windows: Literal["central", "all"] = Field(
+        "central", description="central: the central depth slices of each series; all: every sliding window"
+    )
     ce_weight: float = Field(0.2, ge=0)
     dice_weight: float = Field(1.0, ge=0)
     val_fraction: float = Field(0.2, ge=0, lt=1)

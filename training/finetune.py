@@ -95,9 +95,15 @@ def make_optimizer(
 # --------------------------------------------------------------------------- losses
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """BCE with logits averaged over the known labels; NaN labels (unknown) do not count."""
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE with logits averaged over the known labels.
+
+    A label is unknown where ``label_mask`` is 0 or, without a mask, where it is NaN;
+    unknown labels do not count (and a batch without any known label gives exactly 0).
+    """
     known = ~torch.isnan(labels)
+    if label_mask is not None:
+        known = known & (label_mask > 0)
     if not known.any():
         return logits.sum() * 0.0
     target = torch.where(known, labels, torch.zeros_like(labels))
@@ -281,7 +287,7 @@ class FinetuneResult:
     label_fraction: float = 1.0
     seed: int = 0
     data_description: str = ""
-    extras: dict[str, Any] = field(default_factory=dict)
+    sites: list[str] = field(default_factory=list)
 
 
 def _tensor(value: Any) -> torch.Tensor:
@@ -365,7 +371,8 @@ def predict_classifier(model: nn.Module, loader: DataLoader, planes: Sequence[st
     for batch in loader:
         volumes, ehr, mask = _batch_inputs(batch, planes, use_ehr, device)
         probs.append(torch.sigmoid(model(volumes, ehr, mask).float()).cpu().numpy())
-        labels.append(_tensor(batch["labels"]).float().numpy())
+        known = _tensor(batch["label_mask"]).numpy() > 0
+        labels.append(np.where(known, _tensor(batch["labels"]).float().numpy(), np.nan))
         ids += list(batch["exam_id"])
     return np.concatenate(probs), np.concatenate(labels), ids
 
@@ -428,9 +435,10 @@ def finetune_classifier(
         for batch in _progress(loader, progress, f"classify epoch {epoch}/{ccfg.epochs}"):
             volumes, ehr, mask = _batch_inputs(batch, planes, use_ehr, device)
             labels = _tensor(batch["labels"]).float().to(device)
+            label_mask = _tensor(batch["label_mask"]).float().to(device)
             with _autocast(device, ccfg.amp):
                 logits = model(volumes, ehr, mask)
-            loss = classification_loss(logits, labels)
+            loss = classification_loss(logits, labels, label_mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -472,6 +480,7 @@ def finetune_classifier(
         label_fraction=label_fraction,
         seed=seed,
         data_description=describe_data(train + val),
+        sites=sorted({str(r.site) for r in train + val if r.site is not None}),
     )
     if run_dir is not None:
         write_history(Path(run_dir), history, "classify")
@@ -535,8 +544,10 @@ def finetune_segmenter(
     pcfg = preprocess_config(cfg)
     cache = cache_kwargs(cfg, run_dir)
     options = dict(dataset_options or {})
+    options.setdefault("windows", scfg.windows)
     train_ds = segmentation_dataset(train, plane, pcfg, **cache, **options)
-    val_ds = segmentation_dataset(val, plane, pcfg, **cache) if val else None
+    # validation on the central window: the input the method was specified for
+    val_ds = segmentation_dataset(val, plane, pcfg, windows="central", **cache) if val else None
 
     torch.manual_seed(seed)
     model = build_segmenter(cfg, backbones.get(plane)).to(device)
@@ -586,6 +597,7 @@ def finetune_segmenter(
         label_fraction=label_fraction,
         seed=seed,
         data_description=describe_data(train + val),
+        sites=sorted({str(r.site) for r in train + val if r.site is not None}),
     )
     if run_dir is not None:
         write_history(Path(run_dir), history, "segment")
@@ -605,3 +617,115 @@ def write_history(run_dir: Path, history: Sequence[Mapping[str, Any]], task: str
         for row in history:
             writer.writerow(row)
     return path
+
+
+# --------------------------------------------------------------------------- bundle
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("orthonode")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def _task_record(result: FinetuneResult) -> dict[str, Any]:
+    return {
+        "description": result.data_description,
+        "fingerprint": result.fingerprint,
+        "counts": {"train": len(result.train_ids), "val": len(result.val_ids)},
+        "sites": list(result.sites),
+        "planes": list(result.planes),
+        "init": result.init,
+        "pretrained_from": dict(result.pretrained_from),
+        "label_fraction": result.label_fraction,
+        "seed": result.seed,
+        "use_ehr": result.use_ehr,
+        "train_exams": list(result.train_ids),
+        "val_exams": list(result.val_ids),
+    }
+
+
+def make_bundle(
+    cfg: TrainConfig,
+    classifier: FinetuneResult | None = None,
+    segmenter: FinetuneResult | None = None,
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    extra_metrics: Mapping[str, Any] | None = None,
+) -> Any:
+    """A :class:`inference.checkpoint.ModelBundle` with its card from fine-tuning results.
+
+    The card's ``training_data`` says which data (description, sha256 fingerprint, counts,
+    sites, label fraction, seed, initialisation) each network was trained on; for phantom
+    data the description says "synthetic phantoms (not patient data)".  ``metrics`` holds
+    what fine-tuning reached on its validation split.  The segmenter's plane is recorded in
+    ``training_data["segmenter"]["planes"]``.
+    """
+    from inference.checkpoint import ModelBundle, ModelCard
+    from inference.labels import JOINT_LABELS, KNEE_STRUCTURES
+
+    if classifier is None and segmenter is None:
+        raise ValueError("make_bundle needs a classifier result, a segmenter result or both")
+    if classifier is not None and classifier.task != "classify":
+        raise ValueError(f"classifier result is a {classifier.task!r} run")
+    if segmenter is not None and segmenter.task != "segment":
+        raise ValueError(f"segmenter result is a {segmenter.task!r} run")
+    joints = {r.joint for r in (classifier, segmenter) if r is not None}
+    if len(joints) != 1 or None in joints:
+        raise ValueError(f"the networks of one bundle must come from one known joint, got {sorted(map(str, joints))}")
+    joint = str(next(iter(joints)))
+    model_cfg = cfg.model_cfg()
+    fingerprints = [r.fingerprint for r in (classifier, segmenter) if r is not None]
+    descriptions = sorted({r.data_description.split(";")[0] for r in (classifier, segmenter) if r is not None})
+    training_data: dict[str, Any] = {
+        "description": "; ".join(descriptions),
+        "fingerprint": fingerprints[0] if len(set(fingerprints)) == 1 else "+".join(fingerprints),
+        "config": cfg.name,
+    }
+    metrics: dict[str, Any] = dict(extra_metrics or {})
+    labels: list[str] = []
+    names: list[str] = []
+    thresholds: dict[str, float] = {}
+    planes: list[str] = []
+    use_ehr = False
+    if classifier is not None:
+        labels = list(classifier.label_keys)
+        known = {label.key: label.name for label in JOINT_LABELS.get(joint, ())}
+        names = [known.get(k, k) for k in labels]
+        thresholds = dict(classifier.thresholds)
+        planes = list(classifier.planes)
+        use_ehr = classifier.use_ehr
+        training_data["classifier"] = _task_record(classifier)
+        metrics["classifier"] = dict(classifier.metrics)
+    if segmenter is not None:
+        training_data["segmenter"] = _task_record(segmenter)
+        metrics["segmenter"] = dict(segmenter.metrics)
+        if not planes:
+            planes = list(segmenter.planes)
+    synthetic = all("synthetic phantoms" in r.data_description for r in (classifier, segmenter) if r is not None)
+    version = version or f"{_package_version()}+{fingerprints[0][:8]}"
+    card = ModelCard(
+        name=name or f"orthodiffusion-{joint}",
+        version=version,
+        joint=joint,
+        labels=labels,
+        label_names=names,
+        structures=[s.key for s in KNEE_STRUCTURES] if segmenter is not None else [],
+        thresholds=thresholds,
+        planes=planes,
+        use_ehr=use_ehr,
+        model=model_cfg.to_dict(),
+        preprocess=preprocess_config(cfg).to_dict(),
+        training_data=training_data,
+        metrics=metrics,
+        intended_use=(
+            "Research and demonstration only; trained on synthetic phantoms, not for clinical use"
+            if synthetic
+            else "Research use only; not a medical device"
+        ),
+    )
+    return ModelBundle(card, classifier.model if classifier else None, segmenter.model if segmenter else None)

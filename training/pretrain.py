@@ -114,6 +114,7 @@ class PretrainResult:
     final_step: int
     losses: list[tuple[int, float]] = field(default_factory=list)
     ema_path: Path | None = None
+    backbone: nn.Module | None = None  # the trained network (not the EMA), unwrapped from DDP
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -443,7 +444,7 @@ def pretrain(
             "target_steps": total,
         }
         (run_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
-    result = PretrainResult(run_dir, plane, start_step, start_step)
+    result = PretrainResult(run_dir, plane, start_step, start_step, backbone=backbone)
     if start_step >= total:
         log.info("%s is already at step %d >= %d: nothing to do", run_dir, start_step, total)
         if ctx.is_main:
