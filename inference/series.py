@@ -211,6 +211,8 @@ def _frame_headers(ds: Dataset, path: Path) -> list[_FrameHeader]:
     sop = _text(ds, "SOPInstanceUID")
     if not _is_multiframe(ds):
         spacing = _floats(ds.get("PixelSpacing"), 2)
+        slope = _float_or_none(ds.get("RescaleSlope"))
+        intercept = _float_or_none(ds.get("RescaleIntercept"))
         return [
             _FrameHeader(
                 path=path,
@@ -220,8 +222,8 @@ def _frame_headers(ds: Dataset, path: Path) -> list[_FrameHeader]:
                 position=_floats(ds.get("ImagePositionPatient"), 3),
                 pixel_spacing=(spacing[0], spacing[1]) if spacing else None,
                 slice_thickness=_float_or_none(ds.get("SliceThickness")),
-                slope=_float_or_none(ds.get("RescaleSlope")) or 1.0,
-                intercept=_float_or_none(ds.get("RescaleIntercept")) or 0.0,
+                slope=1.0 if slope is None else slope,
+                intercept=0.0 if intercept is None else intercept,
             )
         ]
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
@@ -640,6 +642,11 @@ def load_series(info: SeriesInfo) -> SeriesVolume:
         raise SeriesError(
             uid,
             f"{len(missing_position)} slice(s) without ImagePositionPatient, e.g. {missing_position[0].path}",
+        )
+    zero_slope = [h for h in frames if h.slope == 0.0]
+    if zero_slope:
+        raise SeriesError(
+            uid, f"RescaleSlope is 0 in {zero_slope[0].path}: every pixel would be the intercept"
         )
     spacings = {h.pixel_spacing for h in frames}
     if None in spacings:

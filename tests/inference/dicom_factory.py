@@ -22,6 +22,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.valuerep import DSfloat
 from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
@@ -131,6 +132,11 @@ class SeriesHeader:
     patient_id: str = "PHANTOM001"
     accession: str = "ACC001"
     rescale: tuple[float, float] | None = None  # (slope, intercept)
+
+
+def _ds(values: Sequence[float]) -> list[DSfloat]:
+    """Decimal strings within the 16 characters DICOM allows (full float repr is longer)."""
+    return [DSfloat(float(v), auto_format=True) for v in values]
 
 
 def _file_meta(sop_class: str, sop_instance: str, syntax: str) -> FileMetaDataset:
@@ -253,11 +259,11 @@ def write_classic_series(
         ds.EchoTrainLength = 8
         ds.RepetitionTime = 3000.0
         ds.EchoTime = 30.0
-        ds.ImagePositionPatient = list(positions[k]) if positions is not None else list(geometry.position(k))
-        ds.ImageOrientationPatient = (
-            list(orientations[k]) if orientations is not None else list(geometry.orientation)
+        ds.ImagePositionPatient = _ds(positions[k] if positions is not None else geometry.position(k))
+        ds.ImageOrientationPatient = _ds(
+            orientations[k] if orientations is not None else geometry.orientation
         )
-        ds.PixelSpacing = list(geometry.pixel_spacing)
+        ds.PixelSpacing = _ds(geometry.pixel_spacing)
         ds.SliceThickness = geometry.slice_thickness
         ds.SpacingBetweenSlices = geometry.slice_spacing
         if header.rescale is not None:
@@ -426,9 +432,9 @@ def write_enhanced_series(
         PercentPhaseFieldOfView=100.0,
     )
     shared.MRAveragesSequence = group(NumberOfAverages=1.0)
-    shared.PlaneOrientationSequence = group(ImageOrientationPatient=list(geometry.orientation))
+    shared.PlaneOrientationSequence = group(ImageOrientationPatient=_ds(geometry.orientation))
     shared.PixelMeasuresSequence = group(
-        PixelSpacing=list(geometry.pixel_spacing),
+        PixelSpacing=_ds(geometry.pixel_spacing),
         SliceThickness=geometry.slice_thickness,
         SpacingBetweenSlices=geometry.slice_spacing,
     )
@@ -443,7 +449,7 @@ def write_enhanced_series(
     per_frame = []
     for i, k in enumerate(order):
         item = Dataset()
-        item.PlanePositionSequence = group(ImagePositionPatient=list(geometry.position(k)))
+        item.PlanePositionSequence = group(ImagePositionPatient=_ds(geometry.position(k)))
         content = Dataset()
         content.StackID = "1"
         content.InStackPositionNumber = k + 1

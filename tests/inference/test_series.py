@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import shutil
+import subprocess
+
 import numpy as np
 import pydicom
 import pytest
@@ -108,6 +111,7 @@ def test_enhanced_multiframe_gives_the_same_volume_as_classic(tmp_path: Path) ->
     classic = load_series(_only(tmp_path / "classic"))
     info = _only(tmp_path / "enhanced")
     assert info.is_multiframe and info.num_frames == 8 and info.plane == "coronal"
+    assert info.laterality == "R"  # from the Frame Anatomy functional group
     assert info.pixel_spacing == pytest.approx((0.9, 0.6)) and info.slice_thickness == pytest.approx(3.0)
     enhanced = load_series(info)
 
@@ -285,3 +289,19 @@ def test_file_truncated_after_scan_is_a_load_error(tmp_path: Path) -> None:
     paths[2].write_bytes(paths[2].read_bytes()[:-200])
     with pytest.raises(SeriesError, match="truncated file"):
         load_series(info)
+
+
+@pytest.mark.dicomtools
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not on PATH")
+def test_factory_objects_are_valid_dicom(tmp_path: Path) -> None:
+    """The fixtures other tests rely on are conformant MR and Enhanced MR objects."""
+    volume = pattern_volume(3, 32, 32)
+    files = [
+        write_classic_series(tmp_path / "c", volume, OBLIQUE)[0],
+        write_classic_series(tmp_path / "r", volume, OBLIQUE, transfer_syntax=RLELossless)[0],
+        write_enhanced_series(tmp_path / "e.dcm", volume, OBLIQUE, SeriesHeader(rescale=(2.0, 1.0))),
+    ]
+    for path in files:
+        result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+        assert errors == [], f"{path.name}: {errors}"
