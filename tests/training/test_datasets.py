@@ -82,7 +82,7 @@ def test_nifti_manifest_errors(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------ phantom / DICOM
 
 
-def test_phantom_layout_selection_masks_ehr(tmp_path: Path) -> None:
+def test_phantom_layout_by_hand_selection_masks_ehr(tmp_path: Path) -> None:
     cases = fx.make_phantom_like_folder(tmp_path / "ph", n_cases=3)
     records = D.read_source(f"phantom:{tmp_path / 'ph'}")
     assert [r.exam_id for r in records] == sorted(cases)
@@ -101,6 +101,42 @@ def test_phantom_layout_selection_masks_ehr(tmp_path: Path) -> None:
     assert any("T1 SAG" in line for line in records[1].selection_log)
     assert records[0].ehr == {"age": 40.0, "sex": "M", "height_m": 1.75, "weight_kg": None}
     assert records[2].ehr["age"] is None
+
+
+@pytest.fixture(scope="module")
+def generated_knee(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    from training.phantoms.generate import generate_dataset
+
+    root = tmp_path_factory.mktemp("generated")
+    specs = generate_dataset(root, "knee", 2, seed=4, matrix=64)
+    return root, specs
+
+
+def test_generated_phantoms_read_with_masks_on_the_series_grid(generated_knee) -> None:
+    import SimpleITK as sitk
+
+    from inference.series import load_series
+
+    root, specs = generated_knee
+    records = D.read_source(str(root))  # layout detected as phantom
+    assert [r.exam_id for r in records] == [s.case_id for s in specs]
+    for record, spec in zip(records, specs):
+        assert record.source == "phantom" and record.site == spec.site and record.laterality == spec.laterality
+        np.testing.assert_array_equal(record.labels, [spec.labels[k] for k in label_keys("knee")])
+        assert record.ehr["sex"] == spec.sex
+        assert set(record.planes) == {"sagittal", "coronal", "axial"}
+        for plane, source in record.planes.items():
+            assert source.series.plane == plane
+            volume = source.load()
+            mask = source.load_mask()
+            assert mask.shape == volume.shape and set(np.unique(mask)) <= set(range(12))
+            # independent path: SimpleITK resamples the NIfTI onto the DICOM series grid
+            reference = load_series(source.series).to_sitk()
+            resampled = sitk.Resample(sitk.ReadImage(str(source.mask_path)), reference, sitk.Transform(),
+                                      sitk.sitkNearestNeighbor, 0)
+            agree = (sitk.GetArrayFromImage(resampled) == mask).mean()
+            assert agree > 0.999, f"{record.exam_id} {plane}: mask agrees with SimpleITK on {agree:.4f} of voxels"
+        assert (record.planes["sagittal"].load_mask() > 0).any()
 
 
 def test_phantom_mask_on_another_grid_is_an_error(tmp_path: Path) -> None:
