@@ -20,6 +20,7 @@ What viewers need (OHIF, 3D Slicer; see docs/peers.md) and how this writer provi
   Identification Sequence.
 - Empty frames are kept (``omit_empty_frames=False``): peers report overlays shifting in
   viewers when empty frames are dropped, and a BINARY frame is a few hundred bytes.
+- Volumes for the SR: :func:`structure_volumes_ml` measures each structure on the same grid.
 - Identity: Series/SOP Instance UIDs are derived from (study, source series, model version,
   kind), so a re-sent study replaces rather than duplicates; the node and the model are
   named in the Contributing Equipment Sequence and each segment carries the Algorithm
@@ -28,6 +29,7 @@ What viewers need (OHIF, 3D Slicer; see docs/peers.md) and how this writer provi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
@@ -125,6 +127,74 @@ def multiframe_sort_order(ds: Dataset) -> np.ndarray:
     if np.any(np.diff(distances[order]) < _POSITION_TOLERANCE):
         raise SourceSeriesError("two frames of the multi-frame source lie at the same slice position")
     return order
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Sampling of a source series: sorted slice positions along the normal and pixel measures."""
+
+    distances_mm: np.ndarray
+    pixel_spacing_mm: tuple[float, float]
+    slice_thickness_mm: float | None
+    rows: int
+    columns: int
+
+
+def _grid(source: Sequence[Dataset]) -> _Grid:
+    if len(source) == 1 and int(source[0].get("NumberOfFrames", 1)) > 1:
+        (ds,) = source
+        order = multiframe_sort_order(ds)
+        shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+        frames = ds.PerFrameFunctionalGroupsSequence
+        measures_group = shared.get("PixelMeasuresSequence") or frames[0].get("PixelMeasuresSequence")
+        if not measures_group:
+            raise SourceSeriesError("multi-frame source has no Pixel Measures Sequence")
+        measures = measures_group[0]
+        orient = (shared.get("PlaneOrientationSequence") or frames[0].PlaneOrientationSequence)[0]
+        normal = _normal(_orientation(orient, "frame 1"))
+        positions = [
+            np.asarray(frames[int(i)].PlanePositionSequence[0].ImagePositionPatient, dtype=float) for i in order
+        ]
+        header = ds
+    else:
+        ordered = sort_single_frame(source)
+        measures = header = ordered[0]
+        normal = _normal(_orientation(header, "source"))
+        positions = [np.asarray(item.ImagePositionPatient, dtype=float) for item in ordered]
+    if "PixelSpacing" not in measures:
+        raise SourceSeriesError("source has no Pixel Spacing; volumes cannot be measured")
+    row_mm, col_mm = (float(v) for v in measures.PixelSpacing)
+    thickness = float(measures.SliceThickness) if measures.get("SliceThickness") else None
+    return _Grid(
+        distances_mm=np.asarray([float(np.dot(normal, p)) for p in positions]),
+        pixel_spacing_mm=(row_mm, col_mm),
+        slice_thickness_mm=thickness,
+        rows=int(header.Rows),
+        columns=int(header.Columns),
+    )
+
+
+def structure_volumes_ml(
+    source: Sequence[Dataset], label_map: np.ndarray, structures: Sequence[Structure] = KNEE_STRUCTURES
+) -> dict[str, float]:
+    """Volume in mL of every structure in ``label_map`` (on the source grid, sorted slice order).
+
+    A voxel is pixel spacing (row x column) times the slice step: the median distance between
+    neighbouring slice positions, which is the sampling of the grid even when Slice Thickness
+    differs from it (gaps or overlap).  A single-slice series falls back to Slice Thickness.
+    """
+    structures = _check_structures(structures)
+    grid = _grid(source)
+    if len(grid.distances_mm) > 1:
+        step_mm = float(np.median(np.diff(grid.distances_mm)))
+    elif grid.slice_thickness_mm:
+        step_mm = grid.slice_thickness_mm
+    else:
+        raise SourceSeriesError("single-slice source without Slice Thickness; volumes cannot be measured")
+    _check_label_map(label_map, (len(grid.distances_mm), grid.rows, grid.columns), len(structures))
+    counts = np.bincount(label_map.ravel(), minlength=len(structures) + 1)
+    voxel_ml = grid.pixel_spacing_mm[0] * grid.pixel_spacing_mm[1] * step_mm / 1000.0
+    return {s.key: float(counts[s.index]) * voxel_ml for s in structures}
 
 
 def structure_tracking_uid(study_uid: str, source_series_uid: str, version: str, key: str) -> str:

@@ -275,7 +275,7 @@ def _qualitative_container(
     if volumes_ml:
         names = {s.key: s.name for s in KNEE_STRUCTURES}
         volumes = ", ".join(
-            f"{names[s.key]} {volumes_ml[s.key]:.1f} mL" for s in KNEE_STRUCTURES if s.key in volumes_ml
+            f"{names[s.key]} {volumes_ml[s.key]:.2f} mL" for s in KNEE_STRUCTURES if s.key in volumes_ml
         )
         items.append(_text(codes.DCM.Comment, f"Structure volumes: {volumes}"))
     items.append(_text(codes.DCM.Impression, impression_text(template, findings, missing_planes)))

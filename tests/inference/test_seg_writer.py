@@ -7,7 +7,7 @@ import pytest
 import highdicom as hd
 
 from inference.labels import KNEE_STRUCTURES
-from inference.seg_writer import SourceSeriesError, write_segmentation
+from inference.seg_writer import SourceSeriesError, structure_volumes_ml, write_segmentation
 from inference.uids import AlgorithmInfo, NodeInfo, derived_uid
 from sr_templates import load_structures
 from tests.inference.output_factory import (
@@ -206,3 +206,19 @@ def test_rejects_bad_inputs(study):
         write_segmentation(duplicate, good, ALGORITHM, 1)
     with pytest.raises(ValueError, match="numbered 1..N"):
         write_segmentation(series, good, ALGORITHM, 1, structures=KNEE_STRUCTURES[1:])
+
+
+def test_structure_volumes_from_source_geometry(study):
+    series = make_series(study, "coronal", oblique=True, pixel_spacing=(0.6, 0.5), slice_spacing=3.3, seed=2)
+    label_map = np.zeros((len(series), 24, 20), np.uint8)
+    label_map[1:4, 2:12, 3:8] = 1  # 3 * 10 * 5 voxels
+    label_map[5, 0:2, 0:2] = 8
+    volumes = structure_volumes_ml(series, label_map)
+    voxel_ml = 0.6 * 0.5 * 3.3 / 1000.0
+    assert volumes["femur"] == pytest.approx(150 * voxel_ml)
+    assert volumes["medial_meniscus"] == pytest.approx(4 * voxel_ml)
+    assert volumes["tibia"] == 0.0
+    assert set(volumes) == {s.key for s in KNEE_STRUCTURES}
+    assert structure_volumes_ml([enhanced_from(series)], label_map) == pytest.approx(volumes)
+    with pytest.raises(ValueError, match="does not match the source series"):
+        structure_volumes_ml([enhanced_from(series)], label_map[:, :, :10])
