@@ -424,16 +424,27 @@ class DiffusionBackbone(nn.Module):
         """Forward process: sqrt(abar_t) x + sqrt(1 - abar_t) noise, from the scheduler's table."""
         return self.scheduler.add_noise(original_samples=x, noise=noise, timesteps=timesteps)
 
-    def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Pre-training objective: mean squared error of the predicted noise at uniform t."""
+    def sample_training_inputs(
+        self, x: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(noisy, timesteps, noise)`` for one pre-training step: t uniform in [0, T), noise N(0, I).
+
+        Separate from :meth:`training_loss` so that a DistributedDataParallel wrapper can call
+        the module's ``forward(noisy, timesteps)`` itself (DDP synchronises gradients only
+        through ``forward``) and compare the prediction with ``noise``.
+        """
         _check_volume(x, self.cfg, "x")
         gen_device = generator.device if generator is not None else x.device
         timesteps = torch.randint(
             0, self.cfg.num_train_timesteps, (x.shape[0],), generator=generator, device=gen_device
         ).to(x.device)
         noise = torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
-        prediction = self.unet(self.q_sample(x, timesteps, noise), timesteps)
-        return F.mse_loss(prediction.float(), noise.float())
+        return self.q_sample(x, timesteps, noise), timesteps, noise
+
+    def training_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Pre-training objective: mean squared error of the predicted noise at uniform t."""
+        noisy, timesteps, noise = self.sample_training_inputs(x, generator)
+        return F.mse_loss(self.unet(noisy, timesteps).float(), noise.float())
 
     # -- partial forward passes --------------------------------------------------------
 

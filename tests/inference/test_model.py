@@ -341,3 +341,17 @@ def test_wrong_input_shape_is_named() -> None:
     model = DiffusionBackbone(TINY)
     with pytest.raises(ValueError, match="spatial shape"):
         model.training_loss(torch.zeros(1, 1, 8, 16, 16))
+
+
+def test_training_loss_is_the_epsilon_mse_of_sampled_inputs() -> None:
+    torch.manual_seed(0)
+    model = DiffusionBackbone(TINY)
+    x = _volume(batch=3)
+    noisy, timesteps, noise = model.sample_training_inputs(x, torch.Generator().manual_seed(5))
+    assert timesteps.dtype == torch.long and ((0 <= timesteps) & (timesteps < 1000)).all()
+    abar = model.scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(noisy, abar.sqrt() * x + (1 - abar).sqrt() * noise)
+    with torch.no_grad():
+        expected = torch.nn.functional.mse_loss(model(noisy, timesteps), noise)
+        loss = model.training_loss(x, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(loss, expected)
