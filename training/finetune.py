@@ -443,7 +443,7 @@ def finetune_classifier(
             loss.backward()
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         row: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses))}
         if val_loader is not None:
             probs, labels_np, _ = predict_classifier(model, val_loader, planes, use_ehr, device)
@@ -570,7 +570,7 @@ def finetune_segmenter(
             loss.backward()
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         row: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses))}
         history.append(row)
         log.info("segment epoch %d: %s", epoch, row)
