@@ -107,6 +107,8 @@ _AVOID = [
     rf"{_B}(cal|calibration|asset[ _-]?cal|coil[ _-]?cal){_E}",
 ]
 
+#: preference order of the defaults: 1 fat-suppressed PD, 2 fat-suppressed T2, 3 STIR,
+#: 4 DESS, 5 PD, 6 T2, 7 T1 (then anything else)
 _PREFER_FLUID = [_FAT_SAT_PD, _FAT_SAT_T2, _STIR, _DESS, _PD, _T2]
 
 #: sensible for knee, ankle and shoulder: fluid-sensitive fat-suppressed PD/T2 first (what
@@ -146,11 +148,18 @@ class Selection:
 
 
 def _first_match(patterns: Sequence[str], info: SeriesInfo) -> tuple[int, str] | None:
+    """Index of the first pattern found in the description or protocol, and the text it matched.
+
+    Logs quote the matched words ('PD_FS'), not the pattern: an administrator reads the
+    former, while the patterns are long regular expressions.
+    """
     texts = [t for t in (info.series_description, info.protocol_name) if t]
     for index, pattern in enumerate(patterns):
         regex = re.compile(pattern, re.IGNORECASE)
-        if any(regex.search(text) for text in texts):
-            return index, pattern
+        for text in texts:
+            found = regex.search(text)
+            if found is not None:
+                return index, found.group(0)
     return None
 
 
@@ -205,7 +214,7 @@ def select_series(series: list[SeriesInfo], rules: SelectionRules = DEFAULT_RULE
             reasons.append(f"{info.slice_thickness:g} mm slices (limit {rule.max_slice_thickness_mm:g} mm)")
         avoided = _first_match(rule.avoid, info)
         if avoided is not None:
-            reasons.append(f"description matches the avoid pattern {avoided[1]!r}")
+            reasons.append(f"{avoided[1]!r} matches avoid pattern #{avoided[0] + 1}")
         if reasons:
             log.append(f"{name}: rejected for {plane}: " + "; ".join(reasons))
             continue
@@ -230,17 +239,20 @@ def select_series(series: list[SeriesInfo], rules: SelectionRules = DEFAULT_RULE
         _, best, best_obliquity, best_match = ranked[0]
         chosen[plane] = best
         why = (
-            f"matches preferred pattern #{best_match[0] + 1} {best_match[1]!r}"
+            f"{best_match[1]!r} matches preference #{best_match[0] + 1} of {len(rule.prefer)}"
             if best_match is not None
-            else "matches no preferred pattern but is the only usable kind"
+            else "matches no preference; best by slice thickness, obliquity and series number"
         )
         log.append(f"{plane}: chose {_describe(best)}: {why}; {_geometry_words(best, plane, best_obliquity)}")
         for _rank, info, _obliquity, match in ranked[1:]:
             if match is not None and best_match is not None and match[0] == best_match[0]:
-                because = "same preference; the chosen one has thinner slices, less obliquity or a later series number"
+                because = (
+                    f"same preference #{match[0] + 1}; the chosen one has thinner slices, "
+                    "less obliquity or a later series number"
+                )
             elif match is not None:
-                because = f"matches only preferred pattern #{match[0] + 1}"
+                because = f"{match[1]!r} matches only preference #{match[0] + 1}"
             else:
-                because = "matches no preferred pattern"
+                because = "matches no preference"
             log.append(f"{plane}: not chosen: {_describe(info)}: {because}")
     return Selection(chosen=chosen, missing=missing, log=log)

@@ -84,7 +84,7 @@ def test_fat_sat_pd_sagittal_beats_t1_sagittal_and_the_localizer() -> None:
     }
     assert selection.missing == []
     (chosen,) = _lines_about(selection.log, "sagittal: chose")
-    assert "series 3 'PD_FS_SAG'" in chosen and "preferred pattern #1" in chosen
+    assert "series 3 'PD_FS_SAG'" in chosen and "'PD_FS' matches preference #1 of 7" in chosen
     assert any("series 2 'T1 TSE SAG'" in line and "not chosen" in line for line in selection.log)
     assert any("series 4 'T2 STIR SAG'" in line and "not chosen" in line for line in selection.log)
     (localizer,) = _lines_about(selection.log, "series 1 'localizer'")
@@ -142,7 +142,7 @@ def test_rejections_are_explained_and_missing_plane_reported() -> None:
     assert "7 mm slices (limit 6 mm)" in _lines_about(log, "series 4 ")[0]
     assert "5 slices (needs at least 8)" in _lines_about(log, "series 5 ")[0]
     assert "32 degrees oblique from axial (limit 30)" in _lines_about(log, "series 6 ")[0]
-    assert "avoid pattern" in _lines_about(log, "series 7 ")[0]
+    assert "'DWI' matches avoid pattern #3" in _lines_about(log, "series 7 ")[0]
     assert "modality SR" in _lines_about(log, "series 8 ")[0]
     assert "coronal: no usable series; this plane is missing" in log
     assert "axial: no usable series; this plane is missing" in log
