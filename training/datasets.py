@@ -395,9 +395,16 @@ def _header_facts(path: Path) -> dict[str, Any]:
         return None if value in (None, "") else float(value)
 
     sex = str(ds.get("PatientSex", "") or "").upper() or None
+    try:
+        age = _parse_dicom_age(ds.get("PatientAge"))
+    except DatasetError as err:
+        # one malformed header value is reported and masked as missing (never guessed); it
+        # must not stop a whole data set from loading
+        log.warning("%s: %s; age treated as missing", path, err)
+        age = None
     return {
         "ehr": {
-            "age": _parse_dicom_age(ds.get("PatientAge")),
+            "age": age,
             "sex": sex if sex in ("M", "F", "O") else None,
             "height_m": num("PatientSize"),
             "weight_kg": num("PatientWeight"),
