@@ -20,6 +20,7 @@ from inference.labels import JOINTS
 from inference.series import SeriesInfo
 
 _B = r"(?<![a-z0-9])"
+_E = r"(?![a-z0-9])"
 
 
 def _check_patterns(patterns: list[str], key: str) -> list[str]:
@@ -70,10 +71,14 @@ class JointRules(BaseModel):
         return self
 
 
-_KNEE = [rf"{_B}(knee|knie|genou|rodilla|ginocchio|joelho|kolano)", rf"{_B}(menisc|patell|acl|pcl)"]
+# short tokens (ACL, OSG) need an end boundary too: "Osgood-Schlatter" is a knee question
+_KNEE = [
+    rf"{_B}(knee|knie|genou|rodilla|ginocchio|joelho|kolano)",
+    rf"{_B}(menisc\w*|patell\w*|acl|pcl){_E}",
+]
 _ANKLE = [
-    rf"{_B}(ankle|sprunggelenk|osg|cheville|tobillo|caviglia|tornozelo|hindfoot|talus|achill)",
-    rf"{_B}(foot[ _&-]*(and|&)?[ _-]*ankle)",
+    rf"{_B}(ankle|sprunggelenk|cheville|tobillo|caviglia|tornozelo|hindfoot|talus|achill)",
+    rf"{_B}(osg|foot[ _&-]*(and|&)?[ _-]*ankle){_E}",
 ]
 _SHOULDER = [
     rf"{_B}(shoulder|schulter|epaule|épaule|hombro|spalla|ombro|skulder)",

@@ -274,3 +274,10 @@ def test_joint_rules_validate() -> None:
         detect_joint([make_info(3, "x", body_part="KNIEGELENK", study_description="")], custom)[0] == "knee"
     )
     assert JointRules.model_validate(DEFAULT_JOINT_RULES.model_dump()) == DEFAULT_JOINT_RULES
+
+
+def test_joint_words_need_token_boundaries() -> None:
+    series = [make_info(3, "PD FS SAG", body_part="", study_description="MR Osgood-Schlatter knee")]
+    assert detect_joint(series)[0] == "knee"
+    series = [make_info(3, "PD FS SAG", body_part="", study_description="", protocol_name="OSG sag")]
+    assert detect_joint(series)[0] == "ankle"
