@@ -96,14 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     skip_train = set(args.no_train_step_for) if device.type == "cpu" else set()
     rows = [measure(name, device, args.repeat, name not in skip_train) for name in args.presets]
 
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {args.threads} thread(s)"
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
+    else:
+        machine = f"{platform.processor() or platform.machine()} CPU, {args.threads} thread(s)"
     lines = [
         "# OrthoDiffusion model sizes and timings",
         "",
         f"Device: {machine}; torch {torch.__version__}; batch 1; median of {args.repeat} runs after one warm-up.",
-        "Command: `" + " ".join([".venv/bin/python", "benchmarks/model_size.py", *(sys.argv[1:] if argv is None else argv)]) + "`",
+        "Command: `" + " ".join(["benchmarks/model_size.py", *(sys.argv[1:] if argv is None else argv)]) + "`",
         "",
-        "| preset | input | bottleneck | UNet params | encoder+mid params | seg decoder params | features (s) | UNet forward (s) | train step (s) |",
+        "| preset | input | bottleneck | UNet params | encoder+mid params | seg decoder params "
+        "| features (s) | UNet forward (s) | train step (s) |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:

@@ -122,8 +122,9 @@ class ModelCard:
             raise ValueError(f"ModelCard.thresholds must map label -> probability, got {self.thresholds!r}")
         if set(self.thresholds) != set(self.labels):
             raise ValueError(
-                f"ModelCard.thresholds must have exactly one entry per label: missing "
-                f"{sorted(set(self.labels) - set(self.thresholds))}, extra {sorted(set(self.thresholds) - set(self.labels))}"
+                "ModelCard.thresholds must have exactly one entry per label: missing "
+                f"{sorted(set(self.labels) - set(self.thresholds))}, "
+                f"extra {sorted(set(self.thresholds) - set(self.labels))}"
             )
         for key, value in self.thresholds.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
@@ -215,7 +216,9 @@ class ModelBundle:
                     f"{len(card.labels)}"
                 )
             if list(classifier.planes) != card.planes:
-                raise ValueError(f"ModelBundle: classifier planes {list(classifier.planes)} != card.planes {card.planes}")
+                raise ValueError(
+                    f"ModelBundle: classifier planes {list(classifier.planes)} != card.planes {card.planes}"
+                )
             if classifier.use_ehr != card.use_ehr:
                 raise ValueError(f"ModelBundle: classifier use_ehr={classifier.use_ehr} != card.use_ehr={card.use_ehr}")
             if classifier.cfg != cfg:
@@ -237,7 +240,7 @@ class ModelBundle:
         self.segmenter = segmenter
         self.preprocess = card.preprocess_config()
         self.device = torch.device("cpu")
-        for net in (classifier, segmenter):
+        for net in (classifier, segmenter):  # a bundle is for inference: evaluation mode
             if net is not None:
                 net.eval()
 
@@ -272,7 +275,9 @@ class ModelBundle:
         if not path.is_file():
             raise FileNotFoundError(f"model checkpoint {str(path)!r} does not exist or is not a file")
         if not zipfile.is_zipfile(path):
-            raise CheckpointError(f"{path}: not an orthonode checkpoint (not a PyTorch zip archive; truncated or foreign file)")
+            raise CheckpointError(
+                f"{path}: not an orthonode checkpoint (not a PyTorch zip archive; truncated or foreign file)"
+            )
         try:
             payload = torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
@@ -341,7 +346,9 @@ class ModelBundle:
             raise ValueError(f"model {self.card.name!r} has no classifier")
         missing = [p for p in self.card.planes if p not in volumes]
         if missing:
-            raise ValueError(f"predict_proba: volumes lacks plane(s) {missing}; model {self.card.name!r} needs {self.card.planes}")
+            raise ValueError(
+                f"predict_proba: volumes lacks plane(s) {missing}; model {self.card.name!r} needs {self.card.planes}"
+            )
         self.classifier.eval()
         inputs = {
             plane: torch.from_numpy(preprocess_volume(volumes[plane], self.preprocess))[None].to(self.device)
@@ -413,7 +420,9 @@ def _load_state(net: torch.nn.Module, state: Any, path: Path, what: str) -> None
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[0]
-        raise CheckpointError(f"{path}: the {what} weights do not match the card's model configuration ({first})") from None
+        raise CheckpointError(
+            f"{path}: the {what} weights do not match the card's model configuration ({first})"
+        ) from None
 
 
 def _fsync_dir(folder: Path) -> None:
