@@ -181,6 +181,9 @@ def test_dicom_folder_with_labels_csv_keys(tmp_path: Path) -> None:
     assert by_id["exam_a"].ehr["age"] == 33.0 and by_id["exam_a"].ehr["sex"] == "O"  # CSV, then header
     assert set(by_id["exam_c"].planes) == {"sagittal", "coronal"}
     assert any("no axial series" in line for line in by_id["exam_c"].selection_log)
+    unlabeled = D.read_source(f"dicom:{root}")
+    assert sorted(r.exam_id for r in unlabeled) == ["exam_a", "exam_b", "exam_c"]
+    assert all(r.labels is None for r in unlabeled)
     # the same studies keyed by StudyInstanceUID and by accession number
     _write_labels(tmp_path / "by_uid.csv", ["study_instance_uid", "acl"], [[uids[1], "1"]])
     by_uid = {r.exam_id: r for r in D.read_dicom_folder(root, tmp_path / "by_uid.csv")}
@@ -306,6 +309,12 @@ def test_classification_dataset_items_and_exclusions(tmp_path: Path) -> None:
     assert len(list((tmp_path / "cache").iterdir())) == 2
     with pytest.raises(ValueError, match="planes"):
         classification_dataset(records, ("oblique",), cfg)
+    # batches through MONAI's DataLoader (what the training loops use)
+    from monai.data import DataLoader
+
+    batch = next(iter(DataLoader(ds, batch_size=2, shuffle=False, num_workers=0)))
+    assert batch["sagittal"].shape == (2, 1, 4, 8, 8) and batch["labels"].shape == (2, 8)
+    assert list(batch["exam_id"]) == ["n001", "n002"]
 
 
 def test_segmentation_dataset_windows_and_unannotated(tmp_path: Path) -> None:
