@@ -428,8 +428,8 @@ def read_dicom_folder(root: str | Path, labels_csv: str | Path | None, rules: An
     Optional columns: ``patient_id`` (default: the header's PatientID, used to keep a
     patient's exams on one side of a split and to average predictions per patient),
     ``joint``, ``site``, ``laterality``, ``age``, ``sex``, ``height_m``, ``weight_kg`` (an empty
-    EHR cell falls back to the header's PatientAge/PatientSex/PatientSize/PatientWeight, as the
-    node does).  Every other column is a label (0, 1, empty = unknown); with a ``joint``
+    EHR cell falls back to the header's PatientAge/PatientSex/PatientSize/PatientWeight, the
+    values the node reads from studies it receives).  Every other column is a label (0, 1, empty = unknown); with a ``joint``
     column the label columns must be that joint's keys.  Studies without a CSV row are
     returned with ``labels=None`` (pretraining only); CSV rows without a study are logged.
     ``labels_csv=None`` reads unlabeled studies.
