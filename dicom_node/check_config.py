@@ -7,6 +7,7 @@ import sys
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", default="node.yaml", help="node configuration file (default: node.yaml)")
+    parser.add_argument("--show-rules", action="store_true", help="also print the series-selection and joint rules in force")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,4 +30,9 @@ def run(args: argparse.Namespace) -> int:
     for name, dest in cfg.export.destinations.items():
         where = f"{dest.ae_title}@{dest.host}:{dest.port}" if dest.type == "dimse" else dest.url
         print(f"  export     {name}: {dest.type} {where}")
+    if args.show_rules:
+        import yaml
+
+        rules = {"series_selection": cfg.series_selection.model_dump(mode="json"), "joints": cfg.joints.model_dump(mode="json")}
+        print(yaml.safe_dump(rules, sort_keys=False, allow_unicode=True, width=120))
     return 0

@@ -13,6 +13,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from inference.joint import DEFAULT_JOINT_RULES, JointRules
+from inference.selection import DEFAULT_RULES, SelectionRules
+
 _AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
 
 
@@ -213,8 +216,19 @@ class NodeConfig(_Section):
     export: ExportSection = ExportSection()
     http: HTTPSection = HTTPSection()
     logging: LoggingSection = LoggingSection()
+    series_selection: SelectionRules = DEFAULT_RULES
+    joints: JointRules = DEFAULT_JOINT_RULES
     #: folder of the file this came from; relative paths resolve against it
     base_dir: Path = Path(".")
+
+    @field_validator("series_selection", "joints", mode="before")
+    @classmethod
+    def _over_defaults(cls, value: object, info) -> object:
+        """A partial section overrides only the keys it names; the rest keep the built-in rules."""
+        if isinstance(value, dict):
+            default = DEFAULT_RULES if info.field_name == "series_selection" else DEFAULT_JOINT_RULES
+            return _deep_merge(default.model_dump(mode="json"), value)
+        return value
 
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else (self.base_dir / path).resolve()
@@ -230,6 +244,16 @@ class NodeConfig(_Section):
     @property
     def database_url(self) -> str:
         return self.database.url or f"sqlite:///{self.data_dir / 'orthonode.sqlite'}"
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:

@@ -81,3 +81,33 @@ def test_config_objects_are_frozen():
     cfg = parse_config({})
     with pytest.raises(Exception):
         cfg.listener.port = 1  # type: ignore[misc]
+
+
+def test_partial_selection_rules_override_only_the_named_keys(tmp_path):
+    from inference.selection import DEFAULT_RULES
+
+    cfg = load_config(_write(tmp_path, {"series_selection": {"sagittal": {"prefer": ["t1"], "min_slices": 12}}}))
+    assert cfg.series_selection.sagittal.prefer[0] == "t1"
+    assert cfg.series_selection.sagittal.min_slices == 12
+    assert cfg.series_selection.sagittal.avoid == DEFAULT_RULES.sagittal.avoid
+    assert cfg.series_selection.coronal == DEFAULT_RULES.coronal
+
+
+def test_bad_selection_regex_names_the_key(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, {"series_selection": {"axial": {"prefer": ["(unclosed"]}}}))
+    assert "series_selection.axial" in str(err.value)
+
+
+def test_check_config_command(tmp_path, capsys):
+    from dicom_node.check_config import configure, run
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    assert run(parser.parse_args([str(REPO / "node.yaml"), "--show-rules"])) == 0
+    out = capsys.readouterr().out
+    assert "ORTHONODE on 127.0.0.1:11112" in out and "series_selection:" in out
+    bad = _write(tmp_path, {"listener": {"port": "x"}})
+    assert run(parser.parse_args([str(bad)])) == 2
+    assert "listener.port" in capsys.readouterr().err
