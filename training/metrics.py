@@ -178,28 +178,43 @@ def classification_metrics(
 
 def _bootstrap(result: dict, truth: np.ndarray, prob: np.ndarray, keys: list[str], scored: list[str],
                n_boot: int, seed: int) -> None:
-    """Percentile intervals from resampling rows (groups) with replacement."""
+    """Percentile intervals from resampling rows (groups) with replacement.
+
+    Inputs were validated once by :func:`classification_metrics`, so scikit-learn's own
+    per-call validation is switched off inside the loop, and a resample in which every
+    scored label has both classes and no unknown truth is scored in one multi-label call;
+    both only save time (the numbers are the same scikit-learn functions').
+    """
+    import sklearn
+
     rng = np.random.default_rng(seed)
     n = truth.shape[0]
+    cols = [keys.index(k) for k in scored]
+    t_all, p_all = truth[:, cols], prob[:, cols]
     samples: dict[str, dict[str, list[float]]] = {k: {"auc": [], "ap": []} for k in scored}
     macro_auc, mean_ap = [], []
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        aucs, aps = [], []
-        for key in scored:
-            j = keys.index(key)
-            t, p = truth[idx, j], prob[idx, j]
-            keep = ~np.isnan(t)
-            auc, ap, _ = _rank_scores(t[keep].astype(int), p[keep])
-            if auc is None:
-                continue
-            samples[key]["auc"].append(auc)
-            samples[key]["ap"].append(ap)
-            aucs.append(auc)
-            aps.append(ap)
-        if len(aucs) == len(scored):  # macro values only from resamples where every label scores
-            macro_auc.append(float(np.mean(aucs)))
-            mean_ap.append(float(np.mean(aps)))
+    with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+        for _ in range(n_boot):
+            idx = rng.integers(0, n, n)
+            t, p = t_all[idx], p_all[idx]
+            both = ~np.isnan(t).any() and (t.min(axis=0) == 0).all() and (t.max(axis=0) == 1).all()
+            if both:
+                aucs = [float(v) for v in roc_auc_score(t.astype(int), p, average=None)]
+                aps = [float(v) for v in average_precision_score(t.astype(int), p, average=None)]
+            else:
+                aucs, aps = [], []
+                for j in range(len(scored)):
+                    keep = ~np.isnan(t[:, j])
+                    auc, ap, _ = _rank_scores(t[keep, j].astype(int), p[keep, j])
+                    aucs.append(auc)
+                    aps.append(ap)
+            for key, auc, ap in zip(scored, aucs, aps):
+                if auc is not None:
+                    samples[key]["auc"].append(auc)
+                    samples[key]["ap"].append(ap)
+            if all(a is not None for a in aucs):  # macro values only where every label scores
+                macro_auc.append(float(np.mean(aucs)))
+                mean_ap.append(float(np.mean(aps)))
     for key in scored:
         entry = result["labels"][key]
         entry["auc_ci"] = _ci(samples[key]["auc"])
