@@ -1,0 +1,435 @@
+"""The node's database: what was received, which jobs ran on it, what was sent back.
+
+The tables follow the flow of a study through the node::
+
+    studies 1--n series 1--n instances        (written by the listener)
+    studies 1--n jobs 1--n exports             (written by assembly, the worker, export)
+    events                                     (audit trail, written by everyone)
+
+The schema is owned by Alembic (``dicom_node/migrations``): :func:`upgrade_database` creates
+or upgrades it, and a test checks that these models and the migrations agree.  The same
+models run on SQLite (the default, one file in ``data_dir``) and PostgreSQL.
+
+Why the SQLite settings in :func:`make_engine`: WAL lets readers (the HTTP health page, the
+assembler) run while the listener writes; ``synchronous=FULL`` makes a commit durable before
+the listener answers a C-STORE with success; ``foreign_keys`` is off by default in SQLite;
+and every transaction starts with ``BEGIN IMMEDIATE`` so that two writers queue on the busy
+timeout instead of one failing with "database is locked" when it upgrades a read lock.
+
+Timestamps are stored in UTC and always come back timezone-aware (:class:`UTCDateTime`),
+also on SQLite, which has no timezone type.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Engine,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+#: longest UID DICOM allows (PS3.5 9.1)
+UID_LENGTH = 64
+#: SQLite busy timeout: how long a writer waits for another writer before giving up
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware in UTC (what every timestamp column stores)."""
+    return datetime.now(timezone.utc)
+
+
+def hash_patient_id(patient_id: str) -> str:
+    """SHA-256 (hex) of a Patient ID, so studies of one patient can be grouped without the ID.
+
+    The database never holds the Patient ID itself: the instances on disk do, and the node
+    copies patient data from them into its results.
+    """
+    return hashlib.sha256(patient_id.encode("utf-8")).hexdigest()
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored in UTC that always comes back timezone-aware.
+
+    Naive datetimes are refused rather than guessed: a naive value is a bug in the caller.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"timestamp {value!r} has no timezone; use dicom_node.db.utcnow()")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:  # SQLite keeps no offset; everything written is UTC
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class StudyState(str, enum.Enum):
+    """Where a study is in the node.
+
+    ``receiving``: instances are arriving (any new instance puts a study back here).
+    ``complete``: the quiet period passed; a job was queued for it.
+    ``processing``: a job is running.  ``done`` / ``failed``: the latest job's outcome.
+    ``skipped``: nothing the node can process (e.g. no usable series); kept for the record.
+    """
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class JobState(str, enum.Enum):
+    """A job's life: queued -> running -> done | failed; ``superseded`` when the study changed
+    (new instances arrived) and a newer job replaces it."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+
+
+class ExportState(str, enum.Enum):
+    """One object to one destination: pending -> sending -> done, or back to pending with a
+    ``next_attempt_at`` after a failure, and ``failed`` once the attempts are used up."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    # Stored as VARCHAR + CHECK (not a native PostgreSQL enum) so adding a state is a plain
+    # migration on both databases; the values, not the Python names, go into the column.
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda members: [m.value for m in members],
+        validate_strings=True,
+    )
+
+
+#: deterministic constraint names, so later migrations can name what they alter (SQLite batch
+#: mode and PostgreSQL both need the name); the initial revision spells the results out
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the node's tables."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime()}
+
+
+class Study(Base):
+    """One DICOM study, as far as it has been received."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
+    #: :func:`hash_patient_id` of the Patient ID (never the ID itself)
+    patient_id_hash: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    #: Calling AE title of the first association that sent this study (used by export routes)
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    first_received_at: Mapped[datetime]
+    last_received_at: Mapped[datetime]
+    state: Mapped[StudyState] = mapped_column(_enum(StudyState, "study_state"), default=StudyState.RECEIVING)
+    state_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete-orphan", passive_deletes=True)
+    jobs: Mapped[list[Job]] = relationship(back_populates="study", cascade="all, delete-orphan", passive_deletes=True)
+
+    __table_args__ = (
+        # the assembler's query: studies in a state whose last instance is older than X
+        Index("ix_studies_state_last_received", "state", "last_received_at"),
+    )
+
+
+class Series(Base):
+    """One series of a study; ``instance_count`` counts distinct SOP Instance UIDs stored."""
+
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    first_received_at: Mapped[datetime]
+    last_received_at: Mapped[datetime]
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(
+        back_populates="series", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class Instance(Base):
+    """One stored SOP instance: where its file is and what exactly was received."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    #: path of the file relative to the storage root (``<study>/<series>/<sop>.dcm``)
+    path: Mapped[str] = mapped_column(String(255))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    #: SHA-256 (hex) of the file as stored: preamble, file meta and the data set as received
+    sha256: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime]
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    peer_host: Mapped[str | None] = mapped_column(String(255))
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    """One processing run of a study, for one exact set of instances (``input_fingerprint``)."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    state: Mapped[JobState] = mapped_column(_enum(JobState, "job_state"), default=JobState.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    #: refreshed by the worker while running; a stale heartbeat means the worker died
+    heartbeat_at: Mapped[datetime | None]
+    worker_id: Mapped[str | None] = mapped_column(String(128))
+    #: :func:`input_fingerprint` of the study's instance UIDs when the job was queued
+    input_fingerprint: Mapped[str] = mapped_column(String(64))
+    #: the pipeline step running or last reached (free text, for the operator)
+    step: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    result_summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    study: Mapped[Study] = relationship(back_populates="jobs")
+    exports: Mapped[list[Export]] = relationship(back_populates="job", cascade="all, delete-orphan", passive_deletes=True)
+
+    __table_args__ = (
+        Index("ix_jobs_state_created", "state", "created_at"),  # the worker's queue
+        Index("ix_jobs_study_state", "study_id", "state"),  # "does this study have an open job?"
+    )
+
+
+class Export(Base):
+    """One result object to send to one destination, with its retry bookkeeping."""
+
+    __tablename__ = "exports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    #: a key of ``export.destinations`` in node.yaml
+    destination: Mapped[str] = mapped_column(String(64))
+    #: the object's file, relative to the node's data directory
+    object_path: Mapped[str] = mapped_column(String(255))
+    #: what the object is, e.g. ``seg`` or ``sr``
+    object_kind: Mapped[str] = mapped_column(String(16))
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    state: Mapped[ExportState] = mapped_column(_enum(ExportState, "export_state"), default=ExportState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="exports")
+
+    __table_args__ = (
+        UniqueConstraint("job_id", "destination", "sop_instance_uid", name="uq_exports_job_destination_sop"),
+        Index("ix_exports_state_next_attempt", "state", "next_attempt_at"),  # the sender's queue
+    )
+
+
+class EventRecord(Base):
+    """One line of the audit trail.
+
+    References are UIDs and ids by value, not foreign keys, so the trail outlives the rows it
+    talks about (a purged study keeps its history).
+    """
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[datetime] = mapped_column(default=utcnow)
+    #: short machine-readable kind, e.g. ``instance_stored``, ``duplicate_refused``, ``job_failed``
+    kind: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
+    series_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    message: Mapped[str] = mapped_column(Text, default="")
+
+    __table_args__ = (
+        Index("ix_events_time", "time"),
+        Index("ix_events_study_time", "study_instance_uid", "time"),
+    )
+
+
+def input_fingerprint(sop_instance_uids: Iterator[str] | list[str] | set[str]) -> str:
+    """SHA-256 of the sorted, distinct SOP Instance UIDs of a study.
+
+    A job records it when queued; a study whose fingerprint changed since has new instances
+    and its job is superseded.  Order of arrival does not matter.
+    """
+    digest = hashlib.sha256()
+    for uid in sorted(set(sop_instance_uids)):
+        digest.update(uid.encode("ascii"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- engine/session
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # autocommit at the driver level; transactions are begun explicitly in _sqlite_on_begin
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute("PRAGMA synchronous = FULL")
+        mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    finally:
+        cursor.close()
+    if str(mode).lower() not in ("wal", "memory"):
+        raise RuntimeError(f"SQLite refused WAL journal mode (got {mode!r}); is the database on a network filesystem?")
+
+
+def _sqlite_on_begin(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str, *, echo: bool = False) -> Engine:
+    """An engine for ``url`` with the node's settings.
+
+    SQLite: the folder of the database file is created if missing; WAL, foreign keys,
+    ``synchronous=FULL``, a 30 s busy timeout and ``BEGIN IMMEDIATE`` transactions (see the
+    module docstring).  PostgreSQL (``postgresql+psycopg2://...``): connections are checked
+    before use so a restarted server does not fail the first C-STORE after it.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            parsed,
+            echo=echo,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+        )
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+        return engine
+    return create_engine(parsed, echo=echo, pool_pre_ping=True)
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions that keep loaded objects usable after commit (``expire_on_commit=False``),
+    which is what the listener and workers want: they commit and then log what they wrote."""
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+@contextmanager
+def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One transaction: commit on success, roll back and re-raise on any error."""
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+
+def alembic_config(engine_or_url: Engine | str) -> Any:
+    """An Alembic ``Config`` for the node's migrations, driven from code (no alembic.ini).
+
+    The engine travels in ``config.attributes`` rather than as a URL string in the ini
+    options, so passwords with ``%`` and the SQLite settings of :func:`make_engine` survive.
+    """
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    engine = make_engine(engine_or_url) if isinstance(engine_or_url, str) else engine_or_url
+    config.attributes["engine"] = engine
+    return config
+
+
+def upgrade_database(engine_or_url: Engine | str, revision: str = "head") -> None:
+    """Create the schema or bring it up to ``revision`` (idempotent; run at node start-up)."""
+    from alembic import command
+
+    config = alembic_config(engine_or_url)
+    try:
+        command.upgrade(config, revision)
+    finally:
+        if isinstance(engine_or_url, str):
+            config.attributes["engine"].dispose()
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The Alembic revision the database is at (``None``: never migrated)."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
