@@ -199,8 +199,8 @@ def _bootstrap(result: dict, truth: np.ndarray, prob: np.ndarray, keys: list[str
             t, p = t_all[idx], p_all[idx]
             both = ~np.isnan(t).any() and (t.min(axis=0) == 0).all() and (t.max(axis=0) == 1).all()
             if both:
-                aucs = [float(v) for v in roc_auc_score(t.astype(int), p, average=None)]
-                aps = [float(v) for v in average_precision_score(t.astype(int), p, average=None)]
+                aucs = [float(v) for v in np.atleast_1d(roc_auc_score(t.astype(int), p, average=None))]
+                aps = [float(v) for v in np.atleast_1d(average_precision_score(t.astype(int), p, average=None))]
             else:
                 aucs, aps = [], []
                 for j in range(len(scored)):

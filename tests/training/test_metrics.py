@@ -83,6 +83,10 @@ def test_bootstrap_interval_contains_estimate_and_is_seeded() -> None:
     assert m["macro_auc_ci"][0] <= m["macro_auc"] <= m["macro_auc_ci"][1]
     again = classification_metrics(y, prob, list("abc"), thr, n_boot=100, seed=3)
     assert again["labels"]["a"]["auc_ci"] == m["labels"]["a"]["auc_ci"]
+    # a label's interval does not depend on the other labels scored with it (same resamples)
+    alone = classification_metrics(y[:, :1], prob[:, :1], ["a"], {"a": 0.5}, n_boot=100, seed=3)
+    assert alone["labels"]["a"]["auc_ci"] == pytest.approx(m["labels"]["a"]["auc_ci"])
+    assert alone["labels"]["a"]["ap_ci"] == pytest.approx(m["labels"]["a"]["ap_ci"])
 
 
 def test_input_validation_names_the_argument() -> None:
