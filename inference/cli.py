@@ -1,0 +1,89 @@
+"""``orthonode predict``: run the model on one DICOM study folder and write its SEG(s) and SR.
+
+The model is ``--model`` or, without it, the checkpoint that node.yaml names (``model.checkpoint``
+of ``--config``, default ``./node.yaml``).  The findings and the files written are printed;
+``--preview`` also writes PNGs of key slices per plane with the segmentation overlaid.
+
+Exit status: 0 when the study was interpreted (complete or partial), 3 when it is not supported
+(wrong body part, no usable series, another joint than the model's: the reason is printed),
+2 for a bad argument, an unreadable checkpoint or configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_UNSUPPORTED = 3
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study", required=True, type=Path, help="folder with the DICOM files of one study")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the SEG/SR files (created if needed)")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="model checkpoint (.pt); default: model.checkpoint of --config"
+    )
+    parser.add_argument(
+        "--config", type=Path, default=Path("node.yaml"), help="node.yaml that names the default model (default: %(default)s)"
+    )
+    parser.add_argument("--preview", action="store_true", help="also write PNG previews of key slices per plane")
+    parser.add_argument(
+        "--device", default="auto", help="'auto' (CUDA when present), 'cpu' or 'cuda[:N]' (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--segment-planes",
+        default=None,
+        help="comma-separated planes to segment (default: those the segmenter was trained on)",
+    )
+
+
+def _model_path(args: argparse.Namespace) -> Path:
+    """``--model``, else node.yaml's checkpoint; a missing node.yaml is an error that says what to pass."""
+    if args.model is not None:
+        return args.model
+    from dicom_node.config import load_config
+
+    if not args.config.is_file():
+        raise ValueError(f"no --model given and the node configuration {str(args.config)!r} does not exist")
+    return load_config(args.config).checkpoint
+
+
+def run(args: argparse.Namespace) -> int:
+    from dicom_node.config import ConfigError
+    from inference.checkpoint import CheckpointError, ModelBundle
+    from inference.labels import PLANES
+    from inference.pipeline import Outcome, run_study
+
+    planes = None
+    if args.segment_planes:
+        planes = [p.strip() for p in args.segment_planes.split(",") if p.strip()]
+        bad = [p for p in planes if p not in PLANES]
+        if bad:
+            print(f"orthonode predict: --segment-planes: unknown plane(s) {bad}; planes are {list(PLANES)}", file=sys.stderr)
+            return EXIT_USAGE
+    if not args.study.is_dir():
+        print(f"orthonode predict: --study {str(args.study)!r} is not a folder", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        model_path = _model_path(args)
+        bundle = ModelBundle.load(model_path)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"orthonode predict: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"model: {bundle.card.name} {bundle.card.version} ({bundle.card.joint}) from {model_path}")
+    try:
+        result = run_study(
+            args.study, bundle, args.out, preview=args.preview, segment_planes=planes, device=args.device
+        )
+    except ValueError as err:  # e.g. an unusable --device; the message names it
+        print(f"orthonode predict: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(result.summary())
+    if result.outcome is Outcome.UNSUPPORTED:
+        return EXIT_UNSUPPORTED
+    timings = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items() if v > 0 or k == "total")
+    print(f"device: {result.device}; timings: {timings}")
+    print(bundle.card.intended_use)
+    return EXIT_OK

@@ -1,0 +1,569 @@
+"""One study on disk -> planes -> volumes -> model -> DICOM SEG + SR: what the node runs per study.
+
+:func:`run_study` is the whole flow, a pure function of its inputs (the study folder, the
+model bundle, the rules, the node identity): the same inputs give the same outputs, byte for
+byte up to the creation timestamps, and the same UIDs (see :mod:`inference.uids`).
+
+Steps, each timed and each decision written to the log that comes back with the result:
+
+1. **scan** the folder (:func:`inference.series.scan_folder_report`); unreadable files are
+   listed, never fatal.
+2. **joint**: :func:`inference.joint.detect_joint` on the headers.  A study whose headers name
+   no joint or another joint than the model's is *unsupported*: it gets a reason, no output.
+3. **select** one series per plane (:func:`inference.selection.select_series`).
+4. **load** the chosen series as volumes (decoding compressed pixel data).  A chosen series
+   that cannot be read is reported and its plane treated as missing.
+5. **classify** on the planes the model has.  *Missing planes*: the fused classifier
+   concatenates one pooled feature vector per plane.  A plane without a series contributes
+   a zero vector (its attention-pool output is replaced by zeros) and the result is flagged
+   ``PARTIAL``; the SR states the missing planes in its text and impression.  Zero features
+   are the neutral input of the linear head (they add nothing to any logit), so the logits
+   are those of the planes that are present plus the head's bias; the estimate is less
+   reliable, which is exactly what the PARTIAL outcome and the SR say.  A study with none of
+   the model's planes is unsupported.
+6. **segment** every slice of each segmented source series with sliding windows
+   (:func:`inference.preprocess.segment_series`); the logits are resized back onto the source
+   series' own rows and columns, and the slice axis never leaves the source grid (windows
+   cover the source slices one to one), so the label map *is* on the source grid, oblique
+   series included.  No resampling between grids is needed.
+7. **write** one SEG per segmented source series and one SR (TID 1500) for the study.
+
+EHR values come from the headers (PatientAge, PatientSex, PatientSize, PatientWeight); a
+missing or implausible value is masked as missing, never guessed, and the log says which.
+
+On CUDA, models run under autocast (bfloat16 where supported, else float16); on CPU in float32.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from inference.joint import DEFAULT_JOINT_RULES, JointRules, detect_joint
+from inference.labels import KNEE_STRUCTURES, PLANES, Structure
+from inference.selection import DEFAULT_RULES, SelectionRules, select_series
+from inference.series import SeriesError, SeriesInfo, SeriesVolume, load_series, scan_folder_report
+
+if TYPE_CHECKING:  # heavy imports stay inside functions
+    import torch
+
+    from inference.checkpoint import ModelBundle
+    from inference.sr_writer import Finding
+    from inference.uids import NodeInfo
+
+__all__ = [
+    "SEG_SERIES_NUMBER",
+    "SR_SERIES_NUMBER",
+    "ChosenSeries",
+    "Outcome",
+    "StudyResult",
+    "ehr_from_header",
+    "run_study",
+]
+
+log = logging.getLogger(__name__)
+
+#: Series Number of the SEG of each plane: 9101 sagittal, 9102 coronal, 9103 axial.  Fixed
+#: numbers (not derived from the source) keep the AI series together at the end of a PACS list.
+SEG_SERIES_NUMBER: dict[str, int] = {plane: 9101 + i for i, plane in enumerate(PLANES)}
+#: Series Number of the SR.
+SR_SERIES_NUMBER = 9200
+
+#: the stages reported in :attr:`StudyResult.timings`, in pipeline order
+STAGES: tuple[str, ...] = ("scan", "select", "load", "preprocess", "model", "write", "preview")
+
+
+class Outcome(str, enum.Enum):
+    """How a study ended."""
+
+    #: every plane the model uses was present
+    COMPLETE = "complete"
+    #: reported from the planes present; the missing ones are named in the result and the SR
+    PARTIAL = "partial"
+    #: not interpreted (wrong body part, no usable series, another joint than the model's)
+    UNSUPPORTED = "unsupported"
+
+
+@dataclass(frozen=True)
+class ChosenSeries:
+    """The series used for one plane, as an administrator would name it."""
+
+    plane: str
+    series_instance_uid: str
+    series_number: int | None
+    description: str
+    num_slices: int
+    obliquity_deg: float | None
+    transfer_syntaxes: tuple[str, ...]
+    is_multiframe: bool
+
+    @classmethod
+    def from_info(cls, plane: str, info: SeriesInfo) -> ChosenSeries:
+        return cls(
+            plane=plane,
+            series_instance_uid=info.series_instance_uid,
+            series_number=info.series_number,
+            description=info.series_description,
+            num_slices=info.num_frames,
+            obliquity_deg=info.obliquity_deg,
+            transfer_syntaxes=info.transfer_syntaxes,
+            is_multiframe=info.is_multiframe,
+        )
+
+
+@dataclass
+class StudyResult:
+    """Everything :func:`run_study` decided and wrote for one study.
+
+    ``log`` holds every choice and rejection in order (joint, each series chosen or not and
+    why, EHR values masked, planes missing, objects written).  ``segmentations`` maps each
+    segmented plane to its SEG file; ``report`` is the SR file (None without a classifier or
+    when unsupported).  ``timings`` are seconds per stage of :data:`STAGES` plus ``total``.
+    """
+
+    study_dir: Path
+    outcome: Outcome
+    reason: str
+    joint: str | None = None
+    study_instance_uid: str | None = None
+    chosen: dict[str, ChosenSeries] = field(default_factory=dict)
+    missing_planes: list[str] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    volumes_ml: dict[str, dict[str, float]] = field(default_factory=dict)
+    segmentations: dict[str, Path] = field(default_factory=dict)
+    report: Path | None = None
+    previews: list[Path] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+
+    @property
+    def supported(self) -> bool:
+        return self.outcome is not Outcome.UNSUPPORTED
+
+    @property
+    def files(self) -> list[Path]:
+        """Every DICOM file written: the SEGs in plane order, then the SR."""
+        files = [self.segmentations[p] for p in PLANES if p in self.segmentations]
+        return files + ([self.report] if self.report is not None else [])
+
+    def summary(self) -> str:
+        """Readable multi-line summary (what ``orthonode predict`` prints)."""
+        lines = [f"study {self.study_instance_uid or '?'} in {self.study_dir}: {self.outcome.value}: {self.reason}"]
+        if self.joint:
+            lines.append(f"joint: {self.joint}")
+        for plane in PLANES:
+            if plane in self.chosen:
+                chosen = self.chosen[plane]
+                number = "?" if chosen.series_number is None else chosen.series_number
+                lines.append(f"{plane}: series {number} {chosen.description!r} ({chosen.num_slices} slices)")
+        if self.missing_planes:
+            lines.append(f"missing planes: {', '.join(self.missing_planes)}")
+        if self.findings:
+            lines.append("findings:")
+            lines.extend(f"  {finding.text()}" for finding in self.findings)
+        for plane, volumes in self.volumes_ml.items():
+            measured = ", ".join(f"{k} {v:.1f} mL" for k, v in volumes.items() if v > 0) or "no structure found"
+            lines.append(f"structure volumes ({plane}): {measured}")
+        if self.files or self.previews:
+            lines.append("files written:")
+            lines.extend(f"  {path}" for path in [*self.files, *self.previews])
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- EHR
+
+
+def ehr_from_header(ds: Any) -> tuple[dict[str, Any], list[str]]:
+    """EHR inputs ``{age, sex, height_m, weight_kg}`` from a source header, and notes on masked values.
+
+    DICOM gives PatientAge as an Age String (``045Y``), PatientSize in metres and PatientWeight
+    in kilograms.  An absent, empty or implausible value (e.g. a height written in centimetres)
+    becomes ``None`` (masked as missing by the model) and a note says why; nothing is converted
+    behind the reader's back.
+    """
+    from inference.model import encode_ehr
+
+    raw = {
+        "age": ("PatientAge", ds.get("PatientAge", None)),
+        "sex": ("PatientSex", ds.get("PatientSex", None)),
+        "height_m": ("PatientSize", ds.get("PatientSize", None)),
+        "weight_kg": ("PatientWeight", ds.get("PatientWeight", None)),
+    }
+    values: dict[str, Any] = {}
+    notes: list[str] = []
+    for key, (keyword, value) in raw.items():
+        if value is None or str(value).strip() == "":
+            values[key] = None
+            notes.append(f"EHR: {keyword} is absent; masked as missing")
+            continue
+        value = str(value).strip() if key in ("age", "sex") else value
+        one = {"age": None, "sex": None, "height_m": None, "weight_kg": None, key: value}
+        try:
+            encode_ehr(one["age"], one["sex"], one["height_m"], one["weight_kg"])
+        except (ValueError, TypeError) as err:
+            values[key] = None
+            notes.append(f"EHR: {keyword}={str(value)!r} not used ({err}); masked as missing")
+            continue
+        values[key] = value
+    return values, notes
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Clock:
+    """Accumulates seconds per stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {stage: 0.0 for stage in STAGES}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - started
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] += seconds
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision on CUDA; plain float32 elsewhere."""
+    import torch
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _card_structures(card: Any) -> tuple[Structure, ...]:
+    """The card's structures as label-table entries, class ``i + 1`` = ``card.structures[i]``."""
+    by_key = {s.key: s for s in KNEE_STRUCTURES}
+    structures = []
+    for i, key in enumerate(card.structures):
+        structure = by_key[key]  # ModelCard validated the keys
+        if structure.index != i + 1:
+            raise ValueError(
+                f"model {card.name!r}: card.structures must follow inference.labels.KNEE_STRUCTURES from the "
+                f"first one (SEG segment numbers are structure indices); {key!r} is class {i + 1} but structure "
+                f"{structure.index}"
+            )
+        structures.append(structure)
+    return tuple(structures)
+
+
+def _segmented_planes(bundle: ModelBundle, requested: Sequence[str] | None) -> tuple[str, ...]:
+    """Planes whose chosen series get a SEG: as requested, else those the segmenter was trained on."""
+    if bundle.segmenter is None:
+        return ()
+    if requested is not None:
+        bad = [p for p in requested if p not in PLANES]
+        if bad:
+            raise ValueError(f"segment_planes: unknown plane(s) {bad}; planes are {PLANES}")
+        return tuple(requested)
+    record = bundle.card.training_data.get("segmenter", {})
+    planes = record.get("planes") if isinstance(record, Mapping) else None
+    if planes:
+        return tuple(p for p in planes if p in PLANES)
+    return tuple(bundle.card.planes)
+
+
+def _classify(
+    bundle: ModelBundle,
+    volumes: Mapping[str, np.ndarray],
+    ehr: Mapping[str, Any],
+    clock: _Clock,
+) -> dict[str, float]:
+    """Probability per label from the planes present; a missing plane contributes zero features.
+
+    With every plane present this computes exactly ``OrthoDiffusionClassifier.forward`` (the
+    pipeline tests check it against :meth:`ModelBundle.predict_proba`); it is written out here
+    so that a missing plane can be replaced by zeros and preprocessing timed apart from the model.
+    """
+    import torch
+
+    from inference.model import encode_ehr
+    from inference.preprocess import preprocess_volume
+
+    classifier = bundle.classifier
+    assert classifier is not None
+    device = bundle.device
+    with clock.stage("preprocess"):
+        inputs = {
+            plane: torch.from_numpy(preprocess_volume(volumes[plane], bundle.preprocess))[None].to(device)
+            for plane in bundle.card.planes
+            if plane in volumes
+        }
+        ehr_values = ehr_mask = None
+        if bundle.card.use_ehr:
+            values, mask = encode_ehr(ehr.get("age"), ehr.get("sex"), ehr.get("height_m"), ehr.get("weight_kg"))
+            ehr_values = torch.from_numpy(values)[None].to(device)
+            ehr_mask = torch.from_numpy(mask)[None].to(device)
+    with clock.stage("model"), torch.no_grad(), _autocast(device):
+        classifier.eval()
+        features = []
+        for plane in classifier.planes:
+            encoder = classifier.encoders[plane]
+            if plane in inputs:
+                features.append(encoder(inputs[plane]).float())
+            else:
+                features.append(torch.zeros((1, encoder.out_features), device=device))
+        logits = classifier.head(torch.cat(features, dim=1)).float()
+        if classifier.ehr is not None:
+            assert ehr_values is not None and ehr_mask is not None
+            logits = classifier.ehr(logits, ehr_values, ehr_mask).float()
+        probabilities = torch.sigmoid(logits)[0].cpu().tolist()
+    return dict(zip(bundle.card.labels, probabilities))
+
+
+def _segment(bundle: ModelBundle, volume: np.ndarray, clock: _Clock) -> np.ndarray:
+    """Label map on the source grid; network time counts as ``model``, the rest as ``preprocess``."""
+    import torch
+
+    from inference.preprocess import segment_series
+
+    segmenter = bundle.segmenter
+    assert segmenter is not None
+    segmenter.eval()
+    model_seconds = 0.0
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        nonlocal model_seconds
+        started = time.perf_counter()
+        with torch.no_grad(), _autocast(bundle.device):
+            logits = segmenter(torch.from_numpy(x)[None].to(bundle.device))
+        out = logits[0].float().cpu().numpy()
+        model_seconds += time.perf_counter() - started
+        return out
+
+    started = time.perf_counter()
+    labels = segment_series(predict, volume, bundle.preprocess)
+    clock.add("model", model_seconds)
+    clock.add("preprocess", time.perf_counter() - started - model_seconds)
+    return labels
+
+
+def _laterality(chosen: Mapping[str, SeriesInfo], notes: list[str]) -> str | None:
+    values = {info.laterality for info in chosen.values() if info.laterality in ("L", "R")}
+    if len(values) == 1:
+        return values.pop()
+    if len(values) > 1:
+        notes.append(f"laterality: the chosen series disagree ({sorted(values)}); reported as unknown")
+    return None
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def run_study(
+    study_dir: str | Path,
+    bundle: ModelBundle,
+    out_dir: str | Path,
+    rules: SelectionRules = DEFAULT_RULES,
+    joint_rules: JointRules = DEFAULT_JOINT_RULES,
+    node_info: NodeInfo | None = None,
+    preview: bool = False,
+    *,
+    segment_planes: Sequence[str] | None = None,
+    device: str = "auto",
+) -> StudyResult:
+    """Interpret the study in ``study_dir`` with ``bundle`` and write its SEG(s) and SR to ``out_dir``.
+
+    Args:
+        study_dir: folder holding the DICOM files of one study (any layout, any file names).
+        bundle: the model; it is moved to ``device``.
+        out_dir: where the SEG and SR files (and previews) are written; created if needed.
+        rules: series selection per plane.
+        joint_rules: how headers name the joint; the study's joint must be the model's.
+        node_info: the writing node; defaults to the installed package.
+        preview: also write PNGs of key slices per plane with the masks and findings.
+        segment_planes: planes whose chosen series are segmented; default: the planes the
+            segmenter was trained on (``card.training_data["segmenter"]["planes"]``).
+        device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:N]"``.
+
+    Returns:
+        A :class:`StudyResult`.  An uninterpretable study is ``Outcome.UNSUPPORTED`` with its
+        reason, not an exception; errors in the arguments or bugs still raise.
+    """
+    from inference.checkpoint import pick_device
+
+    started = time.perf_counter()
+    study_dir, out_dir = Path(study_dir), Path(out_dir)
+    if not study_dir.is_dir():
+        raise FileNotFoundError(f"study_dir {str(study_dir)!r} does not exist or is not a folder")
+    target = pick_device(device)
+    if bundle.device != target:
+        bundle.to(target)
+    to_segment = _segmented_planes(bundle, segment_planes)
+    structures = _card_structures(bundle.card) if bundle.segmenter is not None else ()
+    clock = _Clock()
+    result = StudyResult(study_dir=study_dir, outcome=Outcome.UNSUPPORTED, reason="", device=str(target))
+
+    def finish(outcome: Outcome, reason: str) -> StudyResult:
+        result.outcome, result.reason = outcome, reason
+        result.timings = {**clock.seconds, "total": time.perf_counter() - started}
+        log_fn = log.warning if outcome is Outcome.UNSUPPORTED else log.info
+        log_fn("%s: %s: %s", study_dir, outcome.value, reason)
+        return result
+
+    # 1. scan
+    with clock.stage("scan"):
+        scan = scan_folder_report(study_dir)
+    for skipped in scan.skipped:
+        result.log.append(f"file {skipped.path.name}: skipped: {skipped.reason}")
+    if not scan.series:
+        return finish(Outcome.UNSUPPORTED, f"no readable DICOM image series in {study_dir}")
+    studies = sorted({info.study_instance_uid for info in scan.series})
+    if len(studies) > 1:
+        return finish(Outcome.UNSUPPORTED, f"the folder holds {len(studies)} studies ({', '.join(studies)}); one expected")
+    result.study_instance_uid = studies[0]
+
+    # 2. joint, 3. selection
+    with clock.stage("select"):
+        mr_series = [s for s in scan.series if s.modality.upper() in {m.upper() for m in rules.modalities}]
+        if not mr_series:
+            modalities = sorted({s.modality or "missing" for s in scan.series})
+            return finish(
+                Outcome.UNSUPPORTED,
+                f"no series of modality {sorted(rules.modalities)} (the study has {modalities})",
+            )
+        joint, why = detect_joint(mr_series, joint_rules)
+        result.log.append(f"joint: {joint or 'unknown'}: {why}")
+        result.joint = joint
+        if joint is None:
+            return finish(Outcome.UNSUPPORTED, f"the study's joint is not recognised: {why}")
+        if joint != bundle.card.joint:
+            return finish(
+                Outcome.UNSUPPORTED,
+                f"the study is a {joint} study but model {bundle.card.name!r} {bundle.card.version} is for the "
+                f"{bundle.card.joint}",
+            )
+        selection = select_series(scan.series, rules)
+        result.log.extend(selection.log)
+
+    # 4. load the series the model will use
+    wanted = set(bundle.card.planes) | set(to_segment)
+    volumes: dict[str, SeriesVolume] = {}
+    with clock.stage("load"):
+        for plane in PLANES:
+            info = selection.chosen.get(plane)
+            if info is None or plane not in wanted:
+                continue
+            try:
+                volumes[plane] = load_series(info)
+            except SeriesError as err:
+                result.log.append(f"{plane}: {info.label()} cannot be read ({err.reason}); this plane is missing")
+                continue
+            result.chosen[plane] = ChosenSeries.from_info(plane, selection.chosen[plane])
+    result.missing_planes = [p for p in bundle.card.planes if p not in volumes]
+    for plane in result.missing_planes:
+        result.log.append(f"model: plane {plane} is missing; its features are zero and the report says so")
+    if bundle.classifier is not None and len(result.missing_planes) == len(bundle.card.planes):
+        return finish(
+            Outcome.UNSUPPORTED,
+            f"no usable series for any plane the model uses ({', '.join(bundle.card.planes)})",
+        )
+    if bundle.classifier is None and not any(p in volumes for p in to_segment):
+        return finish(Outcome.UNSUPPORTED, f"no usable series for the segmented plane(s) {list(to_segment)}")
+
+    first = next(iter(volumes.values())).datasets[0]
+    notes: list[str] = []
+    laterality = _laterality(selection.chosen, notes)
+    result.log.extend(notes)
+
+    # 5. classification
+    if bundle.classifier is not None:
+        from inference.sr_writer import Finding
+
+        ehr: dict[str, Any] = {}
+        if bundle.card.use_ehr:
+            ehr, ehr_notes = ehr_from_header(first)
+            result.log.extend(ehr_notes)
+        probabilities = _classify(bundle, {p: v.pixels for p, v in volumes.items()}, ehr, clock)
+        names = dict(zip(bundle.card.labels, bundle.card.label_names))
+        result.findings = [
+            Finding.at_threshold(key, names[key], probabilities[key], bundle.card.thresholds[key])
+            for key in bundle.card.labels
+        ]
+
+    # 6. segmentation, 7. writing
+    from inference.seg_writer import structure_volumes_ml, write_segmentation
+    from inference.uids import AlgorithmInfo, default_node_info
+
+    node_info = node_info or default_node_info()
+    algorithm = AlgorithmInfo(name=bundle.card.name, version=bundle.card.version)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    segs: dict[str, Any] = {}
+    label_maps: dict[str, np.ndarray] = {}
+    for plane in to_segment:
+        if plane not in volumes:
+            result.log.append(f"segmentation: no {plane} series; no SEG for that plane")
+            continue
+        volume = volumes[plane]
+        label_maps[plane] = _segment(bundle, volume.pixels, clock)
+        with clock.stage("write"):
+            seg = write_segmentation(
+                volume.datasets, label_maps[plane], algorithm, SEG_SERIES_NUMBER[plane], structures, node_info
+            )
+            path = out_dir / f"seg_{plane}.dcm"
+            seg.save_as(path)
+            result.volumes_ml[plane] = structure_volumes_ml(volume.datasets, label_maps[plane], structures)
+        segs[plane] = seg
+        result.segmentations[plane] = path
+        result.log.append(f"segmentation: {plane} {volume.info.label()} -> {path.name}")
+
+    if bundle.classifier is not None:
+        from inference.sr_writer import write_report
+        from sr_templates import load_template
+
+        with clock.stage("write"):
+            # the SR's volume groups measure the first segmented plane (sagittal before coronal, axial)
+            referenced = next((p for p in PLANES if p in segs), None)
+            used = {p: (v.info.series_instance_uid, v.info.series_description) for p, v in volumes.items()
+                    if p in bundle.card.planes}
+            evidence = [volumes[p].datasets[0] for p in PLANES if p in used]
+            if referenced is not None and referenced not in used:
+                evidence.append(volumes[referenced].datasets[0])
+            sr = write_report(
+                load_template(bundle.card.joint),
+                evidence,
+                list(result.findings),
+                used,
+                list(result.missing_planes),
+                laterality,
+                algorithm,
+                segs.get(referenced) if referenced else None,
+                result.volumes_ml.get(referenced) if referenced else None,
+                SR_SERIES_NUMBER,
+                node_info,
+            )
+            result.report = out_dir / "sr.dcm"
+            sr.save_as(result.report)
+        result.log.append(f"report: {result.report.name}")
+
+    if preview:
+        from inference.preview import write_previews
+
+        with clock.stage("preview"):
+            result.previews = write_previews(
+                out_dir / "preview", volumes, label_maps, result.findings, result.missing_planes
+            )
+
+    if result.missing_planes:
+        return finish(
+            Outcome.PARTIAL,
+            f"reported from {', '.join(p for p in bundle.card.planes if p in volumes)}; "
+            f"missing {', '.join(result.missing_planes)}",
+        )
+    return finish(Outcome.COMPLETE, f"all planes present ({', '.join(bundle.card.planes)})")
