@@ -37,7 +37,7 @@ class EllipsoidJoint:
 
     @property
     def extent_mm(self) -> np.ndarray:
-        return np.array([110.0, 110.0, 120.0])
+        return np.array([150.0, 150.0, 170.0])  # limb included, as the real models do
 
     def evaluate(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         p = (np.asarray(points, dtype=np.float32) - self._center.astype(np.float32)).T
