@@ -16,6 +16,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "phantom": ("training.phantoms.cli", "generate synthetic knee/ankle/shoulder MRI studies with ground truth"),
     "train": ("training.cli", "pretrain, fine-tune and evaluate the OrthoDiffusion models"),
+    "predict": ("inference.cli", "run the model on one DICOM study folder and write its SEG and SR"),
     "check-config": ("dicom_node.check_config", "validate a node.yaml and show its main settings"),
     "demo": ("dicom_node.demo", "run the main job end to end on phantom data (what `make demo` runs)"),
 }
