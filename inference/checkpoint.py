@@ -93,6 +93,8 @@ class ModelCard:
     created: str = field(default_factory=_now_iso)
     framework: dict[str, str] = field(default_factory=_framework_versions)
     intended_use: str = INTENDED_USE
+    #: the plane whose series the segmenter was trained on (and the node segments); None without one
+    segmentation_plane: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("name", "version", "joint", "created", "intended_use"):
@@ -130,6 +132,10 @@ class ModelCard:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"ModelCard.thresholds[{key!r}] must be a probability in [0, 1], got {value!r}")
         self.thresholds = {k: float(self.thresholds[k]) for k in self.labels}
+        if self.segmentation_plane is not None and self.segmentation_plane not in PLANES:
+            raise ValueError(f"ModelCard.segmentation_plane must be one of {PLANES} or None, got {self.segmentation_plane!r}")
+        if self.segmentation_plane is not None and not self.structures:
+            raise ValueError("ModelCard.segmentation_plane is set but the card lists no structures")
         if not isinstance(self.use_ehr, bool):
             raise ValueError(f"ModelCard.use_ehr must be a bool, got {self.use_ehr!r}")
         for name in ("model", "preprocess", "training_data", "metrics", "framework"):
