@@ -55,7 +55,7 @@ def knee_frames(flexion_deg: float, pd_shift_mm: float = 0.0, pd_tilt_deg: float
 def _femur(F: Frame) -> tuple[Shape, Shape, Shape]:
     """Distal femur, the clip of its articular cartilage and the intercondylar notch."""
     shaft = Rod(F.point((0, 2, 40)), F.point((0, 2, 320)), 14.0)
-    metaphysis = Ellipsoid((0, 4, 42), (36, 22, 34), F)
+    metaphysis = Ellipsoid((0, 4, 40), (34, 19, 30), F)
     med_condyle = Ellipsoid((21, 6, 26.5), (14, 30, 24), F)
     lat_condyle = Ellipsoid((-21, 5, 27), (14, 28, 24.5), F)
     med_facet = Ellipsoid((10, -10, 36), (20, 17, 22), F)
@@ -70,9 +70,9 @@ def _femur(F: Frame) -> tuple[Shape, Shape, Shape]:
     articular = Intersection(
         Difference(Union(Offset(med_condyle, 4), Offset(lat_condyle, 4), Offset(med_facet, 4), Offset(lat_facet, 4)),
                    Offset(notch, -1.0)),
-        HalfSpace(F.point((0, 0, 52)), F.direction((0, 0, 1))),
+        HalfSpace(F.point((0, 0, 50)), F.direction((0, 0, 1))),
         # no cartilage on the posterior-superior non-articular metaphysis
-        HalfSpace(F.point((0, 0, 44)), F.direction((0, 0.6, 0.8))),
+        HalfSpace(F.point((0, 0, 40)), F.direction((0, 0.6, 0.8))),
     )
     return femur, articular, notch
 
@@ -80,12 +80,13 @@ def _femur(F: Frame) -> tuple[Shape, Shape, Shape]:
 def _tibia(T: Frame) -> tuple[Shape, Shape]:
     """Proximal tibia (sloped plateau, spines, tuberosity, shaft) and its cartilage clip."""
     slope = np.deg2rad(TIBIAL_SLOPE_DEG)
-    plateau = Intersection(Ellipsoid((0, 3, -3), (38, 27, 36), T),
+    # one tapering body from the plateau rim into the shaft: a tall ellipsoid cut by the sloped plateau plane
+    plateau = Intersection(Ellipsoid((0, 3, -3), (38, 26, 62), T),
                            HalfSpace(T.point((0, 0, -3)), T.direction((0, np.sin(slope), np.cos(slope)))))
     spines = Union(Ellipsoid((5, 2, -3), (4, 8, 5.5), T), Ellipsoid((-5, 3, -3), (4, 8, 5.0), T))
     shaft = Rod(T.point((0, 3, -25)), T.point((0, 3, -320)), 14.0)
     tuberosity = Ellipsoid((0, -20, -32), (12, 8, 14), T)
-    tibia = Union(plateau, spines, shaft, tuberosity, k=6.0)
+    tibia = Union(plateau, spines, shaft, tuberosity, k=8.0)
     articular = Union(Ellipsoid((20, 3, -3), (17, 23, 7), T), Ellipsoid((-20, 3, -3), (16, 21, 7), T))
     return tibia, articular
 
@@ -223,14 +224,16 @@ def build_knee(spec: CaseSpec) -> LayeredModel:
     layers.append(Layer("hoffa_fat_pad", Ellipsoid((0, -24, 9), (20, 8, 12), T), solid(Tissue.FAT)))
 
     # --- bones with cartilage and fluid films
-    layers.append(Layer("femur", femur, bone(S["femur"], CORTEX_MM, fluid_mm=2.2 + film, fluid_clip=capsule,
-                                             cartilage_mm=2.2, cartilage_structure=S["femoral_cartilage"],
-                                             cartilage_clip=femur_articular)))
-    layers.append(Layer("tibia", tibia, bone(S["tibia"], CORTEX_MM, fluid_mm=2.5 + film, fluid_clip=capsule,
+    femur_bands = bone(S["femur"], CORTEX_MM, fluid_mm=2.2 + film, fluid_clip=Offset(femur_articular, 1.0),
+                       cartilage_mm=2.2, cartilage_structure=S["femoral_cartilage"], cartilage_clip=femur_articular)
+    if s_eff:  # effusion also fills the capsule around the condyles and the notch
+        femur_bands.insert(0, Band(Tissue.FLUID, 0, 0.0, 1.0 + 4.0 * s_eff, never_over=HARD, clip=capsule))
+    layers.append(Layer("femur", femur, femur_bands))
+    layers.append(Layer("tibia", tibia, bone(S["tibia"], CORTEX_MM, fluid_mm=2.5 + film, fluid_clip=Offset(tibia_articular, 1.0),
                                              cartilage_mm=2.5, cartilage_structure=S["tibial_cartilage"],
                                              cartilage_clip=tibia_articular)))
     layers.append(Layer("fibula", fibula, bone(S["fibula"], CORTEX_MM)))
-    layers.append(Layer("patella", patella, bone(S["patella"], CORTEX_MM, fluid_mm=3.0 + film, fluid_clip=capsule,
+    layers.append(Layer("patella", patella, bone(S["patella"], CORTEX_MM, fluid_mm=3.0 + film, fluid_clip=Offset(patella_articular, 1.0),
                                                  cartilage_mm=3.0, cartilage_structure=S["patellar_cartilage"],
                                                  cartilage_clip=patella_articular)))
 
