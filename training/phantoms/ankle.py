@@ -18,7 +18,7 @@ import numpy as np
 from training.phantoms.anatomy import CaseSpec, Tissue
 from training.phantoms.shapes import (
     BONE, HARD, INF, Band, Box, Ellipsoid, Frame, HalfSpace, Intersection, Layer, LayeredModel, Limb,
-    Offset, Rod, Shape, Union, bone, fibre_layers, rotation, solid)
+    Offset, Rod, Union, bone, fibre_layers, rotation, solid)
 
 TALUS_CENTRE = (0.0, 2.0, -14.0)
 CORTEX_MM = 1.2
@@ -39,27 +39,28 @@ def _param(spec: CaseSpec, key: str) -> float:
 
 def build_ankle(spec: CaseSpec) -> LayeredModel:
     """The ankle of one case; all random choices are in ``spec.params``/``spec.severity``."""
-    p = spec.params
     sev = {k: float(spec.severity.get(k, 0.0)) if spec.labels.get(k) else 0.0 for k in spec.labels}
     fr = ankle_frames(_param(spec, "plantarflexion_deg"))
     L, Fo = fr["leg"], fr["foot"]
     scale = _param(spec, "scale")
     fat_mm = _param(spec, "fat_mm") / scale * 0.7  # less subcutaneous fat at the ankle than at the knee
-    film = float(p.get("physio_fluid_mm", 0.6))
+    film = _param(spec, "physio_fluid_mm")
 
     tibia = Union(
         Rod(L.point((0, 2, 30)), L.point((0, 2, 330)), 12.0),
-        Intersection(Ellipsoid((0, 2, 22), (24, 20, 24), L), HalfSpace(L.point((0, 0, 3.5)), L.direction((0, 0, -1)))),
+        # the distal metaphysis flares gradually from the shaft to the plafond
+        Intersection(Ellipsoid((0, 3, 3.5), (23, 20, 75), L), HalfSpace(L.point((0, 0, 3.5)), L.direction((0, 0, -1)))),
         Rod(L.point((22, 3, 12)), L.point((22, 4, -10)), 6.5),  # medial malleolus
         k=5.0)
     tibia_articular = Ellipsoid((0, 2, 3.5), (19, 16, 4), L)
     fibula = Union(Rod(L.point((-21, 10, 60)), L.point((-19, 10, 330)), 6.5),
                    Rod(L.point((-21, 10, 60)), L.point((-24, 8, -16)), 7.0),
                    Ellipsoid((-24, 7, -6), (7, 9, 12), L), k=5.0)
-    talus = Union(Ellipsoid(TALUS_CENTRE, (14.5, 17, 14), Fo),
+    dome = Ellipsoid((0, 2, -10), (14.5, 17, 10), Fo)  # flat in the coronal plane, convex sagittally
+    talus = Union(dome, Ellipsoid((0, 3, -17), (13, 15, 11), Fo),
                   Rod(Fo.point((0, -8, -16)), Fo.point((2, -30, -20)), 10.0),
                   Ellipsoid((3, -33, -20), (12, 8, 11), Fo), k=4.0)
-    talus_articular = Intersection(Offset(Ellipsoid(TALUS_CENTRE, (14.5, 17, 14), Fo), 3.0),
+    talus_articular = Intersection(Offset(dome, 3.0),
                                    HalfSpace(Fo.point((0, 0, -9)), Fo.direction((0, 0, -1))))
     calc_frame = Fo.compose(Frame.about((-3, 22, -42), "u", -13))
     calcaneus = Union(Ellipsoid((-3, 20, -42), (15, 36, 15), calc_frame),
@@ -86,7 +87,9 @@ def build_ankle(spec: CaseSpec) -> LayeredModel:
         Ellipsoid((0, -40, -60), (14, 35, 7), Fo),  # flexor digitorum brevis
     )
     layers.append(Layer("muscles", muscles, solid(Tissue.MUSCLE)))
-    layers.append(Layer("posterior_tibial_vessels", Rod(L.point((12, 18, 120)), Fo.point((16, -10, -36)), 2.5), solid(Tissue.VESSEL)))
+    vessels = Union(Rod(L.point((10, 18, 120)), L.point((19, 15, -6)), 2.5),  # behind the medial malleolus
+                    Rod(L.point((19, 15, -6)), Fo.point((14, -20, -48)), 2.5))  # into the sole
+    layers.append(Layer("posterior_tibial_vessels", vessels, solid(Tissue.VESSEL)))
     layers.append(Layer("anterior_recess", Ellipsoid((0, -17, 1), (14, 0.5 + film, 4), L), solid(Tissue.FLUID, never_over=HARD)))
     layers.append(Layer("posterior_recess", Ellipsoid((0, 19, -1), (14, 0.5 + film, 5), L), solid(Tissue.FLUID, never_over=HARD)))
 
@@ -100,7 +103,7 @@ def build_ankle(spec: CaseSpec) -> LayeredModel:
 
     s_olt = sev.get("olt", 0.0)
     if s_olt:
-        site = (8.0, 7.0) if p.get("olt_site", 1.0) >= 0.5 else (-8.0, -6.0)  # posteromedial / anterolateral
+        site = (8.0, 7.0) if _param(spec, "olt_site") >= 0.5 else (-8.0, -6.0)  # posteromedial / anterolateral
         u, v = site
         layers.append(Layer("olt_edema", Ellipsoid((u, v, -5), (5 + 5 * s_olt, 5 + 5 * s_olt, 4 + 4 * s_olt), Fo),
                             [Band(Tissue.MARROW_EDEMA, None, only_over=frozenset({Tissue.MARROW}))]))
@@ -130,9 +133,9 @@ def build_ankle(spec: CaseSpec) -> LayeredModel:
     ]
     layers.append(Layer("tendons", Union(*tendons), solid(Tissue.LIGAMENT, never_over=HARD)))
 
-    R = rotation("w", float(p.get("rot_w_deg", 0.0))) @ rotation("v", float(p.get("rot_v_deg", 0.0))) \
-        @ rotation("u", float(p.get("rot_u_deg", 0.0)))
+    R = rotation("w", _param(spec, "rot_w_deg")) @ rotation("v", _param(spec, "rot_v_deg")) \
+        @ rotation("u", _param(spec, "rot_u_deg"))
     side = 1.0 if spec.laterality == "L" else -1.0
-    center = np.array([side * float(p.get("offset_x_mm", 100.0)), float(p.get("offset_y_mm", 0.0)),
-                       float(p.get("offset_z_mm", 0.0))])
+    center = np.array([side * _param(spec, "offset_x_mm"), _param(spec, "offset_y_mm"),
+                       _param(spec, "offset_z_mm")])
     return LayeredModel("ankle", spec.laterality, center, R, layers, np.array([140.0, 170.0, 160.0]) * scale, scale=scale)

@@ -24,7 +24,7 @@ import numpy as np
 from inference.labels import STRUCTURE_INDEX
 from training.phantoms.anatomy import CaseSpec, Tissue
 from training.phantoms.shapes import (
-    BONE, EDEMA_OVER, FIBRE_NEVER, HARD, IDENTITY, INF, Band, Box, Difference, Ellipsoid, Frame,
+    BONE, HARD, INF, Band, Box, Difference, Ellipsoid, Frame,
     HalfSpace, Intersection, Layer, LayeredModel, Limb, Offset, Ring, Rod, Shape, Union, bone,
     fibre_layers, rotation, solid)
 
@@ -169,18 +169,24 @@ def meniscal_tear(ring: Ring, severity: float, kind: float, center_deg: float) -
     return MeniscalTear(ring, 90.0, rc=0.78, wc=2.0, thickness=thickness, center_deg=center_deg, half_deg=half)
 
 
+def _param(spec: CaseSpec, key: str) -> float:
+    try:
+        return float(spec.params[key])
+    except KeyError:
+        raise KeyError(f"knee case {spec.case_id!r}: spec.params lacks {key!r} (draw it with sample_case)") from None
+
+
 def build_knee(spec: CaseSpec) -> LayeredModel:
     """The knee of one case; every random choice is already in ``spec.params``/``spec.severity``."""
-    p = spec.params
     sev = {k: float(spec.severity.get(k, 0.0)) if spec.labels.get(k) else 0.0 for k in spec.labels}
-    flex = float(p["flexion_deg"])
+    flex = _param(spec, "flexion_deg")
     s_pd = sev.get("pd", 0.0)
     fr = knee_frames(flex, pd_shift_mm=(4.0 + 10.0 * s_pd) if s_pd else 0.0, pd_tilt_deg=(6.0 + 12.0 * s_pd) if s_pd else 0.0)
     F, T, P = fr["femur"], fr["tibia"], fr["patella"]
-    scale = float(p["scale"])
-    fat_mm = float(p["fat_mm"]) / scale
+    scale = _param(spec, "scale")
+    fat_mm = _param(spec, "fat_mm") / scale
     s_eff = sev.get("effusion", 0.0)
-    film = float(p.get("physio_fluid_mm", 0.6)) + 3.5 * s_eff
+    film = _param(spec, "physio_fluid_mm") + 3.5 * s_eff
 
     femur, femur_articular, _notch = _femur(F)
     tibia, tibia_articular = _tibia(T)
@@ -214,7 +220,7 @@ def build_knee(spec: CaseSpec) -> LayeredModel:
     layers.append(Layer("popliteal_vein", Rod(F.point((-3, 50, 110)), T.point((-3, 48, -90)), 4.5), solid(Tissue.VESSEL)))
 
     # --- joint fluid: suprapatellar recess (distended by effusion) and films on the articular surfaces
-    h = float(p.get("physio_fluid_mm", 0.6)) + 9.0 * s_eff
+    h = _param(spec, "physio_fluid_mm") + 9.0 * s_eff
     recess = Ellipsoid((0, -14.0 - h, 58 + 8 * s_eff), (24 + 8 * s_eff, h, 20 + 12 * s_eff), F)
     layers.append(Layer("suprapatellar_recess", recess, solid(Tissue.FLUID, never_over=HARD)))
     if s_eff > 0:
@@ -240,7 +246,7 @@ def build_knee(spec: CaseSpec) -> LayeredModel:
     # --- bone bruises (marrow edema painted only over marrow; the bone keeps its structure)
     bruises: list[Shape] = []
     s_acl = sev.get("acl", 0.0)
-    if s_acl and p.get("acl_bruise", 0.0) >= 0.5:  # pivot-shift pattern
+    if s_acl and _param(spec, "acl_bruise") >= 0.5:  # pivot-shift pattern
         bruises.append(Ellipsoid((-24, -4, 8), (7 + 6 * s_acl, 9 + 8 * s_acl, 5 + 5 * s_acl), F))
         bruises.append(Ellipsoid((-24, 20, -7), (7 + 5 * s_acl, 7 + 5 * s_acl, 6 + 4 * s_acl), T))
     if s_pd:  # impaction of the medial patellar facet on the lateral femoral condyle
@@ -254,8 +260,8 @@ def build_knee(spec: CaseSpec) -> LayeredModel:
     layers.append(Layer("lateral_meniscus", lm, solid(Tissue.FIBROCARTILAGE, S["lateral_meniscus"], never_over=BONE)))
     for key, ring in (("mm", mm), ("lm", lm)):
         if sev.get(key):
-            tear = meniscal_tear(ring, sev[key], float(p.get(f"{key}_tear_kind", 0.0)),
-                                 float(p.get(f"{key}_tear_center_deg", 90.0)))
+            tear = meniscal_tear(ring, sev[key], _param(spec, f"{key}_tear_kind"),
+                                 _param(spec, f"{key}_tear_center_deg"))
             layers.append(Layer(f"{key}_tear", tear, [Band(Tissue.TEAR, None, only_over=frozenset({Tissue.FIBROCARTILAGE}))]))
 
     # --- ligaments and tendons
@@ -263,13 +269,13 @@ def build_knee(spec: CaseSpec) -> LayeredModel:
     pcl = Rod(F.point((9, 4, 18)), T.point((0, 25, -9)), 6.0, 5.5, flat=0.8, wide=(1, 0, 0))
     mcl = Rod(F.point((41, 6, 34)), T.point((39, -2, -55)), 12.0, 11.0, flat=0.2, wide=(0, 1, 0))
     lcl = Rod(F.point((-38, 8, 32)), T.point((-36, 16, -14)), 3.0)
-    layers += fibre_layers("acl", acl, S["acl"], s_acl, "rupture", at=float(p.get("acl_tear_at", 0.5)),
+    layers += fibre_layers("acl", acl, S["acl"], s_acl, "rupture", at=_param(spec, "acl_tear_at"),
                            deep=(1, 0, 0), sag=T.direction((0, -3, -4)))
-    layers += fibre_layers("pcl", pcl, S["pcl"], sev.get("pcl", 0.0), "rupture", at=float(p.get("pcl_tear_at", 0.5)),
+    layers += fibre_layers("pcl", pcl, S["pcl"], sev.get("pcl", 0.0), "rupture", at=_param(spec, "pcl_tear_at"),
                            deep=(0, 1, 0))
-    layers += fibre_layers("mcl", mcl, 0, sev.get("mcl", 0.0), "sprain", at=float(p.get("mcl_tear_at", 0.25)),
+    layers += fibre_layers("mcl", mcl, 0, sev.get("mcl", 0.0), "sprain", at=_param(spec, "mcl_tear_at"),
                            deep=(-1, 0, 0))
-    layers += fibre_layers("lcl", lcl, 0, sev.get("lcl", 0.0), "sprain", at=float(p.get("lcl_tear_at", 0.3)),
+    layers += fibre_layers("lcl", lcl, 0, sev.get("lcl", 0.0), "sprain", at=_param(spec, "lcl_tear_at"),
                            deep=(1, 0, 0))
     patellar_tendon = Rod(P.point((0, -46, 20)), T.point((0, -27, -38)), 12.0, 11.0, flat=0.3, wide=(1, 0, 0))
     quadriceps_tendon = Rod(P.point((0, -47, 56)), F.point((0, -36, 110)), 13.0, 14.0, flat=0.3, wide=(1, 0, 0))
@@ -277,13 +283,13 @@ def build_knee(spec: CaseSpec) -> LayeredModel:
     lateral_retinaculum = Rod(P.point((-21, -42, 38)), F.point((-38, 2, 36)), 7.0, 5.0, flat=0.2, wide=(0, 0, 1))
     layers += fibre_layers("patellar_tendon", patellar_tendon)
     layers += fibre_layers("quadriceps_tendon", quadriceps_tendon)
-    layers += fibre_layers("mpfl", mpfl, 0, s_pd, "sprain", at=float(p.get("mpfl_tear_at", 0.2)), deep=(0, 1, 0))
+    layers += fibre_layers("mpfl", mpfl, 0, s_pd, "sprain", at=_param(spec, "mpfl_tear_at"), deep=(0, 1, 0))
     layers += fibre_layers("lateral_retinaculum", lateral_retinaculum)
 
-    R = rotation("w", float(p.get("rot_w_deg", 0.0))) @ rotation("v", float(p.get("rot_v_deg", 0.0))) \
-        @ rotation("u", float(p.get("rot_u_deg", 0.0)))
+    R = rotation("w", _param(spec, "rot_w_deg")) @ rotation("v", _param(spec, "rot_v_deg")) \
+        @ rotation("u", _param(spec, "rot_u_deg"))
     side = 1.0 if spec.laterality == "L" else -1.0
-    center = np.array([side * float(p.get("offset_x_mm", 90.0)), float(p.get("offset_y_mm", 0.0)),
-                       float(p.get("offset_z_mm", 0.0))])
+    center = np.array([side * _param(spec, "offset_x_mm"), _param(spec, "offset_y_mm"),
+                       _param(spec, "offset_z_mm")])
     extent = np.array([150.0, 150.0, 180.0]) * scale
     return LayeredModel("knee", spec.laterality, center, R, layers, extent, scale=scale)

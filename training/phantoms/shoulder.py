@@ -12,8 +12,8 @@ the groove and the cuff insertions with it.
 
 The rotator cuff is modelled as sectors of a spherical shell over the humeral head (the
 tendons hug the head on their way to the tuberosities); tears are sub-sectors of that shell
-next to the footprint.  Dimensions (mm, scale 1): head radius 23, cartilage 1.5, cuff 5 mm
-thick, acromion 8 mm thick 40 mm above... the head top, LHBT 5 mm.
+next to the footprint.  Dimensions (mm, scale 1): head radius 23, cartilage 1.5, cuff 5.5 mm
+thick, acromion about 8 mm thick with its undersurface 8-9 mm above the cuff, LHBT 5 mm wide.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import numpy as np
 
 from training.phantoms.anatomy import CaseSpec, Tissue
 from training.phantoms.shapes import (
-    BONE, EDEMA_OVER, Difference, FIBRE_NEVER, HARD, INF, Band, Ellipsoid, Frame, HalfSpace, Intersection, Layer,
-    LayeredModel, Limb, Offset, Ring, Rod, Shape, Shell, Union, bone, fibre_layers, rotation, solid)
+    BONE, EDEMA_OVER, Difference, HARD, INF, Band, Ellipsoid, Frame, HalfSpace, Intersection, Layer,
+    LayeredModel, Limb, Offset, Ring, Rod, Shape, Shell, Union, bone, rotation, solid)
 
 HEAD_R = 23.0
 CARTILAGE_MM = 1.5
@@ -50,11 +50,10 @@ def _sector(H: Frame, normal_lo: tuple[float, float, float], normal_hi: tuple[fl
 
 def build_shoulder(spec: CaseSpec) -> LayeredModel:
     """The shoulder of one case; all random choices are in ``spec.params``/``spec.severity``."""
-    p = spec.params
     sev = {k: float(spec.severity.get(k, 0.0)) if spec.labels.get(k) else 0.0 for k in spec.labels}
     scale = _param(spec, "scale")
     fat_mm = _param(spec, "fat_mm") / scale
-    film = float(p.get("physio_fluid_mm", 0.6))
+    film = _param(spec, "physio_fluid_mm")
     B = Frame()  # body (scapula, clavicle)
     H = Frame.about((0, 0, 0), (0.25, 0, 1), _param(spec, "arm_rotation_deg"))  # humerus
 
@@ -92,8 +91,10 @@ def build_shoulder(spec: CaseSpec) -> LayeredModel:
     core = Union(torso, arm, cap, k=15.0)
     layers.append(Layer("envelope", Offset(core, fat_mm * 0.6 + SKIN_MM), [
         Band(Tissue.SKIN, 0, -SKIN_MM, 0.0), Band(Tissue.FAT, 0, -INF, -SKIN_MM)]))
-    deltoid = Intersection(Shell(Ellipsoid((-4, 0, 0), (HEAD_R + 30,) * 3, H), -17.0, 0.0),
-                           HalfSpace(B.point((40, 0, 0)), B.direction((1, 0, 0))),
+    # deltoid: a thick cap over the lateral, anterior and posterior head, from the acromion
+    # and clavicle down to its humeral insertion; never medial to the glenoid
+    deltoid = Intersection(Shell(Ellipsoid((-4, 0, -8), (49, 47, 56), B), -15.0, 0.0),
+                           HalfSpace(B.point((12, 0, 0)), B.direction((1, 0, 0))),
                            HalfSpace(B.point((0, 0, 44)), B.direction((0, 0, 1))))
     muscles = Union(
         deltoid,
@@ -102,8 +103,11 @@ def build_shoulder(spec: CaseSpec) -> LayeredModel:
         Ellipsoid((75, 12, -25), (50, 11, 42), B),  # subscapularis
         Ellipsoid((40, -35, -40), (40, 15, 40), B),  # pectoralis major
         Ellipsoid((-10, -30, -90), (14, 13, 60), H),  # biceps / coracobrachialis
+        Ellipsoid((70, 30, 62), (60, 16, 22), B),  # trapezius
+        Ellipsoid((90, 50, -70), (40, 14, 50), B),  # teres major / minor
     )
     layers.append(Layer("muscles", muscles, solid(Tissue.MUSCLE)))
+    layers.append(Layer("lung", Ellipsoid((150, 10, -70), (55, 60, 110), B), solid(Tissue.AIR)))
     layers.append(Layer("axillary_vessels", Rod(B.point((60, -20, -30)), H.point((5, -15, -140)), 4.0), solid(Tissue.VESSEL)))
 
     # --- rotator cuff tendons: shells over the head, three sectors
@@ -169,8 +173,8 @@ def build_shoulder(spec: CaseSpec) -> LayeredModel:
                             [Band(Tissue.TEAR, None, only_over=frozenset({Tissue.FIBROCARTILAGE}))]))
 
     # --- cuff tendons and tears
-    full = p.get("cuff_full_thickness", 1.0) >= 0.5
-    bursal = p.get("cuff_bursal_side", 0.0) >= 0.5
+    full = _param(spec, "cuff_full_thickness") >= 0.5
+    bursal = _param(spec, "cuff_bursal_side") >= 0.5
     for key, sector, footprint in (("ssp", ssp_sector, (-1.0, 0.0, 0.35)), ("isp", isp_sector, (-0.9, 0.7, 0.1)),
                                    ("ssc", ssc_sector, (-0.4, -1.0, -0.1))):
         layers.append(Layer(f"{key}_tendon", Intersection(cuff_shell, sector), solid(Tissue.LIGAMENT, never_over=HARD)))
@@ -194,7 +198,7 @@ def build_shoulder(spec: CaseSpec) -> LayeredModel:
     # --- long head of biceps: intra-articular arch from the supraglenoid tubercle, then the groove
     s_lhbt = sev.get("lhbt", 0.0)
     arch = Rod(B.point((glenoid_face_u, 0, 21)), H.point((-12, -18, 20)), 2.6)
-    if s_lhbt and p.get("lhbt_rupture", 0.0) >= 0.5 and s_lhbt > 0.5:
+    if s_lhbt and _param(spec, "lhbt_rupture") >= 0.5 and s_lhbt > 0.5:
         # rupture: the groove is empty (fluid/fat), the retracted stump lies distally
         layers.append(Layer("lhbt_empty_groove", Offset(lhbt_groove, 0.5), solid(Tissue.FLUID, never_over=HARD)))
         layers.append(Layer("lhbt_stump", Rod(H.point((-14, -22, -70)), H.point((-12, -24, -120)), 3.5),
@@ -209,9 +213,9 @@ def build_shoulder(spec: CaseSpec) -> LayeredModel:
                               never_over=HARD))
         layers.append(Layer("lhbt", tendon, bands))
 
-    R = rotation("w", float(p.get("rot_w_deg", 0.0))) @ rotation("v", float(p.get("rot_v_deg", 0.0))) \
-        @ rotation("u", float(p.get("rot_u_deg", 0.0)))
+    R = rotation("w", _param(spec, "rot_w_deg")) @ rotation("v", _param(spec, "rot_v_deg")) \
+        @ rotation("u", _param(spec, "rot_u_deg"))
     side = 1.0 if spec.laterality == "L" else -1.0
-    center = np.array([side * float(p.get("offset_x_mm", 170.0)), float(p.get("offset_y_mm", 0.0)),
-                       float(p.get("offset_z_mm", 0.0))])
+    center = np.array([side * _param(spec, "offset_x_mm"), _param(spec, "offset_y_mm"),
+                       _param(spec, "offset_z_mm")])
     return LayeredModel("shoulder", spec.laterality, center, R, layers, np.array([160.0, 160.0, 160.0]) * scale, scale=scale)
