@@ -25,6 +25,7 @@ import enum
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    select,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
@@ -433,3 +435,177 @@ def current_revision(engine: Engine) -> str | None:
 
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
+
+
+# --------------------------------------------------------------------------- receiving
+
+
+class SeriesStudyMismatchError(ValueError):
+    """A Series Instance UID already recorded under another Study Instance UID."""
+
+    def __init__(self, series_uid: str, recorded_study_uid: str, received_study_uid: str) -> None:
+        self.series_uid = series_uid
+        self.recorded_study_uid = recorded_study_uid
+        self.received_study_uid = received_study_uid
+        super().__init__(
+            f"series {series_uid} is recorded under study {recorded_study_uid} but arrived with study {received_study_uid}"
+        )
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What the listener knows about one stored instance; the input of :func:`record_instance`."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    #: relative to the storage root
+    path: str
+    size_bytes: int
+    sha256: str
+    received_at: datetime
+    calling_ae_title: str | None = None
+    peer_host: str | None = None
+    patient_id_hash: str | None = None
+    accession_number: str | None = None
+    study_description: str | None = None
+    modality: str | None = None
+    series_description: str | None = None
+    series_number: int | None = None
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    """What :func:`record_instance` did."""
+
+    instance: Instance
+    #: a row was inserted (a new SOP Instance UID for the database)
+    inserted: bool
+    #: the study/series/instance rows changed (new instance, or new content / location)
+    changed: bool
+    #: the instance's previous file when it moved to another series (the caller removes it)
+    previous_path: str | None
+
+
+def _insert_ignoring_conflict(session: Session, model: type[Base], key: str, values: dict[str, Any]) -> None:
+    """``INSERT ... ON CONFLICT (key) DO NOTHING``: two associations may create the same study
+    or series at the same moment; the loser then simply finds the winner's row."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
+    else:
+        raise NotImplementedError(f"database dialect {dialect!r} is not supported (use SQLite or PostgreSQL)")
+    session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=[key]))
+
+
+def record_instance(session: Session, info: ReceivedInstance, *, content_changed: bool = True) -> RecordResult:
+    """Upsert the study, series and instance rows of a stored instance and add an event.
+
+    ``content_changed`` is false when storage found the same bytes already in place (or
+    kept the first copy): an existing row is then left as it is, so a resend does not make
+    a finished study "receiving" again; a missing row (the node stopped between writing the
+    file and committing) is still inserted.  A new or changed instance puts its study back
+    in ``receiving``.  The caller commits.
+    """
+    now = info.received_at
+    _insert_ignoring_conflict(
+        session,
+        Study,
+        "study_instance_uid",
+        dict(
+            study_instance_uid=info.study_instance_uid,
+            patient_id_hash=info.patient_id_hash,
+            accession_number=info.accession_number,
+            study_description=info.study_description,
+            calling_ae_title=info.calling_ae_title,
+            first_received_at=now,
+            last_received_at=now,
+            state=StudyState.RECEIVING,
+            state_changed_at=now,
+        ),
+    )
+    study = session.execute(select(Study).where(Study.study_instance_uid == info.study_instance_uid)).scalar_one()
+    _insert_ignoring_conflict(
+        session,
+        Series,
+        "series_instance_uid",
+        dict(
+            series_instance_uid=info.series_instance_uid,
+            study_id=study.id,
+            modality=info.modality,
+            series_description=info.series_description,
+            series_number=info.series_number,
+            first_received_at=now,
+            last_received_at=now,
+            instance_count=0,
+        ),
+    )
+    series = session.execute(select(Series).where(Series.series_instance_uid == info.series_instance_uid)).scalar_one()
+    if series.study_id != study.id:
+        recorded = session.get(Study, series.study_id)
+        raise SeriesStudyMismatchError(
+            info.series_instance_uid, recorded.study_instance_uid if recorded else "?", info.study_instance_uid
+        )
+
+    instance = session.execute(
+        select(Instance).where(Instance.sop_instance_uid == info.sop_instance_uid)
+    ).scalar_one_or_none()
+    inserted = instance is None
+    previous_path: str | None = None
+    if instance is not None and not content_changed:
+        changed = False
+    else:
+        changed = True
+        fields = dict(
+            sop_class_uid=info.sop_class_uid,
+            transfer_syntax_uid=info.transfer_syntax_uid,
+            path=info.path,
+            size_bytes=info.size_bytes,
+            sha256=info.sha256,
+            received_at=now,
+            calling_ae_title=info.calling_ae_title,
+            peer_host=info.peer_host,
+        )
+        if instance is None:
+            instance = Instance(sop_instance_uid=info.sop_instance_uid, series_id=series.id, **fields)
+            session.add(instance)
+            series.instance_count = Series.instance_count + 1
+        else:
+            if instance.series_id != series.id:
+                old_series = session.get(Series, instance.series_id)
+                if old_series is not None:
+                    old_series.instance_count = Series.instance_count - 1
+                instance.series_id = series.id
+                series.instance_count = Series.instance_count + 1
+            if instance.path != info.path:
+                previous_path = instance.path
+            for key, value in fields.items():
+                setattr(instance, key, value)
+        series.last_received_at = now
+        study.last_received_at = now
+        if study.state is not StudyState.RECEIVING:
+            study.state = StudyState.RECEIVING
+            study.state_changed_at = now
+    session.add(
+        EventRecord(
+            time=now,
+            kind="instance_stored" if inserted else ("instance_replaced" if changed else "instance_resent"),
+            study_instance_uid=info.study_instance_uid,
+            series_instance_uid=info.series_instance_uid,
+            sop_instance_uid=info.sop_instance_uid,
+            message=f"from {info.calling_ae_title or '?'}@{info.peer_host or '?'}, {info.size_bytes} bytes",
+        )
+    )
+    session.flush()
+    return RecordResult(instance=instance, inserted=inserted, changed=changed, previous_path=previous_path)
+
+
+def add_event(session: Session, kind: str, message: str = "", **refs: Any) -> EventRecord:
+    """Append an audit event; ``refs``: study_instance_uid, series_instance_uid, sop_instance_uid, job_id."""
+    record = EventRecord(time=utcnow(), kind=kind, message=message, **refs)
+    session.add(record)
+    return record

@@ -1,0 +1,53 @@
+"""The database checks of ``test_db.py`` on a real PostgreSQL server on loopback.
+
+The server comes from ``ORTHONODE_TEST_POSTGRES_URL`` or is started by the
+``postgres_server_url`` fixture (see ``conftest.py``); each test gets a fresh database.
+"""
+from __future__ import annotations
+
+from sqlalchemy import inspect
+
+from dicom_node import db
+from tests.dicom_node.test_db import (
+    check_concurrent_receivers,
+    check_constraints,
+    check_migrations_match_models,
+    check_record_instance,
+    check_timestamps,
+)
+
+
+def test_migrations_match_models_postgres(postgres_url: str) -> None:
+    check_migrations_match_models(postgres_url)
+
+
+def test_record_instance_postgres(postgres_url: str) -> None:
+    check_record_instance(postgres_url)
+
+
+def test_constraints_postgres(postgres_url: str) -> None:
+    check_constraints(postgres_url)
+
+
+def test_timestamps_postgres(postgres_url: str) -> None:
+    check_timestamps(postgres_url)
+
+
+def test_concurrent_receivers_postgres(postgres_url: str) -> None:
+    # READ COMMITTED with several connections: the ON CONFLICT upserts must hold the race
+    check_concurrent_receivers(postgres_url, threads=6, per_thread=5)
+
+
+def test_postgres_column_types(postgres_url: str) -> None:
+    """Timestamps are TIMESTAMP WITH TIME ZONE and states plain VARCHAR (no native enum type)."""
+    db.upgrade_database(postgres_url)
+    engine = db.make_engine(postgres_url)
+    try:
+        columns = {c["name"]: c for c in inspect(engine).get_columns("jobs")}
+        assert columns["created_at"]["type"].timezone is True
+        assert type(columns["state"]["type"]).__name__ == "VARCHAR"
+        assert inspect(engine).get_enums() == []
+        checks = {c["name"] for c in inspect(engine).get_check_constraints("jobs")}
+        assert "ck_jobs_job_state" in checks
+    finally:
+        engine.dispose()
