@@ -25,10 +25,10 @@ from typing import Protocol
 import numpy as np
 
 from inference.labels import JOINTS, label_keys
-from training.phantoms.acquisition import AcquiredSeries, BiasField, acquire_series, plan_protocol
+from training.phantoms.acquisition import AcquiredSeries, BiasField, SeriesPlan, acquire_series, plan_protocol
 from training.phantoms.anatomy import Anatomy, CaseSpec
 from training.phantoms.dicom_writer import TRANSFER_SYNTAXES, StudyContext, write_series
-from training.phantoms.sites import SITES, get_site
+from training.phantoms.sites import SITES, SiteProfile, get_site
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,54 @@ def _check_arguments(joint: str, cases: int, seed: int, site: str | None, transf
         raise ValueError(f"matrix must be between 32 and 1024, got {matrix}")
 
 
+@dataclass(eq=False)
+class PlannedCase:
+    """A case drawn and planned but not yet imaged: what :func:`generate_case` will acquire."""
+
+    spec: CaseSpec
+    anatomy: Anatomy
+    site: SiteProfile
+    plans: list[SeriesPlan]
+    study: StudyContext
+    bias: BiasField
+    rng: np.random.Generator  # the acquisition stream, positioned after planning
+
+
+def plan_case(
+    joint: str,
+    index: int,
+    seed: int = 0,
+    site: str | None = None,
+    matrix: int = 256,
+    case_source: CaseSource | None = None,
+    oblique: bool | None = None,
+    distractor: str | None = None,
+) -> PlannedCase:
+    """Draw case number ``index`` (0-based) and plan its examination, without imaging it.
+
+    Cheap (no anatomy evaluation), so callers can look at the labels and the protocol of
+    many cases before generating some.  ``oblique`` and ``distractor`` override the random
+    protocol choices (see :func:`training.phantoms.acquisition.plan_protocol`).
+    """
+    _check_arguments(joint, 1, seed, site, "explicit", matrix)
+    source = case_source if case_source is not None else default_case_source()
+    site_rng, anatomy_rng, acq_rng = _streams(seed, joint, index)
+    site_name = site if site is not None else str(site_rng.choice(list(SITES)))
+    profile = get_site(site_name)
+    case_id = case_id_for(joint, index)
+    spec = source.sample_case(joint, anatomy_rng, case_id, site_name)
+    if spec.joint != joint or spec.case_id != case_id or spec.site != site_name:
+        raise ValueError(
+            f"sample_case returned joint/case_id/site {spec.joint!r}/{spec.case_id!r}/{spec.site!r}, "
+            f"expected {joint!r}/{case_id!r}/{site_name!r}"
+        )
+    anatomy = source.build_anatomy(spec)
+    plans = plan_protocol(anatomy, spec, profile, acq_rng, matrix=matrix, oblique=oblique, distractor=distractor)
+    study = StudyContext.create(spec, profile, f"orthonode-phantom/{seed}/{joint}/{case_id}/{site_name}/{matrix}", acq_rng)
+    bias = BiasField.random(anatomy.center, profile.bias_strength, acq_rng)
+    return PlannedCase(spec=spec, anatomy=anatomy, site=profile, plans=plans, study=study, bias=bias, rng=acq_rng)
+
+
 def generate_case(
     out: Path,
     joint: str,
@@ -109,26 +157,12 @@ def generate_case(
     :func:`training.phantoms.acquisition.plan_protocol`); the defaults draw them.
     """
     _check_arguments(joint, 1, seed, site, transfer_syntax, matrix)
-    source = case_source if case_source is not None else default_case_source()
-    site_rng, anatomy_rng, acq_rng = _streams(seed, joint, index)
-    site_name = site if site is not None else str(site_rng.choice(list(SITES)))
-    profile = get_site(site_name)
-    case_id = case_id_for(joint, index)
-    spec = source.sample_case(joint, anatomy_rng, case_id, site_name)
-    if spec.joint != joint or spec.case_id != case_id or spec.site != site_name:
-        raise ValueError(
-            f"sample_case returned joint/case_id/site {spec.joint!r}/{spec.case_id!r}/{spec.site!r}, "
-            f"expected {joint!r}/{case_id!r}/{site_name!r}"
-        )
-    anatomy = source.build_anatomy(spec)
-    plans = plan_protocol(anatomy, spec, profile, acq_rng, matrix=matrix, oblique=oblique, distractor=distractor)
-    study = StudyContext.create(spec, profile, f"orthonode-phantom/{seed}/{joint}/{case_id}/{site_name}/{matrix}", acq_rng)
-    bias = BiasField.random(anatomy.center, profile.bias_strength, acq_rng)
-
-    case_dir = Path(out) / case_id
+    planned = plan_case(joint, index, seed, site, matrix, case_source, oblique, distractor)
+    spec, study = planned.spec, planned.study
+    case_dir = Path(out) / spec.case_id
     series: list[AcquiredSeries] = []
-    for plan in plans:
-        acquired = acquire_series(anatomy, plan, profile, bias, acq_rng)
+    for plan in planned.plans:
+        acquired = acquire_series(planned.anatomy, plan, planned.site, planned.bias, planned.rng)
         write_series(acquired, study, case_dir / "dicom" / plan.folder_name, transfer_syntax)
         if joint == "knee" and len(plan.stacks) == 1:
             write_mask(case_dir / "masks" / f"{study.series_uid(plan.series_number)}.nii.gz", acquired)

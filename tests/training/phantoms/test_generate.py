@@ -21,7 +21,7 @@ from training.phantoms.acquisition import (
     sample_stack,
 )
 from training.phantoms.contrast import signal_table
-from training.phantoms.generate import CASE_COLUMNS, generate_case, generate_dataset
+from training.phantoms.generate import CASE_COLUMNS, case_id_for, generate_case, generate_dataset
 from training.phantoms.sites import SITES, get_site
 
 
@@ -348,3 +348,68 @@ def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture
         with pytest.raises(SystemExit):
             parser.parse_args(argv)
         assert word in capsys.readouterr().err
+
+
+# --- the real anatomical models (training.phantoms.cases) through the same pipeline ---------
+
+
+@pytest.fixture(scope="module")
+def real_knees(tmp_path_factory: pytest.TempPathFactory):
+    """An effusion-negative and a clearly effusion-positive knee from the real models, at one
+    site, both with a PD fat-sat primary sagittal series (so the comparison is like for like)
+    and a second sagittal T1 series."""
+    from training.phantoms.generate import plan_case
+
+    out = tmp_path_factory.mktemp("real_knees")
+    chosen: dict[int, int] = {}
+    options = dict(seed=13, site="siemens_3t_a", matrix=80, distractor="second_sagittal", oblique=True)
+    for index in range(60):
+        planned = plan_case("knee", index, **options)
+        sagittal = next(p for p in planned.plans if p.plane == "sagittal" and p.role == "primary")
+        effusion = planned.spec.labels["effusion"]
+        if sagittal.sequence != "PD_FS" or effusion in chosen:
+            continue
+        if effusion and planned.spec.severity["effusion"] < 0.4:
+            continue
+        chosen[effusion] = index
+        if len(chosen) == 2:
+            return {label: generate_case(out, "knee", index, **options) for label, index in chosen.items()}
+    pytest.fail("no suitable effusion-positive / effusion-negative pair among 60 knee cases")
+
+
+def test_real_knee_masks_align_across_planes(real_knees) -> None:
+    for case in real_knees.values():
+        folders = [f for f in _series_folders(case.case_dir)]
+        for structure in ("patella", "medial_meniscus", "lateral_meniscus", "acl", "pcl"):
+            centroids = np.array([_centroid_lps(_mask_for(case.case_dir, f), STRUCTURE_INDEX[structure]) for f in folders])
+            spread = np.max(np.linalg.norm(centroids - centroids.mean(axis=0), axis=1))
+            assert spread < 3.0, f"{case.spec.case_id} {structure}: centroids {spread:.1f} mm apart"
+
+
+def test_real_knee_marrow_contrast(real_knees) -> None:
+    for case in real_knees.values():
+        sagittals = {s.plan.sequence: s for s in case.series if s.plan.plane == "sagittal"}
+        assert "T1" in sagittals and len(sagittals) == 2
+        medians = {}
+        for sequence, series in sagittals.items():
+            folder = case.case_dir / "dicom" / series.plan.folder_name
+            pixels = _volume(folder)
+            mask = _mask_volume(_mask_for(case.case_dir, folder))
+            medians[sequence] = np.median(pixels[mask == STRUCTURE_INDEX["femur"]]) / np.percentile(pixels, 99.5)
+        fat_sat = next(value for key, value in medians.items() if key != "T1")
+        assert medians["T1"] > 0.45 and fat_sat < 0.25, medians
+
+
+def test_real_knee_effusion_visible(real_knees) -> None:
+    volumes = {}
+    for effusion, case in real_knees.items():
+        sagittal = next(s for s in case.series if s.plan.plane == "sagittal" and s.plan.role == "primary")
+        folder = case.case_dir / "dicom" / sagittal.plan.folder_name
+        pixels = _volume(folder)
+        mask = _mask_volume(_mask_for(case.case_dir, folder))
+        cartilage = [STRUCTURE_INDEX[k] for k in ("femoral_cartilage", "tibial_cartilage", "patellar_cartilage")]
+        # fluid is ~1.7x hyaline cartilage on PD fat-sat
+        bright = pixels > 1.3 * np.median(pixels[np.isin(mask, cartilage)])
+        ds = pydicom.dcmread(folder / "IMG0001.dcm", stop_before_pixels=True)
+        volumes[effusion] = bright.sum() * float(ds.PixelSpacing[0]) * float(ds.PixelSpacing[1]) * float(ds.SliceThickness) / 1000
+    assert volumes[1] > 2.0 * volumes[0] + 5.0, volumes
