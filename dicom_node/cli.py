@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("inference.cli", "run the model on one DICOM study folder and write its SEG and SR"),
     "check-config": ("dicom_node.check_config", "validate a node.yaml and show its main settings"),
     "demo": ("dicom_node.demo", "run the main job end to end on phantom data (what `make demo` runs)"),
+    "serve": ("dicom_node.cmd_serve", "run the node: DICOM listener, study assembly, jobs, export, /healthz, /metrics"),
+    "status": ("dicom_node.cmd_status", "studies, jobs, exports and failures recorded in the node's database"),
+    "retry": ("dicom_node.cmd_retry", "queue failed exports again"),
+    "echo": ("dicom_node.cmd_echo", "C-ECHO a configured export destination"),
 }
 
 

@@ -1,0 +1,204 @@
+"""Study assembly: deciding when a study has arrived, with quiet-period timers.
+
+DICOM has no "end of study" signal, so the node does what mercure and Orthanc do: a study is
+ready when no instance arrived for a quiet period, per series (``series_quiet_seconds`` since
+the series' last instance, for every series) and per study (``study_quiet_seconds`` since the
+study's last instance).  A study that keeps receiving is processed anyway once
+``forced_after_seconds`` have passed since the first instance of the current *episode* (the
+instances received after the study's previous job was queued).
+
+Timers are APScheduler date jobs, one per study (id ``assemble:<StudyInstanceUID>``), run by a
+single-threaded executor so checks never overlap.  Every new instance moves the study's timer
+(debounce).  A firing timer does not trust memory: it re-reads the times from the database,
+and either re-arms itself for the moment the study can be ready or queues a job through
+:func:`dicom_node.jobs.enqueue_if_changed`, which refuses a job for an instance set that the
+latest job already covers.  That is what prevents double firing when a study arrives in pieces
+or is sent twice, and it makes late instances re-trigger processing (a changed instance set
+gives a new job that supersedes the old one).
+
+Nothing here needs to survive a restart: at start-up :meth:`StudyAssembler.recover` re-arms a
+timer for every study still receiving (or complete without a job), computed from the times in
+the database.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.config import StudyAssemblySection
+from dicom_node.db import Instance, Job, JobState, Series, Study, StudyState, session_scope, utcnow
+from dicom_node.jobs import enqueue_if_changed
+
+log = logging.getLogger(__name__)
+# APScheduler logs every timer move at INFO ("Added job ..."), i.e. once per received instance;
+# the assembler logs its own decisions instead.
+logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """When a study can be processed and why (computed from the database)."""
+
+    study_instance_uid: str
+    #: the quiet periods of the study and of all its series have passed at this time
+    quiet_at: datetime
+    #: the forced upper limit of the current episode
+    forced_at: datetime
+    #: the series whose quiet period ends last (None: the study timer is the later one)
+    waiting_series: str | None
+
+    @property
+    def due_at(self) -> datetime:
+        return min(self.quiet_at, self.forced_at)
+
+    def reason(self, now: datetime) -> str | None:
+        """Why the study is ready at ``now``, or None when it is not."""
+        if now >= self.quiet_at:
+            return "quiet period passed (study and every series)"
+        if now >= self.forced_at:
+            return "forced: still receiving at the upper time limit"
+        return None
+
+
+def readiness(session: Session, study: Study, timers: StudyAssemblySection) -> Readiness:
+    """The quiet and forced times of ``study`` from its rows (UTC)."""
+    series_rows = session.execute(
+        select(Series.series_instance_uid, Series.last_received_at).where(Series.study_id == study.id)
+    ).all()
+    quiet_at = study.last_received_at + timedelta(seconds=timers.study_quiet_seconds)
+    waiting: str | None = None
+    for series_uid, last in series_rows:
+        series_quiet = last + timedelta(seconds=timers.series_quiet_seconds)
+        if series_quiet > quiet_at:
+            quiet_at, waiting = series_quiet, series_uid
+    last_job_at = session.scalar(
+        select(func.max(Job.created_at)).where(Job.study_id == study.id, Job.state != JobState.SUPERSEDED)
+    )
+    episode_start = study.first_received_at
+    if last_job_at is not None:
+        first_late = session.scalar(
+            select(func.min(Instance.received_at)).join(Series)
+            .where(Series.study_id == study.id, Instance.received_at > last_job_at)
+        )
+        episode_start = first_late if first_late is not None else study.last_received_at
+    if episode_start.tzinfo is None:  # pragma: no cover - db.UTCDateTime always returns aware values
+        raise ValueError("naive timestamp from the database")
+    forced_at = episode_start + timedelta(seconds=timers.forced_after_seconds)
+    return Readiness(study.study_instance_uid, quiet_at, forced_at, waiting)
+
+
+class StudyAssembler:
+    """Arms, moves and fires the per-study timers; queues jobs for ready studies.
+
+    ``on_job_queued(job_id)`` is called after the transaction that queued a job committed (the
+    node wakes its worker there).
+    """
+
+    def __init__(
+        self,
+        timers: StudyAssemblySection,
+        factory: sessionmaker[Session],
+        on_job_queued: Callable[[int], None] | None = None,
+    ) -> None:
+        self.timers = timers
+        self.factory = factory
+        self.on_job_queued = on_job_queued
+        self._scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(max_workers=1)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            timezone="UTC",
+        )
+        self._lock = threading.Lock()
+        #: study uid -> when its current episode started (memory only; the database has the truth)
+        self._episode: dict[str, datetime] = {}
+        self.fired: list[tuple[str, int]] = []  # (study uid, job id) of jobs queued, for tests/status
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._scheduler.start()
+        self.recover()
+
+    def stop(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=True)
+
+    @property
+    def running(self) -> bool:
+        return bool(self._scheduler.running)
+
+    def pending(self) -> list[str]:
+        """Study UIDs with an armed timer."""
+        return [job.id.removeprefix("assemble:") for job in self._scheduler.get_jobs()]
+
+    def recover(self) -> int:
+        """Arm a timer for every study still receiving, or complete without an open job."""
+        with session_scope(self.factory) as session:
+            uids = list(session.scalars(
+                select(Study.study_instance_uid).where(Study.state.in_([StudyState.RECEIVING, StudyState.COMPLETE]))
+            ))
+        for uid in uids:
+            self._arm(uid, utcnow())
+        if uids:
+            log.info("re-armed assembly timers for %d study(ies) after start-up", len(uids))
+        return len(uids)
+
+    # ------------------------------------------------------------------ events
+    def nudge(self, study_uid: str, series_uid: str | None = None) -> None:
+        """An instance of ``study_uid`` was stored: move the study's timer.
+
+        Called on the listener's association thread, so it only arms a timer (no database).
+        The timer is placed at the end of the longer quiet period, but never after the
+        episode's forced limit.
+        """
+        now = utcnow()
+        with self._lock:
+            episode = self._episode.setdefault(study_uid, now)
+        quiet = max(self.timers.series_quiet_seconds, self.timers.study_quiet_seconds)
+        due = min(now + timedelta(seconds=quiet), episode + timedelta(seconds=self.timers.forced_after_seconds))
+        log.debug("study %s series %s: instance stored; study timer at %s", study_uid, series_uid, due.isoformat())
+        self._arm(study_uid, due)
+
+    def _arm(self, study_uid: str, when: datetime) -> None:
+        self._scheduler.add_job(
+            self.check, trigger="date", run_date=when, args=[study_uid],
+            id=f"assemble:{study_uid}", replace_existing=True, name=f"assemble {study_uid}",
+        )
+
+    def check(self, study_uid: str) -> int | None:
+        """Timer callback: queue a job if the study is ready, else re-arm; returns the job id."""
+        now = utcnow()
+        job_id: int | None = None
+        try:
+            with session_scope(self.factory) as session:
+                study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).first()
+                if study is None:
+                    log.warning("study %s: timer fired but the study is not in the database", study_uid)
+                    return None
+                ready = readiness(session, study, self.timers)
+                reason = ready.reason(now)
+                if reason is None:
+                    waiting = f"series {ready.waiting_series}" if ready.waiting_series else "the study quiet period"
+                    log.debug("study %s: not ready, waiting for %s until %s", study_uid, waiting, ready.due_at.isoformat())
+                    self._arm(study_uid, ready.due_at)
+                    return None
+                job = enqueue_if_changed(session, study, reason)
+                job_id = job.id if job is not None else None
+        except Exception:  # the timer thread must go on; the study is retried in a few seconds
+            log.exception("study %s: assembly check failed; trying again in 5 s", study_uid)
+            self._arm(study_uid, utcnow() + timedelta(seconds=5))
+            return None
+        with self._lock:
+            self._episode.pop(study_uid, None)
+        if job_id is not None:
+            self.fired.append((study_uid, job_id))
+            if self.on_job_queued is not None:
+                self.on_job_queued(job_id)
+        return job_id

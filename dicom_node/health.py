@@ -1,0 +1,233 @@
+"""Operating the node: ``/healthz`` and ``/metrics`` on a loopback HTTP port.
+
+``/healthz`` answers 200 with a JSON body when every check passes and 503 otherwise; each check
+(listener, database, worker, exporter, disk) says what it saw, so a monitoring system or an
+administrator reading ``curl`` output knows which part is down.
+
+``/metrics`` is the Prometheus text format (``prometheus_client``).  Two kinds of metrics:
+
+* counted in the process (reset at restart, as Prometheus counters are expected to be):
+  instances received, job and export durations and outcomes, active associations;
+* read from the database at scrape time (:class:`DatabaseCollector`), so they survive a
+  restart and agree with ``orthonode status``: rejections and refusals by reason (from the
+  audit trail), studies, jobs and exports per state, and the queue depths.
+
+Each node has its own :class:`prometheus_client.CollectorRegistry`, so several nodes (tests)
+can live in one process.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.db import EventRecord, Export, ExportState, Instance, Job, JobState, Study, StudyState, session_scope
+
+log = logging.getLogger(__name__)
+# No ``*_created`` timestamp series next to every counter: they double the output and no
+# dashboard of ours reads them.
+disable_created_metrics()
+
+#: event kinds of the audit trail that count as a refused or dropped input, by reason
+REJECTION_EVENT_PREFIXES = ("rejected", "refused", "ignored", "duplicate")
+
+_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class NodeMetrics:
+    """The in-process metrics of one node, in its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.instances_received = Counter(
+            "orthonode_instances_received", "Instances stored by the listener since the node started",
+            registry=self.registry,
+        )
+        self.job_seconds = Histogram(
+            "orthonode_job_duration_seconds", "Wall time of finished jobs", ["state", "outcome"],
+            buckets=_DURATION_BUCKETS, registry=self.registry,
+        )
+        self.export_seconds = Histogram(
+            "orthonode_export_duration_seconds", "Time to send one result object", ["destination", "result"],
+            buckets=_DURATION_BUCKETS, registry=self.registry,
+        )
+        self.exports_sent = Counter(
+            "orthonode_export_attempts", "Export attempts by destination, object kind and result",
+            ["destination", "kind", "result"], registry=self.registry,
+        )
+        self.active_associations = Gauge(
+            "orthonode_active_associations", "DICOM associations open on the listener", registry=self.registry
+        )
+        self.up = Gauge("orthonode_up", "1 while the node is serving", registry=self.registry)
+
+    def job_finished(self, state: str, outcome: str, seconds: float) -> None:
+        self.job_seconds.labels(state=state, outcome=outcome).observe(seconds)
+
+    def export_finished(self, destination: str, kind: str, ok: bool, seconds: float) -> None:
+        result = "ok" if ok else "error"
+        self.export_seconds.labels(destination=destination, result=result).observe(seconds)
+        self.exports_sent.labels(destination=destination, kind=kind, result=result).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class DatabaseCollector(Collector):
+    """Metrics read from the database at each scrape (restart-proof, agree with ``status``)."""
+
+    def __init__(self, factory: sessionmaker[Session]) -> None:
+        self.factory = factory
+
+    def describe(self) -> list[Any]:
+        return []  # collected lazily; describing would query the database at registration
+
+    def collect(self) -> Iterator[Any]:
+        with session_scope(self.factory) as session:
+            studies = dict(session.execute(select(Study.state, func.count()).group_by(Study.state)).all())
+            jobs = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+            exports = dict(session.execute(select(Export.state, func.count()).group_by(Export.state)).all())
+            instances = session.scalar(select(func.count()).select_from(Instance)) or 0
+            events = session.execute(select(EventRecord.kind, func.count()).group_by(EventRecord.kind)).all()
+        for name, enum_cls, counts, help_text in (
+            ("orthonode_studies", StudyState, studies, "Studies by state"),
+            ("orthonode_jobs", JobState, jobs, "Jobs by state"),
+            ("orthonode_exports", ExportState, exports, "Exports by state"),
+        ):
+            family = GaugeMetricFamily(name, help_text, labels=["state"])
+            for state in enum_cls:
+                family.add_metric([state.value], float(counts.get(state, 0)))
+            yield family
+        queue = GaugeMetricFamily("orthonode_queue_depth", "Work waiting: queued jobs, pending exports", labels=["queue"])
+        queue.add_metric(["jobs"], float(jobs.get(JobState.QUEUED, 0)))
+        queue.add_metric(["exports"], float(exports.get(ExportState.PENDING, 0) + exports.get(ExportState.SENDING, 0)))
+        yield queue
+        yield GaugeMetricFamily("orthonode_instances_stored", "Instances in the database", value=float(instances))
+        rejections = CounterMetricFamily(
+            "orthonode_rejections", "Inputs refused or dropped, by reason (audit trail)", labels=["reason"]
+        )
+        recorded = CounterMetricFamily("orthonode_events", "Audit-trail events by kind", labels=["kind"])
+        for kind, count in events:
+            recorded.add_metric([kind], float(count))
+            if kind.startswith(REJECTION_EVENT_PREFIXES) or any(p in kind for p in REJECTION_EVENT_PREFIXES):
+                rejections.add_metric([kind], float(count))
+        yield rejections
+        yield recorded
+
+
+# --------------------------------------------------------------------------- health checks
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: bool
+    detail: str
+
+
+def check_database(factory: sessionmaker[Session]) -> Check:
+    started = time.monotonic()
+    try:
+        with session_scope(factory) as session:
+            session.execute(text("SELECT 1"))
+    except Exception as exc:  # reported in the health answer, which is what the check is for
+        return Check(False, f"{type(exc).__name__}: {exc}")
+    return Check(True, f"SELECT 1 in {1000 * (time.monotonic() - started):.0f} ms")
+
+
+def check_disk(path: Path, min_free_mb: int) -> Check:
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError as exc:
+        return Check(False, f"{path}: {exc}")
+    free_mb = usage.free // (1024 * 1024)
+    if free_mb < min_free_mb:
+        return Check(False, f"{free_mb} MB free on {path}, below storage.min_free_mb {min_free_mb}")
+    return Check(True, f"{free_mb} MB free on {path} (reserve {min_free_mb} MB)")
+
+
+def check_loop(name: str, alive: bool, last_loop_at: float | None, busy: bool, max_idle_seconds: float) -> Check:
+    """A worker-style thread: running, and its loop turned recently (unless it is busy on a job)."""
+    if not alive:
+        return Check(False, f"{name} thread is not running")
+    if busy:
+        return Check(True, f"{name} busy")
+    if last_loop_at is None or time.monotonic() - last_loop_at > max_idle_seconds:
+        return Check(False, f"{name} loop has not run for more than {max_idle_seconds:.0f} s")
+    return Check(True, f"{name} alive")
+
+
+class HealthServer:
+    """``/healthz`` and ``/metrics`` over HTTP in a background thread.
+
+    ``checks`` maps a name to a function returning a :class:`Check`; all run on each request.
+    """
+
+    def __init__(self, bind_address: str, port: int, checks: dict[str, Callable[[], Check]],
+                 render_metrics: Callable[[], bytes]) -> None:
+        self.checks = checks
+        self.render_metrics = render_metrics
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "orthonode"
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                path = self.path.split("?", 1)[0]
+                if path == "/healthz":
+                    status, body, ctype = server.healthz()
+                elif path == "/metrics":
+                    try:
+                        status, body, ctype = 200, server.render_metrics(), CONTENT_TYPE_LATEST
+                    except Exception as exc:  # a scrape during a database outage says so
+                        log.exception("/metrics failed")
+                        status, body, ctype = 500, f"metrics unavailable: {exc}\n".encode(), "text/plain"
+                else:
+                    status, body, ctype = 404, b"not found: try /healthz or /metrics\n", "text/plain"
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+                log.debug("http %s: " + format, self.address_string(), *args)
+
+        self._httpd = ThreadingHTTPServer((bind_address, port), Handler)
+        self._httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    def healthz(self) -> tuple[int, bytes, str]:
+        results = {name: check() for name, check in self.checks.items()}
+        ok = all(r.ok for r in results.values())
+        body = {"status": "ok" if ok else "fail",
+                "checks": {name: {"ok": r.ok, "detail": r.detail} for name, r in results.items()}}
+        return (200 if ok else 503), (json.dumps(body, indent=2) + "\n").encode(), "application/json"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="orthonode-http", daemon=True)
+        self._thread.start()
+        log.info("HTTP /healthz and /metrics on %s:%d", self._httpd.server_address[0], self.port)
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join(5)
+            self._thread = None
+        self._httpd.server_close()

@@ -1,0 +1,560 @@
+"""Jobs: one processing run of a study, queued in the database and run off the listener.
+
+Life of a job (``dicom_node.db.JobState``)::
+
+    queued --claim--> running --finish--> done | failed
+       ^                 |
+       +-- requeue ------+   (worker died: stale heartbeat, or found at start-up)
+    queued/running --> superseded   (the study changed: a newer job replaces this one)
+
+Why it is safe to kill the node at any moment:
+
+* A job is a row; the study assembler queues it in the same transaction that marks the study
+  complete (:func:`enqueue_if_changed`).  Nothing lives only in memory.
+* The running worker refreshes ``heartbeat_at`` every :data:`HEARTBEAT_SECONDS`.  At start-up,
+  running jobs of a dead worker (this host, a pid that no longer runs, or a heartbeat older than
+  the lease) go back to ``queued`` and run again from the start; the pipeline is a pure function
+  of its inputs, so the re-run writes the same objects with the same UIDs.
+* A job is only finished by a conditional update (still ``running``, still ours), and its
+  exports are queued in that same transaction.  A job that was re-queued or superseded while a
+  worker still ran it is finished by nobody twice: the late worker's results are discarded.  So
+  a study is exported once per job that completes, never twice for one job.
+* A study whose job keeps killing the node (e.g. out of memory) is not retried forever: after
+  :data:`MAX_JOB_ATTEMPTS` starts the job is marked failed.
+
+The worker runs :func:`inference.pipeline.run_study` on a *snapshot* of the study: hard links
+(same file system) to exactly the instances recorded when the job was claimed, so instances that
+arrive meanwhile neither change the running job nor get lost (they re-trigger assembly).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.config import NodeConfig
+from dicom_node.db import (
+    EventRecord,
+    Export,
+    ExportState,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    Study,
+    StudyState,
+    input_fingerprint,
+    session_scope,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+#: how often a running job's heartbeat is refreshed
+HEARTBEAT_SECONDS = 5.0
+#: a running job whose heartbeat is older than this belongs to a dead worker
+LEASE_SECONDS = 60.0
+#: starts of one job (crashes included) before it is marked failed
+MAX_JOB_ATTEMPTS = 3
+
+
+def worker_identity(index: int = 0) -> str:
+    """``host:pid:index``: lets a restarted node recognise jobs of its dead predecessor."""
+    return f"{socket.gethostname()}:{os.getpid()}:{index}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _dead_local_worker(worker_id: str | None) -> bool:
+    """True when ``worker_id`` names a process on this host that no longer runs (or is us:
+    a job recorded under our own pid before we started belongs to a previous life)."""
+    if not worker_id:
+        return True
+    parts = worker_id.split(":")
+    if len(parts) != 3 or parts[0] != socket.gethostname():
+        return False
+    try:
+        pid = int(parts[1])
+    except ValueError:
+        return False
+    return pid == os.getpid() or not _pid_alive(pid)
+
+
+def study_fingerprint(session: Session, study: Study) -> tuple[str, int]:
+    """(fingerprint, instance count) of the instances stored for ``study`` now."""
+    uids = list(session.scalars(select(Instance.sop_instance_uid).join(Series).where(Series.study_id == study.id)))
+    return input_fingerprint(uids), len(uids)
+
+
+def enqueue_if_changed(session: Session, study: Study, reason: str) -> Job | None:
+    """Queue a job for ``study`` unless its latest job already covers exactly these instances.
+
+    This is the guard against double firing: a timer that fires twice, a PACS that sends a
+    study again, or instances that arrive in pieces after the study was queued all end here,
+    and only a changed set of instances gives a new job.  Open (queued or running) jobs of the
+    study on another instance set are superseded by the new one.  Runs in the caller's
+    transaction.
+    """
+    fingerprint, count = study_fingerprint(session, study)
+    if count == 0:
+        log.info("study %s: no instances stored; nothing to queue", study.study_instance_uid)
+        return None
+    latest = session.scalars(
+        select(Job).where(Job.study_id == study.id, Job.state != JobState.SUPERSEDED).order_by(Job.id.desc()).limit(1)
+    ).first()
+    if latest is not None and latest.input_fingerprint == fingerprint:
+        log.info("study %s: %s, but job %d (%s) already covers these %d instances; no new job",
+                 study.study_instance_uid, reason, latest.id, latest.state.value, count)
+        if study.state is StudyState.RECEIVING:
+            # duplicates only (e.g. the PACS sent the study again): back to the job's state
+            study.state = _study_state_for(latest)
+            study.state_changed_at = utcnow()
+        return None
+    job = Job(study_id=study.id, state=JobState.QUEUED, attempts=0, input_fingerprint=fingerprint, step="queued")
+    session.add(job)
+    session.flush()
+    for open_job in session.scalars(
+        select(Job).where(Job.study_id == study.id, Job.id != job.id, Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+    ):
+        open_job.state = JobState.SUPERSEDED
+        open_job.error = f"superseded by job {job.id}: the study changed"
+        open_job.finished_at = utcnow()
+        log.info("study %s: job %d superseded by job %d (the study changed)", study.study_instance_uid, open_job.id, job.id)
+    study.state = StudyState.COMPLETE
+    study.state_changed_at = utcnow()
+    session.add(EventRecord(kind="job_queued", study_instance_uid=study.study_instance_uid, job_id=job.id,
+                            message=f"{reason}; {count} instances"))
+    log.info("study %s: %s; job %d queued for %d instances", study.study_instance_uid, reason, job.id, count)
+    return job
+
+
+def _study_state_for(job: Job) -> StudyState:
+    return {
+        JobState.QUEUED: StudyState.COMPLETE,
+        JobState.RUNNING: StudyState.PROCESSING,
+        JobState.DONE: StudyState.DONE,
+        JobState.FAILED: StudyState.FAILED,
+    }.get(job.state, StudyState.COMPLETE)
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What a worker needs to run a job, read in the claiming transaction."""
+
+    job_id: int
+    study_id: int
+    study_instance_uid: str
+    calling_ae_title: str | None
+    attempt: int
+    #: instance file paths relative to the storage root, sorted
+    instance_paths: tuple[str, ...]
+    fingerprint: str
+
+
+class JobQueue:
+    """The database side of jobs: claim, heartbeat, finish, requeue."""
+
+    def __init__(self, factory: sessionmaker[Session], worker_id: str, lease_seconds: float = LEASE_SECONDS) -> None:
+        self.factory = factory
+        self.worker_id = worker_id
+        self.lease_seconds = lease_seconds
+
+    def requeue_abandoned(self, at_startup: bool = False) -> list[int]:
+        """Running jobs of dead workers go back to ``queued`` (or ``failed`` after too many starts).
+
+        At start-up a job of this host whose pid is gone is dead at once; otherwise a job is
+        dead when its heartbeat is older than the lease.  Returns the ids handled.
+        """
+        limit = utcnow() - timedelta(seconds=self.lease_seconds)
+        handled = []
+        with session_scope(self.factory) as session:
+            for job in session.scalars(select(Job).where(Job.state == JobState.RUNNING)):
+                stale = job.heartbeat_at is None or job.heartbeat_at < limit
+                if not (stale or (at_startup and _dead_local_worker(job.worker_id))):
+                    continue
+                study = job.study
+                if job.attempts >= MAX_JOB_ATTEMPTS:
+                    job.state = JobState.FAILED
+                    job.finished_at = utcnow()
+                    job.error = f"interrupted {job.attempts} times (last in step {job.step!r}); not started again"
+                    study.state = StudyState.FAILED
+                    kind, verb = "job_failed", "failed after repeated interruptions"
+                else:
+                    job.state = JobState.QUEUED
+                    study.state = StudyState.COMPLETE
+                    kind, verb = "job_requeued", "queued again"
+                study.state_changed_at = utcnow()
+                message = (f"job {job.id} of worker {job.worker_id} was interrupted in step {job.step!r} "
+                           f"(attempt {job.attempts}); {verb}")
+                log.warning("study %s: %s", study.study_instance_uid, message)
+                session.add(EventRecord(kind=kind, study_instance_uid=study.study_instance_uid, job_id=job.id,
+                                        message=message))
+                handled.append(job.id)
+        return handled
+
+    def claim(self) -> ClaimedJob | None:
+        """Take the oldest queued job: mark it running under this worker and snapshot its inputs."""
+        with session_scope(self.factory) as session:
+            query = select(Job).where(Job.state == JobState.QUEUED).order_by(Job.created_at, Job.id).limit(1)
+            if session.get_bind().dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            job = session.scalars(query).first()
+            if job is None:
+                return None
+            study = job.study
+            rows = session.execute(
+                select(Instance.sop_instance_uid, Instance.path).join(Series).where(Series.study_id == study.id)
+            ).all()
+            fingerprint = input_fingerprint([uid for uid, _ in rows])
+            now = utcnow()
+            job.state = JobState.RUNNING
+            job.worker_id = self.worker_id
+            job.attempts += 1
+            job.started_at = now
+            job.heartbeat_at = now
+            job.finished_at = None
+            job.step = "claimed"
+            if fingerprint != job.input_fingerprint:
+                # instances arrived after queueing: this run covers them, so record what it covers
+                job.input_fingerprint = fingerprint
+            study.state = StudyState.PROCESSING
+            study.state_changed_at = now
+            session.add(EventRecord(kind="job_started", study_instance_uid=study.study_instance_uid, job_id=job.id,
+                                    message=f"worker {self.worker_id}, attempt {job.attempts}, {len(rows)} instances"))
+            return ClaimedJob(job.id, study.id, study.study_instance_uid, study.calling_ae_title, job.attempts,
+                              tuple(sorted(path for _, path in rows)), fingerprint)
+
+    def heartbeat(self, job_id: int, step: str | None = None) -> bool:
+        """Refresh the job's heartbeat (and step); False when the job is no longer ours."""
+        values: dict[str, Any] = {"heartbeat_at": utcnow()}
+        if step is not None:
+            values["step"] = step
+        with session_scope(self.factory) as session:
+            result = session.execute(
+                update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING, Job.worker_id == self.worker_id)
+                .values(**values)
+            )
+            return bool(result.rowcount)
+
+    def owned(self, session: Session, job_id: int) -> Job | None:
+        """The job if it is still running under this worker (inside ``session``), else None."""
+        job = session.get(Job, job_id)
+        if job is None or job.state is not JobState.RUNNING or job.worker_id != self.worker_id:
+            return None
+        return job
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+@dataclass
+class JobOutcome:
+    """What the worker reports per finished job (for metrics and tests)."""
+
+    job_id: int
+    study_instance_uid: str
+    state: str  # done | failed | discarded
+    outcome: str  # complete | partial | unsupported | error | superseded
+    seconds: float
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed: copy
+        shutil.copy2(source, target)
+
+
+class Worker:
+    """Runs queued jobs one at a time in a thread: snapshot -> pipeline -> results -> exports.
+
+    ``resolve_instance(path)`` maps an instance path relative to the storage root to a file
+    (:meth:`dicom_node.storage.Storage.resolve`).  ``run_study`` is
+    :func:`inference.pipeline.run_study` unless a caller substitutes its own.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        factory: sessionmaker[Session],
+        resolve_instance: Callable[[str], Path],
+        *,
+        index: int = 0,
+        poll_seconds: float = 1.0,
+        preview: bool = False,
+        on_finished: Callable[[JobOutcome], None] | None = None,
+        on_exports_queued: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.factory = factory
+        self.resolve_instance = resolve_instance
+        self.worker_id = worker_identity(index)
+        self.queue = JobQueue(factory, self.worker_id)
+        self.poll_seconds = poll_seconds
+        self.preview = preview
+        self.on_finished = on_finished
+        self.on_exports_queued = on_exports_queued
+        self._bundle: Any = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.current_job: int | None = None
+        self.last_loop_at: float | None = None
+
+    @property
+    def results_root(self) -> Path:
+        return self.config.data_dir / "results"
+
+    @property
+    def work_root(self) -> Path:
+        return self.config.data_dir / "work"
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("worker already started")
+        self.queue.requeue_abandoned(at_startup=True)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name=f"orthonode-worker-{self.worker_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop after the current job (a job cut short is re-queued at the next start)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        last_sweep = 0.0
+        while not self._stop.is_set():
+            self.last_loop_at = time.monotonic()
+            try:
+                if time.monotonic() - last_sweep > HEARTBEAT_SECONDS:
+                    self.queue.requeue_abandoned()
+                    last_sweep = time.monotonic()
+                claimed = self.queue.claim()
+                if claimed is not None:
+                    self.run_job(claimed)
+                    continue
+            except Exception:  # a database outage must not end the worker; logged with traceback
+                log.exception("worker %s: loop failed; retrying in %.0f s", self.worker_id, self.poll_seconds)
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
+
+    # ------------------------------------------------------------------ one job
+    def bundle(self) -> Any:
+        """The model, loaded once per worker (the first job pays for it)."""
+        if self._bundle is None:
+            from inference.checkpoint import ModelBundle
+
+            path = self.config.checkpoint
+            if not path.is_file():
+                raise FileNotFoundError(f"model.checkpoint {path} does not exist (node.yaml model.checkpoint); "
+                                        f"`orthonode train demo` builds the demo model")
+            self._bundle = ModelBundle.load(path)
+            log.info("model %s %s loaded from %s", self._bundle.card.name, self._bundle.card.version, path)
+        return self._bundle
+
+    def _snapshot(self, claimed: ClaimedJob) -> Path:
+        """Hard links to exactly the job's instances in ``work/job-<id>`` (fresh each attempt)."""
+        folder = self.work_root / f"job-{claimed.job_id}"
+        if folder.exists():
+            shutil.rmtree(folder)
+        for relative in claimed.instance_paths:
+            source = self.resolve_instance(relative)
+            if not source.is_file():
+                raise FileNotFoundError(f"instance file {source} recorded in the database is missing")
+            _link_or_copy(source, folder / relative)
+        return folder
+
+    def run_job(self, claimed: ClaimedJob) -> JobOutcome:
+        """Run one claimed job to its end and record the outcome; never raises for a job error."""
+        started = time.monotonic()
+        self.current_job = claimed.job_id
+        stop_beat = threading.Event()
+        beat = threading.Thread(target=self._beat, args=(claimed.job_id, stop_beat), daemon=True,
+                                name=f"orthonode-heartbeat-{claimed.job_id}")
+        beat.start()
+        study_uid = claimed.study_instance_uid
+        out_dir = self.results_root / study_uid / f"job-{claimed.job_id}"
+        snapshot: Path | None = None
+        try:
+            log.info("study %s: job %d started (attempt %d, %d instances)", study_uid, claimed.job_id, claimed.attempt,
+                     len(claimed.instance_paths))
+            self.queue.heartbeat(claimed.job_id, step="snapshot")
+            snapshot = self._snapshot(claimed)
+            self.queue.heartbeat(claimed.job_id, step="load model")
+            bundle = self.bundle()
+            self.queue.heartbeat(claimed.job_id, step="inference")
+            if out_dir.exists():
+                shutil.rmtree(out_dir)  # a previous, interrupted attempt of this job
+            result = self._run_pipeline(snapshot, bundle, out_dir)
+            outcome = self._finish_ok(claimed, result, out_dir, time.monotonic() - started)
+        except Exception as exc:  # any failure of the job is recorded on the job, with its traceback in the log
+            log.exception("study %s: job %d failed", study_uid, claimed.job_id)
+            outcome = self._finish_failed(claimed, exc, time.monotonic() - started)
+        finally:
+            stop_beat.set()
+            beat.join(5)
+            self.current_job = None
+            if snapshot is not None:
+                shutil.rmtree(snapshot, ignore_errors=True)
+        if self.on_finished is not None:
+            self.on_finished(outcome)
+        return outcome
+
+    def _beat(self, job_id: int, stop: threading.Event) -> None:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            try:
+                if not self.queue.heartbeat(job_id):
+                    log.info("job %d is no longer ours (superseded or re-queued); its results will be discarded", job_id)
+                    return
+            except Exception:  # a missed heartbeat is not fatal; the lease allows several
+                log.exception("heartbeat of job %d failed", job_id)
+
+    def _run_pipeline(self, snapshot: Path, bundle: Any, out_dir: Path) -> Any:
+        from inference.pipeline import run_study
+        from inference.uids import NodeInfo, default_node_info
+
+        base = default_node_info()
+        node_info = NodeInfo(
+            software_version=base.software_version,
+            station_name=self.config.node.name[:16] or None,
+            institution_name=self.config.node.institution or None,
+        )
+        return run_study(
+            snapshot, bundle, out_dir,
+            rules=self.config.series_selection, joint_rules=self.config.joints,
+            node_info=node_info, preview=self.preview, device=self.config.jobs.device,
+        )
+
+    def _summary(self, result: Any, out_dir: Path) -> dict[str, Any]:
+        data_dir = self.config.data_dir
+        return {
+            "outcome": result.outcome.value,
+            "reason": result.reason,
+            "joint": result.joint,
+            "chosen": {plane: {"series_instance_uid": c.series_instance_uid, "series_number": c.series_number,
+                               "description": c.description, "slices": c.num_slices}
+                       for plane, c in result.chosen.items()},
+            "missing_planes": list(result.missing_planes),
+            "findings": [f.text() for f in result.findings],
+            "files": [str(p.relative_to(data_dir)) for p in result.files],
+            "previews": [str(p) for p in result.previews],
+            "timings": {k: round(float(v), 3) for k, v in result.timings.items()},
+            "device": result.device,
+            "log": list(result.log)[-200:],
+            "out_dir": str(out_dir),
+        }
+
+    def _finish_ok(self, claimed: ClaimedJob, result: Any, out_dir: Path, seconds: float) -> JobOutcome:
+        from pydicom import dcmread
+
+        from dicom_node.export import queue_exports, route_destinations
+
+        study_uid = claimed.study_instance_uid
+        summary = self._summary(result, out_dir)
+        objects = []
+        for path in result.files:
+            ds = dcmread(path, stop_before_pixels=True)
+            kind = "seg" if str(ds.Modality) == "SEG" else "sr" if str(ds.Modality) == "SR" else str(ds.Modality).lower()
+            objects.append((str(path.relative_to(self.config.data_dir)), kind, str(ds.SOPInstanceUID)))
+        for line in result.log:
+            log.info("study %s: job %d: %s", study_uid, claimed.job_id, line)
+        (out_dir / "result.json").parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / "result.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+        with session_scope(self.factory) as session:
+            job = self.queue.owned(session, claimed.job_id)
+            if job is None:
+                log.info("study %s: job %d was superseded or re-queued while it ran; its results are discarded",
+                         study_uid, claimed.job_id)
+                return JobOutcome(claimed.job_id, study_uid, "discarded", "superseded", seconds)
+            study = job.study
+            now = utcnow()
+            job.state = JobState.DONE
+            job.finished_at = now
+            job.step = "done"
+            job.error = None
+            job.result_summary = summary
+            study.state = StudyState.DONE if result.supported else StudyState.SKIPPED
+            study.state_changed_at = now
+            destinations: tuple[str, ...] = ()
+            if result.supported and objects:
+                destinations = route_destinations(self.config.export.routes, claimed.calling_ae_title, result.joint)
+                if destinations:
+                    queue_exports(session, job, objects, destinations)
+                else:
+                    log.warning("study %s: no export route matches (calling AE %s, joint %s); results kept in %s",
+                                study_uid, claimed.calling_ae_title, result.joint, out_dir)
+            self._supersede_older(session, job)
+            session.add(EventRecord(
+                kind="job_done", study_instance_uid=study_uid, job_id=job.id,
+                message=f"{result.outcome.value}: {result.reason}; {len(objects)} object(s) to "
+                        f"{', '.join(destinations) or 'no destination'} in {seconds:.1f} s",
+            ))
+        log.info("study %s: job %d done in %.1f s: %s: %s; %d object(s) queued for %s", study_uid, claimed.job_id,
+                 seconds, result.outcome.value, result.reason, len(objects) * len(destinations),
+                 ", ".join(destinations) or "no destination")
+        if destinations and self.on_exports_queued is not None:
+            self.on_exports_queued()
+        return JobOutcome(claimed.job_id, study_uid, "done", result.outcome.value, seconds)
+
+    @staticmethod
+    def _supersede_older(session: Session, job: Job) -> None:
+        """Earlier finished jobs of the study are replaced by ``job``; their unsent exports are
+        withdrawn so old results never reach a PACS after new ones."""
+        older = session.scalars(
+            select(Job).where(Job.study_id == job.study_id, Job.id < job.id, Job.state.in_([JobState.DONE, JobState.FAILED]))
+        ).all()
+        for old in older:
+            old.state = JobState.SUPERSEDED
+            for export in old.exports:
+                if export.state in (ExportState.PENDING, ExportState.FAILED):
+                    export.state = ExportState.FAILED
+                    export.next_attempt_at = None
+                    export.last_error = f"withdrawn: job {old.id} was superseded by job {job.id}"
+
+    def _finish_failed(self, claimed: ClaimedJob, exc: BaseException, seconds: float) -> JobOutcome:
+        study_uid = claimed.study_instance_uid
+        with session_scope(self.factory) as session:
+            job = self.queue.owned(session, claimed.job_id)
+            if job is None:
+                return JobOutcome(claimed.job_id, study_uid, "discarded", "superseded", seconds)
+            job.state = JobState.FAILED
+            job.finished_at = utcnow()
+            job.error = f"{type(exc).__name__}: {exc}"
+            job.study.state = StudyState.FAILED
+            job.study.state_changed_at = utcnow()
+            session.add(EventRecord(kind="job_failed", study_instance_uid=study_uid, job_id=job.id,
+                                    message=f"in step {job.step!r}: {type(exc).__name__}: {exc}"))
+        return JobOutcome(claimed.job_id, study_uid, "failed", "error", seconds)

@@ -1,0 +1,178 @@
+"""The node runner: wires listener -> study assembler -> job worker(s) -> exporter, plus HTTP.
+
+::
+
+    PACS --C-STORE--> Listener --(file + row)--> on_instance_stored --> StudyAssembler (timers)
+                                                                           |  job row
+                                                                           v
+    PACS <--C-STORE / STOW-RS-- Exporter <--(export rows)-- Worker (inference.pipeline.run_study)
+
+Each arrow that crosses a thread goes through the database, so the node can be killed at any
+point and picks up where it was at the next start (see :mod:`dicom_node.jobs` and
+:mod:`dicom_node.export`).  In memory there are only timers and wake-up events.
+
+Start order is database -> exporter -> workers -> assembler -> listener -> HTTP: everything
+that consumes work runs before anything that produces it, and the listener acknowledges
+instances only once the assembler can hear about them.  Stop order is the reverse.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from dicom_node.assembly import StudyAssembler
+from dicom_node.config import NodeConfig
+from dicom_node.db import make_engine, make_session_factory, upgrade_database
+from dicom_node.export import Exporter
+from dicom_node.health import (
+    Check,
+    DatabaseCollector,
+    HealthServer,
+    NodeMetrics,
+    check_database,
+    check_disk,
+    check_loop,
+)
+from dicom_node.jobs import JobOutcome, Worker
+
+log = logging.getLogger(__name__)
+
+#: the storage root inside ``node.data_dir``
+INSTANCES_DIR = "instances"
+
+
+class Node:
+    """One running node.  ``with Node(config) as node: ...`` or ``start()`` / ``stop()``.
+
+    ``preview`` makes the worker also write preview PNGs next to the results (the demo).
+    ``poll_seconds`` bounds how long an idle worker or exporter sleeps between database polls.
+    """
+
+    def __init__(self, config: NodeConfig, *, preview: bool = False, poll_seconds: float = 1.0) -> None:
+        from dicom_node.listener import Listener
+        from dicom_node.storage import Storage
+
+        self.config = config
+        self.poll_seconds = poll_seconds
+        self.data_dir = config.data_dir
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade_database(config.database_url)
+        self.engine = make_engine(config.database_url)
+        self.factory = make_session_factory(self.engine)
+        self.storage = Storage(self.data_dir / INSTANCES_DIR, config.storage.min_free_mb)
+        self.metrics = NodeMetrics()
+        self.metrics.registry.register(DatabaseCollector(self.factory))
+        self.exporter = Exporter(config, self.factory, poll_seconds=poll_seconds, on_result=self.metrics.export_finished)
+        self.workers = [
+            Worker(config, self.factory, self.storage.resolve, index=i, poll_seconds=poll_seconds, preview=preview,
+                   on_finished=self._job_finished, on_exports_queued=self.exporter.wake)
+            for i in range(config.jobs.workers)
+        ]
+        self.assembler = StudyAssembler(config.study_assembly, self.factory, on_job_queued=self._job_queued)
+        self.listener = Listener(config, self.storage, self.factory, on_instance_stored=self._instance_stored)
+        self.http: HealthServer | None = None
+        if config.http.enabled:
+            self.http = HealthServer(config.http.bind_address, config.http.port, self._checks(), self._render_metrics)
+        self._started = False
+        self._stopped = threading.Event()
+
+    # ------------------------------------------------------------------ callbacks
+    def _instance_stored(self, study_uid: str, series_uid: str) -> None:
+        self.metrics.instances_received.inc()
+        self.assembler.nudge(study_uid, series_uid)
+
+    def _job_queued(self, job_id: int) -> None:
+        for worker in self.workers:
+            worker.wake()
+
+    def _job_finished(self, outcome: JobOutcome) -> None:
+        self.metrics.job_finished(outcome.state, outcome.outcome, outcome.seconds)
+
+    def _render_metrics(self) -> bytes:
+        self.metrics.active_associations.set(self.listener.active_associations)
+        return self.metrics.render()
+
+    def _checks(self) -> dict[str, Any]:
+        idle = max(30.0, 10 * self.poll_seconds)
+
+        def listener() -> Check:
+            if not self.listener.running:
+                return Check(False, "the DICOM listener is not running")
+            host, port = self.listener.address
+            return Check(True, f"listening on {host}:{port}, {self.listener.active_associations} active association(s)")
+
+        def worker() -> Check:
+            checks = [check_loop(w.worker_id, w.alive, w.last_loop_at, w.current_job is not None, idle) for w in self.workers]
+            return Check(all(c.ok for c in checks), "; ".join(c.detail for c in checks))
+
+        def exporter() -> Check:
+            return check_loop("exporter", self.exporter.alive, self.exporter.last_loop_at, False, idle)
+
+        def assembler() -> Check:
+            return Check(self.assembler.running, f"{len(self.assembler.pending())} study timer(s) armed"
+                         if self.assembler.running else "the study assembler is not running")
+
+        return {
+            "listener": listener,
+            "database": lambda: check_database(self.factory),
+            "worker": worker,
+            "exporter": exporter,
+            "assembler": assembler,
+            "disk": lambda: check_disk(self.data_dir, self.config.storage.min_free_mb),
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Node:
+        if self._started:
+            raise RuntimeError("the node is already started")
+        self._started = True
+        try:
+            self.exporter.start()
+            for worker in self.workers:
+                worker.start()
+            self.assembler.start()
+            self.listener.start()
+            if self.http is not None:
+                self.http.start()
+        except BaseException:
+            self.stop()
+            raise
+        self.metrics.up.set(1)
+        host, port = self.listener.address
+        log.info("node %s up: DICOM %s on %s:%d, data in %s, model %s", self.config.node.name,
+                 "/".join(self.config.listener.ae_titles), host, port, self.data_dir, self.config.checkpoint)
+        return self
+
+    def stop(self) -> None:
+        """Stop in reverse order; a running job is left to be re-queued at the next start."""
+        self.metrics.up.set(0)
+        if self.http is not None:
+            self.http.stop()
+        self.listener.stop()
+        self.assembler.stop()
+        for worker in self.workers:
+            worker.stop(timeout=5)
+        self.exporter.stop()
+        self.engine.dispose()
+        self._stopped.set()
+        log.info("node %s stopped", self.config.node.name)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until :meth:`stop` ran (or ``timeout``); True when stopped."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def http_url(self) -> str | None:
+        return f"http://{self.config.http.bind_address}:{self.http.port}" if self.http is not None else None
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"

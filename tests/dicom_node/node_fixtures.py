@@ -1,0 +1,254 @@
+"""Fixtures and helpers for the node's processing-side tests (assembly, jobs, export, round trips).
+
+Import the fixtures into a test module with ``from tests.dicom_node.node_fixtures import *``
+(names listed in ``__all__``).
+
+The round trips need a model.  It is trained once per test session (per xdist worker) with the
+trainer's own functions at the tiny size on a few phantom knees: a sagittal segmenter and a
+fused three-plane classifier, each for a handful of steps.  Its findings are not meant to be
+right; the tests check the node's plumbing (what arrives where, how often, after what), and
+the pipeline's own tests check what the model says.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+#: phantom matrix for node tests: small files, quick to send and to run the tiny model on
+MATRIX = 64
+
+__all__ = [
+    "MATRIX",
+    "REPO",
+    "build_small_checkpoint",
+    "free_port",
+    "knee_phantoms",
+    "node_checkpoint",
+    "node_yaml",
+    "orthanc",
+    "make_node_config",
+    "run_storescu",
+    "serve_process",
+    "wait_for",
+    "write_node_yaml",
+]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last value {last!r})")
+
+
+def build_small_checkpoint(root: Path, seg_epochs: int = 2) -> Path:
+    """Train the tiny knee bundle used by the node tests into ``root/model.pt``."""
+    import torch
+
+    from training.config import load_config
+    from training.datasets import read_source
+    from training.finetune import finetune_classifier, finetune_segmenter, make_bundle
+    from training.phantoms.generate import generate_dataset
+
+    generate_dataset(root / "train", "knee", 3, seed=21, matrix=MATRIX)
+    records = read_source(f"phantom:{root / 'train'}")
+    cfg = load_config("tiny").with_overrides(
+        segment={"epochs": seg_epochs, "batch_size": 4, "lr": 1e-2, "backbone_lr_factor": 1.0, "ce_weight": 1.0},
+        classify={"epochs": 1},
+    )
+    torch.manual_seed(0)
+    seg = finetune_segmenter(cfg, records, plane="sagittal", pretrained=None, from_scratch=True, seed=0, progress=False)
+    cls = finetune_classifier(cfg, records, ["sagittal", "coronal", "axial"], use_ehr=True, pretrained=None,
+                              from_scratch=True, seed=0, progress=False)
+    bundle = make_bundle(cfg, classifier=cls, segmenter=seg, name="node-test-knee", version="0.1-nodetest")
+    path = root / "model.pt"
+    bundle.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def node_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny trained knee bundle (see the module docstring); built once per session."""
+    given = os.environ.get("ORTHONODE_TEST_NODE_CHECKPOINT")
+    if given:
+        return Path(given)
+    return build_small_checkpoint(tmp_path_factory.mktemp("node_model"))
+
+
+@pytest.fixture(scope="session")
+def knee_phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three phantom knee studies ``ROOT/knee_000N/dicom/<series>/*.dcm`` and ``ROOT/cases.csv``."""
+    from training.phantoms.generate import generate_dataset
+
+    root = tmp_path_factory.mktemp("node_knees") / "knee"
+    generate_dataset(root, "knee", 3, seed=31, matrix=MATRIX)
+    return root
+
+
+def make_node_config(
+    tmp: Path,
+    checkpoint: Path,
+    *,
+    port: int | None = None,
+    http_port: int | None = None,
+    destinations: dict[str, dict[str, Any]] | None = None,
+    routes: list[dict[str, Any]] | None = None,
+    quiet: float = 1.0,
+    forced: float = 60.0,
+    retry: dict[str, Any] | None = None,
+    extra_callers: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """A node.yaml mapping for tests: free ports, short quiet periods, data in ``tmp/data``."""
+    callers = [{"ae_title": "ORTHANC", "hosts": ["127.0.0.1"]}, {"ae_title": "STORESCU", "hosts": ["127.0.0.1"]},
+               {"ae_title": "PYNETDICOM", "hosts": ["127.0.0.1"]}]
+    callers += [{"ae_title": ae, "hosts": ["127.0.0.1"]} for ae in extra_callers]
+    return {
+        "node": {"name": "orthonode-test", "data_dir": str(tmp / "data")},
+        "listener": {"port": port or free_port(), "allowed_callers": callers},
+        "storage": {"min_free_mb": 1},
+        "study_assembly": {"series_quiet_seconds": quiet, "study_quiet_seconds": quiet, "forced_after_seconds": forced},
+        "jobs": {"device": "cpu"},
+        "model": {"checkpoint": str(checkpoint)},
+        "export": {
+            "destinations": destinations or {"pacs": {"type": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                                                       "port": free_port()}},
+            "routes": routes or [{"match": {}, "destinations": ["pacs"]}],
+            "retry": retry or {"max_attempts": 3, "initial_delay_seconds": 1, "max_delay_seconds": 4},
+        },
+        "http": {"port": http_port or free_port()},
+        "logging": {"level": "INFO"},
+    }
+
+
+def write_node_yaml(tmp: Path, data: dict[str, Any]) -> Path:
+    path = tmp / "node.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def node_yaml(tmp_path: Path, node_checkpoint: Path) -> Callable[..., Path]:
+    """Factory: ``node_yaml(**make_node_config options) -> path of a written node.yaml``."""
+
+    def make(**options: Any) -> Path:
+        return write_node_yaml(tmp_path, make_node_config(tmp_path, node_checkpoint, **options))
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real Orthanc on loopback (skipped when the package is not installed); no forwarding."""
+    from dicom_node.orthanc import OrthancServer, orthanc_available
+
+    if not orthanc_available():
+        pytest.skip("Orthanc is not installed (/usr/sbin/Orthanc)")
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc"), dicom_port=free_port(), stable_age_seconds=2)
+    with server:
+        yield server
+
+
+def run_storescu(port: int, files: list[Path] | Path, calling_ae: str = "STORESCU", called_ae: str = "ORTHONODE",
+                 timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Send files (or a folder, recursively) with dcmtk's storescu; raises on a non-zero exit."""
+    args = ["storescu", "-aet", calling_ae, "-aec", called_ae, "-nh"]
+    if isinstance(files, Path) and files.is_dir():
+        args += ["+sd", "+r"]
+        targets = [str(files)]
+    else:
+        targets = [str(f) for f in (files if isinstance(files, list) else [files])]
+    result = subprocess.run([*args, "127.0.0.1", str(port), *targets], capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"storescu exited {result.returncode}: {result.stderr[-2000:]}")
+    return result
+
+
+class ServeProcess:
+    """``orthonode serve`` in a subprocess (for kill -9 tests)."""
+
+    def __init__(self, config_path: Path, log_path: Path) -> None:
+        self.config_path = config_path
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "ServeProcess":
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        handle = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dicom_node.cli", "-v", "serve", "--config", str(self.config_path)],
+                stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+            )
+        finally:
+            handle.close()
+        return self
+
+    def wait_healthy(self, http_port: int, timeout: float = 60.0) -> None:
+        def healthy() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"orthonode serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=2) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        wait_for(healthy, timeout, "orthonode serve to answer /healthz")
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up code of the node runs."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+@pytest.fixture()
+def serve_process(tmp_path: Path) -> Iterator[Callable[[Path], ServeProcess]]:
+    """Factory for ``orthonode serve`` subprocesses; every one started is killed at the end."""
+    started: list[ServeProcess] = []
+
+    def make(config_path: Path) -> ServeProcess:
+        proc = ServeProcess(config_path, tmp_path / f"serve-{len(started)}.log").start()
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        proc.kill()
