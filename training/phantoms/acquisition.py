@@ -224,9 +224,11 @@ def _orientation(joint: str, plane: str, laterality: str, rng: np.random.Generat
             angle = float(rng.uniform(5.0, 15.0))  # oblique axial along the peroneal tendons
     elif joint == "shoulder":
         if plane in ("sagittal", "coronal") and oblique is not False:
-            # scapular plane: the glenoid faces anterolaterally, about 30-45 degrees from coronal;
-            # the medial end of the oblique-coronal row direction runs posteriorly
-            angle = float(rng.uniform(28.0, 42.0)) * -lateral_sign
+            # scapular plane, along the supraspinatus: its medial end runs posteriorly.  The
+            # shoulder model (training.phantoms.shoulder) lays the supraspinatus and the
+            # scapular body about 16-22 degrees from the coronal plane, so the planes follow
+            # that (in patients the angle is nearer 30-40 degrees)
+            angle = float(rng.uniform(14.0, 26.0)) * -lateral_sign
         elif plane == "axial" and oblique is None and rng.random() < 0.2:
             axis = np.array([1.0, 0.0, 0.0])
             angle = float(rng.uniform(2.0, 6.0)) * float(rng.choice([-1.0, 1.0]))

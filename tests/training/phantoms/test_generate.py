@@ -287,7 +287,7 @@ def test_distractor_series_in_some_cases(stand_in) -> None:
         kinds.append(distractors[0].plane if distractors else None)
         # the shoulder's coronal plane follows the scapula, far from the patient coronal plane
         coronal = next(p for p in plans if p.plane == "coronal" and p.role == "primary")
-        assert 25.0 < coronal.oblique_deg < 45.0
+        assert 12.0 < coronal.oblique_deg < 28.0
     fraction = sum(kind is not None for kind in kinds) / len(kinds)
     assert abs(fraction - DISTRACTOR_PROBABILITY) < 0.08
     assert {"localizer", "sagittal"} <= set(kinds)
