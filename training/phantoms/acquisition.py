@@ -328,7 +328,7 @@ def plan_protocol(
             stacks = (plan_stack(center + shift, row, col, fov, matrix, thickness, spacing, n_slices),)
             normal_angle = oblique_angle_deg(normal)
             description = site.series_description(sequence, plane, oblique=normal_angle > 1.0)
-            duration = params.repetition_time_ms * matrix * params.percent_phase_fov / 100.0 / params.echo_train_length / 1000.0
+            duration = params.repetition_time_ms * matrix * params.percent_sampling / 100.0 / params.echo_train_length / 1000.0
             duration *= params.number_of_averages
         plans.append(
             SeriesPlan(

@@ -107,7 +107,7 @@ class SequenceParameters:
     flip_angle_deg: float
     number_of_averages: float
     pixel_bandwidth_hz: float
-    percent_phase_fov: float
+    percent_sampling: float  # phase-encoding lines as a percentage of the frequency matrix
 
 
 def sequence_parameters(sequence: str, site: SiteProfile, rng: np.random.Generator) -> SequenceParameters:
@@ -125,7 +125,7 @@ def sequence_parameters(sequence: str, site: SiteProfile, rng: np.random.Generat
             scanning_sequence="GR", sequence_variant=("SP",), scan_options=(), sequence_name=name,
             repetition_time_ms=float(round(rng.uniform(7.0, 9.0), 2)), echo_time_ms=float(round(rng.uniform(3.0, 4.6), 2)),
             echo_train_length=1, flip_angle_deg=20.0, number_of_averages=1.0,
-            pixel_bandwidth_hz=float(round(rng.uniform(250, 320))), percent_phase_fov=100.0,
+            pixel_bandwidth_hz=float(round(rng.uniform(250, 320))), percent_sampling=100.0,
         )
     if sequence == "T1":
         tr, te, etl = rng.uniform(450, 750), rng.uniform(9, 16), int(rng.integers(2, 5))
@@ -147,5 +147,5 @@ def sequence_parameters(sequence: str, site: SiteProfile, rng: np.random.Generat
         scanning_sequence="SE", sequence_variant=("SK", "OSP"), scan_options=fs_option, sequence_name=name,
         repetition_time_ms=float(round(tr, 1)), echo_time_ms=float(round(te, 2)), echo_train_length=etl,
         flip_angle_deg=float(rng.choice([90.0, 150.0, 160.0])), number_of_averages=float(rng.choice([1.0, 2.0])),
-        pixel_bandwidth_hz=float(round(rng.uniform(180, 300))), percent_phase_fov=float(rng.choice([75.0, 80.0, 100.0])),
+        pixel_bandwidth_hz=float(round(rng.uniform(180, 300))), percent_sampling=float(rng.choice([70.0, 75.0, 80.0, 100.0])),
     )

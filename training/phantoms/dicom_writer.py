@@ -185,17 +185,22 @@ def _base_dataset(series: AcquiredSeries, study: StudyContext) -> Dataset:
     if site.writes_spacing_between_slices and plan.plane != "localizer":
         ds.SpacingBetweenSlices = _ds(stack0.slice_spacing, 3)
     ds.EchoTrainLength = params.echo_train_length
-    ds.PercentSampling = "100"
-    ds.PercentPhaseFieldOfView = _ds(params.percent_phase_fov, 1)
+    # square field of view; the phase direction is sampled with fewer lines and zero-filled
+    ds.PercentSampling = _ds(params.percent_sampling, 1)
+    ds.PercentPhaseFieldOfView = "100"
     ds.PixelBandwidth = _ds(params.pixel_bandwidth_hz, 1)
     ds.DeviceSerialNumber = site.device_serial
     ds.SoftwareVersions = site.software_versions.split("\\") if "\\" in site.software_versions else site.software_versions
     ds.ProtocolName = plan.description
     ds.ReceiveCoilName = site.receive_coil[spec.joint]
     ds.TransmitCoilName = site.receive_coil[spec.joint] if spec.joint == "knee" else "Body"
-    phase = int(round(stack0.rows * params.percent_phase_fov / 100.0))
-    ds.AcquisitionMatrix = [stack0.cols, 0, 0, phase]
-    ds.InPlanePhaseEncodingDirection = "ROW" if plan.plane == "sagittal" else "COL"
+    # AcquisitionMatrix is (frequency rows, frequency columns, phase rows, phase columns); the
+    # sagittal knee is phase encoded along the rows (anterior-posterior), the others along columns
+    phase_direction = "ROW" if plan.plane == "sagittal" else "COL"
+    frequency = stack0.cols if phase_direction == "ROW" else stack0.rows
+    phase = int(round(frequency * params.percent_sampling / 100.0))
+    ds.AcquisitionMatrix = [frequency, 0, 0, phase] if phase_direction == "ROW" else [0, frequency, phase, 0]
+    ds.InPlanePhaseEncodingDirection = phase_direction
     ds.FlipAngle = _ds(params.flip_angle_deg, 1)
     ds.VariableFlipAngleFlag = "N"
     ds.PatientPosition = "HFS" if spec.joint == "shoulder" else "FFS"
