@@ -78,7 +78,7 @@ def build_ankle(spec: CaseSpec) -> LayeredModel:
     core = Union(leg, foot, k=15.0)
     layers.append(Layer("envelope", Offset(core, fat_mm + SKIN_MM), [
         Band(Tissue.SKIN, 0, -SKIN_MM, 0.0), Band(Tissue.FAT, 0, -INF, -SKIN_MM)]))
-    muscles = Union(
+    muscles = (
         Ellipsoid((0, 32, 170), (30, 18, 95), L),  # triceps surae
         Ellipsoid((4, 20, 95), (12, 10, 60), L),  # flexor hallucis longus
         Ellipsoid((-26, 8, 140), (9, 10, 75), L),  # peronei
@@ -86,7 +86,8 @@ def build_ankle(spec: CaseSpec) -> LayeredModel:
         Ellipsoid((20, -20, -55), (9, 30, 10), Fo),  # abductor hallucis
         Ellipsoid((0, -40, -60), (14, 35, 7), Fo),  # flexor digitorum brevis
     )
-    layers.append(Layer("muscles", muscles, solid(Tissue.MUSCLE)))
+    # one layer per muscle: the bricks cull each on its own box
+    layers += [Layer(f"muscle_{i}", m, solid(Tissue.MUSCLE)) for i, m in enumerate(muscles)]
     vessels = Union(Rod(L.point((10, 18, 120)), L.point((19, 15, -6)), 2.5),  # behind the medial malleolus
                     Rod(L.point((19, 15, -6)), Fo.point((14, -20, -48)), 2.5))  # into the sole
     layers.append(Layer("posterior_tibial_vessels", vessels, solid(Tissue.VESSEL)))
@@ -131,7 +132,7 @@ def build_ankle(spec: CaseSpec) -> LayeredModel:
         Rod(L.point((-22, 20, 60)), L.point((-27, 16, -18)), 3.0), Rod(L.point((-27, 16, -18)), Fo.point((-20, -22, -48)), 3.0),
         Rod(L.point((8, -22, 60)), Fo.point((12, -50, -14)), 3.5), Rod(L.point((0, -24, 60)), Fo.point((0, -62, -18)), 2.5),
     ]
-    layers.append(Layer("tendons", Union(*tendons), solid(Tissue.LIGAMENT, never_over=HARD)))
+    layers += [Layer(f"tendon_{i}", t, solid(Tissue.LIGAMENT, never_over=HARD)) for i, t in enumerate(tendons)]
 
     R = rotation("w", _param(spec, "rot_w_deg")) @ rotation("v", _param(spec, "rot_v_deg")) \
         @ rotation("u", _param(spec, "rot_u_deg"))

@@ -215,7 +215,8 @@ def build_knee(spec: CaseSpec) -> LayeredModel:
         Ellipsoid((-22, -10, -120), (12, 13, 85), T),  # tibialis anterior
         Ellipsoid((-38, 8, -130), (9, 12, 80), T),  # peronei
     ]
-    layers.append(Layer("muscles", Union(*muscles), solid(Tissue.MUSCLE)))
+    # one layer per muscle: the bricks cull each on its own box
+    layers += [Layer(f"muscle_{i}", m, solid(Tissue.MUSCLE)) for i, m in enumerate(muscles)]
     layers.append(Layer("popliteal_artery", Rod(F.point((3, 44, 110)), T.point((1, 42, -90)), 3.5), solid(Tissue.VESSEL)))
     layers.append(Layer("popliteal_vein", Rod(F.point((-3, 50, 110)), T.point((-3, 48, -90)), 4.5), solid(Tissue.VESSEL)))
 

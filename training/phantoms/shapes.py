@@ -129,12 +129,42 @@ class Shape:
 
     lo: np.ndarray
     hi: np.ndarray
+    #: how far outside this shape its distance must be exact (set by the layers and wrappers
+    #: that use it: a fluid film 3 mm thick needs exact distances up to 3 mm); composite
+    #: shapes evaluate a member exactly within this reach of its box and bound it beyond
+    reach: float = 0.0
 
     def sdf(self, p: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def children(self) -> tuple[tuple["Shape", float], ...]:
+        """Members whose distances this shape uses, each with the extra reach it needs of them."""
+        return ()
+
+    def set_reach(self, reach: float) -> None:
+        """Require exact distances up to ``reach`` mm outside (only ever grows)."""
+        self.reach = max(self.reach, float(reach))
+        for child, extra in self.children():
+            child.set_reach(self.reach + extra)
+
     def in_box(self, p: np.ndarray, margin: float = 0.0) -> np.ndarray:
         return _in_box(p, self.lo - margin, self.hi + margin)
+
+    def box_distance(self, p: np.ndarray) -> np.ndarray:
+        """Distance from the points to the shape's box: a lower bound of the distance to the shape.
+
+        Composite shapes use it for members they skip, so that a skipped member still reports
+        a distance that never overstates the truth (the brick culling relies on that).
+        """
+        acc = np.zeros(len(p), dtype=F32)
+        for a in range(3):
+            excess = np.zeros(len(p), dtype=F32)
+            if np.isfinite(self.lo[a]):
+                excess = np.maximum(excess, F32(self.lo[a]) - p[:, a])
+            if np.isfinite(self.hi[a]):
+                excess = np.maximum(excess, p[:, a] - F32(self.hi[a]))
+            acc += excess * excess
+        return np.sqrt(acc)
 
 
 class Ellipsoid(Shape):
@@ -334,27 +364,56 @@ class Ring(Shape):
         return (F32(self.gap_half) - off) * F32(np.pi / 180) * rn * scale
 
 
+#: up to this many skipped points get their box distance; more get the constant margin
+_BOX_DISTANCE_POINTS = 8192
+
+
+def _skipped_distance(shape: Shape, p: np.ndarray, skipped: np.ndarray, margin: float) -> np.ndarray:
+    """Distances for a composite's member, filled in only for the ``skipped`` points.
+
+    A skipped point lies more than ``margin`` outside the member's box, so both its box
+    distance and the constant ``margin`` are lower bounds of its true distance, and both
+    exceed the reach inside which exact values matter.  Lower bounds keep the brick culling
+    safe; the box distance (small arrays, i.e. brick centres) keeps it tight, the constant
+    (large arrays of points) keeps it cheap.
+    """
+    out = np.empty(len(p), dtype=F32)
+    n = int(np.count_nonzero(skipped))
+    if n and n <= _BOX_DISTANCE_POINTS:
+        out[skipped] = shape.box_distance(p[skipped])
+    elif n:
+        out[skipped] = F32(margin)
+    return out
+
+
 class Union(Shape):
     """Union of shapes, optionally smooth (``k`` mm blending radius, polynomial smooth minimum)."""
 
     def __init__(self, *children: Shape, k: float = 0.0):
         if not children:
             raise ValueError("Union needs at least one shape")
-        self.children = children
+        self.members = children
         self.k = float(k)
         self.lo = np.min([c.lo for c in children], axis=0) - self.k
         self.hi = np.max([c.hi for c in children], axis=0) + self.k
 
+    def children(self) -> tuple[tuple[Shape, float], ...]:
+        return tuple((c, self.k) for c in self.members)
+
     def sdf(self, p: np.ndarray) -> np.ndarray:
         d = None
         k = F32(self.k)
-        for c in self.children:
-            inside = c.in_box(p, margin=self.k + 1.0)
-            dc = np.full(len(p), FAR, dtype=F32)
+        # beyond this margin a member's box distance (>= margin) cannot change the result
+        # inside the required reach, even through the smooth blend
+        margin = self.reach + 2 * self.k + 1.0
+        for c in self.members:
+            inside = c.in_box(p, margin=margin)
             if inside.all():
                 dc = c.sdf(p).astype(F32, copy=False)
-            elif inside.any():
-                dc[inside] = c.sdf(p[inside])
+            else:
+                dc = _skipped_distance(c, p, ~inside, margin)
+                if inside.any():
+                    dc[inside] = c.sdf(p[inside])
             if d is None:
                 d = dc
             elif self.k > 0:
@@ -371,13 +430,16 @@ class Intersection(Shape):
     def __init__(self, *children: Shape):
         if not children:
             raise ValueError("Intersection needs at least one shape")
-        self.children = children
+        self.members = children
         self.lo = np.max([c.lo for c in children], axis=0)
         self.hi = np.min([c.hi for c in children], axis=0)
 
+    def children(self) -> tuple[tuple[Shape, float], ...]:
+        return tuple((c, 0.0) for c in self.members)
+
     def sdf(self, p: np.ndarray) -> np.ndarray:
-        d = self.children[0].sdf(p)
-        for c in self.children[1:]:
+        d = self.members[0].sdf(p)
+        for c in self.members[1:]:
             d = np.maximum(d, c.sdf(p))
         return d
 
@@ -389,13 +451,20 @@ class Difference(Shape):
         self.base, self.cuts, self.k = base, cuts, float(k)
         self.lo, self.hi = base.lo, base.hi
 
+    def children(self) -> tuple[tuple[Shape, float], ...]:
+        # inside the base, bands reach inward (cortex): the cut must be exact that deep too
+        return ((self.base, self.k),) + tuple((c, self.k + 10.0) for c in self.cuts)
+
     def sdf(self, p: np.ndarray) -> np.ndarray:
         d = self.base.sdf(p)
+        margin = self.reach + 2 * self.k + 11.0
         for c in self.cuts:
-            inside = c.in_box(p, margin=self.k + 1.0)
-            if not inside.any():
+            inside = c.in_box(p, margin=margin)
+            if not inside.any() and self.k == 0:
+                # outside the cut's box: the cut only matters through its (bounded) distance
+                d = np.maximum(d, -_skipped_distance(c, p, ~inside, margin))
                 continue
-            dc = np.full(len(p), FAR, dtype=F32)
+            dc = _skipped_distance(c, p, ~inside, margin)
             dc[inside] = c.sdf(p[inside])
             if self.k > 0:
                 k = F32(self.k)
@@ -415,6 +484,9 @@ class Shell(Shape):
         self.shape, self.t0, self.t1 = shape, float(t0), float(t1)
         self.lo, self.hi = shape.lo - max(t1, 0), shape.hi + max(t1, 0)
 
+    def children(self) -> tuple[tuple[Shape, float], ...]:
+        return ((self.shape, max(self.t1, 0.0)),)
+
     def sdf(self, p: np.ndarray) -> np.ndarray:
         d = self.shape.sdf(p)
         return np.maximum(F32(self.t0) - d, d - F32(self.t1))
@@ -426,6 +498,9 @@ class Offset(Shape):
     def __init__(self, shape: Shape, d: float):
         self.shape, self.d = shape, float(d)
         self.lo, self.hi = shape.lo - max(d, 0), shape.hi + max(d, 0)
+
+    def children(self) -> tuple[tuple[Shape, float], ...]:
+        return ((self.shape, max(self.d, 0.0)),)
 
     def sdf(self, p: np.ndarray) -> np.ndarray:
         return self.shape.sdf(p) - F32(self.d)
@@ -439,6 +514,9 @@ class AlongRod(Shape):
             raise ValueError(f"AlongRod needs t1 > t0, got {t0}, {t1}")
         self.rod, self.t0, self.t1, self.grow = rod, float(t0), float(t1), float(grow)
         self.lo, self.hi = rod.lo - grow, rod.hi + grow
+
+    def children(self) -> tuple[tuple[Shape, float], ...]:
+        return ((self.rod, max(self.grow, 0.0)),)
 
     def sdf(self, p: np.ndarray) -> np.ndarray:
         t = self.rod.along(p)
@@ -493,6 +571,10 @@ class Layer:
         if not self.bands:
             raise ValueError(f"layer {self.name!r} has no bands")
         reach = max(max(b.hi for b in self.bands), 0.0)
+        self.shape.set_reach(reach)
+        for clip in [self.clip] + [b.clip for b in self.bands]:
+            if clip is not None:
+                clip.set_reach(0.0)
         lo, hi = self.shape.lo - reach, self.shape.hi + reach
         if self.clip is not None:
             lo, hi = np.maximum(lo, self.clip.lo), np.minimum(hi, self.clip.hi)

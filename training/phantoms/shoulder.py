@@ -96,7 +96,7 @@ def build_shoulder(spec: CaseSpec) -> LayeredModel:
     deltoid = Intersection(Shell(Ellipsoid((-4, 0, -8), (49, 47, 56), B), -15.0, 0.0),
                            HalfSpace(B.point((12, 0, 0)), B.direction((1, 0, 0))),
                            HalfSpace(B.point((0, 0, 44)), B.direction((0, 0, 1))))
-    muscles = Union(
+    muscles = (
         deltoid,
         Rod(B.point((30, 14, 30)), B.point((120, 40, 30)), 14.0),  # supraspinatus in its fossa
         Ellipsoid((75, 42, -25), (50, 12, 42), B),  # infraspinatus
@@ -106,7 +106,8 @@ def build_shoulder(spec: CaseSpec) -> LayeredModel:
         Ellipsoid((70, 30, 62), (60, 16, 22), B),  # trapezius
         Ellipsoid((90, 50, -70), (40, 14, 50), B),  # teres major / minor
     )
-    layers.append(Layer("muscles", muscles, solid(Tissue.MUSCLE)))
+    # one layer per muscle: the bricks cull each on its own box
+    layers += [Layer(f"muscle_{i}", m, solid(Tissue.MUSCLE)) for i, m in enumerate(muscles)]
     layers.append(Layer("lung", Ellipsoid((150, 10, -70), (55, 60, 110), B), solid(Tissue.AIR)))
     layers.append(Layer("axillary_vessels", Rod(B.point((60, -20, -30)), H.point((5, -15, -140)), 4.0), solid(Tissue.VESSEL)))
 

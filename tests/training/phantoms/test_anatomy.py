@@ -233,3 +233,18 @@ def test_build_anatomy_rejects_an_unknown_joint():
     spec.joint = "elbow"
     with pytest.raises(ValueError, match="joint"):
         build_anatomy(spec)
+
+
+@pytest.mark.parametrize("joint", ["knee", "ankle", "shoulder"])
+def test_brick_culling_matches_evaluating_every_point(joint):
+    # with an infinite safety factor no brick is classified from its centre: every point is
+    # evaluated, which is the reference the culled evaluation must reproduce exactly
+    spec = sample_case(joint, np.random.default_rng(11), "x", "site")
+    spec.labels = {k: 1 for k in spec.labels}
+    spec.severity = {k: 0.7 for k in spec.labels}
+    model = build_anatomy(spec)
+    pts = (model.center + (np.random.default_rng(2).random((150_000, 3)) - 0.5) * model.extent_mm).astype(np.float32)
+    culled = model.evaluate(pts)
+    model.SAFETY = 1e6
+    reference = model.evaluate(pts)
+    assert np.array_equal(culled[0], reference[0]) and np.array_equal(culled[1], reference[1])
