@@ -1,0 +1,501 @@
+"""The DICOM listener on loopback, with dcmtk (storescu, echoscu) and pynetdicom as senders."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
+from pynetdicom import AE, sop_class
+from sqlalchemy import func, select, text
+
+from dicom_node import db
+from dicom_node.config import NodeConfig
+from dicom_node.listener import CallerPolicy, Listener, StoreReceiver, StoreStatus
+from dicom_node.storage import Storage
+from tests.inference.dicom_factory import (
+    Geometry,
+    SeriesHeader,
+    pattern_volume,
+    write_classic_series,
+    write_enhanced_series,
+)
+
+needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk (storescu/echoscu) is not installed")
+
+
+@dataclass
+class Node:
+    """A running listener with its storage, database and the study-assembly hook's calls."""
+
+    config: NodeConfig
+    listener: Listener
+    storage: Storage
+    factory: Any
+    engine: Any
+    stored_calls: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.config.listener.port
+
+    def count(self, model: type) -> int:
+        with db.session_scope(self.factory) as s:
+            return int(s.execute(select(func.count()).select_from(model)).scalar_one())
+
+    def instance(self, sop_uid: str) -> db.Instance | None:
+        with db.session_scope(self.factory) as s:
+            return s.execute(select(db.Instance).where(db.Instance.sop_instance_uid == sop_uid)).scalar_one_or_none()
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.storage.root.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def start_node(make_config: Callable[..., NodeConfig]) -> Iterator[Callable[..., Node]]:
+    """``start_node(listener={...}, storage={...}, hook=...)``: a running node on a free port."""
+    nodes: list[Node] = []
+
+    def start(hook: Callable[[str, str], None] | None = None, **sections: Any) -> Node:
+        config = make_config(**sections)
+        db.upgrade_database(config.database_url)
+        engine = db.make_engine(config.database_url)
+        factory = db.make_session_factory(engine)
+        storage = Storage(config.data_dir / "incoming", config.storage.min_free_mb)
+        calls: list[tuple[str, str]] = []
+        listener = Listener(config, storage, factory, on_instance_stored=hook or (lambda st, se: calls.append((st, se))))
+        node = Node(config, listener, storage, factory, engine, calls)
+        listener.start()
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.listener.stop(timeout=2)
+        node.engine.dispose()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _series(folder: Path, syntax: str = ExplicitVRLittleEndian, slices: int = 2, **header: Any) -> list[Path]:
+    return write_classic_series(folder, pattern_volume(slices, 64, 64), Geometry(), SeriesHeader(**header), transfer_syntax=syntax)
+
+
+def _dataset_bytes(path: Path) -> bytes:
+    """The encoded data set of a DICOM file: what follows the preamble and the file meta group."""
+    raw = path.read_bytes()
+    assert raw[128:132] == b"DICM"
+    # (0002,0000) UL, explicit VR little endian: tag 4 + VR 2 + length 2 + value 4 bytes
+    group_length = int.from_bytes(raw[140:144], "little")
+    return raw[144 + group_length :]
+
+
+def _send(
+    port: int,
+    items: Sequence[Path | Dataset],
+    *,
+    calling: str = "TESTSCU",
+    called: str = "ORTHONODE",
+    bind_address: tuple[str, int] | None = None,
+    extra_contexts: Sequence[tuple[str, str]] = (),
+) -> list[int]:
+    """C-STORE each item (a file is sent as its encoded bytes, not re-encoded) on one association."""
+    ae = AE(ae_title=calling)
+    contexts: set[tuple[str, str]] = set(extra_contexts)
+    for item in items:
+        ds = pydicom.dcmread(item, stop_before_pixels=True) if isinstance(item, Path) else item
+        contexts.add((str(ds.file_meta.MediaStorageSOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
+    for abstract, syntax in sorted(contexts):
+        ae.add_requested_context(abstract, syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, bind_address=bind_address)
+    assert assoc.is_established, f"association not established (rejected={assoc.is_rejected})"
+    try:
+        return [int(assoc.send_c_store(item).Status) for item in items]
+    finally:
+        assoc.release()
+
+
+def _small_dataset(sop_class_uid: str, **values: Any) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "MR"
+    ds.PatientName = "Phantom^Test"
+    ds.PatientID = "PHANTOM9"
+    for key, value in values.items():
+        if value is None:
+            delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+# --------------------------------------------------------------------------- association
+
+
+@needs_dcmtk
+def test_echo(start_node: Callable[..., Node]) -> None:
+    node = start_node()
+    proc = _run(["echoscu", "-aet", "ECHOSCU", "-aec", "ORTHONODE", "127.0.0.1", str(node.port)])
+    assert proc.returncode == 0, proc.stderr
+
+
+@needs_dcmtk
+def test_unknown_called_and_calling_titles_are_rejected(start_node: Callable[..., Node], caplog: Any) -> None:
+    node = start_node()
+    with caplog.at_level(logging.WARNING, logger="dicom_node.listener"):
+        wrong_called = _run(["echoscu", "-aet", "ECHOSCU", "-aec", "NOTME", "127.0.0.1", str(node.port)])
+        wrong_calling = _run(["echoscu", "-aet", "STRANGER", "-aec", "ORTHONODE", "127.0.0.1", str(node.port)])
+    assert wrong_called.returncode != 0 and "Called AE Title Not Recognized" in wrong_called.stderr
+    assert wrong_calling.returncode != 0 and "Calling AE Title Not Recognized" in wrong_calling.stderr
+    assert "calling AE title 'STRANGER' is not in listener.allowed_callers" in caplog.text
+
+
+def test_unknown_host_is_rejected(start_node: Callable[..., Node], caplog: Any) -> None:
+    # STORESCU may call from 127.0.0.1 only; 127.0.0.2 is loopback too but another host
+    node = start_node()
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(sop_class.Verification)
+    with caplog.at_level(logging.WARNING, logger="dicom_node.listener"):
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="ORTHONODE", bind_address=("127.0.0.2", 0))
+    assert assoc.is_rejected and not assoc.is_established
+    assert "host 127.0.0.2 is not among the hosts allowed for calling AE title 'STORESCU'" in caplog.text
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="ORTHONODE", bind_address=("127.0.0.1", 0))
+    assert assoc.is_established
+    assert int(assoc.send_c_echo().Status) == 0
+    assoc.release()
+
+
+def test_any_caller_and_several_titles(start_node: Callable[..., Node]) -> None:
+    node = start_node(listener={"allow_any_caller": True, "ae_titles": ["ORTHONODE", "KNEE_AI"]})
+    for called in ("ORTHONODE", "KNEE_AI"):
+        ae = AE(ae_title="ANYBODY")
+        ae.add_requested_context(sop_class.Verification)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=called)
+        assert assoc.is_established
+        assert assoc.acceptor.ae_title == called  # answered under the title it called
+        assoc.release()
+
+
+def test_max_associations(start_node: Callable[..., Node]) -> None:
+    node = start_node(listener={"max_associations": 1})
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(sop_class.Verification)
+    first = ae.associate("127.0.0.1", node.port, ae_title="ORTHONODE")
+    assert first.is_established
+    assert node.listener.active_associations == 1
+    second = ae.associate("127.0.0.1", node.port, ae_title="ORTHONODE")
+    assert second.is_rejected
+    first.release()
+
+
+def test_caller_policy_without_network() -> None:
+    from dicom_node.config import parse_config
+
+    listener = parse_config(
+        {
+            "listener": {
+                "allowed_callers": [
+                    {"ae_title": "PACS", "hosts": ["10.1.0.0/16", "192.168.1.5"]},
+                    {"ae_title": "ANYHOST"},
+                ]
+            }
+        }
+    ).listener
+    policy = CallerPolicy(listener)
+    assert policy.check("ORTHONODE", "PACS", "10.1.200.3") is None
+    assert policy.check("ORTHONODE", "PACS", "::ffff:192.168.1.5") is None  # IPv4-mapped IPv6
+    assert policy.check("ORTHONODE", "ANYHOST", "203.0.113.9") is None
+    rejected = policy.check("ORTHONODE", "PACS", "10.2.0.1")
+    assert rejected is not None and rejected.diagnostic == 0x03 and "host 10.2.0.1" in rejected.reason
+    rejected = policy.check("OTHER", "PACS", "10.1.0.1")
+    assert rejected is not None and rejected.diagnostic == 0x07
+    bad = parse_config({"listener": {"allowed_callers": [{"ae_title": "PACS", "hosts": ["pacs.example.org"]}]}}).listener
+    with pytest.raises(ValueError, match=r"listener.allowed_callers\[0\].hosts: 'pacs.example.org'"):
+        CallerPolicy(bad)
+
+
+# --------------------------------------------------------------------------- C-STORE
+
+
+@needs_dcmtk
+def test_storescu_series_rows_and_files_exist_when_storescu_returns(start_node: Callable[..., Node], tmp_path: Path) -> None:
+    node = start_node()
+    files = _series(tmp_path / "in", JPEGLSLossless, slices=3)
+    enhanced = write_enhanced_series(tmp_path / "in" / "enhanced.dcm", pattern_volume(3, 64, 64), Geometry())
+    proc = _run(["storescu", "-aet", "STORESCU", "-aec", "ORTHONODE", "-xt", "127.0.0.1", str(node.port), *map(str, files)])
+    assert proc.returncode == 0, proc.stderr
+    proc = _run(["storescu", "-aet", "STORESCU", "-aec", "ORTHONODE", "127.0.0.1", str(node.port), str(enhanced)])
+    assert proc.returncode == 0, proc.stderr
+    # no waiting: success was answered only after the file and the row were committed
+    for path in [*files, enhanced]:
+        sent = pydicom.dcmread(path)
+        row = node.instance(sent.SOPInstanceUID)
+        assert row is not None, f"no row for {path.name}"
+        stored = node.storage.resolve(row.path)
+        assert stored == node.storage.path_for(sent.StudyInstanceUID, sent.SeriesInstanceUID, sent.SOPInstanceUID)
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == row.sha256
+        assert row.size_bytes == stored.stat().st_size and row.calling_ae_title == "STORESCU"
+        assert row.peer_host == "127.0.0.1" and row.transfer_syntax_uid == sent.file_meta.TransferSyntaxUID
+        back = pydicom.dcmread(stored)
+        assert back.PixelData == sent.PixelData  # the compressed stream, untouched
+    assert node.count(db.Study) == 2 and node.count(db.Series) == 2 and node.count(db.Instance) == 4
+    study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
+    assert node.stored_calls.count((study_uid, pydicom.dcmread(files[0]).SeriesInstanceUID)) == 3
+    with db.session_scope(node.factory) as s:
+        series = s.execute(select(db.Series).where(db.Series.instance_count == 3)).scalar_one()
+        assert series.modality == "MR" and series.series_description == "PD FS SAG" and series.series_number == 3
+        assert series.study.patient_id_hash == db.hash_patient_id("PHANTOM001")
+        assert series.study.accession_number == "ACC001"
+
+
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEGLSLossless, RLELossless, ExplicitVRLittleEndian])
+def test_transfer_syntaxes_stored_byte_identical(start_node: Callable[..., Node], tmp_path: Path, syntax: str) -> None:
+    node = start_node()
+    files = _series(tmp_path / "in", syntax, slices=1)
+    assert _send(node.port, files) == [0x0000]
+    sent = pydicom.dcmread(files[0], stop_before_pixels=True)
+    stored = node.storage.path_for(sent.StudyInstanceUID, sent.SeriesInstanceUID, sent.SOPInstanceUID)
+    assert _dataset_bytes(stored) == _dataset_bytes(files[0])
+    back = pydicom.dcmread(stored)
+    assert back.file_meta.TransferSyntaxUID == syntax
+    assert back.file_meta.MediaStorageSOPInstanceUID == sent.SOPInstanceUID
+    assert node.instance(sent.SOPInstanceUID).transfer_syntax_uid == syntax
+
+
+def test_unsupported_sop_class_is_refused_at_negotiation(start_node: Callable[..., Node], tmp_path: Path) -> None:
+    node = start_node()
+    ct = _small_dataset(sop_class.CTImageStorage)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(sop_class.CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(sop_class.Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="ORTHONODE")
+    assert assoc.is_established
+    try:
+        assert [cx.abstract_syntax for cx in assoc.rejected_contexts] == [sop_class.CTImageStorage]
+        assert assoc.rejected_contexts[0].result == 0x03  # abstract syntax not supported
+        with pytest.raises(ValueError, match="No presentation context"):
+            assoc.send_c_store(ct)
+    finally:
+        assoc.release()
+    assert node.files() == [] and node.count(db.Instance) == 0
+
+
+def test_ignored_sop_class_is_acknowledged_and_dropped(start_node: Callable[..., Node], caplog: Any) -> None:
+    node = start_node()
+    gsps = _small_dataset(sop_class.GrayscaleSoftcopyPresentationStateStorage, Modality="PR")
+    with caplog.at_level(logging.INFO, logger="dicom_node.listener"):
+        assert _send(node.port, [gsps]) == [0x0000]
+    assert node.files() == [] and node.count(db.Instance) == 0 and node.stored_calls == []
+    assert f"ignored SOP instance {gsps.SOPInstanceUID}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "policy, second_status, kept",
+    [
+        ("keep_first", 0x0000, "first"),
+        ("overwrite", 0x0000, "second"),
+        ("reject_if_different", 0x0111, "first"),
+    ],
+)
+def test_duplicate_policies(
+    start_node: Callable[..., Node], tmp_path: Path, policy: str, second_status: int, kept: str
+) -> None:
+    node = start_node(listener={"duplicate_policy": policy})
+    first = _series(tmp_path / "a", slices=1)[0]
+    ds = pydicom.dcmread(first)
+    ds.SeriesDescription = "PD FS SAG corrected"  # same UIDs, different bytes
+    second = tmp_path / "second.dcm"
+    ds.save_as(second)
+    assert _send(node.port, [first]) == [0x0000]
+    assert _send(node.port, [first]) == [0x0000]  # identical resend: acknowledged under every policy
+    assert _send(node.port, [second]) == [second_status]
+    expected = first if kept == "first" else second
+    stored = node.storage.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    assert _dataset_bytes(stored) == _dataset_bytes(expected)
+    assert node.instance(ds.SOPInstanceUID).sha256 == hashlib.sha256(stored.read_bytes()).hexdigest()
+    assert node.count(db.Instance) == 1 and len(node.files()) == 1
+    # the hook fires for new content only: the first store, and the overwrite
+    assert len(node.stored_calls) == (2 if policy == "overwrite" else 1)
+
+
+def test_duplicate_uid_in_another_series(start_node: Callable[..., Node], tmp_path: Path) -> None:
+    """A SOP Instance UID that arrives again under another series: refused, or moved by overwrite."""
+    for policy, status in (("reject_if_different", 0x0111), ("overwrite", 0x0000)):
+        node = start_node(listener={"duplicate_policy": policy}, node={"data_dir": str(tmp_path / policy / "data")})
+        first = _series(tmp_path / policy / "in", slices=1)[0]
+        ds = pydicom.dcmread(first)
+        ds.SeriesInstanceUID = generate_uid()
+        moved = tmp_path / f"{policy}-moved.dcm"
+        ds.save_as(moved)
+        assert _send(node.port, [first, moved]) == [0x0000, status]
+        files = node.files()
+        assert len(files) == 1 and node.count(db.Instance) == 1
+        row = node.instance(ds.SOPInstanceUID)
+        expected_series = ds.SeriesInstanceUID if policy == "overwrite" else pydicom.dcmread(first).SeriesInstanceUID
+        assert row.path.split("/")[1] == expected_series and files[0] == node.storage.resolve(row.path)
+
+
+def test_disk_reserve_refuses_with_a700(start_node: Callable[..., Node], tmp_path: Path, caplog: Any) -> None:
+    node = start_node(storage={"min_free_mb": 10**9})
+    files = _series(tmp_path / "in", slices=1)
+    with caplog.at_level(logging.ERROR, logger="dicom_node.listener"):
+        assert _send(node.port, files) == [0xA700]
+    assert node.files() == [] and node.count(db.Instance) == 0 and node.count(db.Study) == 0
+    assert "out of space" in caplog.text and "storage.min_free_mb" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI", "ignore:The value length")
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"StudyInstanceUID": "1.2.3/../../../etc"},
+        {"SeriesInstanceUID": "../1.2.3"},
+        {"SeriesInstanceUID": None},
+        {"StudyInstanceUID": "1.2." + "3" * 70},
+    ],
+)
+def test_unsafe_or_missing_uids_are_refused(start_node: Callable[..., Node], values: dict[str, Any], caplog: Any) -> None:
+    node = start_node()
+    ds = _small_dataset(sop_class.MRImageStorage, **values)
+    with caplog.at_level(logging.WARNING, logger="dicom_node.listener"):
+        assert _send(node.port, [ds]) == [StoreStatus.INVALID_UIDS]
+    assert node.files() == [] and node.count(db.Instance) == 0
+    assert f"refused SOP instance {ds.SOPInstanceUID}" in caplog.text
+    assert [p for p in node.config.data_dir.parent.rglob("*") if p.name in ("etc", "1.2.3")] == []
+
+
+def test_database_failure_keeps_nothing(start_node: Callable[..., Node], tmp_path: Path, caplog: Any) -> None:
+    node = start_node()
+    with node.engine.begin() as conn:  # the commit of the row fails: no events table
+        conn.execute(text("DROP TABLE events"))
+    files = _series(tmp_path / "in", slices=1)
+    with caplog.at_level(logging.ERROR, logger="dicom_node.listener"):
+        assert _send(node.port, files) == [StoreStatus.DATABASE_UNAVAILABLE]
+    assert node.files() == [] and node.count(db.Instance) == 0 and node.count(db.Study) == 0
+    assert node.stored_calls == []
+    assert "the database is unavailable, the file was not kept" in caplog.text
+
+
+def test_unreachable_database(make_config: Callable[..., NodeConfig], tmp_path: Path) -> None:
+    from tests.dicom_node.conftest import free_port
+
+    config = make_config()
+    # nothing listens on that port: every connection attempt fails at once
+    engine = db.make_engine(f"postgresql+psycopg2://nobody@127.0.0.1:{free_port()}/none")
+    storage = Storage(tmp_path / "incoming", 0)
+    receiver = StoreReceiver.from_config(config, storage, db.make_session_factory(engine))
+    file = _series(tmp_path / "in", slices=1)[0]
+    ds = pydicom.dcmread(file, stop_before_pixels=True)
+    status = receiver.receive(
+        file.read_bytes(),
+        context_sop_class_uid=sop_class.MRImageStorage,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        affected_sop_instance_uid=ds.SOPInstanceUID,
+        calling_ae_title="STORESCU",
+        peer_host="127.0.0.1",
+    )
+    assert status == StoreStatus.DATABASE_UNAVAILABLE
+    assert [p for p in storage.root.rglob("*") if p.is_file()] == []
+
+
+def test_hook_failure_does_not_fail_the_store(start_node: Callable[..., Node], tmp_path: Path, caplog: Any) -> None:
+    def broken(study: str, series: str) -> None:
+        raise RuntimeError("assembler is down")
+
+    node = start_node(hook=broken)
+    files = _series(tmp_path / "in", slices=1)
+    with caplog.at_level(logging.ERROR, logger="dicom_node.listener"):
+        assert _send(node.port, files) == [0x0000]
+    assert node.count(db.Instance) == 1
+    assert "on_instance_stored failed" in caplog.text
+
+
+def test_receiver_checks_without_network(make_config: Callable[..., NodeConfig], tmp_path: Path) -> None:
+    config = make_config()
+    engine = db.make_engine(config.database_url)
+    db.upgrade_database(engine)
+    receiver = StoreReceiver.from_config(config, Storage(tmp_path / "incoming", 0), db.make_session_factory(engine))
+    file = _series(tmp_path / "in", slices=1)[0]
+    ds = pydicom.dcmread(file, stop_before_pixels=True)
+    data = file.read_bytes()
+
+    def receive(payload: bytes = data, **kw: Any) -> int:
+        args = dict(
+            context_sop_class_uid=sop_class.MRImageStorage,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            affected_sop_instance_uid=ds.SOPInstanceUID,
+            calling_ae_title="STORESCU",
+            peer_host="127.0.0.1",
+        )
+        args.update(kw)
+        return receiver.receive(payload, **args)
+
+    try:
+        assert receive(affected_sop_instance_uid="1.2.3.4") == StoreStatus.SOP_INSTANCE_UID_MISMATCH
+        assert receive(context_sop_class_uid=sop_class.EnhancedMRImageStorage) == StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+        assert receive(context_sop_class_uid=sop_class.CTImageStorage) == StoreStatus.SOP_CLASS_NOT_SUPPORTED
+        assert receive(b"not DICOM at all") == StoreStatus.UNPARSABLE_DATASET
+        assert [p for p in receiver.storage.root.rglob("*") if p.is_file()] == []
+        assert receive() == StoreStatus.SUCCESS
+        assert receiver.storage.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID).read_bytes() == data
+    finally:
+        engine.dispose()
+
+
+def test_concurrent_associations(start_node: Callable[..., Node], tmp_path: Path) -> None:
+    node = start_node()
+    header = {"study_uid": generate_uid()}
+    batches = [_series(tmp_path / f"s{i}", slices=3, series_uid=generate_uid(), **header) for i in range(3)]
+    results: list[list[int]] = []
+
+    def send(batch: list[Path]) -> None:
+        results.append(_send(node.port, batch))
+
+    threads = [threading.Thread(target=send, args=(b,)) for b in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [[0, 0, 0]] * 3
+    assert node.count(db.Study) == 1 and node.count(db.Series) == 3 and node.count(db.Instance) == 9
+
+
+def test_stop_closes_the_port(start_node: Callable[..., Node]) -> None:
+    node = start_node()
+    node.listener.stop()
+    assert not node.listener.running and node.listener.active_associations == 0
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(sop_class.Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="ORTHONODE")
+    assert not assoc.is_established
+    node.listener.start()  # restartable on the same port
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="ORTHONODE")
+    assert assoc.is_established
+    assoc.release()
