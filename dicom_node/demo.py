@@ -1,0 +1,370 @@
+"""``orthonode demo`` (what ``make demo`` runs): the whole node on phantom knees with a real PACS.
+
+1. Make sure the demo model exists (``orthonode train demo`` builds it if it is missing).
+2. Start Orthanc (the Debian package) with a generated configuration in the work folder:
+   AE ``ORTHANC``, DICOM port 4242 (or a free one), REST on loopback, the node registered as a
+   modality and a Lua ``OnStableStudy`` hook that forwards stable MR studies to it.
+3. Start the node (``orthonode serve`` in a subprocess) with a node.yaml generated in the work
+   folder: short quiet periods, results sent back to that Orthanc, preview PNGs on.
+4. Generate knee phantom studies and send them to Orthanc with dcmtk's ``storescu``, as a
+   scanner would.
+5. Wait until a SEG and an SR are in Orthanc for every study, then read them back through
+   Orthanc's REST API and print, per study, the findings of the SR next to the phantom's true
+   labels, the objects stored next to the source series, and where the preview PNGs are.
+
+Every process started here is stopped on the way out, also after Ctrl-C or a failure; a
+timeout ends the demo with a message that says what was missing and exit code 1.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = Path("models/demo-knee.pt")
+NODE_AE = "ORTHONODE"
+SCANNER_AE = "DEMO-SCANNER"
+
+
+class DemoError(RuntimeError):
+    """The demo could not finish; the message says what was missing."""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work", type=Path, default=Path("demo-output"),
+                        help="work folder: Orthanc, the node's data, phantoms, logs (default demo-output; "
+                             "emptied at the start)")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help=f"model bundle; built with `orthonode train demo` if missing (default {DEFAULT_MODEL})")
+    parser.add_argument("--cases", type=int, default=3, help="phantom knee studies to send (default 3)")
+    parser.add_argument("--matrix", type=int, default=128, help="phantom in-plane matrix (default 128)")
+    parser.add_argument("--seed", type=int, default=2026, help="phantom seed (default 2026: not the training cases)")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds to wait for all results after sending (default 600)")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _port(preferred: int) -> int:
+    from dicom_node.orthanc import free_port, port_is_free
+
+    return preferred if port_is_free(preferred) else free_port()
+
+
+def ensure_model(path: Path) -> Path:
+    """The demo bundle at ``path``; trained with ``orthonode train demo`` when missing."""
+    if path.is_file():
+        print(f"model: {path} (exists)")
+        return path
+    print(f"model: {path} is missing; training the demo model now (`orthonode train demo`, a few minutes)", flush=True)
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "train", "demo", "--out", str(path)])
+    if result.returncode != 0 or not path.is_file():
+        raise DemoError(f"`orthonode train demo --out {path}` failed with exit code {result.returncode}")
+    print(f"model: trained in {time.monotonic() - started:.0f} s")
+    return path
+
+
+def node_yaml(work: Path, model: Path, node_port: int, http_port: int, orthanc_port: int) -> Path:
+    """The demo node's configuration: short timers, results back to the demo Orthanc."""
+    data = {
+        "node": {"name": "orthonode-demo", "data_dir": "./node-data"},
+        "listener": {
+            "ae_titles": [NODE_AE], "bind_address": "127.0.0.1", "port": node_port,
+            "allowed_callers": [{"ae_title": "ORTHANC", "hosts": ["127.0.0.1"]},
+                                {"ae_title": "STORESCU", "hosts": ["127.0.0.1"]}],
+        },
+        "storage": {"min_free_mb": 256},
+        "study_assembly": {"series_quiet_seconds": 3, "study_quiet_seconds": 5, "forced_after_seconds": 120},
+        "jobs": {"device": "auto", "workers": 1},
+        "model": {"checkpoint": str(model.resolve())},
+        "export": {
+            "destinations": {"pacs": {"type": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port}},
+            "routes": [{"match": {}, "destinations": ["pacs"]}],
+            "retry": {"max_attempts": 5, "initial_delay_seconds": 2, "max_delay_seconds": 30},
+        },
+        "http": {"bind_address": "127.0.0.1", "port": http_port, "enabled": True},
+        "logging": {"level": "INFO", "log_phi": False},
+    }
+    path = work / "node.yaml"
+    path.write_text("# generated by orthonode demo\n" + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+class NodeProcess:
+    """``orthonode serve`` as a child process with its log in the work folder."""
+
+    def __init__(self, config: Path, log_path: Path, http_port: int) -> None:
+        self.config, self.log_path, self.http_port = config, log_path, http_port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 120.0) -> None:
+        handle = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dicom_node.cli", "-v", "serve", "--config", str(self.config), "--preview"],
+                stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        finally:
+            handle.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_running()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise DemoError(f"the node did not become healthy within {timeout:.0f} s; see {self.log_path}:\n{self.tail()}")
+
+    def check_running(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise DemoError(f"the node exited with code {self.proc.returncode}; end of {self.log_path}:\n{self.tail()}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+@dataclass
+class PhantomStudy:
+    case_id: str
+    folder: Path
+    study_instance_uid: str
+    truth: dict[str, int]
+    site: str
+    laterality: str
+
+
+def make_phantoms(folder: Path, cases: int, seed: int, matrix: int) -> list[PhantomStudy]:
+    from pydicom import dcmread
+
+    from inference.labels import label_keys
+    from training.phantoms.generate import generate_dataset
+
+    started = time.monotonic()
+    generate_dataset(folder, "knee", cases, seed=seed, matrix=matrix, preview=True)
+    keys = label_keys("knee")
+    studies = []
+    with open(folder / "cases.csv", newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            case_dir = folder / row["case_id"] / "dicom"
+            first = next(iter(sorted(case_dir.rglob("*.dcm"))))
+            studies.append(PhantomStudy(
+                row["case_id"], case_dir, str(dcmread(first, stop_before_pixels=True).StudyInstanceUID),
+                {key: int(row[key]) for key in keys}, row["site"], row["laterality"],
+            ))
+    print(f"phantoms: {len(studies)} knee studies ({matrix}x{matrix}) in {folder} "
+          f"({time.monotonic() - started:.0f} s)")
+    return studies
+
+
+def send_with_storescu(folder: Path, port: int, called_ae: str = "ORTHANC") -> None:
+    if shutil.which("storescu") is None:
+        raise DemoError("dcmtk's storescu is not installed (apt-get install dcmtk)")
+    result = subprocess.run(
+        ["storescu", "-aet", SCANNER_AE, "-aec", called_ae, "-nh", "+sd", "+r", "127.0.0.1", str(port), str(folder)],
+        capture_output=True, text=True, timeout=300,
+    )
+    if result.returncode != 0:
+        raise DemoError(f"storescu to {called_ae} on port {port} failed ({result.returncode}): {result.stderr[-1000:]}")
+
+
+def findings_from_sr(data: bytes) -> list[dict[str, Any]]:
+    """Findings of a TID 1500 SR written by the node: one per measurement group with a
+    Probability and a Presence of property."""
+    from pydicom import dcmread
+
+    ds = dcmread(io.BytesIO(data))
+    out: list[dict[str, Any]] = []
+
+    def meaning(item: Any) -> str:
+        return str(item.ConceptNameCodeSequence[0].CodeMeaning) if "ConceptNameCodeSequence" in item else ""
+
+    def walk(items: Any) -> None:
+        for item in items:
+            if meaning(item) == "Measurement Group":
+                group: dict[str, Any] = {}
+                for child in getattr(item, "ContentSequence", []):
+                    name = meaning(child)
+                    if name == "Tracking Identifier":
+                        group["key"] = str(child.TextValue).split(":", 1)[0]
+                    elif name == "Finding":
+                        group["name"] = str(child.ConceptCodeSequence[0].CodeMeaning)
+                    elif name == "Probability":
+                        group["probability"] = float(child.MeasuredValueSequence[0].NumericValue)
+                    elif name == "Presence of property":
+                        group["present"] = str(child.ConceptCodeSequence[0].CodeValue) == "121053"
+                if {"key", "probability", "present"} <= set(group):
+                    out.append(group)
+            elif "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(ds.ContentSequence)
+    return out
+
+
+def _short(path: Path) -> str:
+    """``path`` relative to the current folder when it lies below it (shorter lines)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def report_study(orthanc: Any, study: PhantomStudy, results_dir: Path) -> tuple[str, int, int]:
+    """Text block for one study, and (agreeing findings, findings) for the summary line."""
+    series = orthanc.series_of_study(study.study_instance_uid)
+    lines = [f"study {study.case_id}  ({study.site}, {'left' if study.laterality == 'L' else 'right'} knee)",
+             f"  Study Instance UID {study.study_instance_uid}", "  in Orthanc:"]
+    sr_data: bytes | None = None
+    for s in sorted(series, key=lambda s: (s["MainDicomTags"].get("Modality", ""), s["MainDicomTags"].get("SeriesNumber", ""))):
+        tags = s["MainDicomTags"]
+        lines.append(f"    {tags.get('Modality', '?'):<4} series {tags.get('SeriesNumber', '?'):>5}  "
+                     f"{tags.get('SeriesDescription', ''):<32} {len(s['Instances']):>4} object(s)")
+        if tags.get("Modality") == "SR" and s["Instances"]:
+            sr_data = orthanc.instance_file(s["Instances"][0])
+    agree = total = 0
+    if sr_data is not None:
+        lines.append(f"  {'finding':<38} {'phantom truth':<14} node (probability)")
+        for f in findings_from_sr(sr_data):
+            truth = study.truth.get(f["key"])
+            said = "present" if f["present"] else "absent"
+            truth_text = "?" if truth is None else ("present" if truth else "absent")
+            mark = ""
+            if truth is not None:
+                total += 1
+                if bool(truth) == f["present"]:
+                    agree += 1
+                else:
+                    mark = "  <- differs"
+            lines.append(f"  {f.get('name', f['key']):<38} {truth_text:<14} {said} ({f['probability']:.2f}){mark}")
+        lines.append(f"  agreement with the phantom truth: {agree}/{total}")
+    previews = sorted((results_dir / study.study_instance_uid).glob("job-*/**/*.png"))
+    phantom_preview = study.folder.parent / "preview.png"
+    if previews:
+        folders = sorted({p.parent for p in previews})
+        for folder in folders:
+            names = ", ".join(p.name for p in previews if p.parent == folder)
+            lines.append(f"  node previews: {_short(folder)}/ ({names})")
+    if phantom_preview.exists():
+        lines.append(f"  phantom preview (ground truth): {_short(phantom_preview)}")
+    return "\n".join(lines), agree, total
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dicom_node.orthanc import OrthancError, OrthancServer, orthanc_available, remove_tree
+
+    if args.cases < 1:
+        print("orthonode demo: --cases must be at least 1", file=sys.stderr)
+        return 2
+    if not orthanc_available():
+        print("orthonode demo: Orthanc is not installed (/usr/sbin/Orthanc); apt-get install orthanc", file=sys.stderr)
+        return 2
+    work: Path = args.work.resolve()
+    if work.exists():
+        remove_tree(work)
+    work.mkdir(parents=True)
+    started = time.monotonic()
+    orthanc: OrthancServer | None = None
+    node: NodeProcess | None = None
+    # SIGTERM (e.g. a CI timeout) takes the same way out as Ctrl-C: through the finally below
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        model = ensure_model(args.model)
+        node_port, http_port = _port(11112), _port(8090)
+        orthanc = OrthancServer(work / "orthanc", ae_title="ORTHANC", dicom_port=_port(4242),
+                                node=(NODE_AE, "127.0.0.1", node_port), stable_age_seconds=5)
+        orthanc.start()
+        print(f"orthanc: AE ORTHANC on DICOM port {orthanc.dicom_port}, REST {orthanc.http_url} "
+              f"(log {orthanc.log_path})")
+        config = node_yaml(work, model, node_port, http_port, orthanc.dicom_port)
+        node = NodeProcess(config, work / "node.log", http_port)
+        node.start()
+        print(f"node:    AE {NODE_AE} on DICOM port {node_port}, http://127.0.0.1:{http_port}/healthz and /metrics "
+              f"(config {config}, log {node.log_path})")
+        studies = make_phantoms(work / "phantoms", args.cases, args.seed, args.matrix)
+        for study in studies:
+            send_with_storescu(study.folder, orthanc.dicom_port)
+        print(f"sent:    {len(studies)} studies to Orthanc with storescu; Orthanc forwards each once it is stable "
+              f"(5 s), the node processes it after its quiet period and sends SEG + SR back", flush=True)
+
+        deadline = time.monotonic() + args.timeout
+        waiting = {s.study_instance_uid: s for s in studies}
+        while waiting:
+            node.check_running()
+            for uid in list(waiting):
+                counts = orthanc.modality_counts(uid)
+                if counts.get("SEG", 0) >= 1 and counts.get("SR", 0) >= 1:
+                    print(f"results: {waiting.pop(uid).case_id}: SEG and SR are in Orthanc "
+                          f"({time.monotonic() - started:.0f} s since start)", flush=True)
+            if not waiting:
+                break
+            if time.monotonic() > deadline:
+                missing = ", ".join(f"{s.case_id} ({orthanc.modality_counts(uid)})" for uid, s in waiting.items())
+                raise DemoError(f"timed out after {args.timeout:.0f} s waiting for SEG + SR of: {missing}; "
+                                f"see `orthonode status --config {config}` and the end of {node.log_path}:\n{node.tail()}")
+            time.sleep(1.0)
+
+        print()
+        agree = total = 0
+        for study in studies:
+            text, a, t = report_study(orthanc, study, work / "node-data" / "results")
+            print(text + "\n")
+            agree, total = agree + a, total + t
+        print(f"all {len(studies)} studies: SEG + SR returned to Orthanc under their own studies; findings agree with the "
+              f"phantom truth in {agree}/{total} ({time.monotonic() - started:.0f} s in all).")
+        print("The demo model was trained on synthetic phantoms only: research use, not for clinical use.")
+        return 0
+    except DemoError as exc:
+        print(f"orthonode demo: FAILED: {exc}", file=sys.stderr)
+        return 1
+    except OrthancError as exc:
+        print(f"orthonode demo: FAILED: Orthanc: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("orthonode demo: interrupted; stopping the node and Orthanc", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if node is not None:
+            node.stop()
+        if orthanc is not None:
+            orthanc.stop()
