@@ -172,6 +172,12 @@ class SeriesPlan:
     start_offset_s: float  # acquisition start after the study start
 
     @property
+    def phase_direction(self) -> str:
+        """InPlanePhaseEncodingDirection: "ROW" (phase varies along a row, across columns) for
+        the sagittal planes, "COL" (along a column, across rows) for the others."""
+        return "ROW" if self.plane == "sagittal" else "COL"
+
+    @property
     def folder_name(self) -> str:
         """Folder of the series below ``<case>/dicom/``: ``<SeriesNumber>_<plane-or-kind>``."""
         return f"{self.series_number}_{self.plane}"
@@ -570,6 +576,30 @@ class AcquiredSeries:
     window: tuple[float, float]  # (center, width)
 
 
+def truncate_phase_encoding(real: np.ndarray, imag: np.ndarray, axis: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Keep only the central ``fraction`` of k-space lines along ``axis`` (zero-filled).
+
+    This is what partial phase sampling does to an image: lower resolution along the phase
+    direction, Gibbs ringing at sharp edges (the cartilage-fluid interface), and noise that
+    is correlated along that direction.  Works on the complex image (``real`` + i ``imag``),
+    before the magnitude is taken.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    n = real.shape[axis]
+    keep = int(round(n * fraction))
+    if keep >= n:
+        return real, imag
+    kspace = np.fft.fft(real + 1j * imag, axis=axis)
+    freqs = np.abs(np.fft.fftfreq(n) * n)  # distance of each line from the k-space centre
+    dropped = np.argsort(freqs, kind="stable")[keep:]
+    index = [slice(None)] * real.ndim
+    index[axis] = dropped
+    kspace[tuple(index)] = 0.0
+    image = np.fft.ifft(kspace, axis=axis)
+    return image.real.astype(np.float32), image.imag.astype(np.float32)
+
+
 def acquire_series(
     anatomy: Anatomy,
     plan: SeriesPlan,
@@ -594,6 +624,9 @@ def acquire_series(
         clean = signal * shading
         real = clean + rng.normal(0.0, sigma, size=clean.shape).astype(np.float32)
         imag = rng.normal(0.0, sigma, size=clean.shape).astype(np.float32)
+        if plan.parameters.percent_sampling < 100.0:
+            phase_axis = 2 if plan.phase_direction == "ROW" else 1
+            real, imag = truncate_phase_encoding(real, imag, phase_axis, plan.parameters.percent_sampling / 100.0)
         magnitude = np.sqrt(real * real + imag * imag)  # Rician: magnitude of complex Gaussian
         stored = np.clip(np.rint(magnitude * gain), 0, MAX_STORED_VALUE).astype(np.uint16)
         pixels.append(stored)

@@ -194,9 +194,8 @@ def _base_dataset(series: AcquiredSeries, study: StudyContext) -> Dataset:
     ds.ProtocolName = plan.description
     ds.ReceiveCoilName = site.receive_coil[spec.joint]
     ds.TransmitCoilName = site.receive_coil[spec.joint] if spec.joint == "knee" else "Body"
-    # AcquisitionMatrix is (frequency rows, frequency columns, phase rows, phase columns); the
-    # sagittal knee is phase encoded along the rows (anterior-posterior), the others along columns
-    phase_direction = "ROW" if plan.plane == "sagittal" else "COL"
+    # AcquisitionMatrix is (frequency rows, frequency columns, phase rows, phase columns)
+    phase_direction = plan.phase_direction
     frequency = stack0.cols if phase_direction == "ROW" else stack0.rows
     phase = int(round(frequency * params.percent_sampling / 100.0))
     ds.AcquisitionMatrix = [frequency, 0, 0, phase] if phase_direction == "ROW" else [0, frequency, phase, 0]

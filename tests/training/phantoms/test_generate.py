@@ -19,6 +19,7 @@ from training.phantoms.acquisition import (
     oblique_angle_deg,
     plan_protocol,
     sample_stack,
+    truncate_phase_encoding,
 )
 from training.phantoms.contrast import signal_table
 from training.phantoms.generate import CASE_COLUMNS, case_id_for, generate_case, generate_dataset
@@ -220,6 +221,20 @@ def test_adaptive_sampling_matches_full_sampling(stand_in) -> None:
         full, full_mask = sample_stack(anatomy, plan.stacks[0], table, through_samples=3, adaptive=False)
         assert np.mean(np.abs(fast - full) > 1e-4) < 0.01, plan.plane
         assert np.mean(fast_mask != full_mask) < 0.005, plan.plane
+
+
+def test_partial_phase_sampling_blurs_only_the_phase_direction() -> None:
+    edge = np.zeros((1, 64, 64), dtype=np.float32)
+    edge[:, 20:44, 20:44] = 1.0
+    real, imag = truncate_phase_encoding(edge, np.zeros_like(edge), axis=2, fraction=0.7)
+    magnitude = np.hypot(real, imag)
+    # across columns (phase): the edge is no longer sharp and rings (Gibbs) around it
+    assert magnitude[0, 32, 19] > 0.1 and magnitude[0, 32, 21] > 1.05  # was 0 and 1
+    # along a column inside the square, nothing changes between rows (frequency direction)
+    np.testing.assert_allclose(magnitude[0, 25:40, 30], magnitude[0, 25, 30], atol=1e-5)
+    assert abs(real.mean() - edge.mean()) < 1e-5  # the k-space centre is kept
+    full_real, _ = truncate_phase_encoding(edge, np.zeros_like(edge), axis=2, fraction=1.0)
+    np.testing.assert_array_equal(full_real, edge)
 
 
 def test_bias_field_is_smooth_and_bounded() -> None:
