@@ -9,7 +9,21 @@ first, the foot in neutral position pointing up (anterior, -v), the sole facing 
 transverse axis through the talar body: positive values point the toes down.
 
 Dimensions (mm, scale 1): talar dome 30 wide, calcaneus 75 long, Achilles tendon 16 x 6,
-ATFL 2.5 mm thick band, tibiotalar cartilage 1.5 + 1.5.
+ATFL 2.5 mm thick band, tibiotalar cartilage 1.5 + 1.5.  No knee-style structures: the
+second output of ``evaluate`` is always 0.
+
+Lesions (severity ``s`` in (0, 1]; see :func:`~training.phantoms.shapes.fibre_layers`):
+
+* ATFL / CFL injury: graded sprain: thickening and surrounding SOFT_TISSUE_EDEMA (grade
+  I), partial-thickness TEAR of the deep fibres (grade II), full-thickness gap (grade III),
+  at ``atfl_tear_at`` (mostly near the fibula) / ``cfl_tear_at``.
+* Achilles tendon rupture: a gap ``2 + 12 s`` mm long with TEAR signal in the watershed
+  zone ``atr_gap_above_mm`` above the calcaneal insertion, thickened edematous stumps and
+  edema in the paratenon fat; the proximal stump retracts upward; subtle cases are partial
+  (anterior half).
+* Osteochondral lesion of the talus: subchondral MARROW_EDEMA under the posteromedial or
+  anterolateral dome (``olt_site``), a cartilage defect filled with fluid, and for
+  ``s >= 0.5`` a fluid-like rim undermining an unstable fragment.
 """
 from __future__ import annotations
 
@@ -125,7 +139,7 @@ def build_ankle(spec: CaseSpec) -> LayeredModel:
     achilles = Rod(L.point((0, 38, 140)), Fo.point((0, 52, -38)), 8.0, 8.5, flat=0.4, wide=(1, 0, 0))
     at = 1.0 - _param(spec, "atr_gap_above_mm") / achilles.length
     layers += fibre_layers("achilles", achilles, 0, sev.get("atr", 0.0), "rupture", at=float(np.clip(at, 0.2, 0.9)),
-                           deep=(0, -1, 0), sag=(0, 0, 6))
+                           deep=(0, -1, 0), retract_mm=10.0)
     tendons = [
         Rod(L.point((14, 12, 60)), L.point((23, 8, -8)), 3.0), Rod(L.point((23, 8, -8)), Fo.point((10, -45, -28)), 3.0),
         Rod(L.point((6, 20, 60)), Fo.point((6, 14, -32)), 3.0),

@@ -16,6 +16,37 @@ so they change course with flexion.
 Dimensions (mm, scale 1): condylar width ~84, condyle AP ~60, tibial plateau 76 x 54,
 patella 44 x 40 x 20, cartilage 2.2 (femur), 2.5 (tibia), 3.0 (patella), ACL ~35 long and
 ~10 wide, menisci 6 mm high at the rim.
+
+Structures (``evaluate``'s second output) follow :data:`inference.labels.KNEE_STRUCTURES`:
+a bone is its cortex, marrow and any bone bruise inside it; a torn ligament's gap is not
+the ligament; a meniscal tear line stays part of the meniscus.
+
+Lesions, as radiologists see them (severity ``s`` in (0, 1]; see also
+:func:`~training.phantoms.shapes.fibre_layers`):
+
+* ACL tear: fibres discontinuous at ``acl_tear_at`` (mid-substance or proximal), a gap of
+  ``2 + 12 s`` mm with fluid-like TEAR signal, swollen stumps with an edematous rim and
+  periligamentous edema, the distal stump sagging anteriorly-inferiorly (flat course);
+  subtle tears (``s < 0.3``) interrupt only part of the cross-section.  With
+  ``acl_bruise`` the pivot-shift bone bruise: MARROW_EDEMA in the lateral femoral condyle
+  near the terminal sulcus and in the posterolateral tibial plateau, larger with ``s``.
+  Effusion is associated through the case sampling.
+* PCL tear: the same rupture model on the PCL (partial tears on its posterior half).
+* Meniscal tear: a TEAR sheet ``0.6 + 1.2 s`` mm thick in the meniscus, horizontal
+  (cleavage, reaching the free edge), oblique (reaching the inferior surface) or vertical
+  longitudinal (peripheral third, both surfaces); posterior horn unless sampled otherwise;
+  its arc grows with ``s`` (:class:`MeniscalTear`).
+* MCL/LCL injury: grade I (``s < 0.35``) thickened ligament with intermediate signal and
+  surrounding SOFT_TISSUE_EDEMA; grade II adds a partial-thickness TEAR of the deep fibres
+  (MCL mostly proximal, at ``mcl_tear_at``); grade III a full-thickness gap.
+* Transient lateral patellar dislocation: patella displaced ``4 + 10 s`` mm laterally and
+  tilted ``6 + 12 s`` degrees; bone bruises of the medial patellar facet and the
+  anterolateral lateral femoral condyle; MPFL sprain/tear (graded as a collateral
+  ligament, near its patellar or femoral attachment) with edema; effusion via sampling.
+* Effusion: the suprapatellar recess distends (thickness ``physio + 9 s`` mm, and
+  wider/taller), the articular fluid films thicken by ``3.5 s`` mm, fluid fills the capsule
+  around the condyles and the notch (``1 + 4 s`` mm) and the posterior condylar recesses.
+  Negative cases keep a physiological film (``physio_fluid_mm``).
 """
 from __future__ import annotations
 

@@ -800,7 +800,7 @@ EDEMA_OVER = frozenset({Tissue.FAT, Tissue.MUSCLE, Tissue.FLUID})
 
 def fibre_layers(name: str, rod: Rod, structure: int = 0, severity: float = 0.0, mode: str = "rupture",
                  at: float = 0.5, deep: Sequence[float] | None = None, sag: Sequence[float] | None = None,
-                 tissue: Tissue = Tissue.LIGAMENT) -> list[Layer]:
+                 retract_mm: float = 0.0, tissue: Tissue = Tissue.LIGAMENT) -> list[Layer]:
     """The layers of one ligament or tendon, intact (``severity == 0``) or injured.
 
     Injury models (severity ``s`` in (0, 1]):
@@ -812,7 +812,8 @@ def fibre_layers(name: str, rod: Rod, structure: int = 0, severity: float = 0.0,
     (SOFT_TISSUE_EDEMA, still the structure) and periligamentous edema over the surrounding fat.
     Subtle cases (``s < 0.3``) tear only the ``deep`` half of the cross-section (partial tear).
     ``sag`` (mm, joint frame) displaces the free end of the distal stump, e.g. the sagging,
-    horizontally oriented distal ACL stump.
+    horizontally oriented distal ACL stump; ``retract_mm`` shortens the proximal stump by up
+    to that much (muscle pull on a ruptured tendon), widening the gap.
 
     ``mode='sprain'`` (collateral ligaments, ATFL, CFL) follows the clinical grading: grade I
     (``s < 0.35``) thickening and surrounding SOFT_TISSUE_EDEMA only; grade II (``s < 0.75``)
@@ -855,6 +856,9 @@ def fibre_layers(name: str, rod: Rod, structure: int = 0, severity: float = 0.0,
 
     gap_len = min((2.0 + 12.0 * s) / rod.length, 0.6)
     t0, t1 = max(0.05, at - gap_len / 2), min(0.95, at + gap_len / 2)
+    if retract_mm < 0:
+        raise ValueError(f"retract_mm of {name} must be >= 0, got {retract_mm}")
+    t0 = max(0.05, t0 - retract_mm * s / rod.length)
     swell = 1.0 + 0.25 * s
     pa = rod.p0 + (rod.p1 - rod.p0) * t0
     pb = rod.p0 + (rod.p1 - rod.p0) * t1

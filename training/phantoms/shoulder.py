@@ -14,6 +14,26 @@ The rotator cuff is modelled as sectors of a spherical shell over the humeral he
 tendons hug the head on their way to the tuberosities); tears are sub-sectors of that shell
 next to the footprint.  Dimensions (mm, scale 1): head radius 23, cartilage 1.5, cuff 5.5 mm
 thick, acromion about 8 mm thick with its undersurface 8-9 mm above the cuff, LHBT 5 mm wide.
+No knee-style structures: the second output of ``evaluate`` is always 0.
+
+Lesions (severity ``s`` in (0, 1]):
+
+* SSP / ISP / SSC tear: a fluid-filled (TEAR) defect of the tendon next to its footprint,
+  ``6 + 14 s`` mm in radius; full thickness (``cuff_full_thickness`` or ``s > 0.7``) from
+  the articular to the bursal surface, otherwise a partial-thickness tear of the articular
+  or bursal (``cuff_bursal_side``) half; tendinosis (SOFT_TISSUE_EDEMA signal) around it.
+* LHBT injury: tendinopathy/partial tear (thickened tendon with intrasubstance intermediate
+  or, for ``s >= 0.5``, fluid-like signal), or with ``lhbt_rupture`` and ``s > 0.5`` an
+  empty groove (fluid) with the retracted stump distally.
+* AC joint lesion: widened joint (clavicle raised ``2 + 5 s`` mm and shifted), capsular
+  hypertrophy with edema, fluid in the joint and bone-marrow edema of the acromion and the
+  distal clavicle.
+* GHJ lesion / effusion: fluid distending the joint (``3.5 s`` mm) and the axillary
+  recess, and a labral TEAR line at the base of the labrum: superior (SLAP),
+  anteroinferior (Bankart) or posterior (``labral_tear_site``).
+* LHBT sheath effusion: fluid ring around the tendon in the groove, ``3 s`` mm thick.
+* SASD bursitis: the bursa between cuff and deltoid/acromion filled with fluid,
+  ``0.2 + 3.5 s`` mm thick (a fat plane when normal).
 """
 from __future__ import annotations
 

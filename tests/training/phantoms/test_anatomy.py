@@ -248,3 +248,42 @@ def test_brick_culling_matches_evaluating_every_point(joint):
     model.SAFETY = 1e6
     reference = model.evaluate(pts)
     assert np.array_equal(culled[0], reference[0]) and np.array_equal(culled[1], reference[1])
+
+
+def _shaft_axis(pts: np.ndarray) -> np.ndarray:
+    """Principal direction of a cloud of points (unit vector pointing superior)."""
+    centred = pts - pts.mean(axis=0)
+    axis = np.linalg.svd(centred, full_matrices=False)[2][0]
+    return axis if axis[2] > 0 else -axis
+
+
+def test_flexion_rotates_tibia_against_femur_about_the_transverse_axis():
+    angles = {}
+    for flexion in (0.0, 24.0):
+        model = build_anatomy(knee_spec("R", flexion_deg=flexion))
+        pts = grid(model.center, (-40, -70, -150), (40, 70, 170), step=2.0)
+        _, structure = model.evaluate(pts)
+        rel = pts - model.center.astype(np.float32)
+        femur = _shaft_axis(rel[(structure == S["femur"]) & (rel[:, 2] > 70)])
+        tibia = _shaft_axis(rel[(structure == S["tibia"]) & (rel[:, 2] < -60)])
+        assert abs(femur[0]) < 0.05 and abs(tibia[0]) < 0.05  # rotation about the x (transverse) axis
+        angles[flexion] = np.degrees(np.arccos(np.clip(femur @ tibia, -1, 1)))
+        if flexion:  # supine on a cushion: the thigh descends posteriorly to the hip, the leg to the foot
+            assert femur[1] > 0.1 and tibia[1] < -0.1
+    assert angles[0.0] < 3
+    assert angles[24.0] == pytest.approx(24.0, abs=3)
+
+
+@pytest.mark.parametrize("joint", ["ankle", "shoulder"])
+def test_ankle_and_shoulder_mirror_with_laterality(joint):
+    spec = sample_case(joint, np.random.default_rng(21), "x", "site")
+    spec.laterality = "R"
+    right = build_anatomy(spec)
+    spec.laterality = "L"
+    left = build_anatomy(spec)
+    assert left.center[0] == pytest.approx(-right.center[0])
+    rel = ((np.random.default_rng(4).random((100_000, 3)) - 0.5) * right.extent_mm).astype(np.float32)
+    t_right, _ = right.evaluate(rel + right.center.astype(np.float32))
+    t_left, _ = left.evaluate(rel * np.array([-1, 1, 1], dtype=np.float32) + left.center.astype(np.float32))
+    assert np.mean(t_right == t_left) > 0.999
+    assert len(np.unique(t_right)) > 6
