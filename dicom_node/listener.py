@@ -620,7 +620,10 @@ class Listener:
             caller_policy=self.caller_policy,
         )
         ae._servers.append(server)  # as AE.start_server does, so ae.shutdown() finds it
-        thread = threading.Thread(target=server.serve_forever, name="orthonode-listener", daemon=True)
+        # the poll interval bounds how long stop() waits for the accept loop to notice
+        thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="orthonode-listener", daemon=True
+        )
         thread.start()
         self._ae, self._server, self._thread = ae, server, thread
         log.info(

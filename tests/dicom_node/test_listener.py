@@ -499,3 +499,86 @@ def test_stop_closes_the_port(start_node: Callable[..., Node]) -> None:
     assoc = ae.associate("127.0.0.1", node.port, ae_title="ORTHONODE")
     assert assoc.is_established
     assoc.release()
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A test CA, a server certificate for 127.0.0.1 and a client certificate (EC P-256)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("tls")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=orthonode test CA", cwd=d)
+    for name in ("server", "client"):
+        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        _openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d,
+        )  # fmt: skip
+    return {name: d / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def test_tls(start_node: Callable[..., Node], tls_files: dict[str, Path]) -> None:
+    import ssl
+
+    node = start_node(
+        listener={
+            "tls": {
+                "enabled": True,
+                "certificate": str(tls_files["server.pem"]),
+                "private_key": str(tls_files["server.key"]),
+                "ca_certificates": str(tls_files["ca.pem"]),
+                "require_client_certificate": True,
+            }
+        }
+    )
+
+    def echo(context: ssl.SSLContext | None) -> bool:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(sop_class.Verification)
+        ae.acse_timeout = ae.network_timeout = 5
+        tls_args = (context, "127.0.0.1") if context is not None else None
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="ORTHONODE", tls_args=tls_args)
+        if not assoc.is_established:
+            return False
+        ok = int(assoc.send_c_echo().Status) == 0
+        assoc.release()
+        return ok
+
+    with_cert = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls_files["ca.pem"]))
+    with_cert.load_cert_chain(str(tls_files["client.pem"]), str(tls_files["client.key"]))
+    without_cert = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls_files["ca.pem"]))
+    assert echo(with_cert)
+    assert not echo(without_cert)  # the client certificate is required
+    assert not echo(None)  # plain DICOM on a TLS port
+
+
+def test_tls_configuration_errors_name_the_key(make_config: Callable[..., NodeConfig], tmp_path: Path) -> None:
+    from dicom_node.listener import make_ssl_context
+
+    config = make_config(
+        listener={"tls": {"enabled": True, "certificate": "missing.pem", "private_key": "missing.key"}}
+    )
+    with pytest.raises(FileNotFoundError, match=r"listener.tls.certificate: .*missing.pem"):
+        make_ssl_context(config)
+
+
+@needs_dcmtk
+def test_storescu_unsupported_sop_class(start_node: Callable[..., Node], tmp_path: Path) -> None:
+    node = start_node()
+    ct = _small_dataset(sop_class.CTImageStorage, Modality="CT")
+    path = tmp_path / "ct.dcm"
+    ct.save_as(path, enforce_file_format=True)
+    proc = _run(["storescu", "-aet", "STORESCU", "-aec", "ORTHONODE", "127.0.0.1", str(node.port), str(path)])
+    assert proc.returncode != 0
+    assert "no presentation context" in (proc.stdout + proc.stderr).lower()
+    assert node.files() == [] and node.count(db.Instance) == 0
