@@ -590,13 +590,15 @@ def truncate_phase_encoding(real: np.ndarray, imag: np.ndarray, axis: int, fract
     keep = int(round(n * fraction))
     if keep >= n:
         return real, imag
-    kspace = np.fft.fft(real + 1j * imag, axis=axis)
-    freqs = np.abs(np.fft.fftfreq(n) * n)  # distance of each line from the k-space centre
+    from scipy import fft  # single precision transforms (numpy.fft always works in double)
+
+    kspace = fft.fft(real.astype(np.float32) + np.complex64(1j) * imag.astype(np.float32), axis=axis)
+    freqs = np.abs(fft.fftfreq(n) * n)  # distance of each line from the k-space centre
     dropped = np.argsort(freqs, kind="stable")[keep:]
     index = [slice(None)] * real.ndim
     index[axis] = dropped
     kspace[tuple(index)] = 0.0
-    image = np.fft.ifft(kspace, axis=axis)
+    image = fft.ifft(kspace, axis=axis)
     return image.real.astype(np.float32), image.imag.astype(np.float32)
 
 
