@@ -9,7 +9,7 @@ Life of a job (``dicom_node.db.JobState``)::
 
 Why it is safe to kill the node at any moment:
 
-* A job is a row; the study assembler queues it in the same transaction that marks the study
+* A job is a row for one exact set of instances (:func:`content_fingerprint`); the study assembler queues it in the same transaction that marks the study
   complete (:func:`enqueue_if_changed`).  Nothing lives only in memory.
 * The running worker refreshes ``heartbeat_at`` every :data:`HEARTBEAT_SECONDS`.  At start-up,
   running jobs of a dead worker (this host, a pid that no longer runs, or a heartbeat older than
@@ -28,6 +28,7 @@ arrive meanwhile neither change the running job nor get lost (they re-trigger as
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -55,7 +56,6 @@ from dicom_node.db import (
     Series,
     Study,
     StudyState,
-    input_fingerprint,
     session_scope,
     utcnow,
 )
@@ -100,10 +100,25 @@ def _dead_local_worker(worker_id: str | None) -> bool:
     return pid == os.getpid() or not _pid_alive(pid)
 
 
+def content_fingerprint(pairs: Iterable[tuple[str, str]]) -> str:
+    """SHA-256 over the sorted ``(SOP Instance UID, file SHA-256)`` pairs of a study.
+
+    Like :func:`dicom_node.db.input_fingerprint` (UIDs only) but it also changes when an
+    instance is replaced by different content under the same UID (``duplicate_policy:
+    overwrite``), which must re-trigger processing too.
+    """
+    digest = hashlib.sha256()
+    for uid, sha in sorted(set(pairs)):
+        digest.update(f"{uid}\x1f{sha}\n".encode("ascii"))
+    return digest.hexdigest()
+
+
 def study_fingerprint(session: Session, study: Study) -> tuple[str, int]:
-    """(fingerprint, instance count) of the instances stored for ``study`` now."""
-    uids = list(session.scalars(select(Instance.sop_instance_uid).join(Series).where(Series.study_id == study.id)))
-    return input_fingerprint(uids), len(uids)
+    """(content fingerprint, instance count) of the instances stored for ``study`` now."""
+    rows = session.execute(
+        select(Instance.sop_instance_uid, Instance.sha256).join(Series).where(Series.study_id == study.id)
+    ).all()
+    return content_fingerprint((uid, sha) for uid, sha in rows), len(rows)
 
 
 def enqueue_if_changed(session: Session, study: Study, reason: str) -> Job | None:
@@ -223,9 +238,10 @@ class JobQueue:
                 return None
             study = job.study
             rows = session.execute(
-                select(Instance.sop_instance_uid, Instance.path).join(Series).where(Series.study_id == study.id)
+                select(Instance.sop_instance_uid, Instance.path, Instance.sha256).join(Series)
+                .where(Series.study_id == study.id)
             ).all()
-            fingerprint = input_fingerprint([uid for uid, _ in rows])
+            fingerprint = content_fingerprint((uid, sha) for uid, _, sha in rows)
             now = utcnow()
             job.state = JobState.RUNNING
             job.worker_id = self.worker_id
@@ -242,7 +258,7 @@ class JobQueue:
             session.add(EventRecord(kind="job_started", study_instance_uid=study.study_instance_uid, job_id=job.id,
                                     message=f"worker {self.worker_id}, attempt {job.attempts}, {len(rows)} instances"))
             return ClaimedJob(job.id, study.id, study.study_instance_uid, study.calling_ae_title, job.attempts,
-                              tuple(sorted(path for _, path in rows)), fingerprint)
+                              tuple(sorted(path for _, path, _ in rows)), fingerprint)
 
     def heartbeat(self, job_id: int, step: str | None = None) -> bool:
         """Refresh the job's heartbeat (and step); False when the job is no longer ours."""

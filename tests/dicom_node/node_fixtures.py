@@ -31,6 +31,8 @@ MATRIX = 64
 __all__ = [
     "MATRIX",
     "REPO",
+    "add_instance",
+    "node_db",
     "build_small_checkpoint",
     "free_port",
     "knee_phantoms",
@@ -90,11 +92,62 @@ def build_small_checkpoint(root: Path, seg_epochs: int = 2) -> Path:
 
 @pytest.fixture(scope="session")
 def node_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny trained knee bundle (see the module docstring); built once per session."""
+    """A tiny trained knee bundle (see the module docstring).
+
+    Built once per test run: under pytest-xdist the workers share it through the run's common
+    temporary folder, the first one building it under a file lock.
+    """
+    import fcntl
+
     given = os.environ.get("ORTHONODE_TEST_NODE_CHECKPOINT")
     if given:
         return Path(given)
-    return build_small_checkpoint(tmp_path_factory.mktemp("node_model"))
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "node_model"
+    shared.mkdir(parents=True, exist_ok=True)
+    with open(shared / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = shared / "model.pt"
+        if not path.is_file():
+            build_small_checkpoint(shared)
+        return path
+
+
+def add_instance(
+    factory: Any,
+    study: str,
+    series: str,
+    sop: str,
+    *,
+    sha: str | None = None,
+    received_at: Any = None,
+    content_changed: bool = True,
+    calling_ae_title: str = "STORESCU",
+) -> None:
+    """Record one instance row as the listener would (no file: for assembly and queue tests)."""
+    from dicom_node.db import ReceivedInstance, record_instance, session_scope, utcnow
+
+    info = ReceivedInstance(
+        study_instance_uid=study, series_instance_uid=series, sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.4", transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=f"{study}/{series}/{sop}.dcm", size_bytes=100, sha256=sha or ("0" * 63 + "1"),
+        received_at=received_at or utcnow(), calling_ae_title=calling_ae_title, peer_host="127.0.0.1",
+        modality="MR",
+    )
+    with session_scope(factory) as session:
+        record_instance(session, info, content_changed=content_changed)
+
+
+@pytest.fixture()
+def node_db(tmp_path: Path) -> Iterator[Any]:
+    """A migrated SQLite database in ``tmp_path``; yields its session factory."""
+    from dicom_node.db import make_engine, make_session_factory, upgrade_database
+
+    url = f"sqlite:///{tmp_path / 'node.sqlite'}"
+    upgrade_database(url)
+    engine = make_engine(url)
+    yield make_session_factory(engine)
+    engine.dispose()
 
 
 @pytest.fixture(scope="session")
