@@ -58,15 +58,15 @@ def build_ankle(spec: CaseSpec) -> LayeredModel:
     L, Fo = fr["leg"], fr["foot"]
     scale = _param(spec, "scale")
     fat_mm = _param(spec, "fat_mm") / scale * 0.7  # less subcutaneous fat at the ankle than at the knee
-    film = _param(spec, "physio_fluid_mm")
+    film = 0.5 * _param(spec, "physio_fluid_mm")  # the tibiotalar joint holds less fluid than the knee
 
     tibia = Union(
         Rod(L.point((0, 2, 30)), L.point((0, 2, 330)), 12.0),
         # the distal metaphysis flares gradually from the shaft to the plafond
-        Intersection(Ellipsoid((0, 3, 3.5), (23, 20, 75), L), HalfSpace(L.point((0, 0, 3.5)), L.direction((0, 0, -1)))),
+        Intersection(Ellipsoid((0, 3, 3.5), (23, 20, 75), L), HalfSpace(L.point((0, 0, 3.2)), L.direction((0, 0, -1)))),
         Rod(L.point((22, 3, 12)), L.point((22, 4, -10)), 6.5),  # medial malleolus
         k=5.0)
-    tibia_articular = Ellipsoid((0, 2, 3.5), (19, 16, 4), L)
+    tibia_articular = Ellipsoid((0, 2, 3.2), (19, 16, 4), L)
     fibula = Union(Rod(L.point((-21, 10, 60)), L.point((-19, 10, 330)), 6.5),
                    Rod(L.point((-21, 10, 60)), L.point((-24, 8, -16)), 7.0),
                    Ellipsoid((-24, 7, -6), (7, 9, 12), L), k=5.0)

@@ -107,7 +107,7 @@ def build_shoulder(spec: CaseSpec) -> LayeredModel:
     layers: list[Layer] = []
     torso = Ellipsoid((80, 15, -40), (100, 80, 140), B)
     arm = Limb((-12, 0, 0), (42, 42), w0=-400, w1=30, taper=-0.0005, frame=H)
-    cap = Ellipsoid((0, 0, 8), (52, 52, 52), B)
+    cap = Ellipsoid((-2, 0, 0), (52, 50, 48), B)
     core = Union(torso, arm, cap, k=15.0)
     layers.append(Layer("envelope", Offset(core, fat_mm * 0.6 + SKIN_MM), [
         Band(Tissue.SKIN, 0, -SKIN_MM, 0.0), Band(Tissue.FAT, 0, -INF, -SKIN_MM)]))
@@ -154,9 +154,12 @@ def build_shoulder(spec: CaseSpec) -> LayeredModel:
                             solid(Tissue.FLUID, never_over=HARD)))
     s_sasd = sev.get("sasd", 0.0)
     bursa_t = 0.2 + 3.5 * s_sasd
+    # subacromial part over the cuff, subdeltoid part over the lateral head and tuberosities
     bursa = Intersection(Shell(head, CUFF_OUT - HEAD_R + 0.2, CUFF_OUT - HEAD_R + 0.2 + bursa_t),
                          HalfSpace(H.point((0, 0, -12)), H.direction((0, 0, -1))),
-                         HalfSpace(H.point((20, 0, 0)), H.direction((1, 0, 0))))
+                         HalfSpace(H.point((20, 0, 0)), H.direction((1, 0, 0))),
+                         Union(HalfSpace(H.point((2, 0, 0)), H.direction((1, 0, 0))),
+                               HalfSpace(H.point((0, 0, 14)), H.direction((0, 0, -1)))))
     layers.append(Layer("sasd_bursa", bursa, solid(Tissue.FLUID if s_sasd else Tissue.FAT)))
     s_lhe = sev.get("lhbt_effusion", 0.0)
     lhbt_groove = Rod(H.point((-15, -20, 14)), H.point((-15, -21, -55)), 2.6)
