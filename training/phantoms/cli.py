@@ -54,10 +54,14 @@ def run(args: argparse.Namespace) -> int:
         log.error("--matrix must be between 32 and 1024, got %d", args.matrix)
         return 2
     started = time.perf_counter()
-    specs = generate_dataset(
-        out=args.out, joint=args.joint, cases=args.cases, seed=args.seed, site=args.site,
-        transfer_syntax=args.transfer_syntax, matrix=args.matrix, preview=args.preview,
-    )
+    try:
+        specs = generate_dataset(
+            out=args.out, joint=args.joint, cases=args.cases, seed=args.seed, site=args.site,
+            transfer_syntax=args.transfer_syntax, matrix=args.matrix, preview=args.preview,
+        )
+    except FileExistsError as exc:
+        log.error("--out %s: %s", args.out, exc)
+        return 1
     elapsed = time.perf_counter() - started
     print(f"wrote {len(specs)} {args.joint} case(s) to {args.out} in {elapsed:.1f} s")
     return 0

@@ -157,9 +157,12 @@ def generate_case(
     :func:`training.phantoms.acquisition.plan_protocol`); the defaults draw them.
     """
     _check_arguments(joint, 1, seed, site, transfer_syntax, matrix)
+    case_dir = Path(out) / case_id_for(joint, index)
+    if case_dir.exists() and any(case_dir.iterdir()):
+        # a rerun with other settings would leave stale series next to the new ones
+        raise FileExistsError(f"case folder {case_dir} already exists and is not empty; choose another output folder")
     planned = plan_case(joint, index, seed, site, matrix, case_source, oblique, distractor)
     spec, study = planned.spec, planned.study
-    case_dir = Path(out) / spec.case_id
     series: list[AcquiredSeries] = []
     for plan in planned.plans:
         acquired = acquire_series(planned.anatomy, plan, planned.site, planned.bias, planned.rng)

@@ -22,7 +22,7 @@ from training.phantoms.acquisition import (
     truncate_phase_encoding,
 )
 from training.phantoms.contrast import signal_table
-from training.phantoms.generate import CASE_COLUMNS, case_id_for, generate_case, generate_dataset
+from training.phantoms.generate import CASE_COLUMNS, generate_case, generate_dataset
 from training.phantoms.sites import SITES, get_site
 
 
@@ -354,6 +354,21 @@ def test_cli_writes_dataset_and_preview(tmp_path: Path, stand_in, monkeypatch: p
         assert ds.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
         assert ds.StationName == "AWP45321" and "BodyPartExamined" not in ds
         assert len(list((out / case_id / "masks").glob("*.nii.gz"))) >= 3
+
+
+def test_existing_case_folder_is_not_overwritten(tmp_path: Path, stand_in, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    from training.phantoms import cli
+
+    (tmp_path / "knee_0001").mkdir()
+    (tmp_path / "knee_0001" / "notes.txt").write_text("kept")
+    with pytest.raises(FileExistsError, match="knee_0001"):
+        generate_dataset(tmp_path, "knee", 1, matrix=40, case_source=stand_in)
+    monkeypatch.setattr(generate_module, "default_case_source", lambda: stand_in)
+    args = _phantom_parser().parse_args(["--joint", "knee", "--cases", "1", "--out", str(tmp_path), "--matrix", "40"])
+    assert cli.run(args) == 1
+    assert "already exists" in caplog.text
+    assert (tmp_path / "knee_0001" / "notes.txt").read_text() == "kept"
 
 
 def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
