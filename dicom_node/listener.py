@@ -257,6 +257,28 @@ def _int(ds: Any, keyword: str) -> int | None:
         return None
 
 
+#: what pydicom raises on a data set it cannot read (it is lenient: most damage still parses)
+_PARSE_ERRORS = (InvalidDicomError, ValueError, EOFError, OSError, KeyError, NotImplementedError, struct.error, zlib.error)
+
+
+@dataclass
+class _Incoming:
+    """One received instance on its way through :class:`StoreReceiver`."""
+
+    ds: Any
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    who: str
+    transfer_syntax_uid: str = ""
+    calling_ae_title: str = ""
+    peer_host: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"study {self.study_uid}, series {self.series_uid}, SOP instance {self.sop_uid}"
+
+
 class StoreReceiver:
     """Everything the C-STORE handler needs, and the handling itself, network-free.
 
@@ -303,7 +325,7 @@ class StoreReceiver:
             log_phi=config.logging.log_phi,
         )
 
-    def _event(self, kind: str, message: str, study: str | None, series: str | None, sop: str | None) -> None:
+    def _event(self, kind: str, message: str, incoming: _Incoming) -> None:
         """Audit a refusal; a database failure here is logged, the status is already decided."""
         try:
             with session_scope(self.session_factory) as session:
@@ -311,12 +333,12 @@ class StoreReceiver:
                     session,
                     kind,
                     message,
-                    study_instance_uid=study,
-                    series_instance_uid=series,
-                    sop_instance_uid=sop,
+                    study_instance_uid=incoming.study_uid,
+                    series_instance_uid=incoming.series_uid,
+                    sop_instance_uid=incoming.sop_uid,
                 )
         except SQLAlchemyError as exc:
-            log.error("could not record the %s event for SOP instance %s: %s", kind, sop, exc)
+            log.error("could not record the %s event for %s: %s", kind, incoming.where, exc)
 
     def receive(
         self,
@@ -328,130 +350,142 @@ class StoreReceiver:
         calling_ae_title: str,
         peer_host: str,
     ) -> int:
-        """Store one instance and return the C-STORE status (see :class:`StoreStatus`)."""
+        """Store one instance and return the C-STORE status (see :class:`StoreStatus`).
+
+        ``data`` is the complete file as received: preamble, file meta, encoded data set.
+        """
         who = f"{calling_ae_title}@{peer_host}"
-        sop_class_uid_ = UID(context_sop_class_uid)
-        if sop_class_uid_ in self.ignore_sop_classes:
+        context_class = UID(context_sop_class_uid)
+        if context_class in self.ignore_sop_classes:
             log.info(
                 "ignored SOP instance %s of %s from %s (listener.ignore_sop_classes)",
                 affected_sop_instance_uid,
-                sop_class_uid_.name,
+                context_class.name,
                 who,
             )
             return StoreStatus.SUCCESS
-        if sop_class_uid_ not in self.accept_sop_classes:
+        if context_class not in self.accept_sop_classes:
             log.warning(
-                "refused SOP instance %s from %s: SOP class %s is not accepted", affected_sop_instance_uid, who, sop_class_uid_
+                "refused SOP instance %s from %s: SOP class %s is not accepted",
+                affected_sop_instance_uid,
+                who,
+                context_class,
             )
             return StoreStatus.SOP_CLASS_NOT_SUPPORTED
 
+        incoming = self._parse(data, context_class, str(affected_sop_instance_uid), who)
+        if isinstance(incoming, int):
+            return incoming
+        incoming.transfer_syntax_uid = str(transfer_syntax_uid)
+        incoming.calling_ae_title = calling_ae_title
+        incoming.peer_host = peer_host
+
+        status = self._check_other_location(incoming)
+        if status is not None:
+            return status
+
+        try:
+            stored = self.storage.store(
+                data, incoming.study_uid, incoming.series_uid, incoming.sop_uid, self.duplicate_policy  # type: ignore[arg-type]
+            )
+        except InsufficientStorageError as exc:
+            log.error("refused %s from %s: out of space: %s", incoming.where, who, exc)
+            return StoreStatus.OUT_OF_SPACE
+        except DuplicateConflictError as exc:
+            log.warning("refused %s from %s: %s", incoming.where, who, exc)
+            self._event("duplicate_refused", f"from {who}; different content", incoming)
+            return StoreStatus.DUPLICATE_SOP_INSTANCE
+        except OSError as exc:
+            log.error("refused %s from %s: writing the file failed: %s", incoming.where, who, exc)
+            return StoreStatus.STORAGE_WRITE_FAILED
+        return self._record(stored, incoming)
+
+    def _parse(self, data: bytes, context_class: UID, affected_sop_uid: str, who: str) -> _Incoming | int:
+        """The identifying attributes of the data set, checked; or the refusal status."""
         try:
             ds = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=_TAGS)
-        except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, NotImplementedError, struct.error, zlib.error) as exc:
-            log.warning("refused SOP instance %s from %s: the data set cannot be parsed: %s", affected_sop_instance_uid, who, exc)
+        except _PARSE_ERRORS as exc:
+            log.warning("refused SOP instance %s from %s: the data set cannot be parsed: %s", affected_sop_uid, who, exc)
             return StoreStatus.UNPARSABLE_DATASET
 
-        study_uid = ds.get("StudyInstanceUID")
-        series_uid = ds.get("SeriesInstanceUID")
-        sop_uid = ds.get("SOPInstanceUID")
+        raw = {key: ds.get(key) for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
         try:
-            study_uid = validate_uid("StudyInstanceUID", None if study_uid is None else str(study_uid))
-            series_uid = validate_uid("SeriesInstanceUID", None if series_uid is None else str(series_uid))
-            sop_uid = validate_uid("SOPInstanceUID", None if sop_uid is None else str(sop_uid))
+            uids = {key: validate_uid(key, None if value is None else str(value)) for key, value in raw.items()}
         except InvalidUIDError as exc:
             log.warning(
                 "refused SOP instance %s from %s (study %s, series %s): %s",
-                affected_sop_instance_uid,
+                affected_sop_uid,
                 who,
-                study_uid,
-                series_uid,
+                raw["StudyInstanceUID"],
+                raw["SeriesInstanceUID"],
                 exc,
             )
             return StoreStatus.INVALID_UIDS
-        where = f"study {study_uid}, series {series_uid}, SOP instance {sop_uid}"
-        if sop_uid != str(affected_sop_instance_uid).rstrip("\0 "):
+        incoming = _Incoming(ds, uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"], who)
+        if incoming.sop_uid != affected_sop_uid.rstrip("\0 "):
             log.warning(
-                "refused %s from %s: the command's Affected SOP Instance UID is %s", where, who, affected_sop_instance_uid
+                "refused %s from %s: the command's Affected SOP Instance UID is %s", incoming.where, who, affected_sop_uid
             )
             return StoreStatus.SOP_INSTANCE_UID_MISMATCH
         dataset_class = str(ds.get("SOPClassUID", ""))
-        if dataset_class != sop_class_uid_:
+        if dataset_class != context_class:
             log.warning(
                 "refused %s from %s: data set SOP Class UID %r differs from the presentation context's %s",
-                where,
+                incoming.where,
                 who,
                 dataset_class,
-                sop_class_uid_,
+                context_class,
             )
             return StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+        return incoming
 
-        # an instance already stored elsewhere (another study/series) is a conflict the file
-        # layout cannot see, so the database is asked first
+    def _check_other_location(self, incoming: _Incoming) -> int | None:
+        """A SOP Instance UID already stored under another study or series: the file layout
+        cannot see that conflict, so the database is asked.  Returns a final status, or
+        ``None`` to go on storing (no conflict, or ``overwrite``, which moves the instance)."""
+        where, who = incoming.where, incoming.who
         try:
             with session_scope(self.session_factory) as session:
                 row = session.execute(
-                    select(Instance.path, Series.series_instance_uid, Study.study_instance_uid)
+                    select(Series.series_instance_uid, Study.study_instance_uid)
+                    .select_from(Instance)
                     .join(Series, Instance.series_id == Series.id)
                     .join(Study, Series.study_id == Study.id)
-                    .where(Instance.sop_instance_uid == sop_uid)
+                    .where(Instance.sop_instance_uid == incoming.sop_uid)
                 ).one_or_none()
         except SQLAlchemyError as exc:
             log.error("refused %s from %s: the database is unavailable: %s", where, who, exc)
             return StoreStatus.DATABASE_UNAVAILABLE
-        if row is not None and (row.series_instance_uid != series_uid or row.study_instance_uid != study_uid):
-            moved = f"it is stored under study {row.study_instance_uid}, series {row.series_instance_uid}"
-            if self.duplicate_policy == "keep_first":
-                log.info("kept the first copy of %s from %s (duplicate_policy keep_first): %s", where, who, moved)
-                self._event("duplicate_kept_first", f"from {who}; {moved}", study_uid, series_uid, sop_uid)
-                return StoreStatus.SUCCESS
-            if self.duplicate_policy == "reject_if_different":
-                log.warning("refused %s from %s (duplicate_policy reject_if_different): %s", where, who, moved)
-                self._event("duplicate_refused", f"from {who}; {moved}", study_uid, series_uid, sop_uid)
-                return StoreStatus.DUPLICATE_SOP_INSTANCE
-            log.info("%s from %s moves the instance (duplicate_policy overwrite): %s", where, who, moved)
-
-        try:
-            stored = self.storage.store(data, study_uid, series_uid, sop_uid, self.duplicate_policy)  # type: ignore[arg-type]
-        except InsufficientStorageError as exc:
-            log.error("refused %s from %s: out of space: %s", where, who, exc)
-            return StoreStatus.OUT_OF_SPACE
-        except DuplicateConflictError as exc:
-            log.warning("refused %s from %s: %s", where, who, exc)
-            self._event("duplicate_refused", f"from {who}; different content", study_uid, series_uid, sop_uid)
+        if row is None or (row.series_instance_uid, row.study_instance_uid) == (incoming.series_uid, incoming.study_uid):
+            return None
+        moved = f"it is stored under study {row.study_instance_uid}, series {row.series_instance_uid}"
+        if self.duplicate_policy == "keep_first":
+            log.info("kept the first copy of %s from %s (duplicate_policy keep_first): %s", where, who, moved)
+            self._event("duplicate_kept_first", f"from {who}; {moved}", incoming)
+            return StoreStatus.SUCCESS
+        if self.duplicate_policy == "reject_if_different":
+            log.warning("refused %s from %s (duplicate_policy reject_if_different): %s", where, who, moved)
+            self._event("duplicate_refused", f"from {who}; {moved}", incoming)
             return StoreStatus.DUPLICATE_SOP_INSTANCE
-        except OSError as exc:
-            log.error("refused %s from %s: writing the file failed: %s", where, who, exc)
-            return StoreStatus.STORAGE_WRITE_FAILED
+        log.info("%s from %s moves the instance (duplicate_policy overwrite): %s", where, who, moved)
+        return None
 
-        status = self._record(stored, ds, where, who, study_uid, series_uid, sop_uid, transfer_syntax_uid, calling_ae_title, peer_host)
-        return status
-
-    def _record(
-        self,
-        stored: StoredInstance,
-        ds: Any,
-        where: str,
-        who: str,
-        study_uid: str,
-        series_uid: str,
-        sop_uid: str,
-        transfer_syntax_uid: str,
-        calling_ae_title: str,
-        peer_host: str,
-    ) -> int:
+    def _record(self, stored: StoredInstance, incoming: _Incoming) -> int:
+        """Commit the rows, then finish the file; undo the file if the rows cannot be committed."""
+        ds, where, who = incoming.ds, incoming.where, incoming.who
         patient_id = _text(ds, "PatientID", 64)
         info = ReceivedInstance(
-            study_instance_uid=study_uid,
-            series_instance_uid=series_uid,
-            sop_instance_uid=sop_uid,
+            study_instance_uid=incoming.study_uid,
+            series_instance_uid=incoming.series_uid,
+            sop_instance_uid=incoming.sop_uid,
             sop_class_uid=str(ds.SOPClassUID),
-            transfer_syntax_uid=str(transfer_syntax_uid),
+            transfer_syntax_uid=incoming.transfer_syntax_uid,
             path=stored.relative_path,
             size_bytes=stored.size_bytes,
             sha256=stored.sha256,
             received_at=utcnow(),
-            calling_ae_title=calling_ae_title or None,
-            peer_host=peer_host or None,
+            calling_ae_title=incoming.calling_ae_title or None,
+            peer_host=incoming.peer_host or None,
             patient_id_hash=hash_patient_id(patient_id) if patient_id else None,
             accession_number=_text(ds, "AccessionNumber", 16),
             study_description=_text(ds, "StudyDescription", 64),
@@ -462,12 +496,11 @@ class StoreReceiver:
         try:
             with session_scope(self.session_factory) as session:
                 result = record_instance(session, info, content_changed=stored.changed)
-                previous_path = result.previous_path
-                changed = result.changed
+                previous_path, changed = result.previous_path, result.changed
         except SeriesStudyMismatchError as exc:
             stored.undo()
             log.warning("refused %s from %s: %s", where, who, exc)
-            self._event("series_in_other_study", f"from {who}; {exc}", study_uid, series_uid, sop_uid)
+            self._event("series_in_other_study", f"from {who}; {exc}", incoming)
             return StoreStatus.SERIES_IN_OTHER_STUDY
         except SQLAlchemyError as exc:
             stored.undo()
@@ -483,21 +516,19 @@ class StoreReceiver:
             except OSError as exc:
                 log.warning("%s moved; its old file %s could not be removed: %s", where, previous_path, exc)
 
-        phi = ""
-        if self.log_phi:
-            phi = f", patient {ds.get('PatientName', '')!s} ({patient_id or ''})"
+        phi = f", patient {ds.get('PatientName', '')!s} ({patient_id or ''})" if self.log_phi else ""
         log.info(
             "%s %s from %s, %s, %d bytes%s",
             stored.outcome.value,
             where,
             who,
-            UID(transfer_syntax_uid).name,
+            UID(incoming.transfer_syntax_uid).name,
             stored.size_bytes,
             phi,
         )
         if changed and self.on_instance_stored is not None:
             try:
-                self.on_instance_stored(study_uid, series_uid)
+                self.on_instance_stored(incoming.study_uid, incoming.series_uid)
             except Exception:  # noqa: BLE001 - the instance is committed; the hook must not fail the C-STORE
                 log.exception("on_instance_stored failed for %s (the instance is stored and recorded)", where)
         return StoreStatus.SUCCESS

@@ -582,3 +582,17 @@ def test_storescu_unsupported_sop_class(start_node: Callable[..., Node], tmp_pat
     assert proc.returncode != 0
     assert "no presentation context" in (proc.stdout + proc.stderr).lower()
     assert node.files() == [] and node.count(db.Instance) == 0
+
+
+@pytest.mark.parametrize("log_phi", [False, True])
+def test_patient_data_stays_out_of_logs_unless_asked(
+    start_node: Callable[..., Node], tmp_path: Path, caplog: Any, log_phi: bool
+) -> None:
+    node = start_node(logging={"log_phi": log_phi})
+    files = _series(tmp_path / "in", slices=1, patient_id="PATIENT4711")
+    sent = pydicom.dcmread(files[0], stop_before_pixels=True)
+    with caplog.at_level(logging.DEBUG, logger="dicom_node"):
+        assert _send(node.port, files) == [0x0000]
+    assert sent.SOPInstanceUID in caplog.text and sent.StudyInstanceUID in caplog.text
+    assert ("PATIENT4711" in caplog.text) is log_phi
+    assert ("Phantom^Knee" in caplog.text) is log_phi
