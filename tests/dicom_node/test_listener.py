@@ -596,3 +596,33 @@ def test_patient_data_stays_out_of_logs_unless_asked(
     assert sent.SOPInstanceUID in caplog.text and sent.StudyInstanceUID in caplog.text
     assert ("PATIENT4711" in caplog.text) is log_phi
     assert ("Phantom^Knee" in caplog.text) is log_phi
+
+
+def test_file_without_row_is_recorded_when_resent(make_config: Callable[..., NodeConfig], tmp_path: Path) -> None:
+    """The node stopped after writing a file and before committing its row: the sender got no
+    success and sends again; the file is found identical and the row is written."""
+    config = make_config()
+    engine = db.make_engine(config.database_url)
+    db.upgrade_database(engine)
+    calls: list[tuple[str, str]] = []
+    storage = Storage(tmp_path / "incoming", 0)
+    receiver = StoreReceiver.from_config(config, storage, db.make_session_factory(engine), lambda a, b: calls.append((a, b)))
+    file = _series(tmp_path / "in", slices=1)[0]
+    ds = pydicom.dcmread(file, stop_before_pixels=True)
+    storage.store(file.read_bytes(), ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, "keep_first")
+    try:
+        status = receiver.receive(
+            file.read_bytes(),
+            context_sop_class_uid=sop_class.MRImageStorage,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            affected_sop_instance_uid=ds.SOPInstanceUID,
+            calling_ae_title="STORESCU",
+            peer_host="127.0.0.1",
+        )
+        assert status == StoreStatus.SUCCESS
+        assert calls == [(ds.StudyInstanceUID, ds.SeriesInstanceUID)]
+        with db.session_scope(db.make_session_factory(engine)) as s:
+            row = s.execute(select(db.Instance)).scalar_one()
+            assert row.sha256 == hashlib.sha256(file.read_bytes()).hexdigest()
+    finally:
+        engine.dispose()

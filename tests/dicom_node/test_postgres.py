@@ -51,3 +51,56 @@ def test_postgres_column_types(postgres_url: str) -> None:
         assert "ck_jobs_job_state" in checks
     finally:
         engine.dispose()
+
+
+def test_receiver_on_postgres(postgres_url: str, tmp_path) -> None:
+    """The C-STORE path (file, rows, duplicate refusal) with PostgreSQL as the database."""
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import sop_class
+    from sqlalchemy import func, select
+
+    from dicom_node.listener import StoreReceiver, StoreStatus
+    from dicom_node.storage import Storage
+    from tests.inference.dicom_factory import Geometry, pattern_volume, write_classic_series
+
+    db.upgrade_database(postgres_url)
+    engine = db.make_engine(postgres_url)
+    factory = db.make_session_factory(engine)
+    receiver = StoreReceiver(
+        Storage(tmp_path / "incoming", 0),
+        factory,
+        duplicate_policy="reject_if_different",
+        accept_sop_classes=["MRImageStorage"],
+    )
+    files = write_classic_series(tmp_path / "in", pattern_volume(2, 32, 32), Geometry())
+    try:
+        for path in files:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            status = receiver.receive(
+                path.read_bytes(),
+                context_sop_class_uid=sop_class.MRImageStorage,
+                transfer_syntax_uid=ExplicitVRLittleEndian,
+                affected_sop_instance_uid=ds.SOPInstanceUID,
+                calling_ae_title="STORESCU",
+                peer_host="127.0.0.1",
+            )
+            assert status == StoreStatus.SUCCESS
+        changed = bytearray(files[0].read_bytes())
+        changed[-1] ^= 0xFF  # last pixel byte: same UIDs, other content
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+        status = receiver.receive(
+            bytes(changed),
+            context_sop_class_uid=sop_class.MRImageStorage,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            affected_sop_instance_uid=ds.SOPInstanceUID,
+            calling_ae_title="STORESCU",
+            peer_host="127.0.0.1",
+        )
+        assert status == StoreStatus.DUPLICATE_SOP_INSTANCE
+        with db.session_scope(factory) as s:
+            assert s.execute(select(db.Series.instance_count)).scalar_one() == 2
+            kinds = s.execute(select(db.EventRecord.kind, func.count()).group_by(db.EventRecord.kind)).all()
+            assert dict(kinds) == {"instance_stored": 2, "duplicate_refused": 1}
+    finally:
+        engine.dispose()
