@@ -42,7 +42,9 @@ Anatomy parameters (``spec.params``)
     0.85..1.15 (so it is sex-related through height); ``fat_mm`` (subcutaneous fat) grows with
     BMI and is thicker in women; ``flexion_deg`` (knee 0..25), ``plantarflexion_deg`` (ankle
     -10..20), ``arm_rotation_deg`` (shoulder -20..40); ``rot_u_deg``/``rot_v_deg``/
-    ``rot_w_deg`` small whole-joint rotations; ``offset_*_mm`` the joint position.
+    ``rot_w_deg`` small whole-joint rotations; ``offset_*_mm`` the joint position; knee shape:
+    ``tibial_slope_deg`` 3..10, ``patella_height_mm`` (alta/baja) +-9, ``meniscus_size``
+    0.92..1.08; shoulder: ``acromion_tilt_deg`` (flat to hooked acromion) -4..12.
 """
 from __future__ import annotations
 
@@ -238,6 +240,9 @@ def _knee_params(rng: np.random.Generator, labels: dict[str, int]) -> dict[str, 
               for k in ("mm", "lm")}
     return {
         "flexion_deg": float(rng.uniform(0, 25)),
+        "tibial_slope_deg": float(rng.uniform(3, 10)),
+        "patella_height_mm": float(np.clip(rng.normal(0, 4), -9, 9)),
+        "meniscus_size": float(rng.uniform(0.92, 1.08)),
         "offset_x_mm": float(rng.uniform(70, 110)),
         "acl_tear_at": float(rng.choice([rng.uniform(0.2, 0.35), rng.uniform(0.35, 0.7)], p=[0.3, 0.7])),
         "acl_bruise": float(rng.random() < 0.7),
@@ -264,6 +269,7 @@ def _ankle_params(rng: np.random.Generator, labels: dict[str, int]) -> dict[str,
 def _shoulder_params(rng: np.random.Generator, labels: dict[str, int]) -> dict[str, float]:
     return {
         "arm_rotation_deg": float(rng.uniform(-20, 40)),
+        "acromion_tilt_deg": float(rng.uniform(-4, 12)),
         "offset_x_mm": float(rng.uniform(150, 200)),
         "cuff_full_thickness": float(rng.random() < 0.5),
         "cuff_bursal_side": float(rng.random() < 0.4),  # partial tears: bursal vs articular side

@@ -6,6 +6,9 @@ Geometry is designed for an average adult at scale 1 in the *joint frame* of a r
 the tibial plateau surface) and placed in patient coordinates by
 :class:`~training.phantoms.shapes.LayeredModel` (scale, small rotation, laterality mirror).
 
+Individual shape varies with ``params``: ``tibial_slope_deg`` (posterior slope of the plateau,
+which the menisci follow), ``patella_height_mm`` (patella alta/baja), ``meniscus_size``.
+
 Flexion (``params['flexion_deg']``) is a rotation about the transverse (``u``) axis through the
 centre of the posterior condylar arcs: with the patient supine and the knee on a cushion the
 femur tilts back by half the angle and the tibia by the other half, so that the tibia is
@@ -64,18 +67,20 @@ S = STRUCTURE_INDEX
 PIVOT = (0.0, 6.0, 26.0)
 CORTEX_MM = 1.5
 SKIN_MM = 1.5
-TIBIAL_SLOPE_DEG = 5.0
 
 
-def knee_frames(flexion_deg: float, pd_shift_mm: float = 0.0, pd_tilt_deg: float = 0.0) -> dict[str, Frame]:
+def knee_frames(flexion_deg: float, pd_shift_mm: float = 0.0, pd_tilt_deg: float = 0.0,
+                patella_height_mm: float = 0.0) -> dict[str, Frame]:
     """Frames of the femur, tibia (with fibula and menisci) and patella for a flexion angle.
 
-    ``pd_shift_mm``/``pd_tilt_deg`` displace the patella laterally (toward -u) and tilt it
-    (lateral facet toward the femur) for a transient lateral patellar dislocation.
+    ``patella_height_mm`` moves the patella up (alta, positive) or down (baja) along the
+    trochlea; ``pd_shift_mm``/``pd_tilt_deg`` displace the patella laterally (toward -u) and
+    tilt it (lateral facet toward the femur) for a transient lateral patellar dislocation.
     """
     femur = Frame.about(PIVOT, "u", -flexion_deg / 2)
     tibia = Frame.about(PIVOT, "u", flexion_deg / 2)
     patella = femur.compose(Frame.about(PIVOT, "u", 0.7 * flexion_deg))
+    patella = patella.compose(Frame(np.eye(3), np.array([0.0, 0.0, patella_height_mm])))
     if pd_shift_mm or pd_tilt_deg:
         centre = (0.0, -45.0, 38.0)
         patella = patella.compose(Frame(np.eye(3), np.array([-pd_shift_mm, 0.0, 0.0])))
@@ -108,9 +113,9 @@ def _femur(F: Frame) -> tuple[Shape, Shape, Shape]:
     return femur, articular, notch
 
 
-def _tibia(T: Frame) -> tuple[Shape, Shape]:
+def _tibia(T: Frame, slope_deg: float) -> tuple[Shape, Shape]:
     """Proximal tibia (sloped plateau, spines, tuberosity, shaft) and its cartilage clip."""
-    slope = np.deg2rad(TIBIAL_SLOPE_DEG)
+    slope = np.deg2rad(slope_deg)
     # one tapering body from the plateau rim into the shaft: a tall ellipsoid cut by the sloped plateau plane
     plateau = Intersection(Ellipsoid((0, 3, -3), (38, 26, 62), T),
                            HalfSpace(T.point((0, 0, -3)), T.direction((0, np.sin(slope), np.cos(slope)))))
@@ -135,21 +140,21 @@ def _patella(P: Frame) -> tuple[Shape, Shape]:
     return body, articular
 
 
-def _meniscus_frame(T: Frame, center: tuple[float, float, float]) -> Frame:
+def _meniscus_frame(T: Frame, center: tuple[float, float, float], slope_deg: float) -> Frame:
     """A meniscus lies on the sloped plateau: its base plane follows the posterior slope."""
-    return T.compose(Frame.about((0, 0, -3), "u", -TIBIAL_SLOPE_DEG)).compose(Frame(np.eye(3), np.array(center)))
+    return T.compose(Frame.about((0, 0, -3), "u", -slope_deg)).compose(Frame(np.eye(3), np.array(center)))
 
 
-def medial_meniscus(T: Frame) -> Ring:
+def medial_meniscus(T: Frame, slope_deg: float = 7.0, size: float = 1.0) -> Ring:
     """Larger, open C (gap toward the intercondylar area, i.e. lateral = 180 degrees)."""
-    return Ring((0, 0, 0), (13.5, 22.0), inner=0.45, height=6.0, edge=0.5, gap_center_deg=180.0,
-                gap_half_deg=40.0, frame=_meniscus_frame(T, (20.0, 3.0, -0.6)))
+    return Ring((0, 0, 0), (13.5 * size, 22.0 * size), inner=0.45, height=6.0 * size, edge=0.5, gap_center_deg=180.0,
+                gap_half_deg=40.0, frame=_meniscus_frame(T, (20.0, 3.0, -0.6), slope_deg))
 
 
-def lateral_meniscus(T: Frame) -> Ring:
+def lateral_meniscus(T: Frame, slope_deg: float = 7.0, size: float = 1.0) -> Ring:
     """Smaller, nearly circular C (narrow gap toward the midline = 0 degrees)."""
-    return Ring((0, 0, 0), (13.0, 16.0), inner=0.40, height=5.5, edge=0.5, gap_center_deg=0.0,
-                gap_half_deg=18.0, frame=_meniscus_frame(T, (-20.0, 4.0, -0.6)))
+    return Ring((0, 0, 0), (13.0 * size, 16.0 * size), inner=0.40, height=5.5 * size, edge=0.5, gap_center_deg=0.0,
+                gap_half_deg=18.0, frame=_meniscus_frame(T, (-20.0, 4.0, -0.6), slope_deg))
 
 
 class MeniscalTear(Shape):
@@ -212,7 +217,10 @@ def build_knee(spec: CaseSpec) -> LayeredModel:
     sev = {k: float(spec.severity.get(k, 0.0)) if spec.labels.get(k) else 0.0 for k in spec.labels}
     flex = _param(spec, "flexion_deg")
     s_pd = sev.get("pd", 0.0)
-    fr = knee_frames(flex, pd_shift_mm=(4.0 + 10.0 * s_pd) if s_pd else 0.0, pd_tilt_deg=(6.0 + 12.0 * s_pd) if s_pd else 0.0)
+    fr = knee_frames(flex, pd_shift_mm=(4.0 + 10.0 * s_pd) if s_pd else 0.0, pd_tilt_deg=(6.0 + 12.0 * s_pd) if s_pd else 0.0,
+                     patella_height_mm=_param(spec, "patella_height_mm"))
+    slope = _param(spec, "tibial_slope_deg")
+    meniscus_size = _param(spec, "meniscus_size")
     F, T, P = fr["femur"], fr["tibia"], fr["patella"]
     scale = _param(spec, "scale")
     fat_mm = _param(spec, "fat_mm") / scale
@@ -220,11 +228,11 @@ def build_knee(spec: CaseSpec) -> LayeredModel:
     film = _param(spec, "physio_fluid_mm") + 3.5 * s_eff
 
     femur, femur_articular, _notch = _femur(F)
-    tibia, tibia_articular = _tibia(T)
+    tibia, tibia_articular = _tibia(T, slope)
     fibula = _fibula(T)
     patella, patella_articular = _patella(P)
     capsule = Union(Ellipsoid((0, 4, 24), (50, 44, 44), F), Ellipsoid((0, 3, -2), (46, 34, 12), T))
-    mm, lm = medial_meniscus(T), lateral_meniscus(T)
+    mm, lm = medial_meniscus(T, slope, meniscus_size), lateral_meniscus(T, slope, meniscus_size)
 
     layers: list[Layer] = []
     # --- envelope: skin and subcutaneous fat over a core of muscles and intermuscular fat

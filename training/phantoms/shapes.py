@@ -638,6 +638,8 @@ class LayeredModel:
         pts = np.asarray(points)
         if pts.ndim != 2 or pts.shape[1] != 3:
             raise ValueError(f"points must have shape (N, 3), got {pts.shape}")
+        if not np.isfinite(pts).all():
+            raise ValueError("points must be finite (found NaN or infinity)")
         n = len(pts)
         tissue = np.zeros(n, dtype=np.uint8)
         structure = np.zeros(n, dtype=np.uint8)

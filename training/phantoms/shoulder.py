@@ -8,7 +8,8 @@ Joint frame of a right shoulder (mirrored for the left by the model): ``u`` medi
 the midline), ``v`` posterior, ``w`` superior, origin at the centre of the humeral head.  The
 patient lies supine, head first, the arm at the side; ``params['arm_rotation_deg']`` rotates
 the humerus about its shaft axis (external rotation positive), carrying the tuberosities,
-the groove and the cuff insertions with it.
+the groove and the cuff insertions with it; ``params['acromion_tilt_deg']`` lowers the
+anterolateral acromion (flat to hooked acromion).
 
 The rotator cuff is modelled as sectors of a spherical shell over the humeral head (the
 tendons hug the head on their way to the tuberosities); tears are sub-sectors of that shell
@@ -75,7 +76,9 @@ def build_shoulder(spec: CaseSpec) -> LayeredModel:
     fat_mm = _param(spec, "fat_mm") / scale
     film = _param(spec, "physio_fluid_mm")
     B = Frame()  # body (scapula, clavicle)
-    H = Frame.about((0, 0, 0), (0.25, 0, 1), _param(spec, "arm_rotation_deg"))  # humerus
+    # humerus: rotation about the shaft axis; positive = external rotation, which turns the
+    # anterior tuberosities and the groove laterally (toward -u)
+    H = Frame.about((0, 0, 0), (0.03, 0, 1), -_param(spec, "arm_rotation_deg"))
 
     head = Ellipsoid((0, 0, 0), (HEAD_R, HEAD_R, HEAD_R), H)
     humerus = Union(
@@ -98,7 +101,9 @@ def build_shoulder(spec: CaseSpec) -> LayeredModel:
         Ellipsoid((0, 0, 0), (HEAD_R + 2 * CARTILAGE_MM + 0.5,) * 3, B))
     glenoid_articular = Ellipsoid((glenoid_face_u, 0, 0), (5, 14, 20), B)
     spine = Rod(B.point((105, 45, 25)), B.point((20, 28, 36)), 9.0, 7.0, flat=0.5, wide=(0, 0, 1))
-    acromion = Rod(B.point((20, 28, 36)), B.point((-22, -2, 36)), 14.0, 12.0, flat=0.3, wide=(0.3, -0.3, 0))
+    # a hooked acromion (positive tilt) dips anterolaterally and narrows the subacromial space
+    acromion = Rod(B.point((20, 28, 36)), B.point((-22, -2, 36 - 0.35 * _param(spec, "acromion_tilt_deg"))),
+                   14.0, 12.0, flat=0.3, wide=(0.3, -0.3, 0))
     clavicle_lift = 2.0 + 5.0 * sev.get("ac", 0.0)  # AC widening/elevation with the lesion
     clavicle = Rod(B.point((-12 + 3.5 + 1.5 * sev.get("ac", 0.0), -18, 38 + clavicle_lift)), B.point((120, -30, 55)), 8.0, 9.0)
     coracoid = Rod(B.point((38, -5, 14)), B.point((16, -34, 10)), 6.0)

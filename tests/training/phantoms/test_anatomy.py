@@ -13,7 +13,8 @@ S = STRUCTURE_INDEX
 KNEE_PARAMS = dict(scale=1.0, flexion_deg=10.0, fat_mm=10.0, physio_fluid_mm=0.6, rot_u_deg=0.0, rot_v_deg=0.0,
                    rot_w_deg=0.0, offset_x_mm=90.0, offset_y_mm=0.0, offset_z_mm=0.0, acl_tear_at=0.5, acl_bruise=1.0,
                    pcl_tear_at=0.5, mcl_tear_at=0.25, lcl_tear_at=0.3, mpfl_tear_at=0.2, mm_tear_kind=0.5,
-                   lm_tear_kind=2.5, mm_tear_center_deg=90.0, lm_tear_center_deg=90.0)
+                   lm_tear_kind=2.5, mm_tear_center_deg=90.0, lm_tear_center_deg=90.0, tibial_slope_deg=7.0,
+                   patella_height_mm=0.0, meniscus_size=1.0)
 
 
 def knee_spec(laterality: str = "R", severity: dict[str, float] | None = None, **overrides: float) -> CaseSpec:
@@ -287,3 +288,19 @@ def test_ankle_and_shoulder_mirror_with_laterality(joint):
     t_left, _ = left.evaluate(rel * np.array([-1, 1, 1], dtype=np.float32) + left.center.astype(np.float32))
     assert np.mean(t_right == t_left) > 0.999
     assert len(np.unique(t_right)) > 6
+
+
+def test_evaluate_validates_points_and_handles_empty_input():
+    model = build_anatomy(knee_spec("R"))
+    t, s = model.evaluate(np.zeros((0, 3), dtype=np.float32))
+    assert t.shape == (0,) and s.shape == (0,)
+    with pytest.raises(ValueError, match=r"\(N, 3\)"):
+        model.evaluate(np.zeros((5, 2), dtype=np.float32))
+    bad = np.zeros((4, 3), dtype=np.float32)
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        model.evaluate(bad)
+    with pytest.raises(KeyError, match="flexion_deg"):
+        spec = knee_spec("R")
+        del spec.params["flexion_deg"]
+        build_anatomy(spec)
