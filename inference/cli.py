@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -39,15 +40,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _model_path(args: argparse.Namespace) -> Path:
-    """``--model``, else node.yaml's checkpoint; a missing node.yaml is an error that says what to pass."""
-    if args.model is not None:
-        return args.model
+def _settings(args: argparse.Namespace) -> tuple[Path, Any]:
+    """The checkpoint path and the node configuration (``None`` when there is no node.yaml).
+
+    ``--model`` wins over node.yaml's ``model.checkpoint``; the series-selection and joint rules
+    come from node.yaml when it exists, so ``predict`` chooses series as the node does.
+    """
     from dicom_node.config import load_config
 
-    if not args.config.is_file():
+    config = load_config(args.config) if args.config.is_file() else None
+    if args.model is not None:
+        return args.model, config
+    if config is None:
         raise ValueError(f"no --model given and the node configuration {str(args.config)!r} does not exist")
-    return load_config(args.config).checkpoint
+    return config.checkpoint, config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,15 +73,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"orthonode predict: --study {str(args.study)!r} is not a folder", file=sys.stderr)
         return EXIT_USAGE
     try:
-        model_path = _model_path(args)
+        model_path, config = _settings(args)
         bundle = ModelBundle.load(model_path)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"orthonode predict: {err}", file=sys.stderr)
         return EXIT_USAGE
     print(f"model: {bundle.card.name} {bundle.card.version} ({bundle.card.joint}) from {model_path}")
+    rules = {} if config is None else {"rules": config.series_selection, "joint_rules": config.joints}
     try:
         result = run_study(
-            args.study, bundle, args.out, preview=args.preview, segment_planes=planes, device=args.device
+            args.study, bundle, args.out, preview=args.preview, segment_planes=planes, device=args.device, **rules
         )
     except ValueError as err:  # e.g. an unusable --device; the message names it
         print(f"orthonode predict: {err}", file=sys.stderr)

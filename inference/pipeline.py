@@ -354,6 +354,37 @@ def _segment(bundle: ModelBundle, volume: np.ndarray, clock: _Clock) -> np.ndarr
     return labels
 
 
+def _evidence(volume: SeriesVolume) -> Any:
+    """The dataset that stands for ``volume`` in the SR's evidence and Image Library.
+
+    highdicom's Image Library (TID 1600) reads Pixel Spacing, Image Orientation/Position and
+    Slice Thickness from the top level of the dataset, where an Enhanced (multi-frame) MR object
+    has none (they sit in its functional groups), so it fails on such a source.  For a
+    multi-frame source the SR gets a header-only copy with those four attributes of its first
+    slice (in slice order) lifted to the top level; identity (SOP Class/Instance, series,
+    study) is unchanged, so the references are those of the real object.
+    """
+    from pydicom import Dataset
+
+    first = volume.datasets[0]
+    if not volume.info.is_multiframe:
+        return first
+    proxy = Dataset()
+    proxy.preamble = getattr(first, "preamble", None)
+    for element in first:
+        if element.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            proxy.add(element)
+    if hasattr(first, "file_meta"):
+        proxy.file_meta = first.file_meta
+    row_mm, col_mm, slice_mm = volume.spacing
+    proxy.PixelSpacing = [f"{row_mm:.10g}", f"{col_mm:.10g}"]
+    proxy.ImageOrientationPatient = [f"{v:.10g}" for v in volume.orientation]
+    proxy.ImagePositionPatient = [f"{v:.10g}" for v in volume.positions[0]]
+    thickness = volume.info.slice_thickness if volume.info.slice_thickness is not None else slice_mm
+    proxy.SliceThickness = f"{thickness:.10g}"
+    return proxy
+
+
 def _laterality(chosen: Mapping[str, SeriesInfo], notes: list[str]) -> str | None:
     values = {info.laterality for info in chosen.values() if info.laterality in ("L", "R")}
     if len(values) == 1:
@@ -446,7 +477,7 @@ def run_study(
         if joint != bundle.card.joint:
             return finish(
                 Outcome.UNSUPPORTED,
-                f"the study is a {joint} study but model {bundle.card.name!r} {bundle.card.version} is for the "
+                f"the study is of the {joint} but model {bundle.card.name!r} {bundle.card.version} is for the "
                 f"{bundle.card.joint}",
             )
         selection = select_series(scan.series, rules)
@@ -532,9 +563,9 @@ def run_study(
             referenced = next((p for p in PLANES if p in segs), None)
             used = {p: (v.info.series_instance_uid, v.info.series_description) for p, v in volumes.items()
                     if p in bundle.card.planes}
-            evidence = [volumes[p].datasets[0] for p in PLANES if p in used]
+            evidence = [_evidence(volumes[p]) for p in PLANES if p in used]
             if referenced is not None and referenced not in used:
-                evidence.append(volumes[referenced].datasets[0])
+                evidence.append(_evidence(volumes[referenced]))
             sr = write_report(
                 load_template(bundle.card.joint),
                 evidence,
