@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -320,7 +320,7 @@ class EventRecord(Base):
     )
 
 
-def input_fingerprint(sop_instance_uids: Iterator[str] | list[str] | set[str]) -> str:
+def input_fingerprint(sop_instance_uids: Iterable[str]) -> str:
     """SHA-256 of the sorted, distinct SOP Instance UIDs of a study.
 
     A job records it when queued; a study whose fingerprint changed since has new instances
