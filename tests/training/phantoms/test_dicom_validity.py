@@ -19,6 +19,7 @@ import SimpleITK as sitk
 from tests.training.phantoms.conftest import require_tool
 from training.phantoms.dicom_writer import TRANSFER_SYNTAXES
 from training.phantoms.generate import generate_case
+from training.phantoms.sites import SITES
 
 
 def _dciodvfy_errors(paths: list[Path]) -> list[str]:
@@ -66,6 +67,20 @@ def test_dciodvfy_reports_no_errors(cases_by_variant, variant) -> None:
     assert len({path.parent for path in files}) >= 4  # three planes and a distractor
     errors = _dciodvfy_errors(files)
     assert not errors, "\n".join(errors[:20])
+
+
+@pytest.mark.parametrize("site", sorted(SITES))
+def test_every_site_header_style_is_valid(tmp_path: Path, stand_in, site: str) -> None:
+    """Each site writes its own header habits (laterality attribute, body part, spacing, wording)."""
+    case = generate_case(tmp_path, "knee", 0, seed=5, site=site, matrix=32, case_source=stand_in, distractor="localizer")
+    errors = _dciodvfy_errors(_files(case))
+    assert not errors, "\n".join(errors[:20])
+    ds = pydicom.dcmread(_files(case)[-1], stop_before_pixels=True)
+    profile = SITES[site]
+    assert ds.Manufacturer == profile.manufacturer and ds.StationName == profile.station_name
+    assert float(ds.MagneticFieldStrength) == profile.field_strength_t
+    assert ("SpacingBetweenSlices" in ds) == profile.writes_spacing_between_slices
+    assert ds.get("BodyPartExamined") == profile.body_part("knee")
 
 
 def test_pydicom_sitk_and_dcmdump_read_every_series(cases_by_variant) -> None:

@@ -416,6 +416,16 @@ def test_real_knee_masks_align_across_planes(real_knees) -> None:
             assert spread < 3.0, f"{case.spec.case_id} {structure}: centroids {spread:.1f} mm apart"
 
 
+def test_real_knee_masks_share_dicom_geometry(real_knees) -> None:
+    case = real_knees[1]
+    for folder in _series_folders(case.case_dir):
+        image, mask = _sitk_series(folder), sitk.ReadImage(str(_mask_for(case.case_dir, folder)))
+        assert mask.GetSize() == image.GetSize()
+        np.testing.assert_allclose(mask.GetOrigin(), image.GetOrigin(), atol=1e-3)
+        np.testing.assert_allclose(mask.GetSpacing(), image.GetSpacing(), atol=1e-4)
+        np.testing.assert_allclose(mask.GetDirection(), image.GetDirection(), atol=1e-5)
+
+
 def test_real_knee_marrow_contrast(real_knees) -> None:
     for case in real_knees.values():
         sagittals = {s.plan.sequence: s for s in case.series if s.plan.plane == "sagittal"}
