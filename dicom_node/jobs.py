@@ -306,8 +306,9 @@ class Worker:
     """Runs queued jobs one at a time in a thread: snapshot -> pipeline -> results -> exports.
 
     ``resolve_instance(path)`` maps an instance path relative to the storage root to a file
-    (:meth:`dicom_node.storage.Storage.resolve`).  ``run_study`` is
-    :func:`inference.pipeline.run_study` unless a caller substitutes its own.
+    (:meth:`dicom_node.storage.Storage.resolve`).  ``bundle`` is an already loaded
+    :class:`inference.checkpoint.ModelBundle` (workers of one node may share one); without it
+    the worker loads ``model.checkpoint`` when its first job starts.
     """
 
     def __init__(
@@ -321,6 +322,7 @@ class Worker:
         preview: bool = False,
         on_finished: Callable[[JobOutcome], None] | None = None,
         on_exports_queued: Callable[[], None] | None = None,
+        bundle: Any = None,
     ) -> None:
         self.config = config
         self.factory = factory
@@ -331,7 +333,8 @@ class Worker:
         self.preview = preview
         self.on_finished = on_finished
         self.on_exports_queued = on_exports_queued
-        self._bundle: Any = None
+        #: the model; loaded from ``model.checkpoint`` at the first job unless given
+        self._bundle: Any = bundle
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -31,7 +31,9 @@ MATRIX = 64
 __all__ = [
     "MATRIX",
     "REPO",
+    "NodeParts",
     "add_instance",
+    "make_parts",
     "node_db",
     "build_small_checkpoint",
     "free_port",
@@ -136,6 +138,51 @@ def add_instance(
     )
     with session_scope(factory) as session:
         record_instance(session, info, content_changed=content_changed)
+
+
+class NodeParts:
+    """The database, storage and C-STORE receiver of a node, without its threads or network.
+
+    ``receive(paths)`` stores files exactly as the listener's C-STORE handler does.
+    """
+
+    def __init__(self, config: Any) -> None:
+        from dicom_node.db import make_engine, make_session_factory, upgrade_database
+        from dicom_node.listener import StoreReceiver
+        from dicom_node.node import INSTANCES_DIR
+        from dicom_node.storage import Storage
+
+        self.config = config
+        upgrade_database(config.database_url)
+        self.engine = make_engine(config.database_url)
+        self.factory = make_session_factory(self.engine)
+        self.storage = Storage(config.data_dir / INSTANCES_DIR, config.storage.min_free_mb)
+        self.stored: list[tuple[str, str]] = []
+        self.receiver = StoreReceiver.from_config(config, self.storage, self.factory,
+                                                  on_instance_stored=lambda st, se: self.stored.append((st, se)))
+
+    def receive(self, paths: list[Path], calling_ae_title: str = "STORESCU") -> None:
+        from pydicom import dcmread
+
+        for path in paths:
+            ds = dcmread(path, stop_before_pixels=True)
+            status = self.receiver.receive(
+                Path(path).read_bytes(), context_sop_class_uid=str(ds.SOPClassUID),
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                affected_sop_instance_uid=str(ds.SOPInstanceUID), calling_ae_title=calling_ae_title,
+                peer_host="127.0.0.1",
+            )
+            assert status == 0, f"{path}: C-STORE status 0x{int(status):04X}"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def make_parts(tmp: Path, checkpoint: Path, **options: Any) -> NodeParts:
+    """:class:`NodeParts` for a node configured by :func:`make_node_config` ``options``."""
+    from dicom_node.config import parse_config
+
+    return NodeParts(parse_config(make_node_config(tmp, checkpoint, **options), base_dir=tmp))
 
 
 @pytest.fixture()

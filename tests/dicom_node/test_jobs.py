@@ -1,0 +1,257 @@
+"""Jobs: the database queue (claim, heartbeat, leases, re-queue after a crash, attempts limit)
+and the worker running the real pipeline on a stored phantom study (results, routes, exports
+queued once, superseded jobs, output UIDs)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from dicom_node.db import Export, ExportState, Job, JobState, Study, StudyState, session_scope, utcnow
+from dicom_node.jobs import MAX_JOB_ATTEMPTS, JobQueue, Worker, enqueue_if_changed, worker_identity
+from tests.dicom_node.node_fixtures import *  # noqa: F403 - fixtures
+
+STUDY = "1.2.3.300"
+
+
+def _queue_study(factory, uid: str = STUDY) -> int:
+    with session_scope(factory) as session:
+        study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
+        job = enqueue_if_changed(session, study, "test")
+        assert job is not None
+        return job.id
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+# --------------------------------------------------------------------------- the queue
+
+
+def test_claim_heartbeat_and_losing_the_job_to_a_newer_one(node_db) -> None:
+    for i in (2, 0, 1):
+        add_instance(node_db, STUDY, "1.2.3.300.1", f"1.2.3.300.1.{i}")
+    job_id = _queue_study(node_db)
+    a, b = JobQueue(node_db, "host-a:1:0"), JobQueue(node_db, "host-b:1:0")
+    claimed = a.claim()
+    assert claimed is not None and claimed.job_id == job_id and claimed.attempt == 1
+    assert list(claimed.instance_paths) == sorted(claimed.instance_paths) and len(claimed.instance_paths) == 3
+    assert b.claim() is None, "a running job was claimed a second time"
+    assert a.heartbeat(job_id, step="inference")
+    assert not b.heartbeat(job_id), "another worker refreshed a job it does not own"
+    with session_scope(node_db) as session:
+        job = session.get(Job, job_id)
+        assert job.state is JobState.RUNNING and job.step == "inference" and job.worker_id == "host-a:1:0"
+        assert job.study.state is StudyState.PROCESSING
+    add_instance(node_db, STUDY, "1.2.3.300.1", "1.2.3.300.1.9")  # a late instance: the study changed
+    newer = _queue_study(node_db)
+    assert not a.heartbeat(job_id), "a superseded job still accepted heartbeats"
+    with session_scope(node_db) as session:
+        assert a.owned(session, job_id) is None
+        assert session.get(Job, job_id).state is JobState.SUPERSEDED
+    assert b.claim().job_id == newer
+
+
+def test_jobs_of_dead_workers_go_back_to_the_queue(node_db) -> None:
+    add_instance(node_db, STUDY, "1.2.3.300.1", "1.2.3.300.1.1")
+    job_id = _queue_study(node_db)
+    dead_worker = f"{worker_identity().split(':')[0]}:{_dead_pid()}:0"
+    assert JobQueue(node_db, dead_worker).claim() is not None
+    survivor = JobQueue(node_db, worker_identity(), lease_seconds=60)
+    assert survivor.requeue_abandoned() == [], "a job with a fresh heartbeat was taken away"
+    assert survivor.requeue_abandoned(at_startup=True) == [job_id], "the dead local worker's job was not recovered"
+    with session_scope(node_db) as session:
+        job = session.get(Job, job_id)
+        assert job.state is JobState.QUEUED and job.study.state is StudyState.COMPLETE
+
+    # a worker on another host: only its stale lease frees the job
+    other = JobQueue(node_db, "elsewhere:42:0")
+    assert other.claim().job_id == job_id
+    assert survivor.requeue_abandoned(at_startup=True) == []
+    with session_scope(node_db) as session:
+        session.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=120)
+    assert survivor.requeue_abandoned() == [job_id]
+
+    # a job that keeps dying with its worker is given up after MAX_JOB_ATTEMPTS starts
+    for attempt in range(3, MAX_JOB_ATTEMPTS):  # attempts 1 and 2 happened above
+        JobQueue(node_db, dead_worker).claim()
+        assert survivor.requeue_abandoned(at_startup=True) == [job_id], f"attempt {attempt}"
+    assert JobQueue(node_db, dead_worker).claim().attempt == MAX_JOB_ATTEMPTS
+    assert survivor.requeue_abandoned(at_startup=True) == [job_id]
+    with session_scope(node_db) as session:
+        job = session.get(Job, job_id)
+        assert job.state is JobState.FAILED and job.attempts == MAX_JOB_ATTEMPTS
+        assert "interrupted" in job.error and job.study.state is StudyState.FAILED
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def _copy_with_new_uids(source: Path, target: Path, series_uid: str, **changes: object) -> Path:
+    ds = dcmread(source)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.SeriesInstanceUID = series_uid
+    for key, value in changes.items():
+        setattr(ds, key, value)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def _extra_slice(series_dir: Path, target: Path) -> Path:
+    """One more slice of the same series, one slice spacing beyond its last slice."""
+    datasets = [dcmread(p, stop_before_pixels=True) for p in sorted(series_dir.glob("*.dcm"))]
+    iop = np.array(datasets[0].ImageOrientationPatient, dtype=float)
+    normal = np.cross(iop[:3], iop[3:])
+    order = sorted(range(len(datasets)), key=lambda i: float(np.dot(normal, np.array(datasets[i].ImagePositionPatient, float))))
+    last, before = (np.array(datasets[order[k]].ImagePositionPatient, float) for k in (-1, -2))
+    position = last + (last - before)
+    source = sorted(series_dir.glob("*.dcm"))[order[-1]]
+    return _copy_with_new_uids(source, target, str(datasets[0].SeriesInstanceUID),
+                               ImagePositionPatient=[f"{v:.4f}" for v in position],
+                               InstanceNumber=len(datasets) + 1)
+
+
+@pytest.fixture(scope="module")
+def bundle(node_checkpoint: Path):
+    """The test model, loaded once for the module's workers."""
+    from inference.checkpoint import ModelBundle
+
+    return ModelBundle.load(node_checkpoint)
+
+
+def _outputs(parts: NodeParts, job_id: int) -> dict[str, str]:
+    with session_scope(parts.factory) as session:
+        job = session.get(Job, job_id)
+        return {kind: sop for kind, sop in {(e.object_kind, e.sop_instance_uid) for e in job.exports}}
+
+
+@pytest.fixture()
+def stored_knee(tmp_path: Path, node_checkpoint: Path, knee_phantoms: Path):
+    """A node's database and storage holding phantom knee_0001 as received from STORESCU."""
+    parts = make_parts(
+        tmp_path, node_checkpoint,
+        destinations={"pacs": {"type": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 104},
+                      "research": {"type": "stowrs", "url": "http://127.0.0.1:9/dicom-web"},
+                      "other-site": {"type": "dimse", "ae_title": "OTHER", "host": "127.0.0.1", "port": 105}},
+        routes=[{"match": {"calling_ae_title": "MODALITY.*"}, "destinations": ["other-site"]},
+                {"match": {"joint": "knee"}, "destinations": ["pacs", "research"]},
+                {"match": {}, "destinations": ["pacs"]}],
+    )
+    study_dir = knee_phantoms / "knee_0001" / "dicom"
+    parts.receive(sorted(study_dir.rglob("*.dcm")))
+    parts.study_dir = study_dir
+    parts.study_uid = str(dcmread(next(study_dir.rglob("*.dcm"))).StudyInstanceUID)
+    yield parts
+    parts.close()
+
+
+def test_worker_runs_the_study_and_queues_each_result_once_per_routed_destination(stored_knee: NodeParts, bundle) -> None:
+    parts = stored_knee
+    job_id = _queue_study(parts.factory, parts.study_uid)
+    worker = Worker(parts.config, parts.factory, parts.storage.resolve, bundle=bundle)
+    claimed = worker.queue.claim()
+    outcome = worker.run_job(claimed)
+    assert (outcome.state, outcome.outcome) == ("done", "complete")
+    with session_scope(parts.factory) as session:
+        job = session.get(Job, job_id)
+        assert job.state is JobState.DONE and job.step == "done" and job.study.state is StudyState.DONE
+        summary = job.result_summary
+        exports = [(e.destination, e.object_kind, e.state, e.object_path) for e in job.exports]
+    assert summary["outcome"] == "complete" and summary["joint"] == "knee"
+    assert set(summary["chosen"]) == {"sagittal", "coronal", "axial"} and summary["findings"]
+    # the knee route (second rule) matched a study sent by STORESCU: SEG + SR to pacs and research
+    assert sorted((d, k) for d, k, _, _ in exports) == [("pacs", "seg"), ("pacs", "sr"), ("research", "seg"), ("research", "sr")]
+    assert all(state is ExportState.PENDING for _, _, state, _ in exports)
+    for _, kind, _, relative in exports:
+        ds = dcmread(parts.config.data_dir / relative)
+        assert ds.StudyInstanceUID == parts.study_uid and ds.Modality == kind.upper()
+    assert not (parts.config.data_dir / "work" / f"job-{job_id}").exists(), "the job's snapshot was left behind"
+
+    # a study sent by a modality follows the first route instead
+    with session_scope(parts.factory) as session:
+        session.scalars(select(Study)).one().calling_ae_title = "MODALITY7"
+    axial = next(d for d in parts.study_dir.iterdir() if d.name.endswith("axial"))
+    add_files = [_copy_with_new_uids(next(axial.glob("*.dcm")), parts.config.data_dir.parent / "loc.dcm",
+                                     generate_uid(), SeriesDescription="Localizer", SeriesNumber=99)]
+    parts.receive(add_files, calling_ae_title="MODALITY7")
+    second = _queue_study(parts.factory, parts.study_uid)
+    worker.run_job(worker.queue.claim())
+    with session_scope(parts.factory) as session:
+        new_exports = {(e.destination, e.object_kind) for e in session.get(Job, second).exports}
+        old = session.get(Job, job_id)
+        assert old.state is JobState.SUPERSEDED, "the earlier results were not replaced"
+        assert all(e.state is ExportState.FAILED and "withdrawn" in e.last_error for e in old.exports), \
+            "unsent exports of the replaced job could still reach a PACS"
+    assert new_exports == {("other-site", "seg"), ("other-site", "sr")}
+    # the added localizer changes no input of the SEG or the SR: same objects, same UIDs
+    assert _outputs(parts, second) == _outputs(parts, job_id)
+
+
+def test_a_job_taken_over_after_a_crash_is_finished_once(stored_knee: NodeParts, bundle) -> None:
+    parts = stored_knee
+    job_id = _queue_study(parts.factory, parts.study_uid)
+    dead = Worker(parts.config, parts.factory, parts.storage.resolve, bundle=bundle)
+    dead.worker_id = dead.queue.worker_id = f"{worker_identity().split(':')[0]}:{_dead_pid()}:0"
+    stale_claim = dead.queue.claim()  # ... and the process died here
+    # the restarted node's worker thread: recovers the job at start-up and runs it
+    finished = []
+    survivor = Worker(parts.config, parts.factory, parts.storage.resolve, bundle=bundle, poll_seconds=0.2,
+                      on_finished=finished.append)
+    survivor.start()
+    try:
+        assert survivor.alive
+        wait_for(lambda: finished, 120, "the restarted worker to finish the recovered job")
+    finally:
+        survivor.stop()
+    assert not survivor.alive
+    assert (finished[0].job_id, finished[0].state) == (job_id, "done")
+    # the first worker comes back to life and finishes its copy: it must not count
+    late = dead.run_job(stale_claim)
+    assert late.state == "discarded"
+    with session_scope(parts.factory) as session:
+        job = session.get(Job, job_id)
+        assert job.state is JobState.DONE and job.worker_id == survivor.worker_id and job.attempts == 2
+        assert len(job.exports) == 4  # SEG + SR to pacs and research, once
+
+
+@pytest.mark.xfail(strict=True, reason="inference.seg_writer/sr_writer derive output UIDs from the series UIDs only, "
+                                       "not from the instances used; a changed series keeps its SEG/SR UIDs")
+def test_changed_inputs_give_new_output_uids(stored_knee: NodeParts, bundle, tmp_path: Path) -> None:
+    parts = stored_knee
+    worker = Worker(parts.config, parts.factory, parts.storage.resolve, bundle=bundle)
+    first = _queue_study(parts.factory, parts.study_uid)
+    worker.run_job(worker.queue.claim())
+    sagittal = next(d for d in (parts.study_dir).iterdir() if d.name.endswith("sagittal"))
+    parts.receive([_extra_slice(sagittal, tmp_path / "extra.dcm")])
+    second = _queue_study(parts.factory, parts.study_uid)
+    worker.run_job(worker.queue.claim())
+    before, after = _outputs(parts, first), _outputs(parts, second)
+    assert before["seg"] != after["seg"] and before["sr"] != after["sr"]
+
+
+def test_a_failing_study_fails_its_job_with_the_reason(stored_knee: NodeParts, bundle) -> None:
+    parts = stored_knee
+    job_id = _queue_study(parts.factory, parts.study_uid)
+    worker = Worker(parts.config, parts.factory, parts.storage.resolve, bundle=bundle)
+    claimed = worker.queue.claim()
+    victim = parts.storage.resolve(claimed.instance_paths[0])
+    shutil.move(victim, victim.with_suffix(".gone"))  # the disk lost a file the database knows
+    outcome = worker.run_job(claimed)
+    assert outcome.state == "failed"
+    with session_scope(parts.factory) as session:
+        job = session.get(Job, job_id)
+        assert job.state is JobState.FAILED and job.step == "snapshot"
+        assert "missing" in job.error and claimed.instance_paths[0].split("/")[-1] in job.error
+        assert job.study.state is StudyState.FAILED and not job.exports
