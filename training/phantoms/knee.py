@@ -107,6 +107,9 @@ def _femur(F: Frame) -> tuple[Shape, Shape, Shape]:
         Difference(Union(Offset(med_condyle, 4), Offset(lat_condyle, 4), Offset(med_facet, 4), Offset(lat_facet, 4)),
                    Offset(notch, -1.0)),
         HalfSpace(F.point((0, 0, 50)), F.direction((0, 0, 1))),
+        # the outer (epicondylar) walls of the condyles carry no cartilage
+        HalfSpace(F.point((31, 0, 0)), F.direction((1, 0, 0))),
+        HalfSpace(F.point((-31, 0, 0)), F.direction((-1, 0, 0))),
         # no cartilage on the posterior-superior non-articular metaphysis
         HalfSpace(F.point((0, 0, 40)), F.direction((0, 0.6, 0.8))),
     )
@@ -275,7 +278,7 @@ def build_knee(spec: CaseSpec) -> LayeredModel:
     if s_eff:  # effusion also fills the capsule around the condyles and the notch
         femur_bands.insert(0, Band(Tissue.FLUID, 0, 0.0, 1.0 + 4.0 * s_eff, never_over=HARD, clip=capsule))
     layers.append(Layer("femur", femur, femur_bands))
-    layers.append(Layer("tibia", tibia, bone(S["tibia"], CORTEX_MM, fluid_mm=2.5 + film, fluid_clip=Offset(tibia_articular, 1.0),
+    layers.append(Layer("tibia", tibia, bone(S["tibia"], CORTEX_MM, fluid_mm=3.0 + film, fluid_clip=Offset(tibia_articular, 1.0),
                                              cartilage_mm=2.5, cartilage_structure=S["tibial_cartilage"],
                                              cartilage_clip=tibia_articular)))
     layers.append(Layer("fibula", fibula, bone(S["fibula"], CORTEX_MM)))
@@ -325,6 +328,13 @@ def build_knee(spec: CaseSpec) -> LayeredModel:
     layers += fibre_layers("quadriceps_tendon", quadriceps_tendon)
     layers += fibre_layers("mpfl", mpfl, 0, s_pd, "sprain", at=_param(spec, "mpfl_tear_at"), deep=(0, 1, 0))
     layers += fibre_layers("lateral_retinaculum", lateral_retinaculum)
+    # iliotibial band to Gerdy's tubercle, popliteus tendon from its femoral groove, the
+    # semimembranosus tendon to the posteromedial tibia
+    itb = Rod(F.point((-46, -2, 110)), T.point((-30, -14, -24)), 11.0, 8.0, flat=0.2, wide=(0, 1, 0))
+    popliteus_tendon = Rod(F.point((-36, 12, 18)), T.point((-22, 28, -20)), 2.5)
+    semimembranosus_tendon = Rod(F.point((27, 34, 40)), T.point((30, 18, -14)), 3.5)
+    for name, rod in (("itb", itb), ("popliteus_tendon", popliteus_tendon), ("semimembranosus_tendon", semimembranosus_tendon)):
+        layers += fibre_layers(name, rod)
 
     R = rotation("w", _param(spec, "rot_w_deg")) @ rotation("v", _param(spec, "rot_v_deg")) \
         @ rotation("u", _param(spec, "rot_u_deg"))
