@@ -113,6 +113,10 @@ def build_ankle(spec: CaseSpec) -> LayeredModel:
     layers.append(Layer("fibula", fibula, bone(0, CORTEX_MM, fluid_mm=0.6 + film, fluid_clip=capsule)))
     layers.append(Layer("talus", talus, bone(0, CORTEX_MM, fluid_mm=1.5 + film, fluid_clip=capsule, cartilage_mm=1.5,
                                              cartilage_clip=talus_articular)))
+    # physeal scar of the distal tibia: a thin dark line across the metaphysis
+    scar = Intersection(tibia, HalfSpace(L.point((0, 0, 22.4)), L.direction((0, 0, 1))),
+                        HalfSpace(L.point((0, 0, 21.6)), L.direction((0, 0, -1))))
+    layers.append(Layer("physeal_scar", scar, [Band(Tissue.CORTEX, None, only_over=frozenset({Tissue.MARROW}))]))
     for name, shape in (("calcaneus", calcaneus), ("navicular", navicular), ("cuboid", cuboid), ("metatarsals", metatarsals)):
         layers.append(Layer(name, shape, bone(0, CORTEX_MM)))
 

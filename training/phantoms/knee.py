@@ -287,6 +287,15 @@ def build_knee(spec: CaseSpec) -> LayeredModel:
                                                  cartilage_clip=patella_articular)))
 
     # --- bone bruises (marrow edema painted only over marrow; the bone keeps its structure)
+    # physeal scars: thin dark lines across the epiphyses where the growth plates closed
+    scars = (Intersection(HalfSpace(F.point((0, 0, 44.5)), F.direction((0, 0.35, 1))),
+                          HalfSpace(F.point((0, 0, 43.7)), F.direction((0, -0.35, -1)))),
+             Intersection(HalfSpace(T.point((0, 0, -20)), T.direction((0, 0, 1))),
+                          HalfSpace(T.point((0, 0, -20.8)), T.direction((0, 0, -1)))))
+    for i, scar in enumerate(scars):
+        layers.append(Layer(f"physeal_scar_{i}", Intersection(femur if i == 0 else tibia, scar),
+                            [Band(Tissue.CORTEX, None, only_over=frozenset({Tissue.MARROW}))]))
+
     bruises: list[Shape] = []
     s_acl = sev.get("acl", 0.0)
     if s_acl and _param(spec, "acl_bruise") >= 0.5:  # pivot-shift pattern
