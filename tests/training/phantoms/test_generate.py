@@ -21,6 +21,7 @@ from training.phantoms.acquisition import (
     sample_stack,
     truncate_phase_encoding,
 )
+from training.phantoms.anatomy import Tissue
 from training.phantoms.contrast import signal_table
 from training.phantoms.generate import CASE_COLUMNS, generate_case, generate_dataset
 from training.phantoms.sites import SITES, get_site
@@ -192,6 +193,27 @@ def test_effusion_is_visible_on_sagittal_fat_sat(tmp_path: Path, stand_in) -> No
         index += 1
     assert set(volumes) == {0, 1}
     assert volumes[1] > 2.0 * volumes[0] + 2.0, volumes
+
+
+@pytest.mark.parametrize("site", sorted(SITES))
+def test_contrast_tables_follow_reading_rules(site: str) -> None:
+    profile = get_site(site)
+    t1, pdfs, t2fs = (signal_table(seq, profile, np.random.default_rng(0)) for seq in ("T1", "PD_FS", "T2_FS"))
+    for table in (t1, pdfs, t2fs):
+        assert table[Tissue.AIR] == 0.0
+        dark = max(table[Tissue.CORTEX], table[Tissue.LIGAMENT], table[Tissue.FIBROCARTILAGE])
+        assert dark < 0.5 * table[Tissue.MUSCLE]  # cortex, ligaments, menisci dark everywhere
+    assert t1[Tissue.FAT] > 2 * t1[Tissue.MUSCLE] and t1[Tissue.MARROW] > 2 * t1[Tissue.FLUID]
+    assert t1[Tissue.MARROW_EDEMA] < 0.5 * t1[Tissue.MARROW]  # edema replaces fatty marrow on T1
+    for fat_sat in (pdfs, t2fs):
+        # suppressed fat and fatty marrow below muscle, even with the poorer 1.5 T suppression
+        assert fat_sat[Tissue.FAT] < 0.6 * fat_sat[Tissue.MUSCLE] and fat_sat[Tissue.MARROW] < 0.75 * fat_sat[Tissue.MUSCLE]
+        assert fat_sat[Tissue.FLUID] > 1.5 * fat_sat[Tissue.CARTILAGE] > 1.5 * fat_sat[Tissue.MARROW]
+        assert fat_sat[Tissue.MARROW_EDEMA] > 3 * fat_sat[Tissue.MARROW]
+        assert fat_sat[Tissue.TEAR] > 3 * fat_sat[Tissue.LIGAMENT]
+    assert pdfs[Tissue.CARTILAGE] > pdfs[Tissue.MUSCLE]  # cartilage intermediate, above muscle
+    with pytest.raises(ValueError, match="STIR"):
+        signal_table("STIR", profile)
 
 
 def test_partial_volume_blends_thin_structures(stand_in) -> None:
