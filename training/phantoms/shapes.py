@@ -27,9 +27,6 @@ import numpy as np
 from training.phantoms.anatomy import Tissue
 
 F32 = np.float32
-#: distance reported for points a union member did not evaluate (outside its box); finite so
-#: the smooth-minimum arithmetic never produces NaN
-FAR = F32(1.0e6)
 INF = float("inf")
 
 
@@ -345,15 +342,15 @@ class Ring(Shape):
         if self.profile == "wedge":
             frac = np.clip((rn - F32(self.inner)) / F32(1 - self.inner), 0, 1)
             top = F32(self.edge) + (F32(self.height) - F32(self.edge)) * frac
-            vertical = np.maximum(-w, w - top)
+            # the sloping top: vertical distance times the cosine of the slope is the normal distance
+            rise = (self.height - self.edge) / ((1 - self.inner) * float(scale))
+            d = np.maximum(radial, np.maximum(-w, (w - top) * F32(1 / np.sqrt(1 + rise * rise))))
         else:
             mid = F32((1 + self.inner) / 2)
             half_w = F32((1 - self.inner) / 2)
             # elliptical cord: (radial offset / half width)^2 + (w / half height)^2 <= 1
             k = np.sqrt(((rn - mid) / half_w) ** 2 + (w / F32(self.height / 2)) ** 2)
-            return (k - 1) * min(F32(self.height / 2), half_w * scale) if self.gap_half <= 0 else \
-                np.maximum((k - 1) * min(F32(self.height / 2), half_w * scale), self._gap(ang, rn, scale))
-        d = np.maximum(radial, vertical)
+            d = (k - 1) * min(F32(self.height / 2), half_w * scale)
         if self.gap_half > 0:
             d = np.maximum(d, self._gap(ang, rn, scale))
         return d
