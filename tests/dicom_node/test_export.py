@@ -1,0 +1,164 @@
+"""Export: routes, backoff, retries kept in the database across a restart, failed exports and
+``orthonode retry``, and real sends of a SEG and an SR to Orthanc over DIMSE and STOW-RS."""
+from __future__ import annotations
+
+import shutil
+from io import BytesIO
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+
+from dicom_node.config import RetrySection, Route, parse_config
+from dicom_node.db import Export, ExportState, Study, make_engine, make_session_factory, session_scope, utcnow
+from dicom_node.export import ExportError, Exporter, backoff_delay, queue_exports, retry_failed, route_destinations
+from dicom_node.jobs import enqueue_if_changed
+from dicom_node.orthanc import DICOMWEB_PLUGIN
+from tests.dicom_node.node_fixtures import *  # noqa: F403 - fixtures
+
+STUDY_ROUTES = [
+    Route(match={"calling_ae_title": "CT_.*"}, destinations=("ct-archive",)),
+    Route(match={"joint": "shoulder|ankle", "calling_ae_title": "ORTHANC"}, destinations=("research", "pacs")),
+    Route(match={}, destinations=("pacs",)),
+]
+
+
+def test_routes_first_match_wins_and_patterns_match_whole_values() -> None:
+    assert route_destinations(STUDY_ROUTES, "CT_1", "knee") == ("ct-archive",)
+    assert route_destinations(STUDY_ROUTES, "orthanc", "Ankle") == ("research", "pacs")  # case-insensitive
+    assert route_destinations(STUDY_ROUTES, "ORTHANC", "knee") == ("pacs",)
+    assert route_destinations(STUDY_ROUTES, "XCT_1", None) == ("pacs",)  # "CT_.*" must match the whole title
+    assert route_destinations(STUDY_ROUTES[:2], "ORTHANC", None) == ()  # an unknown joint fits no joint rule
+    assert route_destinations((), "ORTHANC", "knee") == ()
+
+
+def test_backoff_doubles_up_to_the_limit() -> None:
+    retry = RetrySection(max_attempts=8, initial_delay_seconds=30, max_delay_seconds=900)
+    assert [backoff_delay(n, retry) for n in range(1, 8)] == [30, 60, 120, 240, 480, 900, 900]
+    with pytest.raises(ValueError, match="attempts"):
+        backoff_delay(0, retry)
+
+
+@pytest.fixture(scope="module")
+def result_objects(tmp_path_factory: pytest.TempPathFactory, node_checkpoint: Path, knee_phantoms: Path) -> list[Path]:
+    """The SEG and SR the pipeline writes for phantom knee_0002 (real objects to send)."""
+    from inference.checkpoint import ModelBundle
+    from inference.pipeline import run_study
+
+    out = tmp_path_factory.mktemp("export_objects")
+    result = run_study(knee_phantoms / "knee_0002" / "dicom", ModelBundle.load(node_checkpoint), out, device="cpu")
+    assert len(result.files) == 2, result.summary()
+    return result.files
+
+
+def _setup(tmp_path: Path, checkpoint: Path, objects: list[Path], destinations: dict, **options) -> tuple:
+    """A node database with one finished-job's exports (SEG + SR to every destination)."""
+    config = parse_config(make_node_config(tmp_path, checkpoint, destinations=destinations,
+                                           routes=[{"match": {}, "destinations": list(destinations)}], **options),
+                          base_dir=tmp_path)
+    parts = NodeParts(config)
+    study_uid = str(dcmread(objects[0], stop_before_pixels=True).StudyInstanceUID)
+    add_instance(parts.factory, study_uid, study_uid + ".1", study_uid + ".1.1")
+    results = config.data_dir / "results" / study_uid
+    results.mkdir(parents=True)
+    rows = []
+    for path in objects:
+        target = results / path.name
+        shutil.copy(path, target)
+        ds = dcmread(target, stop_before_pixels=True)
+        rows.append((str(target.relative_to(config.data_dir)), str(ds.Modality).lower(), str(ds.SOPInstanceUID)))
+    with session_scope(parts.factory) as session:
+        study = session.scalars(select(Study)).one()
+        job = enqueue_if_changed(session, study, "test")
+        queue_exports(session, job, rows, list(destinations))
+    return parts, study_uid, {sop for _, _, sop in rows}
+
+
+def _exports(factory) -> list[Export]:
+    with session_scope(factory) as session:
+        return list(session.scalars(select(Export).order_by(Export.id)))
+
+
+def test_failed_sends_back_off_in_the_database_across_a_restart_then_fail_and_are_retried(
+    tmp_path: Path, node_checkpoint: Path, result_objects: list[Path], orthanc
+) -> None:
+    down = {"pacs": {"type": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": free_port()}}
+    retry = {"max_attempts": 3, "initial_delay_seconds": 1, "max_delay_seconds": 1.5}
+    parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects, down, retry=retry)
+    exporter = Exporter(parts.config, parts.factory)
+    before = utcnow()
+    assert exporter.run_once()
+    rows = _exports(parts.factory)
+    assert [(r.state, r.attempts) for r in rows] == [(ExportState.PENDING, 1)] * 2
+    for row in rows:
+        assert "ORTHANC@127.0.0.1" in row.last_error
+        assert before + timedelta(seconds=1) <= row.next_attempt_at <= utcnow() + timedelta(seconds=1)
+    assert not exporter.run_once(), "an export was sent again before its backoff ran out"
+
+    # the node restarts: a new engine, a new exporter; the schedule comes from the database
+    parts.engine.dispose()
+    factory = make_session_factory(make_engine(parts.config.database_url))
+    restarted = Exporter(parts.config, factory)
+    assert restarted.recover() == 0
+    assert [r.next_attempt_at for r in _exports(factory)] == [r.next_attempt_at for r in rows]
+    wait_for(restarted.run_once, 5, "the second attempt once the backoff ran out")
+    second = _exports(factory)
+    assert [r.attempts for r in second] == [2, 2]
+    assert all(1.4 <= (r.next_attempt_at - r.updated_at).total_seconds() <= 1.6 for r in second), "backoff not capped"
+    wait_for(restarted.run_once, 5, "the last attempt")
+    failed = _exports(factory)
+    assert [(r.state, r.attempts) for r in failed] == [(ExportState.FAILED, 3)] * 2
+    assert all(r.next_attempt_at is None and r.last_error for r in failed), "a failed export must stay visible"
+
+    # `orthonode retry`, with the destination back up
+    assert sorted(retry_failed(factory)) == [r.id for r in failed]
+    assert [(r.state, r.attempts) for r in _exports(factory)] == [(ExportState.PENDING, 0)] * 2
+    up = parse_config(make_node_config(tmp_path, node_checkpoint, retry=retry, destinations={
+        "pacs": {"type": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}}),
+        base_dir=tmp_path)
+    sender = Exporter(up, factory, poll_seconds=0.2)
+    sender.start()
+    try:
+        wait_for(lambda: all(r.state is ExportState.DONE for r in _exports(factory)), 30, "the exports to be sent")
+    finally:
+        sender.stop()
+    stored = {i["sop_instance_uid"] for i in orthanc.instances_of_study(study_uid)}
+    assert stored == sops
+    assert orthanc.modality_counts(study_uid) == {"SEG": 1, "SR": 1}
+
+
+def test_an_interrupted_send_is_sent_again_and_missing_files_are_reported(
+    tmp_path: Path, node_checkpoint: Path, result_objects: list[Path], orthanc
+) -> None:
+    pacs = {"pacs": {"type": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}}
+    parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects, pacs)
+    rows = _exports(parts.factory)
+    with session_scope(parts.factory) as session:  # the node died in the middle of sending the SEG
+        seg = session.get(Export, rows[0].id)
+        seg.state, seg.attempts = ExportState.SENDING, 1
+    (parts.config.data_dir / rows[1].object_path).unlink()  # and the SR file was lost
+    exporter = Exporter(parts.config, parts.factory)
+    assert exporter.recover() == 1
+    assert exporter.run_once()
+    seg_row, sr_row = _exports(parts.factory)
+    assert (seg_row.state, seg_row.attempts) == (ExportState.DONE, 2)
+    assert sr_row.state is ExportState.PENDING and "missing" in sr_row.last_error
+    assert orthanc.modality_counts(study_uid).get("SEG") == 1
+    with pytest.raises(ExportError, match="only failed exports"):
+        retry_failed(parts.factory, [sr_row.id])
+
+
+@pytest.mark.skipif(not DICOMWEB_PLUGIN.exists(), reason="Orthanc's DICOMweb plug-in is not installed")
+def test_stow_rs_to_orthanc(tmp_path: Path, node_checkpoint: Path, result_objects: list[Path], orthanc) -> None:
+    orthanc.wipe()
+    web = {"web": {"type": "stowrs", "url": orthanc.dicomweb_url}}
+    parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects, web)
+    assert Exporter(parts.config, parts.factory).run_once()
+    assert [r.state for r in _exports(parts.factory)] == [ExportState.DONE] * 2
+    assert {i["sop_instance_uid"] for i in orthanc.instances_of_study(study_uid)} == sops
+    # the objects Orthanc keeps are the bytes the node sent (no re-encoding on the way)
+    for instance in orthanc.instances_of_study(study_uid):
+        ds = dcmread(BytesIO(orthanc.instance_file(instance["id"])))
+        assert ds.StudyInstanceUID == study_uid and ds.Modality in ("SEG", "SR")
