@@ -3,19 +3,23 @@
 Every anatomical part is a :class:`Shape`: a function returning an approximate signed distance
 (mm, negative inside) for points of the *joint frame* (``u`` toward the patient's midline, i.e.
 medial for a limb, ``v`` posterior, ``w`` superior; see :class:`LayeredModel`).  The distances
-are exact for spheres, capsules and half-spaces and conservative approximations elsewhere; the
-phantoms only need the zero level set to be right and the value to grow roughly like a
-distance, so that thin shells (cortex, cartilage, fluid films) can be cut as bands of it.
+are exact for spheres, capsules and half-spaces and conservative (never larger than the true
+distance, up to the ellipsoid approximation) elsewhere, so thin shells (cortex, cartilage,
+fluid films) can be cut as bands of the distance.
 
 A joint model is an ordered list of :class:`Layer` objects painted like a painter paints: each
 later layer overwrites the tissue (and structure) of the points it covers, subject to its
 ``only_over`` / ``never_over`` rules (a bone bruise is painted *only over* marrow; a ligament is
 *never* painted over bone).  That keeps every model a readable recipe of the anatomy.
 
-Speed matters (tens of millions of points per case), so every shape knows its axis-aligned
-bounding box in the joint frame; the painter splits the points into contiguous chunks and
-evaluates a layer only on the chunks, and then only on the points, inside its box.  All
-arithmetic is float32 and vectorised.
+Speed matters (tens of millions of points per case).  Every shape knows its axis-aligned box
+in the joint frame.  The painter sorts the points into 8 mm bricks and evaluates each layer
+once per brick centre: bricks that the distance proves to lie wholly outside the layer, or
+wholly inside one of its bands, are skipped or painted at once, and only bricks crossed by a
+surface are evaluated point by point.  For that proof every distance must be a lower bound
+of the true one; composite shapes evaluate a member exactly within the *reach* the layers
+need (:meth:`Shape.set_reach`) and report a lower bound beyond it.  The result equals a
+point-by-point evaluation (tested).  All arithmetic is float32 and vectorised.
 """
 from __future__ import annotations
 
