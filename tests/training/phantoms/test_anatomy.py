@@ -304,3 +304,19 @@ def test_evaluate_validates_points_and_handles_empty_input():
         spec = knee_spec("R")
         del spec.params["flexion_deg"]
         build_anatomy(spec)
+
+
+@pytest.mark.parametrize("joint", ["knee", "ankle", "shoulder"])
+def test_sampled_cases_build_across_the_parameter_ranges(joint):
+    rng = np.random.default_rng(31)
+    for i in range(12):
+        spec = sample_case(joint, rng, f"{joint}-{i}", "site")
+        model = build_anatomy(spec)
+        assert model.joint == joint and model.laterality == spec.laterality
+        pts = grid(model.center, tuple(-model.extent_mm / 2), tuple(model.extent_mm / 2), step=3.0)
+        tissue, structure = model.evaluate(pts)
+        assert np.mean(tissue == Tissue.AIR) < 0.75  # the imaging box is mostly filled (the ankle is L-shaped)
+        if joint == "knee":  # every structure is present whatever the lesions, flexion or size
+            assert set(np.unique(structure).tolist()) == set(range(12)), spec.case_id
+        else:
+            assert not structure.any()
