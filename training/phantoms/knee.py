@@ -46,8 +46,8 @@ Lesions, as radiologists see them (severity ``s`` in (0, 1]; see also
   tilted ``6 + 12 s`` degrees; bone bruises of the medial patellar facet and the
   anterolateral lateral femoral condyle; MPFL sprain/tear (graded as a collateral
   ligament, near its patellar or femoral attachment) with edema; effusion via sampling.
-* Effusion: the suprapatellar recess distends (thickness ``physio + 9 s`` mm, and
-  wider/taller), the articular fluid films thicken by ``3.5 s`` mm, fluid fills the capsule
+* Effusion: the suprapatellar recess distends (thickness ``physio + 1 + 8 s`` mm, and
+  wider/taller), the articular fluid films thicken by ``0.5 + 3 s`` mm, fluid fills the capsule
   around the condyles and the notch (``1 + 4 s`` mm) and the posterior condylar recesses.
   Negative cases keep a physiological film (``physio_fluid_mm``).
 """
@@ -228,7 +228,9 @@ def build_knee(spec: CaseSpec) -> LayeredModel:
     scale = _param(spec, "scale")
     fat_mm = _param(spec, "fat_mm") / scale
     s_eff = sev.get("effusion", 0.0)
-    film = _param(spec, "physio_fluid_mm") + 3.5 * s_eff
+    # a positive effusion always exceeds the largest physiological amount (1.2 mm), so that
+    # even a subtle positive differs from a negative in the image
+    film = _param(spec, "physio_fluid_mm") + (0.5 + 3.0 * s_eff if s_eff else 0.0)
 
     femur, femur_articular, _notch = _femur(F)
     tibia, tibia_articular = _tibia(T, slope)
@@ -263,7 +265,7 @@ def build_knee(spec: CaseSpec) -> LayeredModel:
     layers.append(Layer("popliteal_vein", Rod(F.point((-3, 50, 110)), T.point((-3, 48, -90)), 4.5), solid(Tissue.VESSEL)))
 
     # --- joint fluid: suprapatellar recess (distended by effusion) and films on the articular surfaces
-    h = _param(spec, "physio_fluid_mm") + 9.0 * s_eff
+    h = _param(spec, "physio_fluid_mm") + (1.0 + 8.0 * s_eff if s_eff else 0.0)
     recess = Ellipsoid((0, -14.0 - h, 58 + 8 * s_eff), (24 + 8 * s_eff, h, 20 + 12 * s_eff), F)
     layers.append(Layer("suprapatellar_recess", recess, solid(Tissue.FLUID, never_over=HARD)))
     if s_eff > 0:

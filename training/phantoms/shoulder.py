@@ -29,10 +29,11 @@ Lesions (severity ``s`` in (0, 1]):
 * AC joint lesion: widened joint (clavicle raised ``2 + 5 s`` mm and shifted), capsular
   hypertrophy with edema, fluid in the joint and bone-marrow edema of the acromion and the
   distal clavicle.
-* GHJ lesion / effusion: fluid distending the joint (``3.5 s`` mm) and the axillary
+* GHJ lesion / effusion: fluid distending the joint (``0.8 + 3 s`` mm) and the axillary
   recess, and a labral TEAR line at the base of the labrum: superior (SLAP),
   anteroinferior (Bankart) or posterior (``labral_tear_site``).
-* LHBT sheath effusion: fluid ring around the tendon in the groove, ``3 s`` mm thick.
+* LHBT sheath effusion: fluid ring around the tendon in the groove, ``0.8 + 2.5 s`` mm
+  thicker than the physiological film.
 * SASD bursitis: the bursa between cuff and deltoid/acromion filled with fluid,
   ``0.2 + 3.5 s`` mm thick (a fat plane when normal).
 """
@@ -151,7 +152,8 @@ def build_shoulder(spec: CaseSpec) -> LayeredModel:
 
     # --- joint fluid, bursa, sheath (drawn before bones/tendons, which overwrite them)
     s_ghj = sev.get("ghj", 0.0)
-    joint_space = Intersection(Shell(head, 0.0, CARTILAGE_MM + 0.3 + film + 3.5 * s_ghj),
+    # positives always exceed the largest physiological film (1.2 mm)
+    joint_space = Intersection(Shell(head, 0.0, CARTILAGE_MM + 0.3 + film + (0.8 + 3.0 * s_ghj if s_ghj else 0.0)),
                                HalfSpace(H.point((-2, 0, 0)), H.direction((-1, 0, 0))))
     layers.append(Layer("glenohumeral_fluid", joint_space, solid(Tissue.FLUID)))
     if s_ghj:
@@ -168,7 +170,7 @@ def build_shoulder(spec: CaseSpec) -> LayeredModel:
     layers.append(Layer("sasd_bursa", bursa, solid(Tissue.FLUID if s_sasd else Tissue.FAT)))
     s_lhe = sev.get("lhbt_effusion", 0.0)
     lhbt_groove = Rod(H.point((-15, -20, 14)), H.point((-15, -21, -55)), 2.6)
-    sheath = Offset(lhbt_groove, 0.6 + film * 0.5 + 3.0 * s_lhe)
+    sheath = Offset(lhbt_groove, 0.6 + film * 0.5 + (0.8 + 2.5 * s_lhe if s_lhe else 0.0))
     layers.append(Layer("lhbt_sheath", sheath, solid(Tissue.FLUID, never_over=HARD)))
 
     # --- bones

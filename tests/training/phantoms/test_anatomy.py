@@ -320,3 +320,12 @@ def test_sampled_cases_build_across_the_parameter_ranges(joint):
             assert set(np.unique(structure).tolist()) == set(range(12)), spec.case_id
         else:
             assert not structure.any()
+
+
+def test_subtle_effusion_exceeds_the_largest_physiological_fluid():
+    def recess_fluid(severity, physio):
+        model = build_anatomy(knee_spec("R", severity, physio_fluid_mm=physio))
+        pts = grid(model.center, (-40, -60, 35), (40, -5, 110), step=0.7)
+        return int(np.sum(model.evaluate(pts)[0] == Tissue.FLUID))
+
+    assert recess_fluid({"effusion": 0.05}, 0.3) > 1.2 * recess_fluid({}, 1.2)
