@@ -608,8 +608,9 @@ class LayeredModel:
         self.laterality = laterality
         self._center = _vec(center, "center")
         self._R = np.asarray(R, dtype=np.float64)
-        if self._R.shape != (3, 3) or not np.allclose(self._R.T @ self._R, np.eye(3), atol=1e-6):
-            raise ValueError("R must be a 3x3 rotation matrix")
+        if (self._R.shape != (3, 3) or not np.allclose(self._R.T @ self._R, np.eye(3), atol=1e-6)
+                or np.linalg.det(self._R) < 0):
+            raise ValueError("R must be a 3x3 proper rotation matrix (laterality mirroring is done by the model)")
         self._mirror = np.array([1.0 if laterality == "R" else -1.0, 1.0, 1.0])
         self.layers = [layer for layer in layers if not layer.empty]
         self._extent = _vec(extent_mm, "extent_mm")
