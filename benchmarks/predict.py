@@ -63,7 +63,10 @@ def build_bundle(preset: str, seed: int = 0) -> Any:
         use_ehr=True,
         model=cfg.to_dict(),
         preprocess=PreprocessConfig(depth=depth, size=(height, width)).to_dict(),
-        training_data={"description": "untrained, seeded random weights (benchmark only)", "segmenter": {"planes": ["sagittal"]}},
+        training_data={
+            "description": "untrained, seeded random weights (benchmark only)",
+            "segmenter": {"planes": ["sagittal"]},
+        },
     )
     torch.manual_seed(seed)
     classifier = OrthoDiffusionClassifier(cfg, PLANES, len(labels), use_ehr=True)

@@ -27,7 +27,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--model", type=Path, default=None, help="model checkpoint (.pt); default: model.checkpoint of --config"
     )
     parser.add_argument(
-        "--config", type=Path, default=Path("node.yaml"), help="node.yaml that names the default model (default: %(default)s)"
+        "--config",
+        type=Path,
+        default=Path("node.yaml"),
+        help="node.yaml that names the default model and the selection rules (default: %(default)s)",
     )
     parser.add_argument("--preview", action="store_true", help="also write PNG previews of key slices per plane")
     parser.add_argument(
@@ -67,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
         planes = [p.strip() for p in args.segment_planes.split(",") if p.strip()]
         bad = [p for p in planes if p not in PLANES]
         if bad:
-            print(f"orthonode predict: --segment-planes: unknown plane(s) {bad}; planes are {list(PLANES)}", file=sys.stderr)
+            print(
+                f"orthonode predict: --segment-planes: unknown plane(s) {bad}; planes are {list(PLANES)}",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
     if not args.study.is_dir():
         print(f"orthonode predict: --study {str(args.study)!r} is not a folder", file=sys.stderr)

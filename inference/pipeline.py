@@ -457,7 +457,9 @@ def run_study(
         return finish(Outcome.UNSUPPORTED, f"no readable DICOM image series in {study_dir}")
     studies = sorted({info.study_instance_uid for info in scan.series})
     if len(studies) > 1:
-        return finish(Outcome.UNSUPPORTED, f"the folder holds {len(studies)} studies ({', '.join(studies)}); one expected")
+        return finish(
+            Outcome.UNSUPPORTED, f"the folder holds {len(studies)} studies ({', '.join(studies)}); one expected"
+        )
     result.study_instance_uid = studies[0]
 
     # 2. joint, 3. selection

@@ -25,8 +25,29 @@ SEG_EPOCHS = 50
 
 
 @pytest.fixture(scope="session")
-def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Path of a small knee bundle (classifier + segmenter) trained on phantoms."""
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """Path of a small knee bundle (classifier + segmenter) trained on phantoms.
+
+    Under pytest-xdist the workers share one run's base folder: the first worker that gets
+    here trains while holding a file lock, the others wait and load its checkpoint, so the
+    two CPU cores are not spent training the same model twice.
+    """
+    import fcntl
+
+    if worker_id == "master":
+        return _train_checkpoint(tmp_path_factory.mktemp("predict_train"))
+    shared = tmp_path_factory.getbasetemp().parent / "predict_train"
+    shared.mkdir(exist_ok=True)
+    with open(shared / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            path = shared / "model.pt"
+            return path if path.is_file() else _train_checkpoint(shared)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _train_checkpoint(root: Path) -> Path:
     import torch
 
     from training.config import load_config
@@ -34,7 +55,6 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from training.finetune import finetune_classifier, finetune_segmenter, make_bundle
     from training.phantoms.generate import generate_dataset
 
-    root = tmp_path_factory.mktemp("predict_train")
     generate_dataset(root / "knee", "knee", TRAIN_CASES, seed=TRAIN_SEED, matrix=MATRIX)
     records = read_source(f"phantom:{root / 'knee'}")
     # From scratch the backbone must learn too (factor 1); CE at full weight finds the large

@@ -295,7 +295,8 @@ def test_jpeg2000_study(bundle: ModelBundle, compressed_study: Path, tmp_path: P
     assert all(c.transfer_syntaxes == ("1.2.840.10008.1.2.4.90",) for c in result.chosen.values())
     sagittal = result.chosen["sagittal"]
     assert sagittal.obliquity_deg > 3.0  # this case's sagittal series is oblique
-    assert_seg_on_source_grid(result.segmentations["sagittal"], _series_files(compressed_study, sagittal.series_instance_uid))
+    files = _series_files(compressed_study, sagittal.series_instance_uid)
+    assert_seg_on_source_grid(result.segmentations["sagittal"], files)
     for path in result.files:
         assert dciodvfy_errors(path) == []
 
