@@ -199,11 +199,16 @@ def _choose(rng: np.random.Generator, options: tuple[tuple[str, float], ...]) ->
     return str(rng.choice(names, p=probs / probs.sum()))
 
 
-def _orientation(joint: str, plane: str, laterality: str, rng: np.random.Generator, oblique: bool | None) -> tuple[np.ndarray, np.ndarray]:
+def _orientation(
+    joint: str, plane: str, laterality: str, rng: np.random.Generator, oblique: bool | None, yaw_deg: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Row/column directions of a plane, tilted the way that joint's protocols tilt it.
 
     ``oblique`` True forces the sagittal and coronal planes oblique, False keeps every plane
-    cardinal, None draws it per joint and plane.
+    cardinal, None draws it per joint and plane.  ``yaw_deg`` is the rotation of the knee's
+    condylar axis about the patient's superior axis (see :func:`knee_condylar_yaw_deg`): an
+    oblique knee plane is planned relative to it, as the technologist plans it on the
+    localizer.
     """
     row, col = (np.array(v, dtype=np.float64) for v in _CARDINAL[plane])
     # "lateral" is patient-right (-x) for a right joint, patient-left (+x) for a left one
@@ -213,12 +218,11 @@ def _orientation(joint: str, plane: str, laterality: str, rng: np.random.Generat
     axis = z
     if joint == "knee":
         if plane == "sagittal" and (oblique or (oblique is None and rng.random() < 0.6)):
-            # along the ACL / lateral femoral condyle: the posterior end of the plane swings laterally
-            angle = float(rng.uniform(6.0, 15.0))
-            angle_sign = -lateral_sign  # rotating +y towards lateral about +z
-            angle *= angle_sign
+            # perpendicular to the condylar axis, then along the ACL / lateral femoral condyle:
+            # the posterior end of the plane swings laterally (rotating +y towards lateral about +z)
+            angle = yaw_deg + float(rng.uniform(6.0, 15.0)) * -lateral_sign
         elif plane == "coronal" and (oblique or (oblique is None and rng.random() < 0.4)):
-            angle = float(rng.uniform(4.0, 12.0)) * float(rng.choice([-1.0, 1.0]))  # posterior condylar line
+            angle = yaw_deg + float(rng.normal(0.0, 2.0))  # parallel to the posterior condylar line
         elif plane == "axial" and oblique is None and rng.random() < 0.2:
             axis = np.array([1.0, 0.0, 0.0])
             angle = float(rng.uniform(2.0, 6.0)) * float(rng.choice([-1.0, 1.0]))
@@ -244,6 +248,34 @@ def _orientation(joint: str, plane: str, laterality: str, rng: np.random.Generat
         rot = rotation_matrix(axis, angle)
         row, col = rot @ row, rot @ col
     return _unit(row), _unit(col)
+
+
+def knee_condylar_yaw_deg(anatomy: Anatomy, step_mm: float = 2.0) -> float:
+    """Rotation (degrees, about +z) of the knee's medial-lateral condylar axis from the x axis.
+
+    Estimated from the anatomy itself, through the contract only: the femur voxels of a slab
+    just above the joint centre (the condyles) are wider medial-lateral than anterior-
+    posterior, so the main axis of their axial cross-section is the condylar axis.  Returns
+    0.0 when the slab holds too little femur to tell (the planes then stay cardinal).
+    """
+    from inference.labels import STRUCTURE_INDEX
+
+    center = np.asarray(anatomy.center, dtype=np.float64)
+    xs = np.arange(-70.0, 70.0 + 1e-6, step_mm)
+    zs = np.arange(8.0, 30.0 + 1e-6, step_mm)
+    gx, gy, gz = np.meshgrid(xs, xs, zs, indexing="ij")
+    points = np.stack([gx.ravel(), gy.ravel(), gz.ravel()], axis=1) + center
+    _, structure = _evaluate(anatomy, points)
+    femur = points[structure == STRUCTURE_INDEX["femur"], :2]
+    if len(femur) < 50:
+        return 0.0
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov((femur - femur.mean(axis=0)).T))
+    major = eigenvectors[:, int(np.argmax(eigenvalues))]
+    angle = math.degrees(math.atan2(major[1], major[0]))
+    angle = (angle + 90.0) % 180.0 - 90.0  # an axis, not a direction: fold into [-90, 90)
+    if abs(angle) > 45.0:  # the cross-section is not wider than deep: no usable axis
+        return 0.0
+    return float(angle)
 
 
 def _coverage_mm(extent: np.ndarray, normal: np.ndarray) -> float:
@@ -299,6 +331,7 @@ def plan_protocol(
     if distractor is None:
         distractor = str(rng.choice(["localizer", "second_sagittal"])) if rng.random() < DISTRACTOR_PROBABILITY else "none"
 
+    yaw = knee_condylar_yaw_deg(anatomy) if joint == "knee" and oblique is not False else 0.0
     planes = list(protocol)
     rng.shuffle(planes)  # acquisition order differs between sites and technologists
     entries: list[tuple[str, str, str]] = [(plane, "primary", _choose(rng, protocol[plane])) for plane in planes]
@@ -322,7 +355,7 @@ def plan_protocol(
             description = site.series_description("LOCALIZER", "sagittal")
             duration = 25.0
         else:
-            row, col = _orientation(joint, plane, spec.laterality, rng, oblique)
+            row, col = _orientation(joint, plane, spec.laterality, rng, oblique, yaw)
             thickness = float(round(rng.uniform(*site.slice_thickness_mm) * 2) / 2)  # 0.5 mm steps
             gap = float(round(rng.uniform(0.3, 1.0), 1))
             spacing = thickness + gap

@@ -25,11 +25,14 @@ class EllipsoidJoint:
     centre; an effusion-positive case gets a large suprapatellar fluid pouch.
     """
 
-    def __init__(self, joint: str, laterality: str, effusion: bool, center: np.ndarray) -> None:
+    def __init__(self, joint: str, laterality: str, effusion: bool, center: np.ndarray, yaw_deg: float = 0.0) -> None:
         self.joint = joint
         self.laterality = laterality
         self._center = np.asarray(center, dtype=np.float64)
         self.effusion = effusion
+        self.yaw_deg = yaw_deg  # rotation of the whole joint about the superior axis
+        t = np.radians(yaw_deg)
+        self._to_joint = np.array([[np.cos(t), np.sin(t), 0.0], [-np.sin(t), np.cos(t), 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)
 
     @property
     def center(self) -> np.ndarray:
@@ -40,7 +43,7 @@ class EllipsoidJoint:
         return np.array([150.0, 150.0, 170.0])  # limb included, as the real models do
 
     def evaluate(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        p = (np.asarray(points, dtype=np.float32) - self._center.astype(np.float32)).T
+        p = self._to_joint @ (np.asarray(points, dtype=np.float32) - self._center.astype(np.float32)).T
         x, y, z = p[0], p[1], p[2]
         n = p.shape[1]
         tissue = np.zeros(n, dtype=np.uint8)
@@ -104,14 +107,18 @@ class StandInCases:
             weight_kg=round(float(rng.uniform(50, 110)), 1) if rng.random() < 0.7 else None,
             labels=labels,
             severity={key: 1.0 for key, value in labels.items() if value},
-            params={"offset_x": float(rng.uniform(60.0, 110.0)), "offset_z": float(rng.uniform(-500.0, -350.0))},
+            params={
+                "offset_x": float(rng.uniform(60.0, 110.0)),
+                "offset_z": float(rng.uniform(-500.0, -350.0)),
+                "yaw_deg": float(rng.uniform(4.0, 10.0) * rng.choice([-1.0, 1.0])),
+            },
         )
 
     def build_anatomy(self, spec: CaseSpec) -> EllipsoidJoint:
         side = -1.0 if spec.laterality == "R" else 1.0
         center = np.array([side * spec.params["offset_x"], 12.0, spec.params["offset_z"]])
         effusion = bool(spec.labels.get("effusion", spec.labels.get("ghj", 0)))
-        return EllipsoidJoint(spec.joint, spec.laterality, effusion, center)
+        return EllipsoidJoint(spec.joint, spec.laterality, effusion, center, spec.params["yaw_deg"])
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from training.phantoms import generate as generate_module
 from training.phantoms.acquisition import (
     DISTRACTOR_PROBABILITY,
     BiasField,
+    knee_condylar_yaw_deg,
     oblique_angle_deg,
     plan_protocol,
     sample_stack,
@@ -93,9 +94,25 @@ def test_series_geometry(knee_case) -> None:
         np.testing.assert_allclose(np.diff(locations), spacing, atol=2e-3)
         oblique_angles[folder.name.split("_", 1)[1]] = oblique_angle_deg(normal)
     assert len(frames) == 1 and len(studies) == 1
-    # oblique=True asked for tilted sagittal and coronal planes
-    assert oblique_angles["sagittal"] > 3.0 and oblique_angles["coronal"] > 3.0
+    # oblique=True asked for sagittal and coronal planes tilted to the anatomy (the rotated
+    # stand-in joint); an ACL tilt can cancel the joint's rotation, so one of them at least
+    assert max(oblique_angles["sagittal"], oblique_angles["coronal"]) > 3.0
     assert all(angle < 20.0 for angle in oblique_angles.values())
+
+
+def test_knee_planes_follow_the_condylar_axis(stand_in) -> None:
+    spec = stand_in.sample_case("knee", np.random.default_rng(1), "knee_0001", "siemens_3t_a")
+    anatomy = stand_in.build_anatomy(spec)
+    assert knee_condylar_yaw_deg(anatomy) == pytest.approx(anatomy.yaw_deg, abs=1.5)
+    plans = plan_protocol(anatomy, spec, get_site("siemens_3t_a"), np.random.default_rng(2), matrix=64, oblique=True)
+    stacks = {p.plane: p.stacks[0] for p in plans if p.role == "primary"}
+    coronal_row = stacks["coronal"].row_dir
+    coronal_yaw = np.degrees(np.arctan2(coronal_row[1], coronal_row[0]))
+    assert coronal_yaw == pytest.approx(anatomy.yaw_deg, abs=6.0)  # parallel to the posterior condylar line
+    sagittal_normal = stacks["sagittal"].normal
+    sagittal_yaw = np.degrees(np.arctan2(-sagittal_normal[1], -sagittal_normal[0]))  # normal runs -x
+    lateral_swing = (sagittal_yaw - anatomy.yaw_deg) * (1.0 if spec.laterality == "R" else -1.0)
+    assert 5.0 < lateral_swing < 16.0  # the ACL tilt, relative to the condyles
 
 
 def test_cardinal_when_oblique_disabled(stand_in) -> None:
@@ -432,10 +449,13 @@ def real_knees(tmp_path_factory: pytest.TempPathFactory):
 def test_real_knee_masks_align_across_planes(real_knees) -> None:
     for case in real_knees.values():
         folders = [f for f in _series_folders(case.case_dir)]
-        for structure in ("patella", "medial_meniscus", "lateral_meniscus", "acl", "pcl"):
+        # at 2 mm pixels and 4 mm slices, thin structures (menisci, cruciates) are voxelised
+        # differently by each plane, so they get a wider tolerance than the patella
+        for structure, tolerance in (("patella", 2.5), ("medial_meniscus", 4.0), ("lateral_meniscus", 4.0),
+                                     ("acl", 4.0), ("pcl", 4.0)):
             centroids = np.array([_centroid_lps(_mask_for(case.case_dir, f), STRUCTURE_INDEX[structure]) for f in folders])
             spread = np.max(np.linalg.norm(centroids - centroids.mean(axis=0), axis=1))
-            assert spread < 3.0, f"{case.spec.case_id} {structure}: centroids {spread:.1f} mm apart"
+            assert spread < tolerance, f"{case.spec.case_id} {structure}: centroids {spread:.1f} mm apart"
 
 
 def test_real_knee_masks_share_dicom_geometry(real_knees) -> None:
