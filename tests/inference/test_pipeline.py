@@ -360,3 +360,50 @@ def test_missing_study_folder_is_named(bundle: ModelBundle, tmp_path: Path) -> N
         run_study(tmp_path / "nope", bundle, tmp_path / "out")
     with pytest.raises(ValueError, match="segment_planes"):
         run_study(tmp_path, bundle, tmp_path / "out", segment_planes=["oblique"])
+
+
+def test_missing_plane_contributes_zero_features(bundle: ModelBundle) -> None:
+    """The documented rule: the fused head sees zeros where a plane's pooled features would be."""
+    import torch
+
+    from inference.model import encode_ehr
+    from inference.pipeline import _Clock, _classify
+    from inference.preprocess import preprocess_volume
+
+    rng = np.random.default_rng(3)
+    volumes = {p: rng.random((12, 40, 40)).astype(np.float32) * 1000 for p in ("sagittal", "coronal")}
+    ehr = {"age": "057Y", "sex": "M", "height_m": 1.72, "weight_kg": None}
+    got = _classify(bundle, volumes, ehr, _Clock())
+    classifier = bundle.classifier
+    with torch.no_grad():
+        feats = [
+            classifier.encoders[p](torch.from_numpy(preprocess_volume(volumes[p], bundle.preprocess))[None])
+            if p in volumes else torch.zeros(1, classifier.encoders[p].out_features)
+            for p in classifier.planes
+        ]
+        values, mask = encode_ehr(ehr["age"], ehr["sex"], ehr["height_m"], ehr["weight_kg"])
+        logits = classifier.ehr(classifier.head(torch.cat(feats, 1)), torch.from_numpy(values)[None],
+                                torch.from_numpy(mask)[None])
+    expected = dict(zip(bundle.card.labels, torch.sigmoid(logits)[0].tolist()))
+    assert got == pytest.approx(expected, abs=1e-6)
+    # the axial plane is not silently filled in from another plane
+    filled = _classify(bundle, {**volumes, "axial": volumes["coronal"]}, ehr, _Clock())
+    assert filled != pytest.approx(got, abs=1e-6)
+
+
+def test_ehr_is_read_from_the_phantom_headers(complete_run: StudyResult) -> None:
+    assert not any(line.startswith("EHR") for line in complete_run.log), complete_run.log
+
+
+def test_key_slices_follow_the_segmentation() -> None:
+    from inference.preview import key_slices
+
+    labels = np.zeros((10, 4, 4), np.uint8)
+    labels[7, :3] = 1
+    labels[2, :2] = 2
+    labels[5, :1] = 3
+    assert key_slices(labels, 10) == [2, 5, 7]
+    assert key_slices(np.zeros_like(labels), 10) == [2, 4, 7]  # nothing segmented: spread over the series
+    assert key_slices(None, 2) == [0, 1]
+    with pytest.raises(ValueError, match="slices"):
+        key_slices(labels, 9)
