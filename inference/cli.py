@@ -11,6 +11,7 @@ Exit status: 0 when the study was interpreted (complete or partial), 3 when it i
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from inference.labels import PLANES
     from inference.pipeline import Outcome, run_study
 
+    if getattr(args, "verbose", 0) < 2:  # highdicom logs every module it copies at INFO
+        logging.getLogger("highdicom").setLevel(logging.WARNING)
     planes = None
     if args.segment_planes:
         planes = [p.strip() for p in args.segment_planes.split(",") if p.strip()]

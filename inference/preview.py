@@ -72,6 +72,7 @@ def write_previews(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,16 +91,22 @@ def write_previews(
             raise ValueError(f"{plane}: label map {labels.shape} does not match the series {pixels.shape}")
         indices = key_slices(labels, pixels.shape[0])
         low, high = np.percentile(pixels, [1.0, 99.5])
-        fig, axes = plt.subplots(1, len(indices), figsize=(4 * len(indices), 4.0 + 0.22 * len(text)), squeeze=False)
+        fig, axes = plt.subplots(1, len(indices), figsize=(4 * len(indices), 4.2 + 0.16 * len(text)), squeeze=False)
         for ax, index in zip(axes[0], indices):
             ax.imshow(pixels[index], cmap="gray", vmin=float(low), vmax=float(max(high, low + 1e-6)))
             if labels is not None:
                 ax.imshow(colours[np.minimum(labels[index], len(colours) - 1)], interpolation="nearest")
             ax.set_title(f"{plane} slice {index + 1}/{pixels.shape[0]}", fontsize=9)
             ax.axis("off")
+        if labels is not None:
+            shown = sorted({int(v) for i in indices for v in np.unique(labels[i]) if v > 0})
+            names = {s.index: s.name for s in KNEE_STRUCTURES}
+            handles = [Patch(color=colours[v, :3], label=names.get(v, str(v))) for v in shown if v < len(colours)]
+            if handles:
+                fig.legend(handles=handles, loc="lower right", fontsize=7, ncol=2, frameon=False)
         fig.suptitle(f"{volume.info.label()} - research use only, not verified by a physician", fontsize=10)
         fig.text(0.01, 0.01, "\n".join(text), fontsize=8, family="monospace", va="bottom")
-        fig.subplots_adjust(bottom=min(0.6, 0.05 + 0.045 * len(text)), top=0.88)
+        fig.subplots_adjust(bottom=min(0.6, 0.04 + 0.16 * len(text) / (4.2 + 0.16 * len(text))), top=0.9)
         path = out_dir / f"{plane}.png"
         fig.savefig(path, dpi=80)
         plt.close(fig)
