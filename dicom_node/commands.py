@@ -49,8 +49,8 @@ def run_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"orthonode serve: {exc}", file=sys.stderr)
         return 2
-    logging.getLogger().setLevel(min(logging.getLogger().level or logging.WARNING,
-                                     getattr(logging, config.logging.level)))
+    if not getattr(args, "verbose", 0):  # -v on the command line wins over logging.level
+        logging.getLogger().setLevel(getattr(logging, config.logging.level))
     if not config.checkpoint.is_file():
         print(f"orthonode serve: model.checkpoint {config.checkpoint} does not exist; build the demo model with "
               f"`orthonode train demo --out {config.checkpoint}` or set model.checkpoint in {args.config}",

@@ -117,7 +117,7 @@ class NodeProcess:
         handle = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dicom_node.cli", "-v", "serve", "--config", str(self.config), "--preview"],
+                [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config), "--preview"],
                 stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
         finally:

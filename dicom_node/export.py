@@ -370,15 +370,16 @@ class Exporter:
                 outcomes = [SendOutcome(False, f"destination {name!r} is no longer in node.yaml export.destinations")
                             for _ in items]
             else:
-                present = [path for _, path, _ in items if path.is_file()]
+                exists = [path.is_file() for _, path, _ in items]
+                present = [path for (_, path, _), ok in zip(items, exists) if ok]
                 try:
                     sent = iter(self.sender(destination, present, self.calling_ae_title) if present else [])
                 except Exception as exc:  # recorded on every row of the batch and retried with backoff
                     log.exception("sending %d object(s) to %s raised", len(present), name)
                     failure = SendOutcome(False, f"{name}: {type(exc).__name__}: {exc}")
                     sent = iter([failure] * len(present))
-                outcomes = [next(sent) if path.is_file() else SendOutcome(False, f"result file {path} is missing")
-                            for _, path, _ in items]
+                outcomes = [next(sent) if ok else SendOutcome(False, f"result file {path} is missing")
+                            for (_, path, _), ok in zip(items, exists)]
             seconds = (time.monotonic() - started) / max(len(items), 1)
             self._record(name, items, outcomes, seconds)
         return bool(batches)

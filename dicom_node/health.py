@@ -42,8 +42,10 @@ log = logging.getLogger(__name__)
 # dashboard of ours reads them.
 disable_created_metrics()
 
-#: event kinds of the audit trail that count as a refused or dropped input, by reason
-REJECTION_EVENT_PREFIXES = ("rejected", "refused", "ignored", "duplicate")
+#: audit-trail event kinds that record a refused or dropped input (the listener's kinds, plus
+#: any kind that says so in its name), reported as ``orthonode_rejections_total{reason=kind}``
+REJECTION_EVENT_KINDS = frozenset({"duplicate_refused", "duplicate_kept_first", "series_in_other_study"})
+_REJECTION_WORDS = ("rejected", "refused", "ignored")
 
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
@@ -122,7 +124,7 @@ class DatabaseCollector(Collector):
         recorded = CounterMetricFamily("orthonode_events", "Audit-trail events by kind", labels=["kind"])
         for kind, count in events:
             recorded.add_metric([kind], float(count))
-            if kind.startswith(REJECTION_EVENT_PREFIXES) or any(p in kind for p in REJECTION_EVENT_PREFIXES):
+            if kind in REJECTION_EVENT_KINDS or any(word in kind for word in _REJECTION_WORDS):
                 rejections.add_metric([kind], float(count))
         yield rejections
         yield recorded

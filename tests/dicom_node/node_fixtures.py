@@ -92,27 +92,45 @@ def build_small_checkpoint(root: Path, seg_epochs: int = 2) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def node_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny trained knee bundle (see the module docstring).
-
-    Built once per test run: under pytest-xdist the workers share it through the run's common
-    temporary folder, the first one building it under a file lock.
-    """
+def _built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]) -> Path:
+    """``build(folder)`` once per test run: under pytest-xdist the workers share the result
+    through the run's common temporary folder, the first one building it under a file lock."""
     import fcntl
 
-    given = os.environ.get("ORTHONODE_TEST_NODE_CHECKPOINT")
-    if given:
-        return Path(given)
     base = tmp_path_factory.getbasetemp()
-    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "node_model"
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / f"node_{name}"
     shared.mkdir(parents=True, exist_ok=True)
     with open(shared / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        path = shared / "model.pt"
-        if not path.is_file():
-            build_small_checkpoint(shared)
-        return path
+        done = shared / ".done"
+        if not done.exists():
+            result = build(shared)
+            done.write_text(str(result))
+        return Path(done.read_text())
+
+
+@pytest.fixture(scope="session")
+def node_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny trained knee bundle (see the module docstring), built once per test run;
+    ``ORTHONODE_TEST_NODE_CHECKPOINT`` names an existing one instead."""
+    given = os.environ.get("ORTHONODE_TEST_NODE_CHECKPOINT")
+    if given:
+        return Path(given)
+    return _built_once(tmp_path_factory, "model", build_small_checkpoint)
+
+
+def _generate_knees(folder: Path) -> Path:
+    from training.phantoms.generate import generate_dataset
+
+    generate_dataset(folder / "knee", "knee", 3, seed=31, matrix=MATRIX)
+    return folder / "knee"
+
+
+@pytest.fixture(scope="session")
+def knee_phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three phantom knee studies ``ROOT/knee_000N/dicom/<series>/*.dcm`` and ``ROOT/cases.csv``
+    (read-only: tests copy what they change)."""
+    return _built_once(tmp_path_factory, "knees", _generate_knees)
 
 
 def add_instance(
@@ -195,16 +213,6 @@ def node_db(tmp_path: Path) -> Iterator[Any]:
     engine = make_engine(url)
     yield make_session_factory(engine)
     engine.dispose()
-
-
-@pytest.fixture(scope="session")
-def knee_phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three phantom knee studies ``ROOT/knee_000N/dicom/<series>/*.dcm`` and ``ROOT/cases.csv``."""
-    from training.phantoms.generate import generate_dataset
-
-    root = tmp_path_factory.mktemp("node_knees") / "knee"
-    generate_dataset(root, "knee", 3, seed=31, matrix=MATRIX)
-    return root
 
 
 def make_node_config(
@@ -298,7 +306,7 @@ class ServeProcess:
         handle = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dicom_node.cli", "-v", "serve", "--config", str(self.config_path)],
+                [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_path)],
                 stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env,
             )
         finally:

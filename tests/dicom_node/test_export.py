@@ -158,7 +158,7 @@ def test_stow_rs_to_orthanc(tmp_path: Path, node_checkpoint: Path, result_object
     assert Exporter(parts.config, parts.factory).run_once()
     assert [r.state for r in _exports(parts.factory)] == [ExportState.DONE] * 2
     assert {i["sop_instance_uid"] for i in orthanc.instances_of_study(study_uid)} == sops
-    # the objects Orthanc keeps are the bytes the node sent (no re-encoding on the way)
+    # Orthanc files them under the source study
     for instance in orthanc.instances_of_study(study_uid):
         ds = dcmread(BytesIO(orthanc.instance_file(instance["id"])))
         assert ds.StudyInstanceUID == study_uid and ds.Modality in ("SEG", "SR")

@@ -3,7 +3,6 @@ and the worker running the real pipeline on a stored phantom study (results, rou
 queued once, superseded jobs, output UIDs)."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 from datetime import timedelta
 from pathlib import Path
@@ -241,17 +240,18 @@ def test_changed_inputs_give_new_output_uids(stored_knee: NodeParts, bundle, tmp
     assert before["seg"] != after["seg"] and before["sr"] != after["sr"]
 
 
-def test_a_failing_study_fails_its_job_with_the_reason(stored_knee: NodeParts, bundle) -> None:
-    parts = stored_knee
-    job_id = _queue_study(parts.factory, parts.study_uid)
-    worker = Worker(parts.config, parts.factory, parts.storage.resolve, bundle=bundle)
-    claimed = worker.queue.claim()
-    victim = parts.storage.resolve(claimed.instance_paths[0])
-    shutil.move(victim, victim.with_suffix(".gone"))  # the disk lost a file the database knows
-    outcome = worker.run_job(claimed)
+def test_a_failing_study_fails_its_job_with_the_reason(node_db, tmp_path: Path, node_checkpoint: Path) -> None:
+    from dicom_node.config import parse_config
+
+    # rows whose files are not on disk: the database and the disk disagree, the job must say so
+    add_instance(node_db, STUDY, "1.2.3.300.1", "1.2.3.300.1.1")
+    job_id = _queue_study(node_db)
+    config = parse_config(make_node_config(tmp_path, node_checkpoint), base_dir=tmp_path)
+    worker = Worker(config, node_db, lambda relative: tmp_path / "instances" / relative, bundle=object())
+    outcome = worker.run_job(worker.queue.claim())
     assert outcome.state == "failed"
-    with session_scope(parts.factory) as session:
+    with session_scope(node_db) as session:
         job = session.get(Job, job_id)
         assert job.state is JobState.FAILED and job.step == "snapshot"
-        assert "missing" in job.error and claimed.instance_paths[0].split("/")[-1] in job.error
+        assert "missing" in job.error and "1.2.3.300.1.1.dcm" in job.error
         assert job.study.state is StudyState.FAILED and not job.exports

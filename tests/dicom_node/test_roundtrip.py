@@ -91,7 +91,7 @@ def test_study_sent_to_orthanc_comes_back_with_seg_and_sr(pacs_and_node, knee_ph
             assert sr.StudyInstanceUID == study_uid and len(sr.ContentSequence) > 0
 
     # the results made the study unstable in Orthanc again; nothing must come of it
-    time.sleep(2 + 1 + 3)  # StableAge + the node's quiet period + margin
+    time.sleep(2 + 1 + 2)  # StableAge + the node's quiet period + margin
     assert orthanc.modality_counts(study_uid) == {"MR": len(files), "SEG": 1, "SR": 1}
     assert len(_jobs(node, study_uid)) == 1
 
