@@ -298,6 +298,9 @@ def run(args: argparse.Namespace) -> int:
     if not orthanc_available():
         print("orthonode demo: Orthanc is not installed (/usr/sbin/Orthanc); apt-get install orthanc", file=sys.stderr)
         return 2
+    # `make demo` runs with -v; keep third-party debug chatter (fonts, HTTP) out of the demo's output
+    for noisy in ("matplotlib", "PIL", "urllib3", "filelock", "numba"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     work: Path = args.work.resolve()
     if work.exists():
         remove_tree(work)
