@@ -113,7 +113,11 @@ class StudyAssembler:
         self.on_job_queued = on_job_queued
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=1)},
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            # One executor thread serialises the checks.  max_instances is high on purpose: a timer
+            # re-armed while the previous check of the same study still runs must queue behind
+            # it, not be skipped (APScheduler drops a run beyond max_instances, and a dropped
+            # date timer would leave the study waiting until its next instance).
+            job_defaults={"coalesce": True, "max_instances": 1000, "misfire_grace_time": None},
             timezone="UTC",
         )
         self._lock = threading.Lock()
