@@ -190,6 +190,7 @@ def format_status(status: dict[str, Any]) -> str:
 def _factory(config: Any) -> Any:
     from dicom_node.db import make_engine, make_session_factory, upgrade_database
 
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its set-up lines would bury the answer
     upgrade_database(config.database_url)
     return make_session_factory(make_engine(config.database_url))
 
