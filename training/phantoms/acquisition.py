@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from training.phantoms.anatomy import Anatomy, CaseSpec
-from training.phantoms.contrast import SequenceParameters, sequence_parameters, signal_table
+from training.phantoms.contrast import FAT_SUPPRESSED, SequenceParameters, fat_signal_table, sequence_parameters, signal_table
 from training.phantoms.sites import SiteProfile
 
 #: DICOM stores 12 significant bits for these images (BitsStored)
@@ -527,6 +527,8 @@ def sample_stack(
     Returns ``(signal, structure)``, both shaped (slices, rows, columns): the mean relative
     signal of the sub-samples of each voxel (``table`` maps tissue -> signal), and the
     majority structure label of those sub-samples (the voxel's ground truth on this grid).
+    A 2-D ``table`` (K, N_TISSUES) gives K signal maps at once, shaped (K, slices, rows,
+    columns), from the same sub-samples.
     ``inplane_samples`` defaults to 2 when pixels are coarser than 0.8 mm, else 1.
 
     With ``adaptive`` the anatomy is first probed at every voxel centre, and only voxels
@@ -542,7 +544,8 @@ def sample_stack(
         inplane_samples = 2 if max(stack.pixel_spacing) > 0.8 else 1
     if inplane_samples < 1:
         raise ValueError(f"inplane_samples must be >= 1, got {inplane_samples}")
-    table = np.asarray(table, dtype=np.float32)
+    single = np.ndim(table) == 1
+    tables = np.atleast_2d(np.asarray(table, dtype=np.float32))
     shape = (stack.n_slices, stack.rows, stack.cols)
     n_voxels = stack.n_slices * stack.rows * stack.cols
 
@@ -558,10 +561,11 @@ def sample_stack(
     for start in range(0, n_voxels, _POINTS_PER_CALL):
         index = np.arange(start, min(n_voxels, start + _POINTS_PER_CALL))
         probe_tissue[index], probe_structure[index] = _evaluate(anatomy, centres(index))
-    signal = table[probe_tissue]
+    signal = tables[:, probe_tissue]  # (K, voxels)
     structure = probe_structure.copy()
+    out_shape = shape if single else (len(tables), *shape)
     if n_sub == 1 and centre_in_set:
-        return signal.reshape(shape), structure.reshape(shape)
+        return signal.reshape(out_shape), structure.reshape(shape)
 
     if adaptive:
         refine = _differs_from_neighbours(probe_tissue.reshape(shape)) | _differs_from_neighbours(probe_structure.reshape(shape))
@@ -578,9 +582,9 @@ def sample_stack(
         if centre_in_set:  # the probe is one of the sub-samples
             tissue = np.concatenate([probe_tissue[index, None], tissue], axis=1)
             struct = np.concatenate([probe_structure[index, None], struct], axis=1)
-        signal[index] = table[tissue].mean(axis=1)
+        signal[:, index] = tables[:, tissue].mean(axis=2)
         structure[index] = _majority(struct)
-    return signal.reshape(shape), structure.reshape(shape)
+    return signal.reshape(out_shape), structure.reshape(shape)
 
 
 def _majority(labels: np.ndarray) -> np.ndarray:
@@ -607,6 +611,24 @@ class AcquiredSeries:
     pixels: list[np.ndarray]  # per stack (slices, rows, cols) uint16
     structures: list[np.ndarray]  # per stack (slices, rows, cols) uint8
     window: tuple[float, float]  # (center, width)
+
+
+def fat_sat_failure_map(stack: SliceStack, radius_mm: float = 120.0) -> np.ndarray:
+    """(slices, rows, cols) weight in [0, 1] of failing fat suppression at each voxel.
+
+    Spectral fat saturation relies on a homogeneous main field, which holds near the
+    isocentre (the centre of the field of view, where the joint is placed) and degrades
+    towards the edges: fat there is suppressed less, a classic artefact of fat-sat images.
+    0 at the stack centre, rising with the fourth power of the distance (so the middle of the
+    field of view stays clean) to 1 at ``radius_mm`` and beyond.
+    """
+    dr, dc = stack.pixel_spacing
+    # offsets from the stack centre along its own orthonormal axes (normal, column, row)
+    k = ((np.arange(stack.n_slices) - 0.5 * (stack.n_slices - 1)) * stack.slice_spacing)[:, None, None]
+    j = ((np.arange(stack.rows) - 0.5 * (stack.rows - 1)) * dr)[None, :, None]
+    i = ((np.arange(stack.cols) - 0.5 * (stack.cols - 1)) * dc)[None, None, :]
+    distance_sq = k * k + j * j + i * i
+    return np.clip((distance_sq / radius_mm**2) ** 2, 0.0, 1.0).astype(np.float32)
 
 
 def truncate_phase_encoding(real: np.ndarray, imag: np.ndarray, axis: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -645,11 +667,16 @@ def acquire_series(
 ) -> AcquiredSeries:
     """Image one planned series: contrast, partial volume, coil shading, Rician noise, scaling."""
     table = signal_table(plan.sequence, site, rng)
+    fat_sat = plan.sequence in FAT_SUPPRESSED and site.fat_sat_edge_failure > 0.0
     gain = site.intensity_scale * float(rng.uniform(0.85, 1.15))  # receiver gain differs per series
     pixels: list[np.ndarray] = []
     structures: list[np.ndarray] = []
     for stack in plan.stacks:
-        signal, structure = sample_stack(anatomy, stack, table, through_samples)
+        if fat_sat:
+            (signal, fat), structure = sample_stack(anatomy, stack, np.stack([table, fat_signal_table()]), through_samples)
+            signal = signal + site.fat_sat_edge_failure * fat_sat_failure_map(stack) * fat
+        else:
+            signal, structure = sample_stack(anatomy, stack, table, through_samples)
         shading = bias_on_stack(bias, stack)
         dr, dc = stack.pixel_spacing
         voxel = dr * dc * stack.thickness

@@ -93,6 +93,18 @@ def signal_table(sequence: str, site: SiteProfile, rng: np.random.Generator | No
     return np.clip(table, 0.0, 1.2).astype(np.float32)
 
 
+def fat_signal_table() -> np.ndarray:
+    """(N_TISSUES,) float32 signal of the fat protons of each tissue without suppression.
+
+    What a fat-suppressed sequence lets through where the suppression fails (scaled by the
+    site's failure strength): subcutaneous fat and fatty marrow at their PD brightness.
+    """
+    table = np.zeros(N_TISSUES, dtype=np.float32)
+    for tissue in _FATTY:
+        table[int(tissue)] = _BASE["PD"][tissue]
+    return table
+
+
 @dataclass(frozen=True)
 class SequenceParameters:
     """The MR acquisition attributes (MR Image module) of one series."""

@@ -37,8 +37,9 @@ class SiteProfile:
     ``snr`` is the signal-to-noise ratio of a tissue with relative signal 1.0 in a reference
     voxel of 0.6 x 0.6 x 3.5 mm; the acquisition scales it with the actual voxel volume.
     ``bias_strength`` is the peak relative deviation of the smooth receive-coil shading.
-    ``fat_sat_residual`` is the fraction of fat signal left after fat suppression (poorer on
-    1.5 T and with spectral saturation far from the coil centre).  ``contrast_gamma`` bends
+    ``fat_sat_residual`` is the fraction of fat signal left after fat suppression everywhere
+    (poorer on 1.5 T); ``fat_sat_edge_failure`` the extra fraction left at the edges of the
+    field of view, where the main field is less homogeneous (worse at 3 T).  ``contrast_gamma`` bends
     the tissue contrast slightly (vendor reconstruction and filtering differ).
     ``intensity_scale`` is the stored value of a tissue with relative signal 1.0.
     """
@@ -54,6 +55,7 @@ class SiteProfile:
     snr: float
     bias_strength: float
     fat_sat_residual: float
+    fat_sat_edge_failure: float
     contrast_gamma: float
     intensity_scale: float
     wording: str  # key of _WORDING
@@ -75,6 +77,8 @@ class SiteProfile:
             raise ValueError(f"SiteProfile {self.name!r}: laterality_tags {self.laterality_tags!r} is not series/image")
         if self.field_strength_t not in (1.5, 3.0):
             raise ValueError(f"SiteProfile {self.name!r}: field_strength_t must be 1.5 or 3.0, got {self.field_strength_t}")
+        if not 0.0 <= self.fat_sat_edge_failure < 1.0:
+            raise ValueError(f"SiteProfile {self.name!r}: fat_sat_edge_failure must be in [0, 1), got {self.fat_sat_edge_failure}")
         if not 0.0 <= self.fat_sat_residual < 1.0:
             raise ValueError(f"SiteProfile {self.name!r}: fat_sat_residual must be in [0, 1), got {self.fat_sat_residual}")
 
@@ -120,6 +124,7 @@ SITES: dict[str, SiteProfile] = {
             snr=38.0,
             bias_strength=0.22,
             fat_sat_residual=0.06,
+            fat_sat_edge_failure=0.25,
             contrast_gamma=1.0,
             intensity_scale=1400.0,
             wording="siemens_short",
@@ -142,6 +147,7 @@ SITES: dict[str, SiteProfile] = {
             snr=22.0,
             bias_strength=0.30,
             fat_sat_residual=0.10,
+            fat_sat_edge_failure=0.15,
             contrast_gamma=0.92,
             intensity_scale=2600.0,
             wording="ge",
@@ -164,6 +170,7 @@ SITES: dict[str, SiteProfile] = {
             snr=34.0,
             bias_strength=0.18,
             fat_sat_residual=0.05,
+            fat_sat_edge_failure=0.12,
             contrast_gamma=1.08,
             intensity_scale=1800.0,
             wording="philips",
@@ -186,6 +193,7 @@ SITES: dict[str, SiteProfile] = {
             snr=20.0,
             bias_strength=0.35,
             fat_sat_residual=0.09,
+            fat_sat_edge_failure=0.15,
             contrast_gamma=0.95,
             intensity_scale=1100.0,
             wording="siemens_tse",
@@ -208,6 +216,7 @@ SITES: dict[str, SiteProfile] = {
             snr=36.0,
             bias_strength=0.25,
             fat_sat_residual=0.08,
+            fat_sat_edge_failure=0.30,
             contrast_gamma=1.03,
             intensity_scale=3000.0,
             wording="ge",

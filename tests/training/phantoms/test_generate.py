@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 from pathlib import Path
 
 import nibabel as nib
@@ -16,6 +17,8 @@ from training.phantoms import generate as generate_module
 from training.phantoms.acquisition import (
     DISTRACTOR_PROBABILITY,
     BiasField,
+    acquire_series,
+    fat_sat_failure_map,
     knee_condylar_yaw_deg,
     oblique_angle_deg,
     plan_protocol,
@@ -23,7 +26,7 @@ from training.phantoms.acquisition import (
     truncate_phase_encoding,
 )
 from training.phantoms.anatomy import Tissue
-from training.phantoms.contrast import signal_table
+from training.phantoms.contrast import fat_signal_table, signal_table
 from training.phantoms.generate import CASE_COLUMNS, generate_case, generate_dataset
 from training.phantoms.sites import SITES, get_site
 
@@ -186,11 +189,17 @@ def test_femur_is_bright_on_t1_and_dark_on_fat_sat(tmp_path: Path, stand_in) -> 
             assert femur / scale < 0.2, f"fatty marrow must be suppressed on {sequence}"
 
 
-def _bright_fluid_ml(series_folder: Path) -> float:
+def _bright_fluid_ml(case_dir: Path, series_folder: Path) -> float:
+    """Volume (ml) of voxels brighter than fluid-like signal on a fat-suppressed series.
+
+    The reference is the series' own hyaline cartilage (from the mask): fluid is about 1.7x
+    cartilage on PD fat-sat, so 1.3x cartilage separates fluid from everything but edema.
+    """
     pixels = _volume(series_folder)
+    mask = _mask_volume(_mask_for(case_dir, series_folder))
+    cartilage = [STRUCTURE_INDEX[k] for k in ("femoral_cartilage", "tibial_cartilage", "patellar_cartilage")]
+    bright = pixels > 1.3 * np.median(pixels[np.isin(mask, cartilage)])
     ds = pydicom.dcmread(series_folder / "IMG0001.dcm", stop_before_pixels=True)
-    foreground = pixels[pixels > 0.1 * np.percentile(pixels, 99.9)]
-    bright = pixels > 2.3 * np.median(foreground)  # fluid is ~3x muscle on PD/T2 fat-sat
     voxel_ml = float(ds.PixelSpacing[0]) * float(ds.PixelSpacing[1]) * float(ds.SliceThickness) / 1000.0
     return float(bright.sum()) * voxel_ml
 
@@ -206,7 +215,7 @@ def test_effusion_is_visible_on_sagittal_fat_sat(tmp_path: Path, stand_in) -> No
             assert case.spec.labels["effusion"] == label
             sagittal = next(s for s in case.series if s.plan.plane == "sagittal")
             assert sagittal.plan.sequence in ("PD_FS", "T2_FS")
-            volumes[label] = _bright_fluid_ml(case.case_dir / "dicom" / sagittal.plan.folder_name)
+            volumes[label] = _bright_fluid_ml(case.case_dir, case.case_dir / "dicom" / sagittal.plan.folder_name)
         index += 1
     assert set(volumes) == {0, 1}
     assert volumes[1] > 2.0 * volumes[0] + 2.0, volumes
@@ -274,6 +283,29 @@ def test_partial_phase_sampling_blurs_only_the_phase_direction() -> None:
     assert abs(real.mean() - edge.mean()) < 1e-5  # the k-space centre is kept
     full_real, _ = truncate_phase_encoding(edge, np.zeros_like(edge), axis=2, fraction=1.0)
     np.testing.assert_array_equal(full_real, edge)
+
+
+def test_fat_suppression_fails_towards_the_edges_of_the_field_of_view(stand_in) -> None:
+    spec = stand_in.sample_case("knee", np.random.default_rng(6), "knee_0001", "ge_3t_e")
+    anatomy = stand_in.build_anatomy(spec)
+    site = get_site("ge_3t_e")
+    plan = next(p for p in plan_protocol(anatomy, spec, site, np.random.default_rng(7), matrix=64, oblique=False,
+                                         distractor="none") if p.plane == "sagittal" and p.role == "primary")
+    assert plan.sequence in ("PD_FS", "T2_FS")
+    stack = plan.stacks[0]
+    weight = fat_sat_failure_map(stack)
+    middle = stack.n_slices // 2
+    assert weight[middle, 32, 32] < 0.01 and weight[middle, 0, 0] > 0.5 and weight.max() <= 1.0
+    bias = BiasField.random(anatomy.center, 0.0, np.random.default_rng(8))
+    perfect = dataclasses.replace(site, fat_sat_edge_failure=0.0)
+    with_failure = acquire_series(anatomy, plan, site, bias, np.random.default_rng(9)).pixels[0].astype(float)
+    without = acquire_series(anatomy, plan, perfect, bias, np.random.default_rng(9)).pixels[0].astype(float)
+    extra = with_failure[middle] - without[middle]  # same noise draws: only the failure differs
+    fat_rows = slice(0, 6)  # the limb's fat runs along the top and bottom of the sagittal image
+    centre_rows = slice(26, 38)
+    assert extra[fat_rows].mean() > 5 * max(extra[centre_rows].mean(), 0.5)
+    assert extra.min() >= -1.0  # failing suppression only ever adds fat signal (up to rounding)
+    assert fat_signal_table()[Tissue.FAT] > 0.5 and fat_signal_table()[Tissue.FLUID] == 0.0
 
 
 def test_bias_field_is_smooth_and_bounded() -> None:
@@ -486,27 +518,5 @@ def test_real_knee_effusion_visible(real_knees) -> None:
     volumes = {}
     for effusion, case in real_knees.items():
         sagittal = next(s for s in case.series if s.plan.plane == "sagittal" and s.plan.role == "primary")
-        folder = case.case_dir / "dicom" / sagittal.plan.folder_name
-        pixels = _volume(folder)
-        mask = _mask_volume(_mask_for(case.case_dir, folder))
-        cartilage = [STRUCTURE_INDEX[k] for k in ("femoral_cartilage", "tibial_cartilage", "patellar_cartilage")]
-        # fluid is ~1.7x hyaline cartilage on PD fat-sat
-        bright = pixels > 1.3 * np.median(pixels[np.isin(mask, cartilage)])
-        ds = pydicom.dcmread(folder / "IMG0001.dcm", stop_before_pixels=True)
-        volumes[effusion] = bright.sum() * float(ds.PixelSpacing[0]) * float(ds.PixelSpacing[1]) * float(ds.SliceThickness) / 1000
+        volumes[effusion] = _bright_fluid_ml(case.case_dir, case.case_dir / "dicom" / sagittal.plan.folder_name)
     assert volumes[1] > 2.0 * volumes[0] + 5.0, volumes
-
-
-def test_orthonode_phantom_command(tmp_path: Path) -> None:
-    """The installed command line, end to end, with the real anatomical models."""
-    from dicom_node.cli import main
-
-    out = tmp_path / "ds"
-    assert main(["phantom", "--joint", "ankle", "--cases", "1", "--out", str(out), "--seed", "2", "--matrix", "48"]) == 0
-    with open(out / "cases.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert len(rows) == 1 and rows[0]["case_id"] == "ankle_0001" and rows[0]["joint"] == "ankle"
-    folders = _series_folders(out / "ankle_0001")
-    assert {"sagittal", "coronal", "axial"} <= {folder.name.split("_", 1)[1] for folder in folders}
-    ds = pydicom.dcmread(folders[0] / "IMG0001.dcm")
-    assert ds.pixel_array.shape == (48, 48) and ds.PatientID == "ankle_0001"
