@@ -520,3 +520,18 @@ def test_real_knee_effusion_visible(real_knees) -> None:
         sagittal = next(s for s in case.series if s.plan.plane == "sagittal" and s.plan.role == "primary")
         volumes[effusion] = _bright_fluid_ml(case.case_dir, case.case_dir / "dicom" / sagittal.plan.folder_name)
     assert volumes[1] > 2.0 * volumes[0] + 5.0, volumes
+
+
+def test_orthonode_phantom_command(tmp_path: Path) -> None:
+    """The installed command line, end to end, with the real anatomical models."""
+    from dicom_node.cli import main
+
+    out = tmp_path / "ds"
+    assert main(["phantom", "--joint", "ankle", "--cases", "1", "--out", str(out), "--seed", "2", "--matrix", "48"]) == 0
+    with open(out / "cases.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 1 and rows[0]["case_id"] == "ankle_0001" and rows[0]["joint"] == "ankle"
+    folders = _series_folders(out / "ankle_0001")
+    assert {"sagittal", "coronal", "axial"} <= {folder.name.split("_", 1)[1] for folder in folders}
+    ds = pydicom.dcmread(folders[0] / "IMG0001.dcm")
+    assert ds.pixel_array.shape == (48, 48) and ds.PatientID == "ankle_0001"
