@@ -17,8 +17,10 @@ from sqlalchemy import func, select
 
 from dicom_node.config import parse_config
 from dicom_node.db import Instance, Job, JobState, Series, Study, session_scope
+from dicom_node.demo import findings_from_sr
 from dicom_node.node import Node
 from dicom_node.orthanc import OrthancServer, orthanc_available
+from inference.labels import label_keys
 from tests.dicom_node.node_fixtures import *  # noqa: F403 - fixtures
 
 pytestmark = pytest.mark.skipif(not orthanc_available(), reason="Orthanc is not installed")
@@ -89,6 +91,10 @@ def test_study_sent_to_orthanc_comes_back_with_seg_and_sr(pacs_and_node, knee_ph
         else:
             sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
             assert sr.StudyInstanceUID == study_uid and len(sr.ContentSequence) > 0
+            # what `orthonode demo` prints next to the phantom truth: one finding per knee label
+            findings = findings_from_sr(orthanc.instance_file(item["id"]))
+            assert [f["key"] for f in findings] == list(label_keys("knee"))
+            assert all(0.0 <= f["probability"] <= 1.0 and isinstance(f["present"], bool) for f in findings)
 
     # the results made the study unstable in Orthanc again; nothing must come of it
     time.sleep(2 + 1 + 2)  # StableAge + the node's quiet period + margin
