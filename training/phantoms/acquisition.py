@@ -220,7 +220,8 @@ def _orientation(
         if plane == "sagittal" and (oblique or (oblique is None and rng.random() < 0.6)):
             # perpendicular to the condylar axis, then along the ACL / lateral femoral condyle:
             # the posterior end of the plane swings laterally (rotating +y towards lateral about +z)
-            angle = yaw_deg + float(rng.uniform(6.0, 15.0)) * -lateral_sign
+            # (a technologist does not tilt a knee sagittal beyond about 20 degrees)
+            angle = float(np.clip(yaw_deg + float(rng.uniform(5.0, 12.0)) * -lateral_sign, -20.0, 20.0))
         elif plane == "coronal" and (oblique or (oblique is None and rng.random() < 0.4)):
             angle = yaw_deg + float(rng.normal(0.0, 2.0))  # parallel to the posterior condylar line
         elif plane == "axial" and oblique is None and rng.random() < 0.2:

@@ -115,7 +115,7 @@ def test_knee_planes_follow_the_condylar_axis(stand_in) -> None:
     sagittal_normal = stacks["sagittal"].normal
     sagittal_yaw = np.degrees(np.arctan2(-sagittal_normal[1], -sagittal_normal[0]))  # normal runs -x
     lateral_swing = (sagittal_yaw - anatomy.yaw_deg) * (1.0 if spec.laterality == "R" else -1.0)
-    assert 5.0 < lateral_swing < 16.0  # the ACL tilt, relative to the condyles
+    assert 4.0 < lateral_swing < 13.0  # the ACL tilt, relative to the condyles
 
 
 def test_cardinal_when_oblique_disabled(stand_in) -> None:
