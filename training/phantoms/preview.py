@@ -1,8 +1,10 @@
 """A PNG montage of one phantom case, for a person to check what was generated.
 
-One panel per diagnostic plane (the central slice of the primary sagittal, coronal and axial
-series), displayed with the series' own window, the knee structure mask overlaid in colour,
-and the case's positive labels and acquisition details printed underneath.
+One column per diagnostic plane (the central slice of the primary sagittal, coronal and axial
+series), displayed with the series' own window: the image as acquired on the top row and, for
+the knee, the same slice with the structure mask overlaid in colour below it, so the signal
+under the mask can still be judged.  The case's positive labels and acquisition details are
+printed underneath.
 """
 from __future__ import annotations
 
@@ -39,17 +41,22 @@ def write_preview(path: Path, spec: CaseSpec, series: list[AcquiredSeries]) -> P
     colours[1:, 3] = 0.35
     overlay_map = ListedColormap(colours)
 
-    fig, axes = plt.subplots(1, len(PLANES), figsize=(4.2 * len(PLANES), 5.0), dpi=90)
-    for ax, plane in zip(axes, PLANES):
+    rows = 2 if spec.joint == "knee" else 1
+    fig, axes = plt.subplots(rows, len(PLANES), figsize=(4.2 * len(PLANES), 4.4 * rows + 0.8), dpi=90, squeeze=False)
+    for col, plane in enumerate(PLANES):
         acquired = primary[plane]
         image, structure = _central(acquired)
         center, width = acquired.window
-        ax.imshow(image, cmap="gray", vmin=center - width / 2, vmax=center + width / 2, interpolation="nearest")
-        if spec.joint == "knee" and structure.any():
-            ax.imshow(structure, cmap=overlay_map, vmin=0, vmax=n_struct, interpolation="nearest")
+        for row in range(rows):
+            ax = axes[row, col]
+            ax.imshow(image, cmap="gray", vmin=center - width / 2, vmax=center + width / 2, interpolation="nearest")
+            if row == 1 and structure.any():
+                ax.imshow(structure, cmap=overlay_map, vmin=0, vmax=n_struct, interpolation="nearest")
+            ax.set_axis_off()
         plan = acquired.plan
-        ax.set_title(f"{plan.series_number}: {plan.description}\n{plan.sequence}, oblique {plan.oblique_deg:.0f} deg", fontsize=9)
-        ax.set_axis_off()
+        axes[0, col].set_title(
+            f"{plan.series_number}: {plan.description}\n{plan.sequence}, oblique {plan.oblique_deg:.0f} deg", fontsize=9
+        )
     names = {label.key: label.name for label in JOINT_LABELS[spec.joint]}
     positive = [names[key] for key, value in spec.labels.items() if value]
     ehr = ", ".join(
