@@ -51,6 +51,10 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     if not getattr(args, "verbose", 0):  # -v on the command line wins over logging.level
         logging.getLogger().setLevel(getattr(logging, config.logging.level))
+        # pynetdicom logs every PDU exchange at INFO; the listener and exporter log each
+        # instance and object themselves, with the study and the reason
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     if not config.checkpoint.is_file():
         print(f"orthonode serve: model.checkpoint {config.checkpoint} does not exist; build the demo model with "
               f"`orthonode train demo --out {config.checkpoint}` or set model.checkpoint in {args.config}",

@@ -308,8 +308,9 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     orthanc: OrthancServer | None = None
     node: NodeProcess | None = None
-    # SIGTERM (e.g. a CI timeout) takes the same way out as Ctrl-C: through the finally below
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM (e.g. a CI timeout) and SIGINT take the same way out: through the finally below.
+    # SIGINT is set explicitly because a shell starts background jobs with it ignored.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         model = ensure_model(args.model)
         node_port, http_port = _port(11112), _port(8090)
@@ -366,7 +367,8 @@ def run(args: argparse.Namespace) -> int:
         print("orthonode demo: interrupted; stopping the node and Orthanc", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if node is not None:
             node.stop()
         if orthanc is not None:
