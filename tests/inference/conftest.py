@@ -9,6 +9,8 @@ measured on studies the segmenter never saw.
 """
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -25,16 +27,14 @@ SEG_EPOCHS = 50
 
 
 @pytest.fixture(scope="session")
-def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of a small knee bundle (classifier + segmenter) trained on phantoms.
 
     Under pytest-xdist the workers share one run's base folder: the first worker that gets
     here trains while holding a file lock, the others wait and load its checkpoint, so the
     two CPU cores are not spent training the same model twice.
     """
-    import fcntl
-
-    if worker_id == "master":
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # a plain run: nothing to share
         return _train_checkpoint(tmp_path_factory.mktemp("predict_train"))
     shared = tmp_path_factory.getbasetemp().parent / "predict_train"
     shared.mkdir(exist_ok=True)
