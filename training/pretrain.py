@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -36,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from training.config import TrainConfig, config_from_dict
+from training.config import TrainConfig
 from training.distributed import DistContext, barrier, init_distributed, mean_across_ranks, unwrap
 
 log = logging.getLogger(__name__)
@@ -495,6 +494,8 @@ def pretrain(
                 bar.update(1)
                 if step % pcfg.log_every == 0:
                     bar.set_postfix(loss=f"{value:.4f}")
+            elif ctx.is_main and step % pcfg.log_every == 0:
+                log.info("pretrain %s step %d/%d loss %.4f (%.1f s)", plane, step, total, value, rows[-1][3])
             if step % pcfg.checkpoint_every == 0 or step == total:
                 _save_checkpoint(run_dir, step, plane, backbone, ema, optimizer, noise_gen, cfg, model_cfg_dict, ctx)
                 if ctx.is_main:
@@ -556,33 +557,6 @@ def _export_ema(run_dir: Path, plane: str, ema: ExponentialMovingAverage, model_
     return path
 
 
-def pretrain_from_source(
-    cfg: TrainConfig,
-    data: str,
-    plane: str,
-    run_dir: Path,
-    *,
-    resume: bool = False,
-    steps: int | None = None,
-    progress: bool = True,
-    ctx: DistContext | None = None,
-) -> PretrainResult:
-    """Read ``data`` (a ``read_source`` spec), build the plane's dataset and pretrain on it."""
-    from training.data import pretrain_dataset
-    from training.datasets import fingerprint, read_source
-
-    ctx = ctx or init_distributed()
-    records = read_source(data)
-    usable = [r for r in records if plane in r.planes]
-    if not usable:
-        raise ValueError(f"--data {data}: no exam has a {plane} series ({len(records)} exams read)")
-    dataset = pretrain_dataset(usable, plane, preprocess_config(cfg), **cache_kwargs(cfg, run_dir))
-    return pretrain(
-        cfg, dataset, plane, run_dir, resume=resume, steps=steps, ctx=ctx, progress=progress,
-        data_fingerprint=fingerprint(usable),
-    )
-
-
 def preprocess_config(cfg: TrainConfig) -> Any:
     """The preprocessing every dataset of this configuration uses: the model's input shape."""
     from inference.preprocess import PreprocessConfig
@@ -599,17 +573,3 @@ def cache_kwargs(cfg: TrainConfig, run_dir: Path | None) -> dict[str, Any]:
             raise ValueError("data.cache is 'disk' but neither data.cache_dir nor a run folder is given")
         return {"cache": "disk", "cache_dir": base}
     return {"cache": None if cfg.data.cache == "none" else cfg.data.cache}
-
-
-def steps_per_epoch(dataset_size: int, batch_size: int, world_size: int = 1) -> int:
-    """Optimizer steps in one pass over the data (full batches per rank)."""
-    per_rank = math.ceil(dataset_size / world_size)
-    return max(1, per_rank // batch_size)
-
-
-def config_of_run(run_dir: Path) -> TrainConfig:
-    """The configuration a pretraining run was started with (from its manifest)."""
-    manifest = Path(run_dir) / MANIFEST
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{run_dir} has no {MANIFEST}")
-    return config_from_dict(json.loads(manifest.read_text())["config"], str(manifest))
