@@ -190,7 +190,8 @@ class StudyAssembler:
                 reason = ready.reason(now)
                 if reason is None:
                     waiting = f"series {ready.waiting_series}" if ready.waiting_series else "the study quiet period"
-                    log.debug("study %s: not ready, waiting for %s until %s", study_uid, waiting, ready.due_at.isoformat())
+                    log.debug("study %s: not ready, waiting for %s until %s",
+                              study_uid, waiting, ready.due_at.isoformat())
                     self._arm(study_uid, ready.due_at)
                     return None
                 job = enqueue_if_changed(session, study, reason)

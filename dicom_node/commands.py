@@ -132,11 +132,13 @@ def collect_status(factory: Any, limit: int = 20) -> dict[str, Any]:
                 },
                 "exports": exports,
             })
-        jobs = {state.value: count for state, count in session.execute(select(Job.state, func.count()).group_by(Job.state))}
+        jobs = {state.value: count
+                for state, count in session.execute(select(Job.state, func.count()).group_by(Job.state))}
         exports_all = {state.value: count for state, count in
                        session.execute(select(Export.state, func.count()).group_by(Export.state))}
         failed_jobs = [
-            {"id": j.id, "study_instance_uid": j.study.study_instance_uid, "error": j.error, "finished": _when(j.finished_at)}
+            {"id": j.id, "study_instance_uid": j.study.study_instance_uid, "error": j.error,
+             "finished": _when(j.finished_at)}
             for j in session.scalars(select(Job).where(Job.state == JobState.FAILED).order_by(Job.id.desc()).limit(50))
         ]
         failed_exports = [
@@ -151,7 +153,8 @@ def collect_status(factory: Any, limit: int = 20) -> dict[str, Any]:
             {"id": e.id, "destination": e.destination, "kind": e.object_kind, "attempts": e.attempts,
              "next_attempt": _when(e.next_attempt_at), "error": e.last_error}
             for e in session.scalars(
-                select(Export).where(Export.state == ExportState.PENDING, Export.attempts > 0).order_by(Export.next_attempt_at)
+                select(Export).where(Export.state == ExportState.PENDING, Export.attempts > 0)
+                .order_by(Export.next_attempt_at)
             )
         ]
     return {"studies": studies, "jobs": jobs, "exports": exports_all, "failed_jobs": failed_jobs,

@@ -94,7 +94,9 @@ def node_yaml(work: Path, model: Path, node_port: int, http_port: int, orthanc_p
         "jobs": {"device": "auto", "workers": 1},
         "model": {"checkpoint": str(model.resolve())},
         "export": {
-            "destinations": {"pacs": {"type": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port}},
+            "destinations": {
+                "pacs": {"type": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port},
+            },
             "routes": [{"match": {}, "destinations": ["pacs"]}],
             "retry": {"max_attempts": 5, "initial_delay_seconds": 2, "max_delay_seconds": 30},
         },
@@ -248,7 +250,12 @@ def report_study(orthanc: Any, study: PhantomStudy, results_dir: Path) -> tuple[
     lines = [f"study {study.case_id}  ({study.site}, {'left' if study.laterality == 'L' else 'right'} knee)",
              f"  Study Instance UID {study.study_instance_uid}", "  in Orthanc:"]
     sr_data: bytes | None = None
-    for s in sorted(series, key=lambda s: (s["MainDicomTags"].get("Modality", ""), s["MainDicomTags"].get("SeriesNumber", ""))):
+    def order(s: dict[str, Any]) -> tuple[str, int]:
+        tags = s["MainDicomTags"]
+        number = str(tags.get("SeriesNumber", "")).strip()
+        return tags.get("Modality", ""), int(number) if number.isdigit() else 0
+
+    for s in sorted(series, key=order):
         tags = s["MainDicomTags"]
         lines.append(f"    {tags.get('Modality', '?'):<4} series {tags.get('SeriesNumber', '?'):>5}  "
                      f"{tags.get('SeriesDescription', ''):<32} {len(s['Instances']):>4} object(s)")
@@ -344,7 +351,8 @@ def run(args: argparse.Namespace) -> int:
             if time.monotonic() > deadline:
                 missing = ", ".join(f"{s.case_id} ({orthanc.modality_counts(uid)})" for uid, s in waiting.items())
                 raise DemoError(f"timed out after {args.timeout:.0f} s waiting for SEG + SR of: {missing}; "
-                                f"see `orthonode status --config {config}` and the end of {node.log_path}:\n{node.tail()}")
+                                f"see `orthonode status --config {config}` and the end of "
+                                f"{node.log_path}:\n{node.tail()}")
             time.sleep(1.0)
 
         print()
@@ -353,8 +361,8 @@ def run(args: argparse.Namespace) -> int:
             text, a, t = report_study(orthanc, study, work / "node-data" / "results")
             print(text + "\n")
             agree, total = agree + a, total + t
-        print(f"all {len(studies)} studies: SEG + SR returned to Orthanc under their own studies; findings agree with the "
-              f"phantom truth in {agree}/{total} ({time.monotonic() - started:.0f} s in all).")
+        print(f"all {len(studies)} studies: SEG + SR returned to Orthanc under their own studies; "
+              f"findings agree with the phantom truth in {agree}/{total} ({time.monotonic() - started:.0f} s in all).")
         print("The demo model was trained on synthetic phantoms only: research use, not for clinical use.")
         return 0
     except DemoError as exc:

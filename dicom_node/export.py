@@ -108,7 +108,12 @@ def send_dimse(destination: Destination, files: Sequence[Path], calling_ae_title
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
-        reason = "association rejected" if assoc.is_rejected else "association aborted" if assoc.is_aborted else "no association (peer unreachable?)"
+        if assoc.is_rejected:
+            reason = "association rejected"
+        elif assoc.is_aborted:
+            reason = "association aborted"
+        else:
+            reason = "no association (peer unreachable?)"
         return [SendOutcome(False, f"{where}: {reason}") for _ in files]
     outcomes: list[SendOutcome] = []
     try:
@@ -153,11 +158,15 @@ def send_stowrs(destination: Destination, files: Sequence[Path], timeout: float 
     failed: dict[str, str] = {}
     for item in getattr(response, "FailedSOPSequence", []) or []:
         failed[str(item.ReferencedSOPInstanceUID)] = f"0x{int(getattr(item, 'FailureReason', 0)):04X}"
-    return [
-        SendOutcome(False, f"STOW-RS {destination.url}: refused {path.name} (failure reason {failed[str(ds.SOPInstanceUID)]})")
-        if str(ds.SOPInstanceUID) in failed else SendOutcome(True, "stored")
-        for path, ds in zip(files, datasets)
-    ]
+    outcomes = []
+    for path, ds in zip(files, datasets):
+        reason = failed.get(str(ds.SOPInstanceUID))
+        if reason is None:
+            outcomes.append(SendOutcome(True, "stored"))
+        else:
+            detail = f"STOW-RS {destination.url}: refused {path.name} (failure reason {reason})"
+            outcomes.append(SendOutcome(False, detail))
+    return outcomes
 
 
 def send_files(destination: Destination, files: Sequence[Path], calling_ae_title: str) -> list[SendOutcome]:
@@ -207,7 +216,9 @@ def echo(destination: Destination, calling_ae_title: str, timeout: float = 10.0)
 # --------------------------------------------------------------------------- queue
 
 
-def queue_exports(session: Session, job: Job, objects: Iterable[tuple[str, str, str]], destinations: Sequence[str]) -> list[Export]:
+def queue_exports(
+    session: Session, job: Job, objects: Iterable[tuple[str, str, str]], destinations: Sequence[str]
+) -> list[Export]:
     """Add one pending export per (object, destination) for ``job``.
 
     ``objects`` are ``(object_path relative to the data directory, kind, SOP Instance UID)``.
@@ -224,7 +235,9 @@ def queue_exports(session: Session, job: Job, objects: Iterable[tuple[str, str, 
     return rows
 
 
-def retry_failed(factory: sessionmaker[Session], export_ids: Sequence[int] = (), destination: str | None = None) -> list[int]:
+def retry_failed(
+    factory: sessionmaker[Session], export_ids: Sequence[int] = (), destination: str | None = None
+) -> list[int]:
     """Queue failed exports again (attempts reset, due now); return the ids re-queued.
 
     With ``export_ids`` only those (each must exist and be failed); otherwise every failed
@@ -238,7 +251,8 @@ def retry_failed(factory: sessionmaker[Session], export_ids: Sequence[int] = (),
             missing = [i for i in export_ids if i not in found]
             if missing:
                 raise ExportError(f"no export with id {', '.join(map(str, missing))}")
-            not_failed = [f"{i} ({found[i].state.value})" for i in export_ids if found[i].state is not ExportState.FAILED]
+            not_failed = [f"{i} ({found[i].state.value})" for i in export_ids
+                          if found[i].state is not ExportState.FAILED]
             if not_failed:
                 raise ExportError(f"only failed exports can be retried; not failed: {', '.join(not_failed)}")
             query = query.where(Export.id.in_(list(export_ids)))
@@ -254,7 +268,8 @@ def retry_failed(factory: sessionmaker[Session], export_ids: Sequence[int] = (),
             export.last_error = None
             session.add(EventRecord(kind="export_requeued", job_id=export.job_id,
                                     study_instance_uid=export.job.study.study_instance_uid,
-                                    message=f"export {export.id} ({export.object_kind}) to {export.destination} queued again"))
+                                    message=f"export {export.id} ({export.object_kind}) to "
+                                            f"{export.destination} queued again"))
             ids.append(export.id)
         return ids
 
@@ -384,7 +399,9 @@ class Exporter:
             self._record(name, items, outcomes, seconds)
         return bool(batches)
 
-    def _record(self, name: str, items: list[tuple[int, Path, str]], outcomes: list[SendOutcome], seconds: float) -> None:
+    def _record(
+        self, name: str, items: list[tuple[int, Path, str]], outcomes: list[SendOutcome], seconds: float
+    ) -> None:
         retry = self.export_config.retry
         with session_scope(self.factory) as session:
             for (export_id, path, kind), outcome in zip(items, outcomes):
@@ -405,7 +422,8 @@ class Exporter:
                     row.state = ExportState.FAILED
                     row.last_error = outcome.detail
                     row.next_attempt_at = None
-                    log.error("study %s: %s %s to %s failed for good after %d attempts: %s (orthonode retry re-queues it)",
+                    log.error("study %s: %s %s to %s failed for good after %d attempts: %s "
+                              "(orthonode retry re-queues it)",
                               study_uid, kind, row.sop_instance_uid, name, row.attempts, outcome.detail)
                     session.add(EventRecord(kind="export_failed", job_id=row.job_id, study_instance_uid=study_uid,
                                             sop_instance_uid=row.sop_instance_uid,

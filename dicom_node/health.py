@@ -113,7 +113,8 @@ class DatabaseCollector(Collector):
             for state in enum_cls:
                 family.add_metric([state.value], float(counts.get(state, 0)))
             yield family
-        queue = GaugeMetricFamily("orthonode_queue_depth", "Work waiting: queued jobs, pending exports", labels=["queue"])
+        queue = GaugeMetricFamily("orthonode_queue_depth", "Work waiting: queued jobs, pending exports",
+                                  labels=["queue"])
         queue.add_metric(["jobs"], float(jobs.get(JobState.QUEUED, 0)))
         queue.add_metric(["exports"], float(exports.get(ExportState.PENDING, 0) + exports.get(ExportState.SENDING, 0)))
         yield queue

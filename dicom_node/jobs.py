@@ -9,16 +9,17 @@ Life of a job (``dicom_node.db.JobState``)::
 
 Why it is safe to kill the node at any moment:
 
-* A job is a row for one exact set of instances (:func:`content_fingerprint`); the study assembler queues it in the same transaction that marks the study
-  complete (:func:`enqueue_if_changed`).  Nothing lives only in memory.
+* A job is a row for one exact set of instances (:func:`content_fingerprint`); the study
+  assembler queues it in the same transaction that marks the study complete
+  (:func:`enqueue_if_changed`).  Nothing lives only in memory.
 * The running worker refreshes ``heartbeat_at`` every :data:`HEARTBEAT_SECONDS`.  At start-up,
   running jobs of a dead worker (this host, a pid that no longer runs, or a heartbeat older than
   the lease) go back to ``queued`` and run again from the start; the pipeline is a pure function
   of its inputs, so the re-run writes the same objects with the same UIDs.
 * A job is only finished by a conditional update (still ``running``, still ours), and its
-  exports are queued in that same transaction.  A job that was re-queued or superseded while a
-  worker still ran it is finished by nobody twice: the late worker's results are discarded.  So
-  a study is exported once per job that completes, never twice for one job.
+  exports are queued in that same transaction.  When a job was re-queued or superseded while a
+  worker still ran it, that late worker's results are discarded.  So a study is exported once
+  per job that completes, never twice for one job.
 * A study whose job keeps killing the node (e.g. out of memory) is not retried forever: after
   :data:`MAX_JOB_ATTEMPTS` starts the job is marked failed.
 
@@ -48,7 +49,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config import NodeConfig
 from dicom_node.db import (
     EventRecord,
-    Export,
     ExportState,
     Instance,
     Job,
@@ -149,12 +149,14 @@ def enqueue_if_changed(session: Session, study: Study, reason: str) -> Job | Non
     session.add(job)
     session.flush()
     for open_job in session.scalars(
-        select(Job).where(Job.study_id == study.id, Job.id != job.id, Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+        select(Job).where(Job.study_id == study.id, Job.id != job.id,
+                          Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
     ):
         open_job.state = JobState.SUPERSEDED
         open_job.error = f"superseded by job {job.id}: the study changed"
         open_job.finished_at = utcnow()
-        log.info("study %s: job %d superseded by job %d (the study changed)", study.study_instance_uid, open_job.id, job.id)
+        log.info("study %s: job %d superseded by job %d (the study changed)",
+                 study.study_instance_uid, open_job.id, job.id)
     study.state = StudyState.COMPLETE
     study.state_changed_at = utcnow()
     session.add(EventRecord(kind="job_queued", study_instance_uid=study.study_instance_uid, job_id=job.id,
@@ -456,7 +458,8 @@ class Worker:
         while not stop.wait(HEARTBEAT_SECONDS):
             try:
                 if not self.queue.heartbeat(job_id):
-                    log.info("job %d is no longer ours (superseded or re-queued); its results will be discarded", job_id)
+                    log.info("job %d is no longer ours (superseded or re-queued); its results will be discarded",
+                             job_id)
                     return
             except Exception:  # a missed heartbeat is not fatal; the lease allows several
                 log.exception("heartbeat of job %d failed", job_id)
@@ -506,7 +509,7 @@ class Worker:
         objects = []
         for path in result.files:
             ds = dcmread(path, stop_before_pixels=True)
-            kind = "seg" if str(ds.Modality) == "SEG" else "sr" if str(ds.Modality) == "SR" else str(ds.Modality).lower()
+            kind = str(ds.Modality).lower()  # "seg" or "sr"
             objects.append((str(path.relative_to(self.config.data_dir)), kind, str(ds.SOPInstanceUID)))
         for line in result.log:
             log.info("study %s: job %d: %s", study_uid, claimed.job_id, line)
@@ -553,7 +556,8 @@ class Worker:
         """Earlier finished jobs of the study are replaced by ``job``; their unsent exports are
         withdrawn so old results never reach a PACS after new ones."""
         older = session.scalars(
-            select(Job).where(Job.study_id == job.study_id, Job.id < job.id, Job.state.in_([JobState.DONE, JobState.FAILED]))
+            select(Job).where(Job.study_id == job.study_id, Job.id < job.id,
+                              Job.state.in_([JobState.DONE, JobState.FAILED]))
         ).all()
         for old in older:
             old.state = JobState.SUPERSEDED

@@ -64,7 +64,8 @@ class Node:
         self.storage = Storage(self.data_dir / INSTANCES_DIR, config.storage.min_free_mb)
         self.metrics = NodeMetrics()
         self.metrics.registry.register(DatabaseCollector(self.factory))
-        self.exporter = Exporter(config, self.factory, poll_seconds=poll_seconds, on_result=self.metrics.export_finished)
+        self.exporter = Exporter(config, self.factory, poll_seconds=poll_seconds,
+                                 on_result=self.metrics.export_finished)
         self.workers = [
             Worker(config, self.factory, self.storage.resolve, index=i, poll_seconds=poll_seconds, preview=preview,
                    on_finished=self._job_finished, on_exports_queued=self.exporter.wake)
@@ -104,7 +105,8 @@ class Node:
             return Check(True, f"listening on {host}:{port}, {self.listener.active_associations} active association(s)")
 
         def worker() -> Check:
-            checks = [check_loop(w.worker_id, w.alive, w.last_loop_at, w.current_job is not None, idle) for w in self.workers]
+            checks = [check_loop(w.worker_id, w.alive, w.last_loop_at, w.current_job is not None, idle)
+                      for w in self.workers]
             return Check(all(c.ok for c in checks), "; ".join(c.detail for c in checks))
 
         def exporter() -> Check:

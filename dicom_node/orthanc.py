@@ -201,7 +201,7 @@ class OrthancServer:
                 raise OrthancError(f"Orthanc exited during start-up; end of {self.log_path}:\n{tail}")
             try:
                 self.get("/system", timeout=1.0)
-                log.info("Orthanc %s up: DICOM %s:%d, HTTP %s", self.ae_title, "127.0.0.1", self.dicom_port, self.http_url)
+                log.info("Orthanc %s up: DICOM port %d, HTTP %s", self.ae_title, self.dicom_port, self.http_url)
                 return self
             except (OrthancError, OSError):
                 time.sleep(0.2)

@@ -13,7 +13,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from dicom_node.db import Export, ExportState, Job, JobState, Study, StudyState, session_scope, utcnow
+from dicom_node.db import ExportState, Job, JobState, Study, StudyState, session_scope, utcnow
 from dicom_node.jobs import MAX_JOB_ATTEMPTS, JobQueue, Worker, enqueue_if_changed, worker_identity
 from tests.dicom_node.node_fixtures import *  # noqa: F403 - fixtures
 
