@@ -304,13 +304,35 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+class SharedModel:
+    """The model bundle of ``model.checkpoint``, loaded once on first use and shared by the
+    workers of a node (one copy in memory, on the GPU too)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._bundle: Any = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        with self._lock:
+            if self._bundle is None:
+                from inference.checkpoint import ModelBundle
+
+                if not self.path.is_file():
+                    raise FileNotFoundError(f"model.checkpoint {self.path} does not exist (node.yaml "
+                                            f"model.checkpoint); `orthonode train demo` builds the demo model")
+                self._bundle = ModelBundle.load(self.path)
+                log.info("model %s %s loaded from %s", self._bundle.card.name, self._bundle.card.version, self.path)
+            return self._bundle
+
+
 class Worker:
     """Runs queued jobs one at a time in a thread: snapshot -> pipeline -> results -> exports.
 
     ``resolve_instance(path)`` maps an instance path relative to the storage root to a file
     (:meth:`dicom_node.storage.Storage.resolve`).  ``bundle`` is an already loaded
-    :class:`inference.checkpoint.ModelBundle` (workers of one node may share one); without it
-    the worker loads ``model.checkpoint`` when its first job starts.
+    :class:`inference.checkpoint.ModelBundle`; without it the worker takes the model from
+    ``model`` (a :class:`SharedModel`, by default one of its own) when its first job starts.
     """
 
     def __init__(
@@ -325,8 +347,11 @@ class Worker:
         on_finished: Callable[[JobOutcome], None] | None = None,
         on_exports_queued: Callable[[], None] | None = None,
         bundle: Any = None,
+        model: SharedModel | None = None,
     ) -> None:
         self.config = config
+        #: where the model comes from when ``bundle`` is not given (a node shares one between workers)
+        self.model = model if model is not None else SharedModel(config.checkpoint)
         self.factory = factory
         self.resolve_instance = resolve_instance
         self.worker_id = worker_identity(index)
@@ -394,16 +419,9 @@ class Worker:
 
     # ------------------------------------------------------------------ one job
     def bundle(self) -> Any:
-        """The model, loaded once per worker (the first job pays for it)."""
+        """The model, loaded when the first job needs it (given, shared, or from the checkpoint)."""
         if self._bundle is None:
-            from inference.checkpoint import ModelBundle
-
-            path = self.config.checkpoint
-            if not path.is_file():
-                raise FileNotFoundError(f"model.checkpoint {path} does not exist (node.yaml model.checkpoint); "
-                                        f"`orthonode train demo` builds the demo model")
-            self._bundle = ModelBundle.load(path)
-            log.info("model %s %s loaded from %s", self._bundle.card.name, self._bundle.card.version, path)
+            self._bundle = self.model.get()
         return self._bundle
 
     def _snapshot(self, claimed: ClaimedJob) -> Path:

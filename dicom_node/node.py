@@ -35,7 +35,7 @@ from dicom_node.health import (
     check_disk,
     check_loop,
 )
-from dicom_node.jobs import JobOutcome, Worker
+from dicom_node.jobs import JobOutcome, SharedModel, Worker
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,10 @@ class Node:
         self.metrics.registry.register(DatabaseCollector(self.factory))
         self.exporter = Exporter(config, self.factory, poll_seconds=poll_seconds,
                                  on_result=self.metrics.export_finished)
+        model = SharedModel(config.checkpoint)
         self.workers = [
             Worker(config, self.factory, self.storage.resolve, index=i, poll_seconds=poll_seconds, preview=preview,
-                   on_finished=self._job_finished, on_exports_queued=self.exporter.wake)
+                   on_finished=self._job_finished, on_exports_queued=self.exporter.wake, model=model)
             for i in range(config.jobs.workers)
         ]
         self.assembler = StudyAssembler(config.study_assembly, self.factory, on_job_queued=self._job_queued)
