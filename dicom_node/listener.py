@@ -257,8 +257,24 @@ def _int(ds: Any, keyword: str) -> int | None:
         return None
 
 
+def _uid_value(ds: Any, keyword: str) -> object:
+    """The element's value as a string only when it is encoded as UI: a UID sent with another
+    VR (e.g. US, whose binary 1 would read as the valid-looking UID "1") stays a non-string and
+    fails validation."""
+    if keyword not in ds:
+        return None
+    element = ds.data_element(keyword)
+    if element is None or element.value is None:
+        return None
+    return str(element.value) if element.VR == "UI" else element.value
+
+
 #: what pydicom raises on a data set it cannot read (it is lenient: most damage still parses)
-_PARSE_ERRORS = (InvalidDicomError, ValueError, EOFError, OSError, KeyError, NotImplementedError, struct.error, zlib.error)
+#: RecursionError: sequences nested a few hundred deep exhaust pydicom's recursive reader
+_PARSE_ERRORS = (
+    InvalidDicomError, ValueError, EOFError, OSError, KeyError, NotImplementedError, RecursionError, struct.error,
+    zlib.error,
+)
 
 
 @dataclass
@@ -408,9 +424,9 @@ class StoreReceiver:
             log.warning("refused SOP instance %s from %s: the data set cannot be parsed: %s", affected_sop_uid, who, exc)
             return StoreStatus.UNPARSABLE_DATASET
 
-        raw = {key: ds.get(key) for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+        raw = {key: _uid_value(ds, key) for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
         try:
-            uids = {key: validate_uid(key, None if value is None else str(value)) for key, value in raw.items()}
+            uids = {key: validate_uid(key, value) for key, value in raw.items()}
         except InvalidUIDError as exc:
             log.warning(
                 "refused SOP instance %s from %s (study %s, series %s): %s",
