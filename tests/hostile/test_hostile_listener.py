@@ -1,0 +1,154 @@
+"""The hostile corpus (:mod:`tests.hostile.corpus`) sent over the network to a running listener.
+
+For every case: each file gets one of the statuses the case allows (or is refused at
+negotiation), the node logs why, what must be stored is on disk byte for byte and in the
+database, what must not be stored is in neither, no temporary file is left visible, and the node
+still answers C-ECHO.  One listener serves the whole module, as a real node serves many senders.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from dicom_node import db
+from dicom_node.config import NodeConfig, parse_config
+from dicom_node.listener import Listener
+from dicom_node.storage import Storage
+from tests.dicom_node.conftest import free_port
+from tests.hostile.corpus import KNOWN_GAPS, VALID_STATUSES, HostileCase, build_cases, echo, send_files
+
+CASES = build_cases()
+
+
+@dataclass
+class RunningListener:
+    config: NodeConfig
+    listener: Listener
+    storage: Storage
+    factory: Any
+    engine: Any
+
+    @property
+    def port(self) -> int:
+        return self.config.listener.port
+
+    def row(self, sop_uid: str) -> db.Instance | None:
+        with db.session_scope(self.factory) as s:
+            return s.execute(select(db.Instance).where(db.Instance.sop_instance_uid == sop_uid)).scalar_one_or_none()
+
+    def files_named(self, sop_uid: str) -> list[Path]:
+        return [p for p in self.storage.root.rglob("*") if p.is_file() and sop_uid in p.name]
+
+    def temporaries(self) -> list[Path]:
+        return [p for p in self.storage.root.rglob(".*") if p.is_file()]
+
+
+def hostile_config(root: Path, **listener: Any) -> NodeConfig:
+    """A node configuration on a free loopback port with data under ``root`` (defaults otherwise)."""
+    return parse_config(
+        {
+            "node": {"data_dir": str(root / "data")},
+            "listener": {
+                "port": free_port(),
+                "allowed_callers": [{"ae_title": "TESTSCU", "hosts": ["127.0.0.1"]}],
+                **listener,
+            },
+            "storage": {"min_free_mb": 0},
+        },
+        source="hostile test",
+        base_dir=root,
+    )
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningListener]:
+    root = tmp_path_factory.mktemp("hostile_listener")
+    config = hostile_config(root)
+    db.upgrade_database(config.database_url)
+    engine = db.make_engine(config.database_url)
+    factory = db.make_session_factory(engine)
+    storage = Storage(config.data_dir / "instances", 0)
+    listener = Listener(config, storage, factory)
+    listener.start()
+    try:
+        yield RunningListener(config, listener, storage, factory, engine)
+    finally:
+        listener.stop(timeout=2)
+        engine.dispose()
+
+
+def test_the_corpus_is_large_and_names_are_unique() -> None:
+    assert len(CASES) >= 40
+    assert len({c.name for c in CASES}) == len(CASES)
+
+
+def _param(case: HostileCase) -> Any:
+    gap = KNOWN_GAPS.get(case.name)
+    marks = [pytest.mark.xfail(reason=gap, strict=True)] if gap else []
+    return pytest.param(case, id=case.name, marks=marks)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("case", [_param(c) for c in CASES])
+def test_hostile_case(case: HostileCase, node: RunningListener, tmp_path: Path, caplog: Any) -> None:
+    paths = []
+    for i, item in enumerate(case.items):
+        path = tmp_path / f"{case.name}_{i}.dcm"
+        path.write_bytes(item.data)
+        paths.append(path)
+
+    with caplog.at_level(logging.INFO, logger="dicom_node"):
+        result = send_files(node.port, paths)
+
+    assert not result.aborted, f"{case.name}: the association ended early ({result.statuses})"
+    for item, status in zip(case.items, result.statuses, strict=True):
+        if item.expect is None:
+            assert status is None, f"{case.name}: expected refusal at negotiation, got status {status!r}"
+            continue
+        assert status is not None, f"{case.name}: refused at negotiation, expected one of {sorted(item.expect)}"
+        assert status in VALID_STATUSES, f"{case.name}: 0x{status:04X} is not a documented status"
+        assert status in item.expect, (
+            f"{case.name}: got 0x{status:04X}, expected one of {[f'0x{s:04X}' for s in sorted(item.expect)]}\n{caplog.text}"
+        )
+    if case.log:
+        assert case.log in caplog.text, f"{case.name}: the log does not say {case.log!r}:\n{caplog.text}"
+
+    for study, series, sop in case.stored:
+        row = node.row(sop)
+        assert row is not None, f"{case.name}: {sop} is not in the database"
+        assert (row.path.split("/")[:2]) == [study, series]
+        on_disk = node.storage.resolve(row.path).read_bytes()
+        assert hashlib.sha256(on_disk).hexdigest() == row.sha256
+        source = case.items[case.stored_from] if case.stored_from is not None else None
+        if source is not None:
+            # the stored copy is the accepted file's data set, byte for byte
+            assert on_disk.endswith(_body(source.data))
+    for sop in case.absent:
+        assert node.row(sop) is None, f"{case.name}: {sop} was recorded"
+        assert node.files_named(sop) == [], f"{case.name}: {sop} is on disk"
+    assert node.temporaries() == []
+    assert echo(node.port), f"{case.name}: no C-ECHO answer afterwards"
+
+
+def _body(data: bytes) -> bytes:
+    from tests.hostile.corpus import body_of
+
+    return body_of(data)
+
+
+def test_every_success_is_stored_with_its_row(node: RunningListener) -> None:
+    """After the corpus (whatever order it ran in): every file under the storage root has its row
+    with the same checksum, and every row its file."""
+    with db.session_scope(node.factory) as s:
+        rows = {r.path: r.sha256 for r in s.execute(select(db.Instance)).scalars()}
+    files = {p.relative_to(node.storage.root).as_posix(): p for p in node.storage.root.rglob("*.dcm")}
+    assert set(files) == set(rows)
+    for rel, path in files.items():
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == rows[rel]
