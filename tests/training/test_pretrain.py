@@ -22,7 +22,10 @@ from training.pretrain import (
 )
 
 
-def _volumes(n: int, shape: tuple[int, int, int] = (8, 32, 32)) -> list[dict[str, torch.Tensor]]:
+SHAPE = (8, 16, 16)  # the tiny preset at half its in-plane size: still three 2x downsamplings
+
+
+def _volumes(n: int, shape: tuple[int, int, int] = SHAPE) -> list[dict[str, torch.Tensor]]:
     """Smooth blobs in [-1, 1]: structure a denoiser can learn quickly."""
     d, h, w = shape
     z, y, x = np.meshgrid(np.linspace(-1, 1, d), np.linspace(-1, 1, h), np.linspace(-1, 1, w), indexing="ij")
@@ -35,7 +38,7 @@ def _volumes(n: int, shape: tuple[int, int, int] = (8, 32, 32)) -> list[dict[str
 
 
 def _cfg(**pretrain):
-    return load_config("tiny").with_overrides(pretrain=pretrain)
+    return load_config("tiny").with_overrides(pretrain=pretrain, model={"input_shape": list(SHAPE)})
 
 
 CPU = DistContext()
@@ -120,6 +123,6 @@ def test_existing_run_is_not_overwritten_and_resume_checks_the_architecture(tmp_
         pretrain(cfg, _volumes(2), "axial", tmp_path / "run", ctx=CPU, progress=False)
     with pytest.raises(ValueError, match="plane 'axial'"):
         pretrain(cfg, _volumes(2), "sagittal", tmp_path / "run", resume=True, ctx=CPU, progress=False)
-    wider = cfg.with_overrides(model={"channels": [8, 8, 16, 32]})
+    wider = cfg.with_overrides(model={"channels": [8, 8, 16, 32], "input_shape": list(SHAPE)})
     with pytest.raises(ValueError, match="channels"):
         pretrain(wider, _volumes(2), "axial", tmp_path / "run", resume=True, ctx=CPU, progress=False)
