@@ -1,0 +1,168 @@
+"""Seeded, time-bounded fuzzing of the C-STORE path of a running listener.
+
+Valid small MR data sets are mutated (attributes deleted, values replaced with junk or with
+another VR, bytes flipped, the data set cut short or extended with garbage) and sent byte for
+byte.  Whatever arrives, the node must answer with one of its documented statuses, keep
+serving (C-ECHO afterwards), and leave storage consistent: every file under the storage root
+has its database row with the same checksum and vice versa, no temporary file stays visible,
+and every instance answered with success is there.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import struct
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from dicom_node import db
+from dicom_node.listener import Listener
+from dicom_node.storage import Storage
+from tests.hostile.corpus import (
+    VALID_STATUSES,
+    body_of,
+    echo,
+    encode,
+    file_bytes,
+    mr_dataset,
+    send_files,
+)
+from tests.hostile.test_hostile_listener import hostile_config
+
+#: seconds of fuzzing (ORTHONODE_FUZZ_SECONDS for a longer run) and the seed (ORTHONODE_FUZZ_SEED)
+FUZZ_SECONDS = float(os.environ.get("ORTHONODE_FUZZ_SECONDS", "15"))
+FUZZ_SEED = int(os.environ.get("ORTHONODE_FUZZ_SEED", "20261128"))
+#: files per association: several, so a damaged file is followed by more on the same association
+BATCH = 8
+
+_JUNK_VALUES: list[Any] = ["", "\\".join(["1"] * 40), "x" * 300, "../..", "\x00\x01\x02", "1.2.3", -1, 2**31, "é" * 9]
+
+
+def _delete_tags(ds: Dataset, rng: random.Random) -> None:
+    keywords = [e.keyword for e in ds if e.keyword and e.keyword != "PixelData"]
+    for keyword in rng.sample(keywords, k=rng.randint(1, 4)):
+        delattr(ds, keyword)
+
+
+def _corrupt_value(ds: Dataset, rng: random.Random) -> None:
+    element = rng.choice([e for e in ds if e.keyword != "PixelData"])
+    if rng.random() < 0.5:
+        element.VR = rng.choice(["US", "UL", "FD", "OB", "SQ", "AT", "DA", "UN"])
+    value = rng.choice(_JUNK_VALUES)
+    try:
+        element.value = value
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        # the VR cannot hold it (e.g. AT): the element becomes raw junk bytes instead
+        element.VR = "UN"
+        element.value = bytes(rng.randrange(256) for _ in range(rng.choice([1, 2, 7, 64])))
+
+
+def _mutate_dataset(ds: Dataset, rng: random.Random) -> bytes:
+    for _ in range(rng.randint(1, 3)):
+        (_delete_tags if rng.random() < 0.4 else _corrupt_value)(ds, rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return body_of(encode(ds))
+        except (TypeError, ValueError, OverflowError, OSError, struct.error, AttributeError):
+            return b""  # pydicom cannot encode this mutation; the caller sends the original
+
+
+def _flip_bytes(body: bytes, rng: random.Random) -> bytes:
+    data = bytearray(body)
+    for _ in range(rng.randint(1, 12)):
+        data[rng.randrange(len(data))] = rng.randrange(256)
+    return bytes(data)
+
+
+def _cut_or_extend(body: bytes, rng: random.Random) -> bytes:
+    if rng.random() < 0.5:
+        return body[: rng.randrange(len(body))]
+    return body + bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+
+
+def fuzz_file(rng: random.Random) -> bytes:
+    """One mutated file: the file meta of the original (so the sender can address it), the data
+    set mutated in one of three ways."""
+    ds = mr_dataset(seed=rng.randrange(1000))
+    meta = ds.file_meta
+    original = body_of(encode(ds))
+    kind = rng.random()
+    if kind < 0.4:
+        body = _mutate_dataset(ds, rng) or original
+    elif kind < 0.8:
+        body = _flip_bytes(original, rng)
+    else:
+        body = _cut_or_extend(original, rng)
+    if rng.random() < 0.2:  # sometimes the command and the data set disagree on the instance
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+    return file_bytes(meta, body)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fuzz_c_store(tmp_path: Path) -> None:
+    config = hostile_config(tmp_path)
+    db.upgrade_database(config.database_url)
+    engine = db.make_engine(config.database_url)
+    factory = db.make_session_factory(engine)
+    storage = Storage(config.data_dir / "instances", 0)
+    listener = Listener(config, storage, factory)
+    listener.start()
+    rng = random.Random(FUZZ_SEED)
+    sent = successes = 0
+    seen: dict[int, int] = {}
+    acknowledged: list[Path] = []
+    try:
+        deadline = time.monotonic() + FUZZ_SECONDS
+        batch_no = 0
+        while time.monotonic() < deadline:
+            paths = []
+            for i in range(BATCH):
+                path = tmp_path / "send" / f"{batch_no:04d}_{i}.dcm"
+                path.parent.mkdir(exist_ok=True)
+                path.write_bytes(fuzz_file(rng))
+                paths.append(path)
+            batch_no += 1
+            result = send_files(config.listener.port, paths)
+            assert not result.aborted, f"batch {batch_no}: the node ended the association ({result.statuses})"
+            for path, status in zip(paths, result.statuses, strict=True):
+                sent += 1
+                assert status is not None, f"{path.name}: no presentation context for an MR file"
+                assert status in VALID_STATUSES, f"{path.name}: 0x{status:04X} is not a documented status"
+                seen[status] = seen.get(status, 0) + 1
+                if status == 0:
+                    successes += 1
+                    acknowledged.append(path)
+            for path in paths:
+                if path not in acknowledged:
+                    path.unlink()
+        assert echo(config.listener.port), "no C-ECHO answer after fuzzing"
+    finally:
+        listener.stop(timeout=2)
+
+    try:
+        with db.session_scope(factory) as s:
+            rows = {r.path: (r.sha256, r.sop_instance_uid) for r in s.execute(select(db.Instance)).scalars()}
+    finally:
+        engine.dispose()
+    files = {p.relative_to(storage.root).as_posix(): p for p in storage.root.rglob("*") if p.is_file()}
+    assert [name for name in files if Path(name).name.startswith(".")] == [], "temporary files left visible"
+    assert set(files) == set(rows), "files without rows or rows without files"
+    for rel, path in files.items():
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == rows[rel][0], rel
+    # every acknowledged file is stored: its data set bytes are among the stored files'
+    stored_bodies = {hashlib.sha256(body_of(p.read_bytes())).hexdigest() for p in files.values()}
+    for path in acknowledged:
+        assert hashlib.sha256(body_of(path.read_bytes())).hexdigest() in stored_bodies, path
+    assert sent >= 40, f"only {sent} files in {FUZZ_SECONDS} s"
+    # the mutations reach more than one outcome: refusals and successes both occur
+    assert successes and len(seen) >= 3, seen
+
