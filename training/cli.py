@@ -123,7 +123,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        "classifier with EHR and a sagittal segmenter, evaluate on a held-out phantom site and save "
                        "one bundle. Synthetic data only: the model is not for clinical use.")
     p.add_argument("--out", type=Path, default=Path("models/demo-knee.pt"), help="bundle file (default models/demo-knee.pt)")
-    p.add_argument("--work", type=Path, help="working folder for phantoms and runs (default: next to --out)")
+    p.add_argument("--work", type=Path,
+                   help="working folder for phantoms, runs and held-out metrics (default data/<out name>-train); "
+                   "a rerun reuses its phantoms and finished pretraining runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default="demo", help="configuration (default: demo)")
     p.add_argument("--no-progress", action="store_true")

@@ -146,7 +146,8 @@ def run_demo(
     started = time.monotonic()
     timings: dict[str, float] = {}
     out = Path(out)
-    work = Path(work) if work is not None else out.parent / f"{out.stem}-work"
+    # default under data/ (git-ignored in a checkout), not next to the bundle in models/
+    work = Path(work) if work is not None else Path("data") / f"{out.stem}-train"
     cfg = load_config(config)
     if train_cases < 4 or held_out_cases < 1:
         raise ValueError(f"the demo needs >= 4 training and >= 1 held-out cases, got {train_cases} and {held_out_cases}")

@@ -14,8 +14,8 @@ images the labels come from; the held-out site stays unseen).  Every step is the
 call behind an ``orthonode train`` command; the equivalent commands are written to the
 report, so any cell can be rerun by hand.
 
-    python benchmarks/label_efficiency/run.py --scale quick     # ~10-15 min on 2 CPU cores
-    python benchmarks/label_efficiency/run.py --scale cpu       # ~1 h on 2 CPU cores
+    python benchmarks/label_efficiency/run.py --scale quick     # estimate: ~10-15 min on 2 idle CPU cores
+    python benchmarks/label_efficiency/run.py --scale cpu       # estimate: ~1 h on 2 idle CPU cores
     python benchmarks/label_efficiency/run.py --scale gpu       # larger pools and longer training
 
 Writes ``benchmarks/results/label_efficiency.md`` (table, commands, seeds, machine) and
@@ -57,12 +57,13 @@ class Scale:
     classify_epochs: int
     segment_epochs: int
     n_boot: int
+    pretrain_batch: int = 4
     config: str = "small"
 
 
 SCALES: dict[str, Scale] = {
     "quick": Scale(knee_pool=30, knee_test=8, held_out=8, transfer_pool=20, transfer_test=8, matrix=64,
-                   pretrain_steps=60, classify_epochs=6, segment_epochs=6, n_boot=200),
+                   pretrain_steps=30, pretrain_batch=2, classify_epochs=5, segment_epochs=5, n_boot=200),
     "cpu": Scale(knee_pool=100, knee_test=20, held_out=20, transfer_pool=50, transfer_test=20, matrix=64,
                  pretrain_steps=300, classify_epochs=8, segment_epochs=10, n_boot=500),
     # checks the script itself in a minute (tiny model); its numbers mean nothing
@@ -94,6 +95,8 @@ def machine() -> dict[str, str]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        # the machine may be shared: the load says how much of it the benchmark had
+        "load_average": " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a",
     }
     try:
         import monai
@@ -114,8 +117,8 @@ def effective_config(scale: Scale, work: Path) -> Path:
     # whose memory (1 / (1 - decay)) is at most a tenth of the run, capped at the reference 0.995.
     decay = min(0.995, 1.0 - 10.0 / scale.pretrain_steps) if scale.pretrain_steps > 20 else 0.5
     cfg = load_config(scale.config).with_overrides(
-        pretrain={"steps": scale.pretrain_steps, "checkpoint_every": max(1, scale.pretrain_steps // 2),
-                  "ema_every": 1, "ema_decay": decay},
+        pretrain={"steps": scale.pretrain_steps, "batch_size": scale.pretrain_batch,
+                  "checkpoint_every": max(1, scale.pretrain_steps // 2), "ema_every": 1, "ema_decay": decay},
         classify={"epochs": scale.classify_epochs},
         segment={"epochs": scale.segment_epochs},
         # preprocessed volumes are cached once and shared by every cell
@@ -164,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
     started = time.monotonic()
+    load_at_start = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     timings: dict[str, float] = {}
     commands: list[str] = [
         f"python benchmarks/label_efficiency/run.py --scale {args.scale} --work {args.work} --seeds {args.seeds} "
@@ -269,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["total"] = time.monotonic() - started
 
     info = machine()
+    info["load_average_at_start"] = load_at_start
     results = {"scale": args.scale, "scale_parameters": scale.__dict__, "seeds": seeds, "data_seed": ds,
                "held_out_site": HELD_OUT_SITE, "training_sites": sites, "pretrain_loss": pretrain_loss,
                "rows": rows, "timings": timings, "machine": info, "commands": commands,
@@ -308,7 +313,8 @@ def render_report(results: dict[str, Any]) -> str:
         f"ankle/shoulder pools {scale['transfer_pool']} with tests of {scale['transfer_test']}; "
         f"phantom matrix {scale['matrix']}.",
         f"- Configuration `{results['config']['name']}` (model preset "
-        f"`{results['config']['model'].get('preset')}`): pretraining {scale['pretrain_steps']} steps per plane, "
+        f"`{results['config']['model'].get('preset')}`): pretraining {scale['pretrain_steps']} steps of batch "
+        f"{scale['pretrain_batch']} per plane, "
         f"classifier {scale['classify_epochs']} epochs, segmenter {scale['segment_epochs']} epochs; "
         f"bootstrap {scale['n_boot']} resamples.",
         f"- Label fraction: a seeded, stratified subset of the pool; 20 % of it (by patient) is the validation split "
@@ -373,6 +379,9 @@ def render_report(results: dict[str, Any]) -> str:
         "",
         f"- CPU: {info['cpu']}, {info['cores']} cores visible, torch threads {info['torch_threads']}; "
         f"CUDA: {info['cuda']}.",
+        f"- Load average (1/5/15 min) at start {info.get('load_average_at_start', 'n/a')}, at the end "
+        f"{info.get('load_average', 'n/a')}: above the core count, the machine was shared and wall times are "
+        "longer than on an idle machine.",
         f"- torch {info['torch']}, MONAI {info.get('monai', '?')}, Python {info['python']}.",
         "- Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in results["timings"].items()) + ".",
         "",
