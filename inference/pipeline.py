@@ -532,7 +532,7 @@ def run_study(
 
     # 6. segmentation, 7. writing
     from inference.seg_writer import structure_volumes_ml, write_segmentation
-    from inference.uids import AlgorithmInfo, default_node_info
+    from inference.uids import AlgorithmInfo, default_node_info, instances_fingerprint
 
     node_info = node_info or default_node_info()
     algorithm = AlgorithmInfo(name=bundle.card.name, version=bundle.card.version)
@@ -580,6 +580,9 @@ def run_study(
                 result.volumes_ml.get(referenced) if referenced else None,
                 SR_SERIES_NUMBER,
                 node_info,
+                input_fingerprint=instances_fingerprint(
+                    [ds for p in sorted(set(used) | set(segs)) for ds in volumes[p].datasets]
+                ),
             )
             result.report = out_dir / "sr.dcm"
             sr.save_as(result.report)

@@ -37,7 +37,7 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from inference.labels import KNEE_STRUCTURES, Structure
-from inference.uids import AlgorithmInfo, NodeInfo, default_node_info, derived_uid
+from inference.uids import AlgorithmInfo, NodeInfo, default_node_info, derived_uid, instances_fingerprint
 
 #: direction cosines of one series may differ by rounding in the last written digits
 _ORIENTATION_TOLERANCE = 1e-4
@@ -317,14 +317,15 @@ def write_segmentation(
     first = source_images[0]
     study_uid, series_uid = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
     descriptions, schemes = _segment_descriptions(structures, algorithm, study_uid, series_uid)
+    inputs = instances_fingerprint(source_images)  # new inputs -> new UIDs; same inputs -> same UIDs
     seg = hd.seg.Segmentation(
         source_images=source_images,
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=derived_uid(study_uid, series_uid, algorithm.version, "seg-series"),
+        series_instance_uid=derived_uid(study_uid, series_uid, inputs, algorithm.version, "seg-series"),
         series_number=series_number,
-        sop_instance_uid=derived_uid(study_uid, series_uid, algorithm.version, "seg-instance"),
+        sop_instance_uid=derived_uid(study_uid, series_uid, inputs, algorithm.version, "seg-instance"),
         instance_number=1,
         manufacturer=node_info.manufacturer,
         manufacturer_model_name=node_info.model_name,

@@ -37,7 +37,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from inference.labels import KNEE_STRUCTURES, PLANES
-from inference.uids import AlgorithmInfo, NodeInfo, default_node_info, derived_uid
+from inference.uids import AlgorithmInfo, NodeInfo, default_node_info, derived_uid, instances_fingerprint
 from sr_templates import CodingSchemeSpec, JointTemplate, load_structures, structures_coding_scheme
 
 #: TID 1500 row 12 container; UMLS concept as used by TID 1500 itself
@@ -320,6 +320,7 @@ def write_report(
     volumes_ml: Mapping[str, float] | None,
     series_number: int,
     node_info: NodeInfo | None = None,
+    input_fingerprint: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Comprehensive 3D SR of one analysed study.
 
@@ -334,6 +335,10 @@ def write_report(
         algorithm: the model; its version enters the UIDs.
         segmentation: the SEG written for the same study, referenced by the volume groups.
         volumes_ml: structure key -> volume in mL, one TID 1411 group each.
+        input_fingerprint: digest of every source instance the analysis used
+            (:func:`inference.uids.instances_fingerprint` over all used series); it enters the
+            UIDs so changed inputs give a new report and unchanged inputs the same one.  Default:
+            the digest of ``evidence``.
         series_number: Series Number of the new SR series.
         node_info: the writing node; defaults to the installed package.
     """
@@ -373,13 +378,14 @@ def write_report(
     )
 
     series_uids = sorted(uid for uid, _ in used_series.values())
+    inputs = input_fingerprint or instances_fingerprint(list(evidence))
     all_evidence = list(evidence) + ([segmentation] if segmentation is not None else [])
     sr = hd.sr.Comprehensive3DSR(
         evidence=all_evidence,
         content=report,
-        series_instance_uid=derived_uid(study_uid, *series_uids, algorithm.version, "sr-series", template.joint),
+        series_instance_uid=derived_uid(study_uid, *series_uids, inputs, algorithm.version, "sr-series", template.joint),
         series_number=series_number,
-        sop_instance_uid=derived_uid(study_uid, *series_uids, algorithm.version, "sr-instance", template.joint),
+        sop_instance_uid=derived_uid(study_uid, *series_uids, inputs, algorithm.version, "sr-instance", template.joint),
         instance_number=1,
         manufacturer=node_info.manufacturer,
         is_complete=True,

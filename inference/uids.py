@@ -20,6 +20,7 @@ of the parts under that root.
 """
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import highdicom as hd
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 
 #: Root for derived UIDs; ``None`` selects the ``2.25`` UUID-derived root (see module docstring).
@@ -65,6 +67,20 @@ def derived_uid(*parts: str) -> str:
     if len(UID_ROOT) > _MAX_UID_LENGTH - 20:
         raise ValueError(f"UID_ROOT {UID_ROOT!r} leaves too little room for a unique suffix")
     return str(generate_uid(prefix=UID_ROOT, entropy_srcs=[name]))
+
+
+def instances_fingerprint(datasets: Sequence[Dataset]) -> str:
+    """A short digest of the exact source instances an output was made from.
+
+    It enters output UIDs so that a re-run on unchanged inputs gives the same UIDs (the PACS
+    replaces nothing twice) and a re-run after instances were added, removed or replaced gives
+    new ones.  SOP Instance UIDs alone identify unchanged content; the number of frames is
+    added for multi-frame sources.
+    """
+    if not datasets:
+        raise ValueError("instances_fingerprint needs at least one dataset")
+    keys = sorted(f"{ds.SOPInstanceUID}/{int(ds.get('NumberOfFrames', 1) or 1)}" for ds in datasets)
+    return hashlib.sha256("\n".join(keys).encode("ascii")).hexdigest()[:32]
 
 
 @dataclass(frozen=True)

@@ -225,8 +225,6 @@ def test_a_job_taken_over_after_a_crash_is_finished_once(stored_knee: NodeParts,
         assert len(job.exports) == 4  # SEG + SR to pacs and research, once
 
 
-@pytest.mark.xfail(strict=True, reason="inference.seg_writer/sr_writer derive output UIDs from the series UIDs only, "
-                                       "not from the instances used; a changed series keeps its SEG/SR UIDs")
 def test_changed_inputs_give_new_output_uids(stored_knee: NodeParts, bundle, tmp_path: Path) -> None:
     parts = stored_knee
     worker = Worker(parts.config, parts.factory, parts.storage.resolve, bundle=bundle)

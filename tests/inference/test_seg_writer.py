@@ -1,6 +1,8 @@
 """SEG writer: geometry on axial, sagittal and oblique-coronal sources, references, codes, UIDs."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pydicom
 import pytest
@@ -8,7 +10,7 @@ import highdicom as hd
 
 from inference.labels import KNEE_STRUCTURES
 from inference.seg_writer import SourceSeriesError, structure_volumes_ml, write_segmentation
-from inference.uids import AlgorithmInfo, NodeInfo, derived_uid
+from inference.uids import instances_fingerprint, AlgorithmInfo, NodeInfo, derived_uid
 from sr_templates import load_structures
 from tests.inference.output_factory import (
     dciodvfy_errors,
@@ -146,10 +148,17 @@ def test_uids_are_deterministic_per_model_version(study):
     assert first.SeriesInstanceUID != newer.SeriesInstanceUID
     assert first.SOPInstanceUID != newer.SOPInstanceUID
     assert first.SOPInstanceUID == derived_uid(
-        study.study_uid, series[0].SeriesInstanceUID, ALGORITHM.version, "seg-instance"
+        study.study_uid, series[0].SeriesInstanceUID, instances_fingerprint(series), ALGORITHM.version, "seg-instance"
     )
     other = make_series(study, "axial", seed=4)
     assert write_segmentation(other, label_map, ALGORITHM, 300, node_info=NODE).SOPInstanceUID != first.SOPInstanceUID
+    # the same series with one instance replaced by a new one: new inputs, new UIDs
+    changed = list(series)
+    changed[0] = copy.deepcopy(changed[0])
+    changed[0].SOPInstanceUID = pydicom.uid.generate_uid()
+    replaced = write_segmentation(changed, label_map, ALGORITHM, 300, node_info=NODE)
+    assert replaced.SeriesInstanceUID != first.SeriesInstanceUID
+    assert replaced.SOPInstanceUID != first.SOPInstanceUID
 
 
 def test_derived_uid_properties():
