@@ -12,7 +12,7 @@ Three objects, kept apart as in MONAI (network, noise schedule, procedure):
   (:class:`OrthoDiffusionClassifier`, with optional EHR late fusion in :class:`EHRFusion`), and
   a transposed-convolution decoder from the bottleneck (:class:`OrthoDiffusionSegmenter`).
 
-Reference hyper-parameters (``PRESETS["paper"]``) follow /work/shared/docs/method.md: input
+Reference hyper-parameters (``PRESETS["paper"]``) follow docs/method.md: input
 1 x 16 x 256 x 256, widths 64 x (1, 1, 2, 2, 4), one residual block per level, attention at
 the lowest level and in the middle block, isotropic 2x2x2 downsampling, so a 1 x 16 x 256 x 256
 input gives a 256 x 1 x 16 x 16 bottleneck.  ``num_head_channels = 64`` gives the UNet's
