@@ -21,7 +21,7 @@ from dicom_node import db
 from dicom_node.config import NodeConfig, parse_config
 from dicom_node.listener import Listener
 from dicom_node.storage import Storage
-from tests.dicom_node.conftest import free_port
+from tests.dicom_node.conftest import free_port, postgres_server_url, postgres_url  # noqa: F401 - fixtures
 from tests.hostile.corpus import KNOWN_GAPS, VALID_STATUSES, HostileCase, build_cases, echo, send_files
 
 CASES = build_cases()
@@ -152,3 +152,83 @@ def test_every_success_is_stored_with_its_row(node: RunningListener) -> None:
     assert set(files) == set(rows)
     for rel, path in files.items():
         assert hashlib.sha256(path.read_bytes()).hexdigest() == rows[rel]
+
+
+# --------------------------------------------------------------------------- conditions that clear
+
+
+def _start(config: NodeConfig) -> RunningListener:
+    db.upgrade_database(config.database_url)
+    engine = db.make_engine(config.database_url)
+    factory = db.make_session_factory(engine)
+    storage = Storage(config.data_dir / "instances", config.storage.min_free_mb)
+    listener = Listener(config, storage, factory)
+    listener.start()
+    return RunningListener(config, listener, storage, factory, engine)
+
+
+def _write(tmp_path: Path, name: str) -> tuple[Path, str]:
+    from tests.hostile.corpus import encode, mr_dataset
+
+    ds = mr_dataset()
+    path = tmp_path / f"{name}.dcm"
+    path.write_bytes(encode(ds))
+    return path, str(ds.SOPInstanceUID)
+
+
+def test_disk_full_refuses_with_a700_and_recovers_by_itself(tmp_path: Path, caplog: Any) -> None:
+    node = _start(hostile_config(tmp_path))
+    try:
+        node.storage.min_free_mb = 10**9  # the disk is "full": no space above the reserve
+        path, sop = _write(tmp_path, "while_full")
+        with caplog.at_level(logging.ERROR, logger="dicom_node.listener"):
+            assert send_files(node.port, [path]).statuses == [0xA700]
+        assert "out of space" in caplog.text and "storage.min_free_mb" in caplog.text
+        assert node.row(sop) is None and node.files_named(sop) == [] and node.temporaries() == []
+        assert echo(node.port)
+
+        node.storage.min_free_mb = 0  # space was freed: the next C-STORE works, no restart
+        assert send_files(node.port, [path]).statuses == [0x0000]
+        assert node.row(sop) is not None and len(node.files_named(sop)) == 1
+    finally:
+        node.listener.stop(timeout=2)
+        node.engine.dispose()
+
+
+def test_database_unavailable_refuses_with_a702_and_recovers_by_itself(
+    tmp_path: Path, postgres_url: str, caplog: Any
+) -> None:
+    """PostgreSQL stops accepting connections (and drops the open ones) mid-run, then comes back."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    config = hostile_config(tmp_path)
+    config = config.model_copy(update={"database": config.database.model_copy(update={"url": postgres_url})})
+    node = _start(config)
+    name = make_url(postgres_url).database
+    admin = create_engine(make_url(postgres_url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        before, before_sop = _write(tmp_path, "before")
+        assert send_files(node.port, [before]).statuses == [0x0000]
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name})
+
+        during, during_sop = _write(tmp_path, "during")
+        with caplog.at_level(logging.ERROR, logger="dicom_node.listener"):
+            assert send_files(node.port, [during]).statuses == [0xA702]
+        assert "the database is unavailable" in caplog.text
+        assert node.files_named(during_sop) == [] and node.temporaries() == []
+        assert echo(node.port)
+
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        assert send_files(node.port, [during]).statuses == [0x0000]  # the sender's retry succeeds
+        assert node.row(during_sop) is not None and node.row(before_sop) is not None
+        assert len(node.files_named(during_sop)) == 1
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        admin.dispose()
+        node.listener.stop(timeout=2)
+        node.engine.dispose()
