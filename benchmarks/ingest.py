@@ -44,6 +44,9 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 RECEIVERS = ("orthonode", "pynetdicom-storescp", "dcmtk-storescp", "orthanc")
+#: diagnostic only, not a supported mode: orthonode with Python's os.fsync made a no-op (SQLite
+#: still syncs its own commits), to show what the per-instance file and folder fsyncs cost
+DIAGNOSTIC_RECEIVERS = ("orthonode-no-file-fsync",)
 
 
 # --------------------------------------------------------------------------- data
@@ -146,7 +149,7 @@ def _count_files(folder: Path, pattern: str = "*") -> int:
 
 
 @contextmanager
-def orthonode_receiver(work: Path) -> Iterator[Receiver]:
+def orthonode_receiver(work: Path, file_fsync: bool = True) -> Iterator[Receiver]:
     import yaml
 
     checkpoint = work / "unused-model.pt"  # serve requires the file; no job runs during the benchmark
@@ -168,9 +171,13 @@ def orthonode_receiver(work: Path) -> Iterator[Receiver]:
     path = work / "node.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(path)]
+    if not file_fsync:
+        command = [sys.executable, "-c", "import os, runpy, sys; os.fsync = lambda fd: None; "
+                   f"sys.argv = ['orthonode', 'serve', '--config', {str(path)!r}]; "
+                   "runpy.run_module('dicom_node.cli', run_name='__main__')"]
     with open(work / "serve.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(path)],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     try:
         wait_port(port, proc=proc)
         wait_port(http_port, proc=proc)
@@ -185,7 +192,7 @@ def orthonode_receiver(work: Path) -> Iterator[Receiver]:
             finally:
                 engine.dispose()
 
-        yield Receiver("orthonode", port, "ORTHONODE", count)
+        yield Receiver("orthonode" if file_fsync else DIAGNOSTIC_RECEIVERS[0], port, "ORTHONODE", count)
     finally:
         _stop(proc)
 
@@ -235,6 +242,7 @@ FACTORIES: dict[str, Callable[[Path], Any]] = {
     "pynetdicom-storescp": pynetdicom_receiver,
     "dcmtk-storescp": dcmtk_receiver,
     "orthanc": orthanc_receiver,
+    "orthonode-no-file-fsync": lambda work: orthonode_receiver(work, file_fsync=False),
 }
 
 
@@ -276,11 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=10)
     parser.add_argument("--senders", type=int, nargs="+", default=[1, 4], help="parallel storescu processes")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--receivers", nargs="+", default=list(RECEIVERS), choices=RECEIVERS)
+    parser.add_argument("--receivers", nargs="+", default=list(RECEIVERS), choices=RECEIVERS + DIAGNOSTIC_RECEIVERS)
+    parser.add_argument("--nagle", action="store_true",
+                        help="leave dcmtk's default (Nagle on); by default TCP_NODELAY=1 is set for dcmtk and Orthanc")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=None, help="append the markdown table to this file")
     args = parser.parse_args(argv)
 
+    if not args.nagle:
+        # dcmtk (storescu, storescp, and Orthanc, which is built on it) leaves Nagle's algorithm
+        # on unless TCP_NODELAY=1; with delayed ACKs every C-STORE then waits ~40 ms on loopback
+        os.environ["TCP_NODELAY"] = "1"
     work = Path(args.work or tempfile.mkdtemp(prefix="orthonode-ingest-"))
     work.mkdir(parents=True, exist_ok=True)
     files = make_instances(work / "files", args.instances, args.matrix, args.studies)
@@ -315,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     header = [
         f"Machine: {machine()}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after.",
         f"Load: {len(files)} MR instances ({args.matrix}x{args.matrix} uint16, {size_mib:.0f} MiB in all, "
-        f"{args.studies} studies x 3 series), dcmtk storescu, {args.repeats} runs per receiver, interleaved.",
+        f"{args.studies} studies x 3 series), dcmtk storescu, {args.repeats} runs per receiver, interleaved; "
+        f"TCP_NODELAY={os.environ.get('TCP_NODELAY', 'unset')} for the dcmtk programs and Orthanc.",
         f"Command: `.venv/bin/python benchmarks/ingest.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         "",
     ]
