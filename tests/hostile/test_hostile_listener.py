@@ -22,6 +22,7 @@ from dicom_node.config import NodeConfig, parse_config
 from dicom_node.listener import Listener
 from dicom_node.storage import Storage
 from tests.dicom_node.conftest import free_port, postgres_server_url, postgres_url  # noqa: F401 - fixtures
+from tests.dicom_node.node_fixtures import node_checkpoint  # noqa: F401 - fixture
 from tests.hostile.corpus import KNOWN_GAPS, VALID_STATUSES, HostileCase, build_cases, echo, send_files
 
 CASES = build_cases()
@@ -232,3 +233,89 @@ def test_database_unavailable_refuses_with_a702_and_recovers_by_itself(
         admin.dispose()
         node.listener.stop(timeout=2)
         node.engine.dispose()
+
+
+# --------------------------------------------------------------------------- SIGKILL while storing
+
+
+def test_sigkill_while_storing_keeps_every_acknowledged_instance(
+    tmp_path: Path, node_checkpoint: Path  # noqa: F811
+) -> None:
+    """Two senders store while ``orthonode serve`` is SIGKILLed three times at random moments
+    (seeded); after each kill every acknowledged instance is on disk, byte for byte, with its row,
+    and every visible file is complete.  The long version is benchmarks/crash_consistency.py."""
+    import random
+    import sqlite3
+    import threading
+    import time
+
+    from tests.dicom_node.node_fixtures import ServeProcess, make_node_config, write_node_yaml
+    from tests.hostile.corpus import body_of, encode, mr_dataset
+
+    options = make_node_config(tmp_path, node_checkpoint, quiet=600, forced=1200)
+    config_path = write_node_yaml(tmp_path, options)
+    port, http_port = options["listener"]["port"], options["http"]["port"]
+    bodies: dict[str, bytes] = {}
+    queues: list[list[Path]] = []
+    for k in range(2):
+        study = mr_dataset()
+        queue = []
+        for i in range(150):
+            ds = mr_dataset(study=str(study.StudyInstanceUID), series=str(study.SeriesInstanceUID), seed=i, rows=64, cols=64)
+            path = tmp_path / "send" / f"{k}_{i:03d}.dcm"
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(encode(ds))
+            bodies[str(ds.SOPInstanceUID)] = body_of(path.read_bytes())
+            queue.append(path)
+        queues.append(queue)
+    acknowledged: set[str] = set()
+    stop = threading.Event()
+
+    def sender(queue: list[Path]) -> None:
+        from pydicom.filereader import read_file_meta_info
+
+        i = 0
+        while i < len(queue) and not stop.is_set():
+            try:
+                result = send_files(port, queue[i : i + 25], calling="STORESCU", timeout=10)
+            except ConnectionError:
+                time.sleep(0.2)
+                continue
+            for path, status in zip(queue[i:], result.statuses):
+                if status != 0:
+                    break
+                acknowledged.add(str(read_file_meta_info(path).MediaStorageSOPInstanceUID))
+                i += 1
+
+    proc = ServeProcess(config_path, tmp_path / "serve.log").start()
+    proc.wait_healthy(http_port)
+    threads = [threading.Thread(target=sender, args=(q,), daemon=True) for q in queues]
+    for t in threads:
+        t.start()
+    rng = random.Random(3)
+    storage = tmp_path / "data" / "instances"
+    try:
+        for kill in range(3):
+            time.sleep(rng.uniform(0.5, 2.0))
+            proc.kill()
+            seen = set(acknowledged)
+            with sqlite3.connect(f"file:{tmp_path / 'data' / 'orthonode.sqlite'}?mode=ro", uri=True) as conn:
+                rows = dict(conn.execute("SELECT sop_instance_uid, sha256 FROM instances").fetchall())
+            for sop in seen:
+                assert sop in rows, f"kill {kill}: acknowledged {sop} has no row"
+            for path in storage.rglob("*.dcm"):
+                if path.name.startswith("."):
+                    continue
+                data = path.read_bytes()
+                assert body_of(data) == bodies[path.stem], f"kill {kill}: {path} is not complete"
+                if path.stem in rows:
+                    assert hashlib.sha256(data).hexdigest() == rows[path.stem]
+            assert seen <= {p.stem for p in storage.rglob("*.dcm")}
+            proc.start()
+            proc.wait_healthy(http_port)
+        for t in threads:
+            t.join(timeout=120)
+        assert len(acknowledged) == len(bodies), f"{len(acknowledged)} of {len(bodies)} acknowledged"
+    finally:
+        stop.set()
+        proc.kill()
