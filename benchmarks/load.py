@@ -1,0 +1,155 @@
+"""Load test of ``orthonode serve``: many concurrent senders, thousands of instances, many studies.
+
+``--senders`` threads (pynetdicom, one association per study, data sets sent byte for byte) send
+``--studies`` phantom knee studies (three generated knees copied with fresh UIDs, about 80
+instances each at matrix 64) to one node that also assembles, processes (the tiny test model)
+and exports the studies to an in-process PACS while the load goes on.  Measured: instances
+acknowledged / refused / lost (acknowledged but not in the database), association failures and
+timeouts, the time to receive everything and to settle (every study processed and exported),
+and the peak resident memory of the node process (VmHWM, sampled every 0.5 s and at the end).
+
+    .venv/bin/python benchmarks/load.py --senders 8 --studies 28 --checkpoint /path/to/model.pt \\
+        --out benchmarks/results/load.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from crash_consistency import Pacs, Serve, Study, delivery_report, free_port, make_studies, settle  # noqa: E402
+
+
+class LoadSender:
+    """Sends whole studies, one association each; never retries, so every refusal or failure counts."""
+
+    def __init__(self, port: int, studies: list[Study]) -> None:
+        self.port = port
+        self.studies = studies
+        self.statuses: Counter[int] = Counter()
+        self.acknowledged: list[str] = []
+        self.association_failures = 0
+        self.aborted = 0
+        self.seconds = 0.0
+
+    def run(self) -> None:
+        from pydicom.filereader import read_file_meta_info
+        from pynetdicom import AE
+        from pynetdicom import _config as pynetdicom_config
+
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+        started = time.perf_counter()
+        for study in self.studies:
+            metas = [read_file_meta_info(f) for f in study.files]
+            ae = AE(ae_title="SENDER")
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+            for abstract, syntax in sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}):
+                ae.add_requested_context(abstract, syntax)
+            assoc = ae.associate("127.0.0.1", self.port, ae_title="ORTHONODE")
+            if not assoc.is_established:
+                self.association_failures += 1
+                continue
+            try:
+                for path, meta in zip(study.files, metas):
+                    response = assoc.send_c_store(path)
+                    status = response.get("Status") if response is not None else None
+                    if status is None:  # DIMSE timeout or the association went away
+                        self.aborted += 1
+                        break
+                    self.statuses[int(status)] += 1
+                    if int(status) == 0:
+                        self.acknowledged.append(str(meta.MediaStorageSOPInstanceUID))
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+        self.seconds = time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--senders", type=int, default=8)
+    parser.add_argument("--studies", type=int, default=28, help="about 80 instances each")
+    parser.add_argument("--quiet", type=float, default=5.0, help="series/study quiet seconds of the node")
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--checkpoint", type=Path, default=None, help="model bundle (default: train the tiny test one)")
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="append the result to this markdown file")
+    args = parser.parse_args(argv)
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="orthonode-load-"))
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        from tests.dicom_node.node_fixtures import build_small_checkpoint
+
+        checkpoint = build_small_checkpoint(work / "model")
+    studies = make_studies(work, args.studies)
+    instances = sum(len(s.files) for s in studies)
+    pacs = Pacs(free_port())
+    pacs.start()
+    serve = Serve(work / "node", checkpoint, pacs.port, quiet=args.quiet)
+    serve.start()
+    senders = [LoadSender(serve.port, studies[k :: args.senders]) for k in range(args.senders)]
+    threads = [threading.Thread(target=s.run, daemon=True) for s in senders]
+    load_before = os.getloadavg()
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        serve.sample_rss()
+        time.sleep(0.5)
+    received_s = time.monotonic() - started
+    settle(serve, studies, args.timeout)
+    settled_s = time.monotonic() - started
+    peak_mib = serve.sample_rss() / 1024
+    serve.terminate()
+    pacs.stop()
+
+    acknowledged = [sop for s in senders for sop in s.acknowledged]
+    with sqlite3.connect(f"file:{serve.data / 'orthonode.sqlite'}?mode=ro", uri=True) as conn:
+        recorded = {row[0] for row in conn.execute("SELECT sop_instance_uid FROM instances")}
+    statuses = sum((s.statuses for s in senders), Counter())
+    report: dict[str, Any] = {
+        "senders": args.senders,
+        "studies": len(studies),
+        "instances sent": instances,
+        "acknowledged (0x0000)": statuses.get(0, 0),
+        "refused (other statuses)": {f"0x{k:04X}": v for k, v in statuses.items() if k} or 0,
+        "lost (acknowledged, not recorded)": len(set(acknowledged) - recorded),
+        "association failures": sum(s.association_failures for s in senders),
+        "associations aborted or timed out": sum(s.aborted for s in senders),
+        "seconds to receive all": round(received_s, 1),
+        "instances/s while receiving": round(instances / received_s, 1),
+        "seconds until every study processed and exported": round(settled_s, 1),
+        "peak RSS of the node (MiB)": round(peak_mib),
+        "load average before / after": f"{load_before[0]:.1f} / {os.getloadavg()[0]:.1f}",
+    }
+    report.update(delivery_report(serve, pacs, studies))
+    command = f".venv/bin/python benchmarks/load.py {' '.join(argv if argv is not None else sys.argv[1:])}"
+    lines = [f"Command: `{command}`", "", "| measure | value |", "| --- | ---: |"]
+    lines += [f"| {key} | {value} |" for key, value in report.items()]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out is not None:
+        with open(args.out, "a", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
