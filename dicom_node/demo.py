@@ -227,6 +227,8 @@ def findings_from_sr(data: bytes) -> list[dict[str, Any]]:
                         group["probability"] = float(child.MeasuredValueSequence[0].NumericValue)
                     elif name == "Presence of property":
                         group["present"] = str(child.ConceptCodeSequence[0].CodeValue) == "121053"
+                    elif name == "Algorithm Parameters" and str(child.TextValue).startswith("decision threshold"):
+                        group["threshold"] = float(str(child.TextValue).split()[-1])
                 if {"key", "probability", "present"} <= set(group):
                     out.append(group)
             elif "ContentSequence" in item:
@@ -263,7 +265,7 @@ def report_study(orthanc: Any, study: PhantomStudy, results_dir: Path) -> tuple[
             sr_data = orthanc.instance_file(s["Instances"][0])
     agree = total = 0
     if sr_data is not None:
-        lines.append(f"  {'finding':<38} {'phantom truth':<14} node (probability)")
+        lines.append(f"  {'finding':<38} {'phantom truth':<14} node (probability, decision threshold)")
         for f in findings_from_sr(sr_data):
             truth = study.truth.get(f["key"])
             said = "present" if f["present"] else "absent"
@@ -275,7 +277,8 @@ def report_study(orthanc: Any, study: PhantomStudy, results_dir: Path) -> tuple[
                     agree += 1
                 else:
                     mark = "  <- differs"
-            lines.append(f"  {f.get('name', f['key']):<38} {truth_text:<14} {said} ({f['probability']:.2f}){mark}")
+            odds = f"p {f['probability']:.2f}" + (f", threshold {f['threshold']:.2f}" if "threshold" in f else "")
+            lines.append(f"  {f.get('name', f['key']):<38} {truth_text:<14} {said:<8} ({odds}){mark}")
         lines.append(f"  agreement with the phantom truth: {agree}/{total}")
     previews = sorted((results_dir / study.study_instance_uid).glob("job-*/**/*.png"))
     phantom_preview = study.folder.parent / "preview.png"
@@ -306,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
         print("orthonode demo: Orthanc is not installed (/usr/sbin/Orthanc); apt-get install orthanc", file=sys.stderr)
         return 2
     # `make demo` runs with -v; keep third-party debug chatter (fonts, HTTP) out of the demo's output
-    for noisy in ("matplotlib", "PIL", "urllib3", "filelock", "numba"):
+    for noisy in ("matplotlib", "PIL", "urllib3", "filelock", "numba", "pylibjpeg", "openjpeg", "libjpeg"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     work: Path = args.work.resolve()
     if work.exists():
