@@ -235,30 +235,32 @@ def served_run(
     return ServedRun(config, proc.log_path.read_text(errors="replace"), listening)
 
 
-def test_logs_carry_no_patient_data_by_default(served_run: ServedRun) -> None:
-    assert "node orthonode-test up" in served_run.log_text, served_run.log_text[-2000:]
-    assert "created study" in served_run.log_text  # the instances were logged, by UID only
+#: files under node.data_dir other users can read today (see the xfail below); when the
+#: owners of the database, the job results and the data folder fix the modes, this turns into
+#: a plain assertion
+DATA_DIR_GAP = (
+    "the SQLite database, the data/results/work folders and the SEG/SR/result.json files are created with the "
+    "process umask (0644/0755 under umask 022): other users can read accession numbers, descriptions and, in "
+    "the SEG and SR, the patient's name and ID"
+)
+
+
+def test_served_node_keeps_patient_data_private(served_run: ServedRun) -> None:
+    """One served run (the fixture runs once per module, so these checks share it)."""
+    log_text = served_run.log_text
+    assert "node orthonode-test up" in log_text, log_text[-2000:]
+    assert "created study" in log_text  # the instances were logged, by UID only
     for secret in (PHI_ID, PHI_NAME, "Geheim", "Patientin"):
-        assert secret not in served_run.log_text, f"{secret!r} appears in the node's log"
+        assert secret not in log_text, f"{secret!r} appears in the node's log"
 
-
-def test_services_listen_on_loopback_by_default(served_run: ServedRun) -> None:
     assert served_run.listening == {"http": {"127.0.0.1"}, "dicom": {"127.0.0.1"}}
 
-
-def test_received_instances_are_private(served_run: ServedRun) -> None:
     instances = served_run.config.data_dir / "instances"
     assert any(instances.rglob("*.dcm"))
     exposed = _world_accessible(instances)
     assert exposed == [], "\n".join(exposed)
 
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="the SQLite database, the results folder and the SEG/SR/result.json files are created with the "
-    "process umask (0644/0755 under umask 022): other users can read accession numbers, descriptions and, "
-    "in the SEG and SR, the patient's name and ID",
-)
-def test_database_and_results_are_private(served_run: ServedRun) -> None:
     exposed = _world_accessible(served_run.config.data_dir)
-    assert exposed == [], "\n".join(exposed)
+    if exposed:
+        pytest.xfail(f"{DATA_DIR_GAP}:\n" + "\n".join(exposed[:10]))
+    pytest.fail("everything under node.data_dir is private now: make this the plain assertion it should be")
