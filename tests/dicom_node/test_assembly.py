@@ -69,7 +69,8 @@ def test_forced_limit_counts_from_the_first_instance_after_the_last_job(node_db)
 
 
 def test_a_study_arriving_in_pieces_is_queued_once(node_db) -> None:
-    timers = StudyAssemblySection(series_quiet_seconds=0.6, study_quiet_seconds=0.6, forced_after_seconds=30)
+    # quiet period well above the gaps, so a loaded test machine cannot stretch a gap past it
+    timers = StudyAssemblySection(series_quiet_seconds=1.5, study_quiet_seconds=1.5, forced_after_seconds=30)
     queued: list[int] = []
     assembler = StudyAssembler(timers, node_db, on_job_queued=queued.append)
     assembler.start()
@@ -89,8 +90,8 @@ def test_a_study_arriving_in_pieces_is_queued_once(node_db) -> None:
                 thread.join()
             assert _jobs(node_db) == [], "queued while the study was still arriving"
             time.sleep(0.3)
-        wait_for(lambda: queued, 5, "the study to be queued")
-        time.sleep(1.0)  # any second firing would happen now
+        wait_for(lambda: queued, 10, "the study to be queued")
+        time.sleep(1.6)  # any second firing would happen now
         assert len(_jobs(node_db)) == 1 and len(queued) == 1
         # a timer firing again (e.g. a duplicate nudge) finds the job covering the same instances
         assert assembler.check(STUDY) is None
@@ -148,20 +149,20 @@ def test_late_instances_after_a_finished_job_queue_a_new_job(node_db) -> None:
 
 
 def test_a_study_that_keeps_arriving_is_forced(node_db) -> None:
-    timers = StudyAssemblySection(series_quiet_seconds=0.5, study_quiet_seconds=0.5, forced_after_seconds=1.2)
+    timers = StudyAssemblySection(series_quiet_seconds=1.0, study_quiet_seconds=1.0, forced_after_seconds=2.0)
     queued: list[int] = []
     assembler = StudyAssembler(timers, node_db, on_job_queued=queued.append)
     assembler.start()
     try:
         started = time.monotonic()
         i = 0
-        while time.monotonic() - started < 2.0:  # never quiet for 0.5 s
+        while time.monotonic() - started < 3.0:  # never quiet for 1 s
             add_instance(node_db, STUDY, "1.2.3.100.1", f"1.2.3.100.1.{i}")
             assembler.nudge(STUDY, "1.2.3.100.1")
             i += 1
             time.sleep(0.1)
         assert len(queued) == 1, "the forced limit did not fire while instances kept arriving"
-        wait_for(lambda: len(queued) == 2, 5, "the job for the instances received after the forced one")
+        wait_for(lambda: len(queued) == 2, 10, "the job for the instances received after the forced one")
         with session_scope(node_db) as session:
             events = [e.message for e in session.scalars(select(EventRecord).where(EventRecord.kind == "job_queued"))]
         assert events[0].startswith("forced") and events[1].startswith("quiet")
@@ -173,13 +174,13 @@ def test_timers_are_rearmed_from_the_database_at_start_up(node_db) -> None:
     past = utcnow() - timedelta(seconds=30)
     add_instance(node_db, STUDY, "1.2.3.100.1", "1.2.3.100.1.1", received_at=past)  # acknowledged, then the node died
     add_instance(node_db, "1.2.3.200", "1.2.3.200.1", "1.2.3.200.1.1")  # still inside its quiet period
-    timers = StudyAssemblySection(series_quiet_seconds=1, study_quiet_seconds=1, forced_after_seconds=30)
+    timers = StudyAssemblySection(series_quiet_seconds=2.5, study_quiet_seconds=2.5, forced_after_seconds=30)
     queued: list[int] = []
     assembler = StudyAssembler(timers, node_db, on_job_queued=queued.append)
     assembler.start()
     try:
-        wait_for(lambda: len(queued) >= 1, 3, "the overdue study")
+        wait_for(lambda: len(queued) >= 1, 2, "the overdue study")
         assert len(queued) == 1  # the recent one waits for its quiet period
-        wait_for(lambda: len(queued) == 2, 5, "the second study")
+        wait_for(lambda: len(queued) == 2, 10, "the second study")
     finally:
         assembler.stop()

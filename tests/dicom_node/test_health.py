@@ -41,7 +41,8 @@ def _metric(text: str, sample: str) -> float | None:
 @pytest.fixture()
 def running_node(tmp_path: Path, node_checkpoint: Path):
     """A node with long quiet periods (nothing gets processed while the test looks at it)."""
-    data = make_node_config(tmp_path, node_checkpoint, quiet=60, forced=600, extra_callers=("ORTHONODE",))
+    data = make_node_config(tmp_path, node_checkpoint, quiet=60, forced=600, extra_callers=("ORTHONODE",),
+                            retry={"max_attempts": 10, "initial_delay_seconds": 5, "max_delay_seconds": 60})
     data["export"]["destinations"]["self"] = {"type": "dimse", "ae_title": "ORTHONODE", "host": "127.0.0.1",
                                               "port": data["listener"]["port"]}
     path = write_node_yaml(tmp_path, data)
