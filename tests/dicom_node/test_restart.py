@@ -95,7 +95,7 @@ def test_kill_mid_study_and_mid_job(tmp_path: Path, node_checkpoint: Path, knee_
         wait_for(lambda: any(state is JobState.RUNNING for _, state, _, _ in observer.jobs()), 60,
                  "the job to start")
         node.kill()  # in the middle of the job
-        assert [(state, attempts) for _, state, _, attempts in observer.jobs()] == [(JobState.RUNNING, 1)]
+        (killed,) = [job_id for job_id, state, _, _ in observer.jobs() if state is JobState.RUNNING]
 
         node = serve_process(config)
         node.wait_healthy(http_port)
@@ -106,8 +106,16 @@ def test_kill_mid_study_and_mid_job(tmp_path: Path, node_checkpoint: Path, knee_
     finally:
         observer.close()
     assert len(observer.instances(study_uid)) == len(files)
+    # The killed job was resumed, not lost and not finished twice.  (Whether the resumed run
+    # already covers the second half depends on whether the restarted worker claims it before
+    # the assembler re-checks the study; if not, a newer job supersedes it.  Either way exactly
+    # one job finishes.)
     jobs = observer.jobs()
-    assert [(state, attempts) for _, state, _, attempts in jobs] == [(JobState.DONE, 2)], jobs
+    done = [(job_id, attempts) for job_id, state, _, attempts in jobs if state is JobState.DONE]
+    assert len(done) == 1, jobs
+    assert all(state in (JobState.DONE, JobState.SUPERSEDED) for _, state, _, _ in jobs), jobs
+    final = {job_id: (state, attempts) for job_id, state, _, attempts in jobs}
+    assert final[killed] in ((JobState.DONE, 2), (JobState.SUPERSEDED, 1)), f"killed job {killed}: {jobs}"
     assert orthanc.modality_counts(study_uid) == {"SEG": 1, "SR": 1}
     assert len(observer.exports()) == 2
 
