@@ -34,7 +34,7 @@ def pacs_and_node(tmp_path_factory: pytest.TempPathFactory, node_checkpoint: Pat
     orthanc = OrthancServer(tmp / "orthanc", dicom_port=free_port(), node=("ORTHONODE", "127.0.0.1", node_port),
                             stable_age_seconds=2)
     orthanc.start()
-    data = make_node_config(tmp, node_checkpoint, port=node_port, quiet=1.0, destinations={
+    data = make_node_config(tmp, node_checkpoint, port=node_port, quiet=2.0, destinations={
         "pacs": {"type": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}})
     node = Node(parse_config(data, base_dir=tmp), poll_seconds=0.2)
     try:
@@ -97,7 +97,7 @@ def test_study_sent_to_orthanc_comes_back_with_seg_and_sr(pacs_and_node, knee_ph
             assert all(0.0 <= f["probability"] <= 1.0 and isinstance(f["present"], bool) for f in findings)
 
     # the results made the study unstable in Orthanc again; nothing must come of it
-    time.sleep(2 + 1 + 2)  # StableAge + the node's quiet period + margin
+    time.sleep(2 + 2 + 2)  # StableAge + the node's quiet period + margin
     assert orthanc.modality_counts(study_uid) == {"MR": len(files), "SEG": 1, "SR": 1}
     assert len(_jobs(node, study_uid)) == 1
 
