@@ -340,14 +340,16 @@ def check_storage(serve: Serve, senders: list[Sender], sent_bodies: dict[str, st
 
 
 def settle(serve: Serve, studies: list[Study], timeout: float) -> None:
-    """Wait until every study has a finished job and no job or export is pending."""
+    """Wait until every study has a job that ended (done, or failed: a job interrupted
+    ``MAX_JOB_ATTEMPTS`` times is not started again) and no job or export is pending."""
     wanted = {s.uid for s in studies}
 
     def settled() -> bool:
         serve.sample_rss()
         with serve.db() as conn:
             done = {row[0] for row in conn.execute(
-                "SELECT s.study_instance_uid FROM jobs j JOIN studies s ON s.id = j.study_id WHERE j.state = 'done'")}
+                "SELECT s.study_instance_uid FROM jobs j JOIN studies s ON s.id = j.study_id "
+                "WHERE j.state IN ('done', 'failed')")}
             busy = conn.execute("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')").fetchone()[0]
             exporting = conn.execute("SELECT count(*) FROM exports WHERE state IN ('pending', 'sending')").fetchone()[0]
         return wanted <= done and busy == 0 and exporting == 0
@@ -361,6 +363,8 @@ def delivery_report(serve: Serve, pacs: Pacs, studies: list[Study]) -> dict[str,
             "SELECT s.study_instance_uid FROM jobs j JOIN studies s ON s.id = j.study_id WHERE j.state = 'done'"))
         superseded = conn.execute("SELECT count(*) FROM jobs WHERE state = 'superseded'").fetchone()[0]
         failed_jobs = conn.execute("SELECT count(*) FROM jobs WHERE state = 'failed'").fetchone()[0]
+        interrupted = conn.execute(
+            "SELECT count(*) FROM jobs WHERE state = 'failed' AND error LIKE 'interrupted %'").fetchone()[0]
         expected = {row[0] for row in conn.execute("SELECT sop_instance_uid FROM exports WHERE state = 'done'")}
         failed_exports = conn.execute("SELECT count(*) FROM exports WHERE state = 'failed'").fetchone()[0]
     deliveries = Counter(sop for _, _, sop in pacs.received)
@@ -369,6 +373,7 @@ def delivery_report(serve: Serve, pacs: Pacs, studies: list[Study]) -> dict[str,
         "studies with exactly one finished job": sum(1 for s in studies if jobs.get(s.uid) == 1),
         "superseded jobs": superseded,
         "failed jobs": failed_jobs,
+        "of which failed for being interrupted too often": interrupted,
         "result objects": len(expected),
         "delivered objects": len(set(deliveries) & expected),
         "objects delivered more than once": sum(1 for sop in expected if deliveries.get(sop, 0) > 1),
