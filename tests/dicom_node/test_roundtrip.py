@@ -12,7 +12,7 @@ import highdicom as hd
 import pytest
 from pydicom import dcmread
 from pynetdicom import AE
-from pynetdicom.sop_class import MRImageStorage, SegmentationStorage
+from pynetdicom.sop_class import Comprehensive3DSRStorage, MRImageStorage, SegmentationStorage
 from sqlalchemy import func, select
 
 from dicom_node.config import parse_config
@@ -116,21 +116,25 @@ def test_storescu_straight_to_the_node(pacs_and_node, knee_phantoms: Path) -> No
     assert 'orthonode_export_attempts_total{destination="pacs",kind="seg",result="ok"}' in text
 
 
-def test_results_sent_to_the_node_are_not_accepted(pacs_and_node) -> None:
+def test_results_sent_to_the_node_are_not_accepted(pacs_and_node, knee_phantoms: Path) -> None:
     orthanc, node = pacs_and_node
-    wait_for(lambda: list(node.results_dir.rglob("seg_*.dcm")), 5, "a SEG written by an earlier test")
-    seg_file = next(node.results_dir.rglob("seg_*.dcm"))
+    # an object of the SOP class the node writes (the content does not matter: the class is
+    # refused at negotiation, before any data set is sent)
+    seg = dcmread(next((knee_phantoms / "knee_0001" / "dicom").rglob("*.dcm")))
+    seg.SOPClassUID = seg.file_meta.MediaStorageSOPClassUID = SegmentationStorage
+    seg.Modality = "SEG"
     ae = AE(ae_title="STORESCU")
-    ae.add_requested_context(SegmentationStorage)
-    ae.add_requested_context(MRImageStorage)
+    for sop_class in (SegmentationStorage, Comprehensive3DSRStorage, MRImageStorage):
+        ae.add_requested_context(sop_class)
     assoc = ae.associate("127.0.0.1", node.config.listener.port, ae_title="ORTHONODE")
     assert assoc.is_established
     try:
         accepted = {str(c.abstract_syntax) for c in assoc.accepted_contexts}
-        assert str(SegmentationStorage) not in accepted and str(MRImageStorage) in accepted
+        assert accepted == {str(MRImageStorage)}
         with pytest.raises(ValueError):
-            assoc.send_c_store(dcmread(seg_file))
+            assoc.send_c_store(seg)
     finally:
         assoc.release()
     with session_scope(node.factory) as session:
-        assert not list(session.scalars(select(Instance).where(Instance.sop_class_uid == str(SegmentationStorage))))
+        classes = set(session.scalars(select(Instance.sop_class_uid).distinct()))
+    assert str(SegmentationStorage) not in classes and str(Comprehensive3DSRStorage) not in classes
