@@ -464,12 +464,17 @@ def scenario_outage(args: argparse.Namespace, work: Path, checkpoint: Path) -> d
     serve.kill()  # the node goes down during the outage
     serve.start()
     time.sleep(args.outage_after_restart)
+    with serve.db() as conn:
+        attempts_down = conn.execute("SELECT coalesce(sum(attempts), 0) FROM exports").fetchone()[0]
     pacs.start()  # the PACS is back
+    outage_s = time.monotonic() - started
     settle(serve, studies, args.timeout)
     serve.terminate()
     pacs.stop()
     report = delivery_report(serve, pacs, studies)
-    report.update({"node starts": serve.starts, "wall seconds": round(time.monotonic() - started, 1),
+    report.update({"node starts": serve.starts, "PACS down for (s, from the first instance sent)": round(outage_s, 1),
+                   "failed export attempts during the outage": attempts_down,
+                   "wall seconds": round(time.monotonic() - started, 1),
                    "senders finished": sum(s.done for s in senders)})
     return report
 
