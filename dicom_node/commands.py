@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -60,8 +61,11 @@ def run_serve(args: argparse.Namespace) -> int:
               f"`orthonode train demo --out {config.checkpoint}` or set model.checkpoint in {args.config}",
               file=sys.stderr)
         return 2
-    from dicom_node.node import Node
+    from dicom_node.node import PRIVATE_UMASK, Node
 
+    # Everything the node writes (database, results, work copies, logs) holds patient data:
+    # nothing of it for other users, whatever umask the service manager gave us.
+    os.umask(PRIVATE_UMASK)
     try:
         node = Node(config, preview=args.preview)
         node.start()

@@ -41,6 +41,20 @@ log = logging.getLogger(__name__)
 
 #: the storage root inside ``node.data_dir``
 INSTANCES_DIR = "instances"
+#: umask of ``orthonode serve``: files 0640, folders 0750 (patient data stays with the node's group)
+PRIVATE_UMASK = 0o027
+
+
+def _private(path: Path) -> None:
+    """Take read/write/search access for other users away from ``path`` (if it exists).
+
+    For what an earlier run, or a laxer umask, left behind: the data folder and the SQLite
+    files.  The rest is created under :data:`PRIVATE_UMASK` by ``orthonode serve``.
+    """
+    if path.exists():
+        mode = path.stat().st_mode & 0o7777
+        if mode & 0o007:
+            path.chmod(mode & ~0o007)
 
 
 class Node:
@@ -57,8 +71,13 @@ class Node:
         self.config = config
         self.poll_seconds = poll_seconds
         self.data_dir = config.data_dir
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        _private(self.data_dir)
         upgrade_database(config.database_url)
+        if config.database_url.startswith("sqlite:///"):
+            database = Path(config.database_url.removeprefix("sqlite:///"))
+            for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+                _private(path)
         self.engine = make_engine(config.database_url)
         self.factory = make_session_factory(self.engine)
         self.storage = Storage(self.data_dir / INSTANCES_DIR, config.storage.min_free_mb)

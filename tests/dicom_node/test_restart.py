@@ -153,3 +153,8 @@ def test_kill_mid_export_with_retries_kept_across_the_restart(tmp_path: Path, no
             assert session.scalar(select(func.count(Job.id))) == 1
     finally:
         observer.close()
+    # `orthonode serve` keeps what it wrote (database, instances, results) from other users
+    data_dir = observer.config.data_dir
+    opened = [str(p.relative_to(data_dir)) for p in [data_dir, *data_dir.rglob("*")]
+              if not p.is_symlink() and p.stat().st_mode & 0o007]
+    assert opened == [], opened
