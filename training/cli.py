@@ -128,6 +128,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    "a rerun reuses its phantoms and finished pretraining runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default="demo", help="configuration (default: demo)")
+    p.add_argument("--train-cases", type=_positive_int, default=32, help="training phantoms on four sites (default 32)")
+    p.add_argument("--held-out-cases", type=_positive_int, default=8, help="phantoms of the held-out site (default 8)")
+    p.add_argument("--matrix", type=_positive_int, default=64, help="phantom acquisition matrix (default 64)")
+    p.add_argument("--workers", type=_positive_int, default=2, help="processes generating phantoms (default 2)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -286,6 +290,9 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
 def _demo(args: argparse.Namespace) -> int:
     from training.demo import run_demo
 
-    summary = run_demo(out=args.out, work=args.work, seed=args.seed, config=args.config, progress=not args.no_progress)
+    summary = run_demo(
+        out=args.out, work=args.work, seed=args.seed, config=args.config, progress=not args.no_progress,
+        train_cases=args.train_cases, held_out_cases=args.held_out_cases, matrix=args.matrix, workers=args.workers,
+    )
     print(summary.text())
     return 0

@@ -128,3 +128,19 @@ def test_pretrain_finetune_evaluate_end_to_end(phantoms: Path, tmp_path: Path) -
     assert {"macro_auc", "map", "labels"} <= set(cls_metrics["classification"])
     seg_metrics = json.loads((tmp_path / "eval_seg" / "metrics.json").read_text())
     assert "mean_dice" in seg_metrics["segmentation"] and seg_metrics["segmentation"]["n_exams"] == 4
+
+
+def test_demo_builds_one_bundle_with_both_networks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from inference.checkpoint import ModelBundle
+
+    out = tmp_path / "models" / "demo-knee.pt"
+    assert train("demo", "--config", "tiny", "--train-cases", "4", "--held-out-cases", "1", "--matrix", "32",
+                 "--workers", "1", "--out", out, "--work", tmp_path / "work", "--no-progress") == 0
+    bundle = ModelBundle.load(out)
+    assert bundle.classifier is not None and bundle.segmenter is not None
+    assert bundle.card.planes == ["sagittal", "coronal", "axial"] and bundle.card.use_ehr
+    assert "not for clinical use" in bundle.card.intended_use
+    assert bundle.card.metrics["held_out_site"]["exams"] == 1
+    assert "NOT for clinical use" in capsys.readouterr().out
+    held_out = json.loads((tmp_path / "work" / "eval_held_out" / "metrics.json").read_text())
+    assert held_out["data"]["n_exams"] == 1 and held_out["data"]["synthetic_phantoms"] is True
