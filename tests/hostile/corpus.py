@@ -219,9 +219,11 @@ class Item:
 
     @property
     def meta(self) -> FileMetaDataset:
-        from pydicom.filereader import read_file_meta_info
+        """The file meta group (read from the bytes up to the end of the group only)."""
+        from pydicom import dcmread
 
-        return read_file_meta_info(BytesIO(self.data))
+        end = len(self.data) - len(body_of(self.data))
+        return dcmread(BytesIO(self.data[:end])).file_meta
 
 
 @dataclass(frozen=True)
@@ -231,14 +233,13 @@ class HostileCase:
     name: str
     what: str
     items: tuple[Item, ...]
-    #: (study, series, sop) that must be on disk (byte-identical to the item) and in the database
+    #: (study, series, sop) that must be on disk and in the database, the data set byte-identical
+    #: to the first file of the case accepted for that SOP Instance UID
     stored: tuple[tuple[str, str, str], ...] = ()
     #: SOP Instance UIDs that must be neither on disk nor in the database
     absent: tuple[str, ...] = ()
     #: text the node's log must contain (the reason), or "" when nothing specific is logged
     log: str = ""
-    #: index into ``items`` of the file whose bytes the stored copy must equal (default: last success)
-    stored_from: int | None = None
 
 
 def _ids(ds: Dataset) -> tuple[str, str, str]:
@@ -389,19 +390,19 @@ def _build_cases() -> list[HostileCase]:
     second = mr_dataset(seed=2, study=str(first.StudyInstanceUID), series=str(first.SeriesInstanceUID), sop=str(first.SOPInstanceUID))
     add(HostileCase("duplicate_different_content", "same SOP Instance UID, other pixels (reject_if_different)",
                     (Item(encode(first), OK), Item(encode(second), frozenset({StoreStatus.DUPLICATE_SOP_INSTANCE}))),
-                    stored=(_ids(first),), log="different content", stored_from=0))
+                    stored=(_ids(first),), log="different content"))
     same = mr_dataset()
     add(HostileCase("duplicate_identical", "the same file twice", (Item(encode(same), OK), Item(encode(same), OK)), stored=(_ids(same),)))
     moved = mr_dataset()
     elsewhere = mr_dataset(sop=str(moved.SOPInstanceUID))
     add(HostileCase("duplicate_in_other_series", "same SOP Instance UID in another study and series",
                     (Item(encode(moved), OK), Item(encode(elsewhere), frozenset({StoreStatus.DUPLICATE_SOP_INSTANCE}))),
-                    stored=(_ids(moved),), log="it is stored under study", stored_from=0))
+                    stored=(_ids(moved),), log="it is stored under study"))
     home = mr_dataset()
     stray = mr_dataset(series=str(home.SeriesInstanceUID))
     add(HostileCase("series_in_two_studies", "a series UID reused under another study",
                     (Item(encode(home), OK), Item(encode(stray), frozenset({StoreStatus.SERIES_IN_OTHER_STUDY}))),
-                    stored=(_ids(home),), absent=(str(stray.SOPInstanceUID),), log="series", stored_from=0))
+                    stored=(_ids(home),), absent=(str(stray.SOPInstanceUID),), log="series"))
 
     # -- damaged encodings (raw bytes) ----------------------------------------------------
     def truncated(fraction: float) -> Callable[[bytes], bytes]:

@@ -23,7 +23,16 @@ from dicom_node.listener import Listener
 from dicom_node.storage import Storage
 from tests.dicom_node.conftest import free_port, postgres_server_url, postgres_url  # noqa: F401 - fixtures
 from tests.dicom_node.node_fixtures import node_checkpoint  # noqa: F401 - fixture
-from tests.hostile.corpus import KNOWN_GAPS, VALID_STATUSES, HostileCase, build_cases, echo, send_files
+from tests.hostile.corpus import (
+    KNOWN_GAPS,
+    OK,
+    VALID_STATUSES,
+    HostileCase,
+    body_of,
+    build_cases,
+    echo,
+    send_files,
+)
 
 CASES = build_cases()
 
@@ -127,21 +136,14 @@ def test_hostile_case(case: HostileCase, node: RunningListener, tmp_path: Path, 
         assert (row.path.split("/")[:2]) == [study, series]
         on_disk = node.storage.resolve(row.path).read_bytes()
         assert hashlib.sha256(on_disk).hexdigest() == row.sha256
-        source = case.items[case.stored_from] if case.stored_from is not None else None
-        if source is not None:
-            # the stored copy is the accepted file's data set, byte for byte
-            assert on_disk.endswith(_body(source.data))
+        # the stored copy is the data set of the first file accepted for that UID, byte for byte
+        source = next(i for i in case.items if i.expect == OK and str(i.meta.MediaStorageSOPInstanceUID) == sop)
+        assert body_of(on_disk) == body_of(source.data), f"{case.name}: stored bytes differ from those sent"
     for sop in case.absent:
         assert node.row(sop) is None, f"{case.name}: {sop} was recorded"
         assert node.files_named(sop) == [], f"{case.name}: {sop} is on disk"
     assert node.temporaries() == []
     assert echo(node.port), f"{case.name}: no C-ECHO answer afterwards"
-
-
-def _body(data: bytes) -> bytes:
-    from tests.hostile.corpus import body_of
-
-    return body_of(data)
 
 
 def test_every_success_is_stored_with_its_row(node: RunningListener) -> None:
