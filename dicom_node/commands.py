@@ -195,6 +195,8 @@ def format_status(status: dict[str, Any]) -> str:
                   f"attempt(s): {e['error']}" for e in status["failed_exports"]]
         if status["failed_exports"]:
             lines.append("  `orthonode retry` queues failed exports again")
+        if status["failed_jobs"]:
+            lines.append("  `orthonode retry --jobs` queues failed jobs again")
     return "\n".join(lines)
 
 
@@ -224,9 +226,11 @@ def run_status(args: argparse.Namespace) -> int:
 
 def configure_retry(parser: argparse.ArgumentParser) -> None:
     _config_argument(parser)
-    parser.add_argument("export_ids", nargs="*", type=int, metavar="EXPORT_ID",
-                        help="failed exports to queue again (default: every failed export)")
+    parser.add_argument("ids", nargs="*", type=int, metavar="ID",
+                        help="failed exports (or with --jobs, failed jobs) to queue again (default: all)")
     parser.add_argument("--destination", help="only failed exports to this destination")
+    parser.add_argument("--jobs", action="store_true",
+                        help="queue failed jobs (studies whose processing failed) instead of exports")
 
 
 def run_retry(args: argparse.Namespace) -> int:
@@ -238,12 +242,25 @@ def run_retry(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"orthonode retry: {exc}", file=sys.stderr)
         return 2
+    if args.jobs:
+        from dicom_node.jobs import retry_failed_jobs
+
+        if args.destination is not None:
+            print("orthonode retry: --destination applies to exports, not to --jobs", file=sys.stderr)
+            return 2
+        try:
+            ids = retry_failed_jobs(_factory(config), args.ids)
+        except (LookupError, ValueError) as exc:
+            print(f"orthonode retry: {exc}", file=sys.stderr)
+            return 1
+        print(f"queued again: {len(ids)} job(s)" + (f" ({', '.join(map(str, ids))})" if ids else ""))
+        return 0
     if args.destination is not None and args.destination not in config.export.destinations:
         print(f"orthonode retry: --destination {args.destination!r} is not in export.destinations of {args.config} "
               f"({', '.join(config.export.destinations)})", file=sys.stderr)
         return 2
     try:
-        ids = retry_failed(_factory(config), args.export_ids, args.destination)
+        ids = retry_failed(_factory(config), args.ids, args.destination)
     except ExportError as exc:
         print(f"orthonode retry: {exc}", file=sys.stderr)
         return 1

@@ -21,7 +21,9 @@ Why it is safe to kill the node at any moment:
   worker still ran it, that late worker's results are discarded.  So a study is exported once
   per job that completes, never twice for one job.
 * A study whose job keeps killing the node (e.g. out of memory) is not retried forever: after
-  :data:`MAX_JOB_ATTEMPTS` starts the job is marked failed.
+  :data:`MAX_JOB_ATTEMPTS` interruptions while processing the study the job is marked failed
+  (deaths before that, e.g. during the model load, do not count); ``orthonode retry --jobs``
+  queues failed jobs again.
 
 The worker runs :func:`inference.pipeline.run_study` on a *snapshot* of the study: hard links
 (same file system) to exactly the instances recorded when the job was claimed, so instances that
@@ -66,8 +68,11 @@ log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 5.0
 #: a running job whose heartbeat is older than this belongs to a dead worker
 LEASE_SECONDS = 60.0
-#: starts of one job (crashes included) before it is marked failed
+#: interruptions of one job inside its study's processing before it is marked failed
 MAX_JOB_ATTEMPTS = 3
+#: steps before the study's own data is processed; a worker that dies in one of them (a kill
+#: during the model load, say) does not count against the job's attempts
+STEPS_BEFORE_THE_STUDY = frozenset({"claimed", "snapshot", "load model"})
 
 
 def worker_identity(index: int = 0) -> str:
@@ -174,6 +179,42 @@ def _study_state_for(job: Job) -> StudyState:
     }.get(job.state, StudyState.COMPLETE)
 
 
+def retry_failed_jobs(factory: sessionmaker[Session], job_ids: Iterable[int] = ()) -> list[int]:
+    """Queue failed jobs again (attempts reset); return the ids re-queued.
+
+    With ``job_ids`` only those (each must exist and be failed); otherwise every failed job
+    that is the latest of its study (an older failure was replaced by a newer job).
+    """
+    wanted = list(job_ids)
+    with session_scope(factory) as session:
+        if wanted:
+            found = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(wanted)))}
+            missing = [i for i in wanted if i not in found]
+            if missing:
+                raise LookupError(f"no job with id {', '.join(map(str, missing))}")
+            not_failed = [f"{i} ({found[i].state.value})" for i in wanted if found[i].state is not JobState.FAILED]
+            if not_failed:
+                raise ValueError(f"only failed jobs can be retried; not failed: {', '.join(not_failed)}")
+            jobs = [found[i] for i in wanted]
+        else:
+            jobs = []
+            for job in session.scalars(select(Job).where(Job.state == JobState.FAILED)):
+                newer = session.scalar(select(Job.id).where(Job.study_id == job.study_id, Job.id > job.id).limit(1))
+                if newer is None:
+                    jobs.append(job)
+        for job in jobs:
+            job.state = JobState.QUEUED
+            job.attempts = 0
+            job.error = None
+            job.finished_at = None
+            job.step = "queued"
+            job.study.state = StudyState.COMPLETE
+            job.study.state_changed_at = utcnow()
+            session.add(EventRecord(kind="job_requeued", study_instance_uid=job.study.study_instance_uid,
+                                    job_id=job.id, message="failed job queued again by the operator"))
+        return [job.id for job in jobs]
+
+
 @dataclass(frozen=True)
 class ClaimedJob:
     """What a worker needs to run a job, read in the claiming transaction."""
@@ -210,6 +251,10 @@ class JobQueue:
                 if not (stale or (at_startup and _dead_local_worker(job.worker_id))):
                     continue
                 study = job.study
+                if job.step in STEPS_BEFORE_THE_STUDY:
+                    # died before the study itself was touched (e.g. while loading the model):
+                    # no evidence against this study, so the start does not count
+                    job.attempts = max(job.attempts - 1, 0)
                 if job.attempts >= MAX_JOB_ATTEMPTS:
                     job.state = JobState.FAILED
                     job.finished_at = utcnow()

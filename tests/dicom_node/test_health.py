@@ -140,7 +140,7 @@ def test_status_retry_and_echo_commands(running_node: Node, knee_phantoms: Path,
         export.state, export.attempts, export.last_error = ExportState.FAILED, 5, "ORTHANC@127.0.0.1:4242: association rejected"
         export.next_attempt_at = None
         session.flush()
-        export_id = export.id
+        export_id, job_id = export.id, job.id
     assert main(["status", "--config", config]) == 0
     out = capsys.readouterr().out
     assert study.study_instance_uid in out and "FAILURES:" in out
@@ -154,6 +154,9 @@ def test_status_retry_and_echo_commands(running_node: Node, knee_phantoms: Path,
     assert f"no export with id {export_id + 1}" in capsys.readouterr().err
     assert main(["retry", "--config", config]) == 0
     assert f"queued again: 1 export(s) ({export_id})" in capsys.readouterr().out
+    assert main(["retry", "--config", config, "--jobs", "--destination", "self"]) == 2
+    assert main(["retry", "--config", config, "--jobs", str(job_id + 1)]) == 1
+    assert f"no job with id {job_id + 1}" in capsys.readouterr().err
     with session_scope(node.factory) as session:
         row = session.get(Export, export_id)
         # back in the queue with its attempts reset (the running exporter may have tried it once since)

@@ -14,7 +14,14 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicom_node.db import ExportState, Job, JobState, Study, StudyState, session_scope, utcnow
-from dicom_node.jobs import MAX_JOB_ATTEMPTS, JobQueue, Worker, enqueue_if_changed, worker_identity
+from dicom_node.jobs import (
+    MAX_JOB_ATTEMPTS,
+    JobQueue,
+    Worker,
+    enqueue_if_changed,
+    retry_failed_jobs,
+    worker_identity,
+)
 from tests.dicom_node.node_fixtures import *  # noqa: F403 - fixtures
 
 STUDY = "1.2.3.300"
@@ -65,32 +72,49 @@ def test_jobs_of_dead_workers_go_back_to_the_queue(node_db) -> None:
     add_instance(node_db, STUDY, "1.2.3.300.1", "1.2.3.300.1.1")
     job_id = _queue_study(node_db)
     dead_worker = f"{worker_identity().split(':')[0]}:{_dead_pid()}:0"
-    assert JobQueue(node_db, dead_worker).claim() is not None
+    dead = JobQueue(node_db, dead_worker)
+    assert dead.claim() is not None  # ... and died while loading the model
+    assert dead.heartbeat(job_id, step="load model")
     survivor = JobQueue(node_db, worker_identity(), lease_seconds=60)
     assert survivor.requeue_abandoned() == [], "a job with a fresh heartbeat was taken away"
     assert survivor.requeue_abandoned(at_startup=True) == [job_id], "the dead local worker's job was not recovered"
     with session_scope(node_db) as session:
         job = session.get(Job, job_id)
         assert job.state is JobState.QUEUED and job.study.state is StudyState.COMPLETE
+        assert job.attempts == 0, "a death before the study was processed counted against the study"
 
-    # a worker on another host: only its stale lease frees the job
+    # a worker on another host, dying inside the study's processing: only its stale lease frees the job
     other = JobQueue(node_db, "elsewhere:42:0")
     assert other.claim().job_id == job_id
+    assert other.heartbeat(job_id, step="inference")
     assert survivor.requeue_abandoned(at_startup=True) == []
     with session_scope(node_db) as session:
         session.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=120)
     assert survivor.requeue_abandoned() == [job_id]
 
-    # a job that keeps dying with its worker is given up after MAX_JOB_ATTEMPTS starts
-    for attempt in range(3, MAX_JOB_ATTEMPTS):  # attempts 1 and 2 happened above
-        JobQueue(node_db, dead_worker).claim()
+    # a study whose processing keeps killing the node is given up after MAX_JOB_ATTEMPTS
+    for attempt in range(2, MAX_JOB_ATTEMPTS):
+        assert dead.claim().attempt == attempt
+        dead.heartbeat(job_id, step="inference")
         assert survivor.requeue_abandoned(at_startup=True) == [job_id], f"attempt {attempt}"
-    assert JobQueue(node_db, dead_worker).claim().attempt == MAX_JOB_ATTEMPTS
+    assert dead.claim().attempt == MAX_JOB_ATTEMPTS
+    dead.heartbeat(job_id, step="inference")
     assert survivor.requeue_abandoned(at_startup=True) == [job_id]
     with session_scope(node_db) as session:
         job = session.get(Job, job_id)
         assert job.state is JobState.FAILED and job.attempts == MAX_JOB_ATTEMPTS
         assert "interrupted" in job.error and job.study.state is StudyState.FAILED
+
+    # the operator queues it again (`orthonode retry --jobs`)
+    with pytest.raises(LookupError, match="no job with id 99"):
+        retry_failed_jobs(node_db, [99])
+    assert retry_failed_jobs(node_db) == [job_id]
+    with pytest.raises(ValueError, match="only failed jobs"):
+        retry_failed_jobs(node_db, [job_id])
+    with session_scope(node_db) as session:
+        job = session.get(Job, job_id)
+        assert (job.state, job.attempts, job.error) == (JobState.QUEUED, 0, None)
+        assert job.study.state is StudyState.COMPLETE
 
 
 # --------------------------------------------------------------------------- the worker
@@ -221,7 +245,8 @@ def test_a_job_taken_over_after_a_crash_is_finished_once(stored_knee: NodeParts,
     assert late.state == "discarded"
     with session_scope(parts.factory) as session:
         job = session.get(Job, job_id)
-        assert job.state is JobState.DONE and job.worker_id == survivor.worker_id and job.attempts == 2
+        # the first worker died before processing the study: that start does not count
+        assert job.state is JobState.DONE and job.worker_id == survivor.worker_id and job.attempts == 1
         assert len(job.exports) == 4  # SEG + SR to pacs and research, once
 
 
