@@ -123,6 +123,8 @@ class StudyAssembler:
         self._lock = threading.Lock()
         #: study uid -> when its current episode started (memory only; the database has the truth)
         self._episode: dict[str, datetime] = {}
+        #: study uid -> earliest time it may be queued (a fresh quiet period after a restart)
+        self._not_before: dict[str, datetime] = {}
         self.fired: list[tuple[str, int]] = []  # (study uid, job id) of jobs queued, for tests/status
 
     # ------------------------------------------------------------------ lifecycle
@@ -143,16 +145,30 @@ class StudyAssembler:
         return [job.id.removeprefix("assemble:") for job in self._scheduler.get_jobs()]
 
     def recover(self) -> int:
-        """Arm a timer for every study still receiving, or complete without an open job."""
+        """Arm a timer for every study still receiving, or complete without an open job.
+
+        A study that was still *receiving* when the node stopped gets a fresh quiet period from
+        now: while the node was down its sender could not send, so the silence in the database
+        says nothing about whether the study is complete (a sender retrying after the outage
+        would otherwise find half its study already processed).
+        """
+        now = utcnow()
         with session_scope(self.factory) as session:
-            uids = list(session.scalars(
-                select(Study.study_instance_uid).where(Study.state.in_([StudyState.RECEIVING, StudyState.COMPLETE]))
-            ))
-        for uid in uids:
-            self._arm(uid, utcnow())
-        if uids:
-            log.info("re-armed assembly timers for %d study(ies) after start-up", len(uids))
-        return len(uids)
+            rows = session.execute(
+                select(Study.study_instance_uid, Study.state)
+                .where(Study.state.in_([StudyState.RECEIVING, StudyState.COMPLETE]))
+            ).all()
+        grace = timedelta(seconds=max(self.timers.series_quiet_seconds, self.timers.study_quiet_seconds))
+        for uid, state in rows:
+            if state is StudyState.RECEIVING:
+                with self._lock:
+                    self._not_before[uid] = now + grace
+                self._arm(uid, now + grace)
+            else:
+                self._arm(uid, now)
+        if rows:
+            log.info("re-armed assembly timers for %d study(ies) after start-up", len(rows))
+        return len(rows)
 
     # ------------------------------------------------------------------ events
     def nudge(self, study_uid: str, series_uid: str | None = None) -> None:
@@ -188,6 +204,13 @@ class StudyAssembler:
                     return None
                 ready = readiness(session, study, self.timers)
                 reason = ready.reason(now)
+                with self._lock:
+                    not_before = self._not_before.get(study_uid)
+                if reason is not None and not_before is not None and now < not_before and now < ready.forced_at:
+                    log.debug("study %s: quiet since before the restart; waiting until %s", study_uid,
+                              not_before.isoformat())
+                    self._arm(study_uid, not_before)
+                    return None
                 if reason is None:
                     waiting = f"series {ready.waiting_series}" if ready.waiting_series else "the study quiet period"
                     log.debug("study %s: not ready, waiting for %s until %s",
@@ -202,6 +225,7 @@ class StudyAssembler:
             return None
         with self._lock:
             self._episode.pop(study_uid, None)
+            self._not_before.pop(study_uid, None)
         if job_id is not None:
             self.fired.append((study_uid, job_id))
             if self.on_job_queued is not None:

@@ -170,17 +170,24 @@ def test_a_study_that_keeps_arriving_is_forced(node_db) -> None:
         assembler.stop()
 
 
-def test_timers_are_rearmed_from_the_database_at_start_up(node_db) -> None:
+def test_timers_are_rearmed_at_start_up_with_a_fresh_quiet_period(node_db) -> None:
     past = utcnow() - timedelta(seconds=30)
     add_instance(node_db, STUDY, "1.2.3.100.1", "1.2.3.100.1.1", received_at=past)  # acknowledged, then the node died
-    add_instance(node_db, "1.2.3.200", "1.2.3.200.1", "1.2.3.200.1.1")  # still inside its quiet period
-    timers = StudyAssemblySection(series_quiet_seconds=2.5, study_quiet_seconds=2.5, forced_after_seconds=30)
+    timers = StudyAssemblySection(series_quiet_seconds=1.0, study_quiet_seconds=1.0, forced_after_seconds=30)
     queued: list[int] = []
     assembler = StudyAssembler(timers, node_db, on_job_queued=queued.append)
     assembler.start()
     try:
-        wait_for(lambda: len(queued) >= 1, 2, "the overdue study")
-        assert len(queued) == 1  # the recent one waits for its quiet period
-        wait_for(lambda: len(queued) == 2, 10, "the second study")
+        assert assembler.pending() == [STUDY], "no timer was armed for the study from the database"
+        time.sleep(0.5)
+        assert queued == [], "the silence while the node was down was taken for a complete study"
+        add_instance(node_db, STUDY, "1.2.3.100.1", "1.2.3.100.1.2")  # the sender resumes after the outage
+        assembler.nudge(STUDY, "1.2.3.100.1")
+        wait_for(lambda: queued, 5, "the study once quiet after the restart")
+        time.sleep(0.3)
+        assert len(queued) == 1
+        with session_scope(node_db) as session:
+            (event,) = session.scalars(select(EventRecord).where(EventRecord.kind == "job_queued"))
+        assert event.message.endswith("2 instances")
     finally:
         assembler.stop()

@@ -75,7 +75,7 @@ def test_kill_mid_study_and_mid_job(tmp_path: Path, node_checkpoint: Path, knee_
     folder = knee_phantoms / "knee_0003" / "dicom"
     files = sorted(folder.rglob("*.dcm"))
     study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    config, http_port = _config(tmp_path, node_checkpoint, orthanc.dicom_port, quiet=1.5)
+    config, http_port = _config(tmp_path, node_checkpoint, orthanc.dicom_port, quiet=3.0)
     observer = Observer(config)
     first, second = files[: len(files) // 2], files[len(files) // 2:]
     try:
