@@ -14,6 +14,7 @@ and the peak resident memory of the node process (VmHWM, sampled every 0.5 s and
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sqlite3
@@ -43,6 +44,7 @@ class LoadSender:
         self.acknowledged: list[str] = []
         self.association_failures = 0
         self.aborted = 0
+        self.incidents: list[str] = []
         self.seconds = 0.0
 
     def run(self) -> None:
@@ -68,6 +70,10 @@ class LoadSender:
                     status = response.get("Status") if response is not None else None
                     if status is None:  # DIMSE timeout or the association went away
                         self.aborted += 1
+                        self.incidents.append(
+                            f"{time.strftime('%H:%M:%S')} study {study.uid}: no response to file {path.name} "
+                            f"(established={assoc.is_established}, aborted={assoc.is_aborted}, "
+                            f"released={assoc.is_released})")
                         break
                     self.statuses[int(status)] += 1
                     if int(status) == 0:
@@ -91,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="orthonode-load-"))
     work.mkdir(parents=True, exist_ok=True)
+    # the senders' pynetdicom warnings and errors (aborts, timeouts) go to a file for diagnosis
+    handler = logging.FileHandler(work / "senders.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(threadName)s %(levelname)s %(name)s: %(message)s"))
+    sender_log = logging.getLogger("pynetdicom")
+    sender_log.setLevel(logging.WARNING)
+    sender_log.addHandler(handler)
     checkpoint = args.checkpoint
     if checkpoint is None:
         from tests.dicom_node.node_fixtures import build_small_checkpoint
@@ -138,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         "load average before / after": f"{load_before[0]:.1f} / {os.getloadavg()[0]:.1f}",
     }
     report.update(delivery_report(serve, pacs, studies))
+    for sender in senders:
+        for incident in sender.incidents:
+            print("INCIDENT", incident)
     command = f".venv/bin/python benchmarks/load.py {' '.join(argv if argv is not None else sys.argv[1:])}"
     lines = [f"Command: `{command}`", "", "| measure | value |", "| --- | ---: |"]
     lines += [f"| {key} | {value} |" for key, value in report.items()]
