@@ -200,8 +200,9 @@ class ServedRun:
 def served_run(
     tmp_path_factory: pytest.TempPathFactory, node_checkpoint: Path, knee_phantoms: Path  # noqa: F811
 ) -> ServedRun:
-    """``orthonode serve`` with the default logging and bind settings (umask 022, as a service
-    usually gets): one study with a recognisable patient received and processed, then stopped."""
+    """``orthonode serve`` with the default logging and bind settings, started under umask 022
+    (what a service usually gets): one study with a recognisable patient received and
+    processed, then stopped."""
     from dicom_node.config import load_config
     from tests.dicom_node.node_fixtures import ServeProcess, make_node_config, run_storescu, write_node_yaml
 
@@ -235,16 +236,6 @@ def served_run(
     return ServedRun(config, proc.log_path.read_text(errors="replace"), listening)
 
 
-#: files under node.data_dir other users can read today (see the xfail below); when the
-#: owners of the database, the job results and the data folder fix the modes, this turns into
-#: a plain assertion
-DATA_DIR_GAP = (
-    "the SQLite database, the data/results/work folders and the SEG/SR/result.json files are created with the "
-    "process umask (0644/0755 under umask 022): other users can read accession numbers, descriptions and, in "
-    "the SEG and SR, the patient's name and ID"
-)
-
-
 def test_served_node_keeps_patient_data_private(served_run: ServedRun) -> None:
     """One served run (the fixture runs once per module, so these checks share it)."""
     log_text = served_run.log_text
@@ -255,12 +246,8 @@ def test_served_node_keeps_patient_data_private(served_run: ServedRun) -> None:
 
     assert served_run.listening == {"http": {"127.0.0.1"}, "dicom": {"127.0.0.1"}}
 
-    instances = served_run.config.data_dir / "instances"
-    assert any(instances.rglob("*.dcm"))
-    exposed = _world_accessible(instances)
-    assert exposed == [], "\n".join(exposed)
-
+    # received instances, the database, results and work folders: nothing open to other users
+    assert any((served_run.config.data_dir / "instances").rglob("*.dcm"))
+    assert any((served_run.config.data_dir / "results").rglob("sr.dcm"))
     exposed = _world_accessible(served_run.config.data_dir)
-    if exposed:
-        pytest.xfail(f"{DATA_DIR_GAP}:\n" + "\n".join(exposed[:10]))
-    pytest.fail("everything under node.data_dir is private now: make this the plain assertion it should be")
+    assert exposed == [], "\n".join(exposed)
