@@ -145,6 +145,14 @@ class ModelCard:
         self.model_config()
         self.preprocess_config()
 
+    def segmenter_plane(self) -> str | None:
+        """The plane the segmenter works on: the card's field, else what older cards recorded."""
+        if self.segmentation_plane is not None:
+            return self.segmentation_plane
+        record = self.training_data.get("segmenter")
+        planes = record.get("planes") if isinstance(record, Mapping) else None
+        return planes[0] if planes else None
+
     def model_config(self) -> ModelConfig:
         try:
             return ModelConfig.from_dict(self.model)

@@ -272,11 +272,8 @@ def _segmented_planes(bundle: ModelBundle, requested: Sequence[str] | None) -> t
         if bad:
             raise ValueError(f"segment_planes: unknown plane(s) {bad}; planes are {PLANES}")
         return tuple(requested)
-    record = bundle.card.training_data.get("segmenter", {})
-    planes = record.get("planes") if isinstance(record, Mapping) else None
-    if planes:
-        return tuple(p for p in planes if p in PLANES)
-    return tuple(bundle.card.planes)
+    plane = bundle.card.segmenter_plane()
+    return (plane,) if plane is not None else tuple(bundle.card.planes)
 
 
 def _classify(
@@ -420,7 +417,7 @@ def run_study(
         node_info: the writing node; defaults to the installed package.
         preview: also write PNGs of key slices per plane with the masks and findings.
         segment_planes: planes whose chosen series are segmented; default: the planes the
-            segmenter was trained on (``card.training_data["segmenter"]["planes"]``).
+            segmenter was trained on (``card.segmenter_plane()``).
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:N]"``.
 
     Returns:

@@ -265,10 +265,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         bundle = bundle.to(select_device(args.device))
     records = read_records(args.data)
-    # the segmenter's plane is recorded in the card by make_bundle (the card has no field of its own for it)
-    seg_info = bundle.card.training_data.get("segmenter") or {}
-    seg_plane = (seg_info.get("planes") or ["sagittal"])[0]
-    metrics = evaluate_bundle(bundle, records, args.out, n_boot=args.n_boot, seg_plane=seg_plane)
+    metrics = evaluate_bundle(bundle, records, args.out, n_boot=args.n_boot)
     print(json.dumps(_headline(metrics), indent=2, default=str))
     print(f"metrics written to {args.out}")
     return 0

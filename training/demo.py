@@ -187,7 +187,7 @@ def run_demo(
 
     bundle = make_bundle(cfg, classifier=classifier, segmenter=segmenter, name="orthodiffusion-knee-demo")
     t = time.monotonic()
-    metrics = evaluate_bundle(bundle, held_out, work / "eval_held_out", n_boot=200, seg_plane="sagittal")
+    metrics = evaluate_bundle(bundle, held_out, work / "eval_held_out", n_boot=200)
     timings["evaluation"] = time.monotonic() - t
     held = {
         "macro_auc": (metrics.get("classification") or {}).get("macro_auc"),

@@ -215,18 +215,20 @@ def evaluate_bundle(
     out_dir: str | Path,
     n_boot: int = 1000,
     seed: int = 0,
-    seg_plane: str = "sagittal",
+    seg_plane: str | None = None,
 ) -> dict:
     """Run ``bundle`` on ``records`` and write ``out_dir``/{metrics.json, roc.png, dice.png, predictions.csv}.
 
     ``bundle`` is an :class:`inference.checkpoint.ModelBundle`; its classifier (if any) is
     scored on records that have all of ``card.planes`` and a truth for at least one of
-    ``card.labels``; its segmenter (if any) on records whose ``seg_plane`` series has a mask.
+    ``card.labels``; its segmenter (if any) on records whose ``seg_plane`` series has a mask
+    (default: the plane the card says the segmenter works on).
     Other records are listed under ``"skipped"`` with the reason.  Predictions are averaged
     per ``patient_id`` before scoring.  ``n_boot`` bootstrap resamples give the 95 %
     intervals (0 = none), seeded by ``seed``.  Returns the dictionary written to metrics.json.
     """
     records = list(records)
+    seg_plane = seg_plane or bundle.card.segmenter_plane() or "sagittal"
     if not records:
         raise ValueError("evaluate_bundle: records is empty")
     out_dir = Path(out_dir)

@@ -662,8 +662,8 @@ def make_bundle(
     The card's ``training_data`` says which data (description, sha256 fingerprint, counts,
     sites, label fraction, seed, initialisation) each network was trained on; for phantom
     data the description says "synthetic phantoms (not patient data)".  ``metrics`` holds
-    what fine-tuning reached on its validation split.  The segmenter's plane is recorded in
-    ``training_data["segmenter"]["planes"]``.
+    what fine-tuning reached on its validation split.  The segmenter's plane is the card's
+    ``segmentation_plane``.
     """
     from inference.checkpoint import ModelBundle, ModelCard
     from inference.labels import JOINT_LABELS, KNEE_STRUCTURES
@@ -722,6 +722,7 @@ def make_bundle(
         preprocess=preprocess_config(cfg).to_dict(),
         training_data=training_data,
         metrics=metrics,
+        segmentation_plane=segmenter.planes[0] if segmenter is not None else None,
         intended_use=(
             "Research and demonstration only; trained on synthetic phantoms, not for clinical use"
             if synthetic

@@ -215,6 +215,7 @@ def test_finetune_segmenter_and_one_bundle_with_both(knee_records: list, pretrai
     assert loaded.classifier is not None and loaded.segmenter is not None
     assert loaded.card.name == "test-knee" and len(loaded.card.structures) == NUM_SEG_CLASSES - 1
     assert loaded.card.training_data["segmenter"]["planes"] == ["sagittal"]
+    assert loaded.card.segmentation_plane == "sagittal" == loaded.card.segmenter_plane()
     assert loaded.card.metrics["segmenter"]["val_exams"] == len(seg.val_ids)
     for key, value in seg.model.state_dict().items():
         torch.testing.assert_close(loaded.segmenter.state_dict()[key], value)
