@@ -458,6 +458,15 @@ def run_study(
             Outcome.UNSUPPORTED, f"the folder holds {len(studies)} studies ({', '.join(studies)}); one expected"
         )
     result.study_instance_uid = studies[0]
+    patients = {info.patient_id for info in scan.series}
+    if len(patients) > 1:
+        # A study UID reused for two patients: reporting it would attach one patient's findings
+        # to another's images.  The IDs themselves stay out of the reason (it is logged).
+        return finish(
+            Outcome.UNSUPPORTED,
+            f"the study's series belong to {len(patients)} different patients (Patient ID differs between "
+            "series); one patient per study expected",
+        )
 
     # 2. joint, 3. selection
     with clock.stage("select"):

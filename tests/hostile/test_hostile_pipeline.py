@@ -178,11 +178,6 @@ def test_rgb_study_is_not_interpreted_as_grey(bundle: ModelBundle, source_study:
     assert sum("'RGB' is not greyscale" in line for line in result.log) == 3, result.log
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="run_study does not compare PatientID across the series of a study: a study UID reused for two "
-    "patients is interpreted as one, and the SR names whichever patient the first chosen series carries",
-)
 def test_two_patients_under_one_study_uid_are_not_interpreted(
     bundle: ModelBundle, source_study: Path, tmp_path: Path
 ) -> None:
