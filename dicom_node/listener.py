@@ -257,6 +257,40 @@ def _int(ds: Any, keyword: str) -> int | None:
         return None
 
 
+_PIXEL_TAGS = ["Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "NumberOfFrames", "PixelData"]
+
+
+def pixel_data_problem(data: bytes) -> str | None:
+    """Why the Pixel Data of an encoded data set is incomplete, or ``None`` when it is whole.
+
+    pydicom reads an element cut short without complaint, so a file truncated inside its
+    pixels would otherwise be acknowledged and stored.  Native pixel data must hold at least
+    Rows x Columns x Samples x BitsAllocated/8 x Frames bytes; encapsulated (compressed) pixel
+    data must end with its sequence delimiter.  A data set without Pixel Data is not judged here.
+    """
+    ds = dcmread(BytesIO(data), specific_tags=_PIXEL_TAGS)
+    if "PixelData" not in ds:
+        return None
+    element = ds["PixelData"]
+    if element.is_undefined_length:
+        # the item and sequence delimiters of encapsulated data: FFFE,E0DD with a zero length
+        delimiter = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+        if delimiter not in data[-4096:]:
+            return "the encapsulated Pixel Data ends without its sequence delimiter (the data set is cut short)"
+        return None
+    try:
+        expected = (
+            int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+            * int(ds.BitsAllocated) * int(ds.get("NumberOfFrames", 1) or 1) // 8
+        )
+    except (AttributeError, TypeError, ValueError) as exc:
+        return f"the image size attributes cannot be read: {exc}"
+    found = len(element.value or b"")
+    if found < expected:
+        return f"Pixel Data holds {found} bytes where the image size needs {expected} (the data set is cut short)"
+    return None
+
+
 def _uid_value(ds: Any, keyword: str) -> object:
     """The element's value as a string only when it is encoded as UI: a UID sent with another
     VR (e.g. US, whose binary 1 would read as the valid-looking UID "1") stays a non-string and
@@ -443,6 +477,13 @@ class StoreReceiver:
                 "refused %s from %s: the command's Affected SOP Instance UID is %s", incoming.where, who, affected_sop_uid
             )
             return StoreStatus.SOP_INSTANCE_UID_MISMATCH
+        try:
+            problem = pixel_data_problem(data)
+        except (*_PARSE_ERRORS, AttributeError, TypeError) as exc:
+            problem = f"the pixel data cannot be parsed: {exc}"
+        if problem is not None:
+            log.warning("refused %s from %s: %s", incoming.where, who, problem)
+            return StoreStatus.UNPARSABLE_DATASET
         dataset_class = str(ds.get("SOPClassUID", ""))
         if dataset_class != context_class:
             log.warning(

@@ -59,12 +59,7 @@ OK = frozenset({StoreStatus.SUCCESS})
 
 #: cases the node does not handle as documented yet, with the reason; the tests mark them as
 #: expected failures (strict, so a fix shows up as an unexpected pass)
-KNOWN_GAPS: dict[str, str] = {
-    "truncated_in_pixel_data": (
-        "the listener reads the data set with stop_before_pixels, so a file cut inside Pixel Data "
-        "is acknowledged with success and stored; the sender never learns it sent a damaged file"
-    ),
-}
+KNOWN_GAPS: dict[str, str] = {}
 NEGOTIATION_REFUSED = None
 
 
@@ -304,9 +299,12 @@ def _build_cases() -> list[HostileCase]:
     add(_one("no_pixel_data", "no Pixel Data element (stored as received, never decoded)", mr_dataset(PixelData=None), OK))
     short = mr_dataset()
     short.PixelData = b"\0\1" * 10
-    add(_one("short_pixel_data", "Pixel Data far shorter than Rows x Columns", short, OK))
+    cut_short = frozenset({StoreStatus.UNPARSABLE_DATASET})
+    add(_one("short_pixel_data", "Pixel Data far shorter than Rows x Columns (refused: cut short)", short, cut_short,
+             log="cut short"))
     huge = mr_dataset(Rows=65535, Columns=65535, NumberOfFrames="99999")
-    add(_one("huge_declared_dimensions", "65535 x 65535 x 99999 declared, 512 bytes sent (never allocated)", huge, OK))
+    add(_one("huge_declared_dimensions", "65535 x 65535 x 99999 declared, 512 bytes sent (refused, never allocated)",
+             huge, cut_short, log="cut short"))
     broken_j2k = mr_dataset(syntax=JPEG2000Lossless)
     broken_j2k.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 60])
     broken_j2k["PixelData"].VR = "OB"
@@ -409,7 +407,7 @@ def _build_cases() -> list[HostileCase]:
         return lambda body: body[: int(len(body) * fraction)]
 
     # cut inside Pixel Data: the identifying header is intact but the last element's declared
-    # length is not met; see KNOWN_GAPS
+    # length is not met
     for name, fraction in (("truncated_in_pixel_data", 0.9), ("truncated_in_header", 0.05)):
         ds = mr_dataset()
         data = _replace_body(ds, truncated(fraction))
