@@ -105,7 +105,8 @@ def test_tls_store_end_to_end(tmp_path: Path, tls_files: dict[str, Path]) -> Non
         path.write_bytes(encode(ds))
         ae = AE(ae_title="TESTSCU")
         ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
-        ae.add_requested_context(sop_class.MRImageStorage)
+        # the file's own transfer syntax only: this test is about TLS, not about negotiation
+        ae.add_requested_context(sop_class.MRImageStorage, str(pydicom.dcmread(path).file_meta.TransferSyntaxUID))
         assoc = ae.associate("127.0.0.1", port, ae_title="ORTHONODE",
                              tls_args=(_client_context(tls_files, True), "127.0.0.1"))
         assert assoc.is_established
