@@ -1,7 +1,9 @@
 """``orthonode``: the one command-line program in front of the node, the predictor and the trainer.
 
 Each subcommand lives in the package that owns it, as a module with two functions:
-``configure(parser)`` adds its arguments and ``run(args) -> int`` does the work.  Those
+``configure(parser)`` adds its arguments and ``run(args) -> int`` does the work.  A module
+holding several commands is named ``module:name`` and provides ``configure_<name>`` and
+``run_<name>``.  Those
 modules import heavy libraries (torch, highdicom) inside ``run`` so that ``orthonode --help``
 stays fast.
 """
@@ -19,10 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("inference.cli", "run the model on one DICOM study folder and write its SEG and SR"),
     "check-config": ("dicom_node.check_config", "validate a node.yaml and show its main settings"),
     "demo": ("dicom_node.demo", "run the main job end to end on phantom data (what `make demo` runs)"),
-    "serve": ("dicom_node.cmd_serve", "run the node: DICOM listener, study assembly, jobs, export, /healthz, /metrics"),
-    "status": ("dicom_node.cmd_status", "studies, jobs, exports and failures recorded in the node's database"),
-    "retry": ("dicom_node.cmd_retry", "queue failed exports again"),
-    "echo": ("dicom_node.cmd_echo", "C-ECHO a configured export destination"),
+    "serve": ("dicom_node.commands:serve", "run the node: DICOM listener, study assembly, jobs, export, /healthz, /metrics"),
+    "status": ("dicom_node.commands:status", "studies, jobs, exports and failures recorded in the node's database"),
+    "retry": ("dicom_node.commands:retry", "queue failed exports again"),
+    "echo": ("dicom_node.commands:echo", "C-ECHO a configured export destination"),
 }
 
 
@@ -34,11 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, (target, help_text) in COMMANDS.items():
+        module_name, _, suffix = target.partition(":")
         module = importlib.import_module(module_name)
+        configure = getattr(module, f"configure_{suffix}" if suffix else "configure")
+        run = getattr(module, f"run_{suffix}" if suffix else "run")
         cmd = sub.add_parser(name, help=help_text, description=help_text)
-        module.configure(cmd)
-        cmd.set_defaults(_run=module.run)
+        configure(cmd)
+        cmd.set_defaults(_run=run)
     return parser
 
 
