@@ -15,6 +15,7 @@ call behind an ``orthonode train`` command; the equivalent commands are written 
 report, so any cell can be rerun by hand.
 
     python benchmarks/label_efficiency/run.py --scale quick     # estimate: ~10-15 min on 2 idle CPU cores
+    python benchmarks/label_efficiency/run.py --scale medium    # estimate: ~30 min on 2 idle CPU cores
     python benchmarks/label_efficiency/run.py --scale cpu       # estimate: ~1 h on 2 idle CPU cores
     python benchmarks/label_efficiency/run.py --scale gpu       # larger pools and longer training
 
@@ -64,6 +65,9 @@ class Scale:
 SCALES: dict[str, Scale] = {
     "quick": Scale(knee_pool=30, knee_test=8, held_out=8, transfer_pool=20, transfer_test=8, matrix=64,
                    pretrain_steps=30, pretrain_batch=2, classify_epochs=5, segment_epochs=5, n_boot=200),
+    # between quick and cpu: about half an hour on 2 idle CPU cores
+    "medium": Scale(knee_pool=60, knee_test=12, held_out=12, transfer_pool=30, transfer_test=12, matrix=64,
+                    pretrain_steps=150, classify_epochs=8, segment_epochs=10, n_boot=200),
     "cpu": Scale(knee_pool=100, knee_test=20, held_out=20, transfer_pool=50, transfer_test=20, matrix=64,
                  pretrain_steps=300, classify_epochs=8, segment_epochs=10, n_boot=500),
     # checks the script itself in a minute (tiny model); its numbers mean nothing
