@@ -400,8 +400,8 @@ def render_report(results: dict[str, Any]) -> str:
         f"- CPU: {info['cpu']}, {info['cores']} cores visible, torch threads {info['torch_threads']}; "
         f"CUDA: {info['cuda']}.",
         f"- Load average (1/5/15 min) at start {info.get('load_average_at_start', 'n/a')}, at the end "
-        f"{info.get('load_average', 'n/a')}: above the core count, the machine was shared and wall times are "
-        "longer than on an idle machine.",
+        f"{info.get('load_average', 'n/a')} on {info['cores']} cores (a load above the core count means the "
+        "machine was shared and wall times are longer than on an idle machine).",
         f"- torch {info['torch']}, MONAI {info.get('monai', '?')}, Python {info['python']}.",
         "- Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in results["timings"].items()) + ".",
         "",
