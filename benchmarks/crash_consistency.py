@@ -505,17 +505,22 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = build_small_checkpoint(work / "model")
     run = scenario_kill if args.scenario == "kill" else scenario_outage
     report = run(args, work, checkpoint)
-    command = f".venv/bin/python benchmarks/crash_consistency.py {' '.join(argv if argv is not None else sys.argv[1:])}"
-    lines = [f"### scenario {args.scenario}", "", f"Command: `{command}`", "", "| measure | value |", "| --- | ---: |"]
-    lines += [f"| {key} | {value} |" for key, value in report.items()]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out is not None:
-        with open(args.out, "a", encoding="utf-8") as fh:
-            fh.write(text + "\n")
+    write_report("crash_consistency.py", argv, report, args.out, heading=f"### scenario {args.scenario}")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def write_report(script: str, argv: list[str] | None, report: dict[str, Any], out: Path | None, heading: str = "") -> None:
+    """Print the measure table of one run and append it to ``out`` (the results file) when given."""
+    command = f".venv/bin/python benchmarks/{script} {' '.join(argv if argv is not None else sys.argv[1:])}"
+    lines = ([heading, ""] if heading else []) + [f"Command: `{command}`", "", "| measure | value |", "| --- | ---: |"]
+    lines += [f"| {key} | {value} |" for key, value in report.items()]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out is not None:
+        with open(out, "a", encoding="utf-8") as fh:
+            fh.write(text + "\n")
 
 
 if __name__ == "__main__":

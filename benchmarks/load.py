@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from crash_consistency import Pacs, Serve, Study, delivery_report, free_port, make_studies, settle  # noqa: E402
+from crash_consistency import Pacs, Serve, Study, delivery_report, free_port, make_studies, settle, write_report  # noqa: E402
 
 
 class LoadSender:
@@ -153,14 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     for sender in senders:
         for incident in sender.incidents:
             print("INCIDENT", incident)
-    command = f".venv/bin/python benchmarks/load.py {' '.join(argv if argv is not None else sys.argv[1:])}"
-    lines = [f"Command: `{command}`", "", "| measure | value |", "| --- | ---: |"]
-    lines += [f"| {key} | {value} |" for key, value in report.items()]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out is not None:
-        with open(args.out, "a", encoding="utf-8") as fh:
-            fh.write(text + "\n")
+    write_report("load.py", argv, report, args.out)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
