@@ -133,6 +133,20 @@ class ModelSection(_Section):
     checkpoint: Path = Path("./models/demo-knee.pt")
 
 
+class QueryAE(_Section):
+    """The C-FIND SCP asked whether a DIMSE destination already holds an object (when the PACS
+    answers queries on another AE title, host or port than the one it stores on)."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae(value)
+
+
 class Destination(_Section):
     type: Literal["dimse", "stowrs"]
     ae_title: str | None = None
@@ -141,6 +155,14 @@ class Destination(_Section):
     url: str | None = None  # STOW-RS base URL, e.g. http://127.0.0.1:8042/dicom-web
     username: str | None = None
     password: str | None = None
+    #: after a send whose outcome is unknown (the request went out, no response came back), ask
+    #: the destination whether it holds the object before sending it again (C-FIND at IMAGE
+    #: level for dimse, QIDO-RS for stowrs), so that a result is not delivered twice
+    verify_before_resend: bool = True
+    #: dimse only: where to send that C-FIND (default: the destination's own AE)
+    query: QueryAE | None = None
+    #: stowrs only: the QIDO-RS base URL (default: ``url``)
+    qido_url: str | None = None
 
     @model_validator(mode="after")
     def _complete(self) -> "Destination":
@@ -149,8 +171,18 @@ class Destination(_Section):
             if missing:
                 raise ValueError(f"a dimse destination needs {', '.join(missing)}")
             _check_ae(self.ae_title or "")
-        elif not self.url:
-            raise ValueError("a stowrs destination needs url")
+            if self.qido_url is not None:
+                raise ValueError("qido_url is for stowrs destinations; a dimse destination is queried "
+                                 "by C-FIND (set query: {ae_title, host, port} to use another AE)")
+        else:
+            if not self.url:
+                raise ValueError("a stowrs destination needs url")
+            if self.query is not None:
+                raise ValueError("query (a C-FIND AE) is for dimse destinations; a stowrs destination is "
+                                 "queried by QIDO-RS (set qido_url to use another base URL)")
+        if not self.verify_before_resend and (self.query is not None or self.qido_url is not None):
+            which = "query" if self.query is not None else "qido_url"
+            raise ValueError(f"{which} is set but verify_before_resend is false, so it would never be used")
         return self
 
 

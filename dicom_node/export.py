@@ -12,9 +12,19 @@ done, so a result is queued exactly once.  The :class:`Exporter` thread sends du
   ``orthonode retry`` queues it again.
 
 Because the schedule lives in the database, a restart loses nothing: rows left ``sending`` by a
-killed node go back to ``pending`` (:meth:`Exporter.recover`) and are sent again.  Sending an
-object twice is harmless for a PACS: the object keeps its SOP Instance UID, and a PACS stores
-one instance per UID.
+killed node go back to ``pending`` (:meth:`Exporter.recover`) and are sent again.
+
+Exactly once, not at least once.  A send can end without an answer after the request went out
+(the association aborted, the DIMSE timeout ran out, the HTTP response never came, the node was
+killed mid-send): the destination may or may not have stored the object.  Such a failure is
+marked *outcome unknown* (:data:`OUTCOME_UNKNOWN`, kept at the start of ``last_error`` until the
+export is done), and when the destination has ``verify_before_resend`` the next attempt first
+asks it whether it holds the SOP instance (:func:`verify_held`: C-FIND at IMAGE level, or
+QIDO-RS).  An object it holds is marked done without being sent again.  When the query itself
+fails the object is resent and the log says it may now be there twice; a PACS that receives the
+same SOP Instance UID with the same content normally keeps one copy, but some keep both or
+answer with a warning.  A failure with a definite answer (a refusal status, no association,
+an HTTP 4xx) is retried without a query: the object did not arrive.
 """
 from __future__ import annotations
 
@@ -40,8 +50,17 @@ _WARNING_MASK = 0xF000
 _WARNING = 0xB000
 
 
+#: ``last_error`` starts with this while the export's last attempt may have reached the destination
+OUTCOME_UNKNOWN = "outcome unknown: "
+
+
 class ExportError(RuntimeError):
     """Sending to a destination failed; the message names the destination and the reason."""
+
+
+def outcome_unknown(last_error: str | None) -> bool:
+    """Whether an export's earlier attempt may have delivered it (see :data:`OUTCOME_UNKNOWN`)."""
+    return last_error is not None and last_error.startswith(OUTCOME_UNKNOWN)
 
 
 # --------------------------------------------------------------------------- routes
@@ -80,10 +99,17 @@ def backoff_delay(attempts: int, retry: RetrySection) -> float:
 
 @dataclass(frozen=True)
 class SendOutcome:
-    """What happened to one file: ``ok`` and, when not ok, why."""
+    """What happened to one file: ``ok`` and, when not ok, why.
+
+    ``unknown`` marks a failure after the request went out with no answer: the destination may
+    hold the object anyway, so the next attempt verifies before resending.
+    """
 
     ok: bool
     detail: str = ""
+    unknown: bool = False
+    #: ok without a send: the destination already held the object from an earlier attempt
+    already_held: bool = False
 
 
 def send_dimse(destination: Destination, files: Sequence[Path], calling_ae_title: str,
@@ -123,8 +149,14 @@ def send_dimse(destination: Destination, files: Sequence[Path], calling_ae_title
                 continue
             status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
-            if code is None:
-                outcomes.append(SendOutcome(False, f"{where}: no C-STORE response for {path.name} (timeout or abort)"))
+            if code is None:  # the request went out: the PACS may have stored it
+                outcomes.append(SendOutcome(False, f"{where}: no C-STORE response for {path.name} (timeout or abort)",
+                                            unknown=True))
+                # The association cannot be trusted after a lost response (pynetdicom may still
+                # report it established for a moment after the peer's A-ABORT), so the rest of
+                # the batch is not sent on it: those objects fail without having gone out.
+                if assoc.is_established:
+                    assoc.abort()
             elif code in _STORED or (code & _WARNING_MASK) == _WARNING:
                 outcomes.append(SendOutcome(True, f"status 0x{code:04X}"))
             else:
@@ -154,7 +186,8 @@ def send_stowrs(destination: Destination, files: Sequence[Path], timeout: float 
     try:
         response = client.store_instances(datasets)
     except (requests.RequestException, OSError) as exc:
-        return [SendOutcome(False, f"STOW-RS {destination.url}: {exc}") for _ in files]
+        unknown = not _request_never_arrived(exc)
+        return [SendOutcome(False, f"STOW-RS {destination.url}: {exc}", unknown=unknown) for _ in files]
     failed: dict[str, str] = {}
     for item in getattr(response, "FailedSOPSequence", []) or []:
         failed[str(item.ReferencedSOPInstanceUID)] = f"0x{int(getattr(item, 'FailureReason', 0)):04X}"
@@ -167,6 +200,24 @@ def send_stowrs(destination: Destination, files: Sequence[Path], timeout: float 
             detail = f"STOW-RS {destination.url}: refused {path.name} (failure reason {reason})"
             outcomes.append(SendOutcome(False, detail))
     return outcomes
+
+
+def _request_never_arrived(exc: BaseException) -> bool:
+    """True when an HTTP failure proves the server did not take the request: the connection was
+    never made, or the server answered with a 4xx.  Anything else (a read timeout, a connection
+    reset mid-request, a 5xx from a gateway) may hide a stored object."""
+    import requests
+    from urllib3.exceptions import NewConnectionError
+
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    if isinstance(exc, requests.HTTPError):
+        status = exc.response.status_code if exc.response is not None else None
+        return status is not None and 400 <= status < 500
+    if isinstance(exc, requests.ConnectionError):
+        reason = getattr(exc.args[0], "reason", None) if exc.args else None
+        return isinstance(reason, NewConnectionError)
+    return False
 
 
 def send_files(destination: Destination, files: Sequence[Path], calling_ae_title: str) -> list[SendOutcome]:
@@ -211,6 +262,119 @@ def echo(destination: Destination, calling_ae_title: str, timeout: float = 10.0)
     if code != 0x0000:
         return False, f"{where}: C-ECHO status {code!r}"
     return True, f"{where}: C-ECHO ok in {1000 * (time.monotonic() - started):.0f} ms"
+
+
+# --------------------------------------------------------------------------- verification
+
+
+@dataclass(frozen=True)
+class Presence:
+    """Whether a destination holds one object: ``held`` True/False, or None when the query
+    failed (then ``detail`` says why and the caller must assume nothing)."""
+
+    held: bool | None
+    detail: str
+
+
+def _object_keys(path: Path) -> tuple[str, str, str]:
+    """(Study, Series, SOP Instance UID) of a result file, read without its pixel data."""
+    from pydicom import dcmread
+
+    ds = dcmread(path, stop_before_pixels=True)
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+
+
+def find_dimse(destination: Destination, files: Sequence[Path], calling_ae_title: str,
+               timeout: float = 30.0) -> list[Presence]:
+    """Ask a DIMSE destination (or its ``query`` AE) by C-FIND, Study Root at IMAGE level, whether
+    it holds each file's SOP instance; one association for all files.
+
+    The identifier carries the unique keys of every level (Study, Series and SOP Instance UID),
+    as the hierarchical model requires, so any Query/Retrieve SCP can answer it.
+    """
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    target = destination.query or destination
+    where = f"C-FIND {target.ae_title}@{target.host}:{target.port}"
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            reason = "association rejected"
+        elif assoc.is_aborted:  # pynetdicom aborts when no presentation context was accepted
+            reason = "association aborted (does the peer accept Study Root C-FIND?)"
+        else:
+            reason = "no association (peer unreachable?)"
+        return [Presence(None, f"{where}: {reason}") for _ in files]
+    presences: list[Presence] = []
+    try:
+        if not any(cx.abstract_syntax == StudyRootQueryRetrieveInformationModelFind
+                   for cx in assoc.accepted_contexts):
+            return [Presence(None, f"{where}: the peer does not accept Study Root C-FIND") for _ in files]
+        for path in files:
+            if not assoc.is_established:
+                presences.append(Presence(None, f"{where}: association lost before {path.name}"))
+                continue
+            study, series, sop = _object_keys(path)
+            query = Dataset()
+            query.QueryRetrieveLevel = "IMAGE"
+            query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = study, series, sop
+            held = False
+            final: int | None = None
+            for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+                code = getattr(status, "Status", None)
+                if code in (0xFF00, 0xFF01):
+                    held = held or (identifier is not None and str(getattr(identifier, "SOPInstanceUID", "")) == sop)
+                else:
+                    final = code
+            if final == 0x0000:
+                presences.append(Presence(held, f"{where}: {'held' if held else 'not held'}"))
+            elif final is None:
+                presences.append(Presence(None, f"{where}: no response for {sop} (timeout or abort)"))
+            else:
+                presences.append(Presence(None, f"{where}: status 0x{final:04X} for {sop}"))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return presences
+
+
+def find_qido(destination: Destination, files: Sequence[Path], timeout: float = 30.0) -> list[Presence]:
+    """Ask a DICOMweb destination by QIDO-RS (``qido_url`` or ``url``) whether it holds each
+    file's SOP instance: a search for instances of the study with that SOP Instance UID."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    base = str(destination.qido_url or destination.url)
+    session = requests.Session()
+    if destination.username:
+        session.auth = (destination.username, destination.password or "")
+    client = DICOMwebClient(url=base, session=session)
+    client.set_http_retry_params(retry=False)
+    presences = []
+    for path in files:
+        study, _, sop = _object_keys(path)
+        try:
+            found = client.search_for_instances(study_instance_uid=study, search_filters={"SOPInstanceUID": sop})
+        except (requests.RequestException, OSError, ValueError) as exc:
+            presences.append(Presence(None, f"QIDO-RS {base}: {type(exc).__name__}: {exc}"))
+            continue
+        held = any(item.get("00080018", {}).get("Value", [None])[0] == sop for item in found)
+        presences.append(Presence(held, f"QIDO-RS {base}: {'held' if held else 'not held'}"))
+    return presences
+
+
+def verify_held(destination: Destination, files: Sequence[Path], calling_ae_title: str) -> list[Presence]:
+    """Whether ``destination`` already holds each of ``files`` (C-FIND or QIDO-RS by its type)."""
+    if destination.type == "dimse":
+        return find_dimse(destination, files, calling_ae_title)
+    if destination.type == "stowrs":
+        return find_qido(destination, files)
+    raise ExportError(f"unknown destination type {destination.type!r}")
 
 
 # --------------------------------------------------------------------------- queue
@@ -265,7 +429,8 @@ def retry_failed(
             export.state = ExportState.PENDING
             export.attempts = 0
             export.next_attempt_at = utcnow()
-            export.last_error = None
+            if not outcome_unknown(export.last_error):  # an unknown outcome still needs its check
+                export.last_error = None
             session.add(EventRecord(kind="export_requeued", job_id=export.job_id,
                                     study_instance_uid=export.job.study.study_instance_uid,
                                     message=f"export {export.id} ({export.object_kind}) to "
@@ -279,7 +444,8 @@ class Exporter:
 
     ``on_result(destination, kind, ok, seconds)`` is called per object (the node hooks its
     metrics there).  ``poll_seconds`` bounds how long a new or due export waits when nobody
-    calls :meth:`wake`.
+    calls :meth:`wake`.  ``sender`` and ``verifier`` send and look up objects (by default
+    :func:`send_files` and :func:`verify_held`).
     """
 
     def __init__(
@@ -291,6 +457,7 @@ class Exporter:
         batch_size: int = 20,
         on_result: Callable[[str, str, bool, float], None] | None = None,
         sender: Callable[[Destination, Sequence[Path], str], list[SendOutcome]] = send_files,
+        verifier: Callable[[Destination, Sequence[Path], str], list[Presence]] = verify_held,
     ) -> None:
         self.config = config
         self.export_config: ExportSection = config.export
@@ -299,6 +466,7 @@ class Exporter:
         self.batch_size = batch_size
         self.on_result = on_result
         self.sender = sender
+        self.verifier = verifier
         self.calling_ae_title = config.listener.ae_titles[0]
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -313,9 +481,11 @@ class Exporter:
             for row in rows:
                 row.state = ExportState.PENDING
                 row.next_attempt_at = utcnow()
+                # the stopped node may have sent it before it could record the answer
+                row.last_error = f"{OUTCOME_UNKNOWN}interrupted while being sent (node stopped)"
                 session.add(EventRecord(kind="export_recovered", job_id=row.job_id,
                                         message=f"export {row.id} to {row.destination} was being sent when the node "
-                                                f"stopped; it is sent again"))
+                                                f"stopped; it is sent again unless the destination already holds it"))
             if rows:
                 log.warning("%d export(s) were interrupted by a restart; sending them again", len(rows))
             return len(rows)
@@ -356,10 +526,10 @@ class Exporter:
                 self._wake.clear()
 
     # ------------------------------------------------------------------ work
-    def _claim(self) -> dict[str, list[tuple[int, Path, str]]]:
+    def _claim(self) -> dict[str, list[_Claimed]]:
         """Mark up to ``batch_size`` due exports ``sending``; grouped by destination."""
         now = utcnow()
-        batches: dict[str, list[tuple[int, Path, str]]] = {}
+        batches: dict[str, list[_Claimed]] = {}
         with session_scope(self.factory) as session:
             rows = session.scalars(
                 select(Export)
@@ -370,9 +540,9 @@ class Exporter:
             for row in rows:
                 row.state = ExportState.SENDING
                 row.attempts += 1
-                batches.setdefault(row.destination, []).append(
-                    (row.id, self.config.data_dir / row.object_path, row.object_kind)
-                )
+                batches.setdefault(row.destination, []).append(_Claimed(
+                    row.id, self.config.data_dir / row.object_path, row.object_kind, row.sop_instance_uid,
+                    outcome_unknown(row.last_error)))
         return batches
 
     def run_once(self) -> bool:
@@ -385,27 +555,71 @@ class Exporter:
                 outcomes = [SendOutcome(False, f"destination {name!r} is no longer in node.yaml export.destinations")
                             for _ in items]
             else:
-                exists = [path.is_file() for _, path, _ in items]
-                present = [path for (_, path, _), ok in zip(items, exists) if ok]
-                try:
-                    sent = iter(self.sender(destination, present, self.calling_ae_title) if present else [])
-                except Exception as exc:  # recorded on every row of the batch and retried with backoff
-                    log.exception("sending %d object(s) to %s raised", len(present), name)
-                    failure = SendOutcome(False, f"{name}: {type(exc).__name__}: {exc}")
-                    sent = iter([failure] * len(present))
-                outcomes = [next(sent) if ok else SendOutcome(False, f"result file {path} is missing")
-                            for (_, path, _), ok in zip(items, exists)]
+                outcomes = self._send(name, destination, items)
             seconds = (time.monotonic() - started) / max(len(items), 1)
             self._record(name, items, outcomes, seconds)
         return bool(batches)
 
-    def _record(
-        self, name: str, items: list[tuple[int, Path, str]], outcomes: list[SendOutcome], seconds: float
-    ) -> None:
+    def _send(self, name: str, destination: Destination, items: list[_Claimed]) -> list[SendOutcome]:
+        """Outcomes of one destination's batch: files that are missing fail, those the
+        destination already holds (after an unknown outcome) are done, the rest are sent."""
+        outcomes: dict[int, SendOutcome] = {}
+        for item in items:
+            if not item.path.is_file():
+                outcomes[item.export_id] = SendOutcome(False, f"result file {item.path} is missing")
+        uncertain = [i for i in items if i.unknown and i.export_id not in outcomes]
+        if uncertain and not destination.verify_before_resend:
+            log.warning("%s: resending %d object(s) whose last attempt may have arrived, without asking first "
+                        "(verify_before_resend is false): they may be delivered twice", name, len(uncertain))
+        elif uncertain:
+            outcomes.update(self._verify(name, destination, uncertain))
+        to_send = [i for i in items if i.export_id not in outcomes]
+        if to_send:
+            try:
+                sent = self.sender(destination, [i.path for i in to_send], self.calling_ae_title)
+            except Exception as exc:  # recorded on every row of the batch and retried with backoff
+                log.exception("sending %d object(s) to %s raised", len(to_send), name)
+                # it raised part-way: any object of the batch may have gone out
+                failure = SendOutcome(False, f"{name}: {type(exc).__name__}: {exc}", unknown=True)
+                sent = [failure] * len(to_send)
+            if len(sent) != len(to_send):
+                raise ExportError(f"{name}: the sender returned {len(sent)} outcomes for {len(to_send)} objects")
+            outcomes.update({item.export_id: outcome for item, outcome in zip(to_send, sent)})
+        return [outcomes[item.export_id] for item in items]
+
+    def _verify(self, name: str, destination: Destination, items: list[_Claimed]) -> dict[int, SendOutcome]:
+        """Ask the destination about objects whose last attempt may have arrived; the outcomes
+        of those it holds (done, not resent).  The others are left to be sent; when the query
+        failed the log says the resend may duplicate the object."""
+        try:
+            presences = self.verifier(destination, [i.path for i in items], self.calling_ae_title)
+        except Exception as exc:  # a failed query must not block the export: resent, with a warning
+            log.exception("asking %s whether it holds %d object(s) raised", name, len(items))
+            presences = [Presence(None, f"{type(exc).__name__}: {exc}")] * len(items)
+        if len(presences) != len(items):
+            raise ExportError(f"{name}: the verifier returned {len(presences)} answers for {len(items)} objects")
+        done: dict[int, SendOutcome] = {}
+        for item, presence in zip(items, presences):
+            if presence.held:
+                log.info("%s %s: the last attempt arrived after all (%s); not sent again",
+                         item.kind, item.sop_instance_uid, presence.detail)
+                done[item.export_id] = SendOutcome(True, f"already held, not resent ({presence.detail})",
+                                                   already_held=True)
+            elif presence.held is None:
+                log.warning("%s %s: could not ask %s whether the last attempt arrived (%s); resending, so the "
+                            "destination may now hold it twice", item.kind, item.sop_instance_uid, name,
+                            presence.detail)
+            else:
+                log.info("%s %s: not held by %s (%s); sending it again", item.kind, item.sop_instance_uid, name,
+                         presence.detail)
+        return done
+
+    def _record(self, name: str, items: list[_Claimed], outcomes: list[SendOutcome], seconds: float) -> None:
         retry = self.export_config.retry
         with session_scope(self.factory) as session:
-            for (export_id, path, kind), outcome in zip(items, outcomes):
-                row = session.get(Export, export_id)
+            for item, outcome in zip(items, outcomes):
+                kind = item.kind
+                row = session.get(Export, item.export_id)
                 if row is None:  # deleted meanwhile (study purged); nothing to record
                     continue
                 study_uid = row.job.study.study_instance_uid
@@ -415,12 +629,14 @@ class Exporter:
                     row.next_attempt_at = None
                     log.info("study %s: %s %s sent to %s (attempt %d, %s)", study_uid, kind, row.sop_instance_uid,
                              name, row.attempts, outcome.detail)
+                    what = (f"{kind} already held by {name} from an earlier attempt, not resent" if outcome.already_held
+                            else f"{kind} sent to {name}")
                     session.add(EventRecord(kind="export_done", job_id=row.job_id, study_instance_uid=study_uid,
                                             sop_instance_uid=row.sop_instance_uid,
-                                            message=f"{kind} sent to {name} (attempt {row.attempts})"))
+                                            message=f"{what} (attempt {row.attempts})"))
                 elif row.attempts >= retry.max_attempts:
                     row.state = ExportState.FAILED
-                    row.last_error = outcome.detail
+                    row.last_error = _error_text(outcome, item)
                     row.next_attempt_at = None
                     log.error("study %s: %s %s to %s failed for good after %d attempts: %s "
                               "(orthonode retry re-queues it)",
@@ -431,7 +647,7 @@ class Exporter:
                 else:
                     delay = backoff_delay(row.attempts, retry)
                     row.state = ExportState.PENDING
-                    row.last_error = outcome.detail
+                    row.last_error = _error_text(outcome, item)
                     row.next_attempt_at = utcnow() + timedelta(seconds=delay)
                     log.warning("study %s: %s %s to %s failed (attempt %d of %d): %s; next attempt in %.0f s",
                                 study_uid, kind, row.sop_instance_uid, name, row.attempts, retry.max_attempts,
@@ -441,6 +657,26 @@ class Exporter:
                                             message=f"{kind} to {name}: {outcome.detail}; retry in {delay:.0f} s"))
                 if self.on_result is not None:
                     self.on_result(name, kind, outcome.ok, seconds)
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    """One export being sent: its row id, file, kind, SOP Instance UID, and whether an earlier
+    attempt may have delivered it (so the destination is asked first)."""
+
+    export_id: int
+    path: Path
+    kind: str
+    sop_instance_uid: str
+    unknown: bool
+
+
+def _error_text(outcome: SendOutcome, item: _Claimed) -> str:
+    """``last_error`` of a failed attempt: marked :data:`OUTCOME_UNKNOWN` when this attempt or an
+    earlier one may have delivered the object (the mark stays until the export is done)."""
+    if outcome.unknown or item.unknown:
+        return OUTCOME_UNKNOWN + outcome.detail.removeprefix(OUTCOME_UNKNOWN)
+    return outcome.detail
 
 
 def due_in_seconds(row: Export, now: datetime | None = None) -> float | None:

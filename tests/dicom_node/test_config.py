@@ -53,12 +53,47 @@ def test_unknown_key_is_an_error_naming_the_key_and_file(tmp_path):
         ({"export": {"routes": [{"destinations": ["nowhere"]}]}}, "export"),
         ({"study_assembly": {"study_quiet_seconds": 100, "forced_after_seconds": 10}}, "study_assembly"),
         ({"listener": {"tls": {"enabled": True}}}, "listener.tls"),
+        ({"export": {"destinations": {"x": {"type": "dimse", "ae_title": "P", "host": "h", "port": 104,
+                                           "query": {"ae_title": "Q", "host": "h", "port": 0}}}}},
+         "export.destinations.x.query.port"),
     ],
 )
 def test_invalid_values_name_their_key(tmp_path, data, key):
     with pytest.raises(ConfigError) as err:
         load_config(_write(tmp_path, data))
     assert key in str(err.value)
+
+
+_PACS = {"type": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}
+_WEB = {"type": "stowrs", "url": "http://127.0.0.1:8042/dicom-web"}
+
+
+def test_verify_before_resend_defaults_on_and_takes_a_query_ae_or_qido_url(tmp_path):
+    cfg = load_config(_write(tmp_path, {"export": {"destinations": {
+        "pacs": {**_PACS, "query": {"ae_title": "PACS_QR", "host": "10.0.0.2", "port": 4243}},
+        "web": {**_WEB, "qido_url": "http://127.0.0.1:8042/qido"},
+        "plain": dict(_PACS)}, "routes": [{"destinations": ["pacs"]}]}}))
+    pacs, web, plain = (cfg.export.destinations[k] for k in ("pacs", "web", "plain"))
+    assert pacs.verify_before_resend and web.verify_before_resend and plain.verify_before_resend
+    assert (pacs.query.ae_title, pacs.query.host, pacs.query.port) == ("PACS_QR", "10.0.0.2", 4243)
+    assert web.qido_url == "http://127.0.0.1:8042/qido" and plain.query is None
+
+
+@pytest.mark.parametrize(
+    "destination, message",
+    [
+        ({**_PACS, "qido_url": "http://h/q"}, "qido_url is for stowrs destinations"),
+        ({**_WEB, "query": {"ae_title": "Q", "host": "h", "port": 104}}, "query (a C-FIND AE) is for dimse"),
+        ({**_PACS, "verify_before_resend": False, "query": {"ae_title": "Q", "host": "h", "port": 104}},
+         "query is set but verify_before_resend is false"),
+        ({**_WEB, "verify_before_resend": "sometimes"}, "verify_before_resend"),
+    ],
+)
+def test_verification_options_that_cannot_apply_are_errors(tmp_path, destination, message):
+    path = _write(tmp_path, {"export": {"destinations": {"x": destination}, "routes": [{"destinations": ["x"]}]}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "export.destinations.x" in str(err.value) and message in str(err.value)
 
 
 def test_relative_paths_resolve_against_the_config_folder(tmp_path):

@@ -12,8 +12,9 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from dicom_node.config import RetrySection, Route, parse_config
-from dicom_node.db import Export, ExportState, Study, make_engine, make_session_factory, session_scope, utcnow
-from dicom_node.export import ExportError, Exporter, backoff_delay, queue_exports, retry_failed, route_destinations
+from dicom_node.db import EventRecord, Export, ExportState, Study, make_engine, make_session_factory, session_scope, utcnow
+from dicom_node.export import (ExportError, Exporter, backoff_delay, outcome_unknown, queue_exports, retry_failed,
+                               route_destinations, verify_held)
 from dicom_node.jobs import enqueue_if_changed
 from dicom_node.orthanc import DICOMWEB_PLUGIN
 from tests.dicom_node.node_fixtures import *  # noqa: F403 - fixtures
@@ -162,3 +163,191 @@ def test_stow_rs_to_orthanc(tmp_path: Path, node_checkpoint: Path, result_object
     for instance in orthanc.instances_of_study(study_uid):
         ds = dcmread(BytesIO(orthanc.instance_file(instance["id"])))
         assert ds.StudyInstanceUID == study_uid and ds.Modality in ("SEG", "SR")
+
+
+# --------------------------------------------------------------------------- exactly once
+
+
+class FlakyPacs:
+    """A pynetdicom PACS whose C-STORE answers can be lost: the first ``lose`` requests are
+    stored (or not, ``store_then_abort=False``) and the association is aborted instead of
+    answering, as when a response is lost under load.  ``find`` adds a Study Root C-FIND SCP
+    over what it holds; ``refuse`` answers every C-STORE with that failure status instead."""
+
+    def __init__(self, *, lose: int = 0, store_then_abort: bool = True, find: bool = True,
+                 refuse: int | None = None) -> None:
+        self.lose = lose
+        self.store_then_abort = store_then_abort
+        self.find = find
+        self.refuse = refuse
+        self.deliveries: list[str] = []  # SOP Instance UIDs stored, one entry per storage
+        self.store_requests = 0
+        self.queries: list[str] = []  # SOP Instance UIDs asked for by C-FIND
+        self.port = free_port()
+        self._server = None
+
+    def _store(self, event) -> int:
+        self.store_requests += 1
+        if self.refuse is not None:
+            return self.refuse
+        if self.lose > 0:
+            self.lose -= 1
+            if self.store_then_abort:
+                self.deliveries.append(str(event.dataset.SOPInstanceUID))
+            event.assoc.abort()
+            return 0x0000  # never reaches the node: the association is gone
+        self.deliveries.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    def _find(self, event):
+        identifier = event.identifier
+        sop = str(identifier.SOPInstanceUID)
+        self.queries.append(sop)
+        if identifier.QueryRetrieveLevel != "IMAGE":
+            yield 0xA900, None
+            return
+        if sop in self.deliveries:
+            match = type(identifier)()
+            match.QueryRetrieveLevel = "IMAGE"
+            match.StudyInstanceUID, match.SeriesInstanceUID = identifier.StudyInstanceUID, identifier.SeriesInstanceUID
+            match.SOPInstanceUID = sop
+            yield 0xFF00, match
+
+    def __enter__(self) -> "FlakyPacs":
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+        ae = AE(ae_title="FLAKY")
+        ae.supported_contexts = AllStoragePresentationContexts
+        handlers = [(evt.EVT_C_STORE, self._store)]
+        if self.find:
+            ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+            handlers.append((evt.EVT_C_FIND, self._find))
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._server.shutdown()
+
+    def destination(self, **options) -> dict:
+        return {"pacs": {"type": "dimse", "ae_title": "FLAKY", "host": "127.0.0.1", "port": self.port, **options}}
+
+
+QUICK_RETRY = {"max_attempts": 4, "initial_delay_seconds": 0.1, "max_delay_seconds": 0.2}
+
+
+def _send_until_settled(exporter: Exporter, factory, attempts: int = 3) -> list[Export]:
+    """Run the exporter until no export is pending (each retry is due after a short backoff)."""
+    for _ in range(attempts):
+        if all(r.state is not ExportState.PENDING for r in _exports(factory)):
+            break
+        wait_for(exporter.run_once, 5, "a due export")
+    return _exports(factory)
+
+
+def test_a_lost_c_store_answer_is_verified_and_not_resent(
+    tmp_path: Path, node_checkpoint: Path, result_objects: list[Path]
+) -> None:
+    with FlakyPacs(lose=1) as pacs:
+        parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects, pacs.destination(),
+                                        retry=QUICK_RETRY)
+        exporter = Exporter(parts.config, parts.factory)
+        assert exporter.run_once()
+        first = _exports(parts.factory)
+        # the first object was stored but its answer never came; the association went with it
+        assert [(r.state, r.attempts) for r in first] == [(ExportState.PENDING, 1)] * 2
+        assert outcome_unknown(first[0].last_error) and "no C-STORE response" in first[0].last_error
+        assert not outcome_unknown(first[1].last_error), "the second object never went out"
+        assert pacs.deliveries == [first[0].sop_instance_uid]
+
+        done = _send_until_settled(exporter, parts.factory)
+        assert [(r.state, r.attempts, r.last_error) for r in done] == [(ExportState.DONE, 2, None)] * 2
+        assert sorted(pacs.deliveries) == sorted(sops), "an object was delivered twice or not at all"
+        assert pacs.queries == [first[0].sop_instance_uid], "only the object of unknown outcome is looked up"
+        assert pacs.store_requests == 2
+    with parts.factory() as session:
+        messages = [e.message for e in session.scalars(select(EventRecord).where(EventRecord.kind == "export_done"))]
+    assert any("already held by pacs from an earlier attempt, not resent" in m for m in messages), messages
+
+
+def test_a_lost_request_is_looked_up_then_sent_once(
+    tmp_path: Path, node_checkpoint: Path, result_objects: list[Path]
+) -> None:
+    with FlakyPacs(lose=1, store_then_abort=False) as pacs:
+        parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects, pacs.destination(),
+                                        retry=QUICK_RETRY)
+        exporter = Exporter(parts.config, parts.factory)
+        done = _send_until_settled(exporter, parts.factory)
+        assert [r.state for r in done] == [ExportState.DONE] * 2
+        assert sorted(pacs.deliveries) == sorted(sops)
+        assert pacs.queries == [done[0].sop_instance_uid]  # asked, not held, sent again
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["query-fails", "verification-off"])
+def test_without_an_answer_to_the_query_the_object_is_resent_and_the_log_says_so(
+    tmp_path: Path, node_checkpoint: Path, result_objects: list[Path], caplog: pytest.LogCaptureFixture,
+    verify: bool
+) -> None:
+    with FlakyPacs(lose=1, find=False) as pacs:
+        parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects,
+                                        pacs.destination(verify_before_resend=verify), retry=QUICK_RETRY)
+        exporter = Exporter(parts.config, parts.factory)
+        with caplog.at_level("WARNING", logger="dicom_node.export"):
+            done = _send_until_settled(exporter, parts.factory)
+        assert [r.state for r in done] == [ExportState.DONE] * 2
+        # the documented fallback: delivered, possibly twice, and said so
+        assert pacs.deliveries.count(done[0].sop_instance_uid) == 2
+        expected = "may now hold it twice" if verify else "may be delivered twice"
+        assert expected in caplog.text
+        if verify:
+            assert "does the peer accept Study Root C-FIND?" in caplog.text
+
+
+def test_a_refusal_is_retried_without_a_query(tmp_path: Path, node_checkpoint: Path, result_objects: list[Path]) -> None:
+    with FlakyPacs(refuse=0xA700) as pacs:
+        parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects, pacs.destination(),
+                                        retry={"max_attempts": 2, "initial_delay_seconds": 0.1, "max_delay_seconds": 0.1})
+        exporter = Exporter(parts.config, parts.factory)
+        failed = _send_until_settled(exporter, parts.factory)
+        assert [(r.state, r.attempts) for r in failed] == [(ExportState.FAILED, 2)] * 2
+        assert all("0xA700" in r.last_error and not outcome_unknown(r.last_error) for r in failed)
+        assert pacs.queries == [] and pacs.store_requests == 4
+
+
+def test_an_export_interrupted_by_a_restart_is_not_resent_when_the_pacs_holds_it(
+    tmp_path: Path, node_checkpoint: Path, result_objects: list[Path]
+) -> None:
+    with FlakyPacs() as pacs:
+        parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects, pacs.destination(),
+                                        retry={"max_attempts": 1, "initial_delay_seconds": 1, "max_delay_seconds": 1})
+        rows = _exports(parts.factory)
+        pacs.deliveries.append(rows[0].sop_instance_uid)  # the node sent the SEG, then died before recording it
+        with session_scope(parts.factory) as session:
+            for row in session.scalars(select(Export)):
+                row.state, row.attempts = ExportState.SENDING, 1
+        exporter = Exporter(parts.config, parts.factory)
+        assert exporter.recover() == 2
+        assert all(outcome_unknown(r.last_error) for r in _exports(parts.factory))
+        assert exporter.run_once()
+        assert [r.state for r in _exports(parts.factory)] == [ExportState.DONE] * 2
+        assert sorted(pacs.deliveries) == sorted(sops) and pacs.store_requests == 1
+        assert sorted(pacs.queries) == sorted(sops)
+
+
+def test_a_failed_export_of_unknown_outcome_keeps_its_check_after_orthonode_retry(
+    tmp_path: Path, node_checkpoint: Path, result_objects: list[Path]
+) -> None:
+    with FlakyPacs(lose=1) as pacs:
+        parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects, pacs.destination(),
+                                        retry={"max_attempts": 1, "initial_delay_seconds": 1, "max_delay_seconds": 1})
+        exporter = Exporter(parts.config, parts.factory)
+        assert exporter.run_once()
+        seg, sr = _exports(parts.factory)
+        assert seg.state is ExportState.FAILED and outcome_unknown(seg.last_error)
+        assert retry_failed(parts.factory) == [seg.id, sr.id]
+        requeued = _exports(parts.factory)
+        assert outcome_unknown(requeued[0].last_error) and requeued[1].last_error is None
+        done = _send_until_settled(exporter, parts.factory)
+        assert [r.state for r in done] == [ExportState.DONE] * 2
+        assert sorted(pacs.deliveries) == sorted(sops)
+        assert pacs.queries == [seg.sop_instance_uid]
