@@ -325,12 +325,18 @@ def find_dimse(destination: Destination, files: Sequence[Path], calling_ae_title
             query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = study, series, sop
             held = False
             final: int | None = None
-            for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
-                code = getattr(status, "Status", None)
-                if code in (0xFF00, 0xFF01):
-                    held = held or (identifier is not None and str(getattr(identifier, "SOPInstanceUID", "")) == sop)
-                else:
-                    final = code
+            try:
+                for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+                    code = getattr(status, "Status", None)
+                    if code in (0xFF00, 0xFF01):
+                        held = held or (identifier is not None
+                                        and str(getattr(identifier, "SOPInstanceUID", "")) == sop)
+                    else:
+                        final = code
+            except RuntimeError as exc:  # pynetdicom: the peer ended the association (e.g. refused the query)
+                presences.append(Presence(None, f"{where}: association ended by the peer ({exc}); is the node's "
+                                                f"AE {calling_ae_title} allowed to query it?"))
+                continue
             if final == 0x0000:
                 presences.append(Presence(held, f"{where}: {'held' if held else 'not held'}"))
             elif final is None:

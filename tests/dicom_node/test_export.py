@@ -128,6 +128,32 @@ def test_failed_sends_back_off_in_the_database_across_a_restart_then_fail_and_ar
     stored = {i["sop_instance_uid"] for i in orthanc.instances_of_study(study_uid)}
     assert stored == sops
     assert orthanc.modality_counts(study_uid) == {"SEG": 1, "SR": 1}
+    # this Orthanc does not know the node's AE, so it refuses the C-FIND that guards a resend after an
+    # unknown outcome: the answer is "could not tell", and the exporter falls back to resending
+    files = [up.data_dir / r.object_path for r in _exports(factory)]
+    answers = verify_held(up.export.destinations["pacs"], files, "ORTHONODE")
+    assert [p.held for p in answers] == [None, None], answers
+
+
+def test_orthanc_answers_the_c_find_of_a_node_it_knows(
+    tmp_path: Path, node_checkpoint: Path, result_objects: list[Path]
+) -> None:
+    from dicom_node.export import send_dimse
+    from dicom_node.orthanc import OrthancServer, orthanc_available
+
+    if not orthanc_available():
+        pytest.skip("Orthanc is not installed (/usr/sbin/Orthanc)")
+    # as `orthonode demo` configures it: the node is one of Orthanc's DICOM modalities
+    with OrthancServer(tmp_path / "orthanc", dicom_port=free_port(), node=("ORTHONODE", "127.0.0.1", free_port()),
+                       dicomweb=False) as server:
+        config = parse_config(make_node_config(tmp_path, node_checkpoint, destinations={
+            "pacs": {"type": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": server.dicom_port}}),
+            base_dir=tmp_path)
+        pacs = config.export.destinations["pacs"]
+        assert [p.held for p in verify_held(pacs, result_objects, "ORTHONODE")] == [False, False]
+        assert [o.ok for o in send_dimse(pacs, result_objects[:1], "ORTHONODE")] == [True]
+        answers = verify_held(pacs, result_objects, "ORTHONODE")
+        assert [p.held for p in answers] == [True, False], answers
 
 
 def test_an_interrupted_send_is_sent_again_and_missing_files_are_reported(
@@ -163,6 +189,15 @@ def test_stow_rs_to_orthanc(tmp_path: Path, node_checkpoint: Path, result_object
     for instance in orthanc.instances_of_study(study_uid):
         ds = dcmread(BytesIO(orthanc.instance_file(instance["id"])))
         assert ds.StudyInstanceUID == study_uid and ds.Modality in ("SEG", "SR")
+    # QIDO-RS tells whether a resend is needed after an unknown outcome
+    files = [parts.config.data_dir / r.object_path for r in _exports(parts.factory)]
+    destination = parts.config.export.destinations["web"]
+    assert [p.held for p in verify_held(destination, files, "ORTHONODE")] == [True, True]
+    orthanc.wipe()
+    assert [p.held for p in verify_held(destination, files, "ORTHONODE")] == [False, False]
+    unreachable = destination.model_copy(update={"qido_url": f"http://127.0.0.1:{free_port()}/dicom-web"})
+    answers = verify_held(unreachable, files, "ORTHONODE")
+    assert [p.held for p in answers] == [None, None] and "QIDO-RS" in answers[0].detail
 
 
 # --------------------------------------------------------------------------- exactly once
