@@ -43,11 +43,15 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    Table,
+    bindparam,
     create_engine,
     event,
+    insert,
     select,
+    update,
 )
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -478,88 +482,168 @@ class ReceivedInstance:
 
 @dataclass(frozen=True)
 class RecordResult:
-    """What :func:`record_instance` did."""
+    """What :func:`record_received` (or :func:`record_instance`) did."""
 
-    instance: Instance
+    #: id of the instance row (the existing one when nothing was written)
+    instance_id: int
     #: a row was inserted (a new SOP Instance UID for the database)
     inserted: bool
     #: the study/series/instance rows changed (new instance, or new content / location)
     changed: bool
     #: the instance's previous file when it moved to another series (the caller removes it)
     previous_path: str | None
+    #: ``(study, series)`` UIDs the instance is recorded under when it arrived under another
+    #: series and moving was not allowed (``move=False``): then nothing was written
+    stored_elsewhere: tuple[str, str] | None = None
 
 
-def _insert_ignoring_conflict(session: Session, model: type[Base], key: str, values: dict[str, Any]) -> None:
-    """``INSERT ... ON CONFLICT (key) DO NOTHING``: two associations may create the same study
-    or series at the same moment; the loser then simply finds the winner's row."""
-    dialect = session.get_bind().dialect.name
+_STUDIES = Study.__table__
+_SERIES = Series.__table__
+_INSTANCES = Instance.__table__
+_EVENTS = EventRecord.__table__
+
+
+def _insert_ignoring_conflict(connection: Connection, table: Table, key: str, values: dict[str, Any]) -> None:
+    """``INSERT ... ON CONFLICT (key) DO NOTHING``: two associations (or two node processes on
+    PostgreSQL) may create the same study or series at the same moment; the loser then simply
+    finds the winner's row."""
+    dialect = connection.dialect.name
     if dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert
     elif dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
     else:
         raise NotImplementedError(f"database dialect {dialect!r} is not supported (use SQLite or PostgreSQL)")
-    session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=[key]))
+    connection.execute(insert(table).values(**values).on_conflict_do_nothing(index_elements=[key]))
 
 
-def record_instance(session: Session, info: ReceivedInstance, *, content_changed: bool = True) -> RecordResult:
-    """Upsert the study, series and instance rows of a stored instance and add an event.
+# The hot path's statements are built once: building a statement and its cache key on every
+# call costs more Python time than SQLite takes to run it.  Bind names differ from the column
+# names, which UPDATE ... VALUES reserves.
+_SELECT_CURRENT = (
+    select(_INSTANCES.c.id, _INSTANCES.c.series_id, _INSTANCES.c.path, _SERIES.c.series_instance_uid,
+           _STUDIES.c.study_instance_uid)
+    .select_from(
+        _INSTANCES.join(_SERIES, _INSTANCES.c.series_id == _SERIES.c.id).join(_STUDIES, _SERIES.c.study_id == _STUDIES.c.id)
+    )
+    .where(_INSTANCES.c.sop_instance_uid == bindparam("b_sop"))
+)
+_SELECT_SERIES = (
+    select(_SERIES.c.id, _SERIES.c.study_id, _STUDIES.c.study_instance_uid)
+    .select_from(_SERIES.join(_STUDIES, _SERIES.c.study_id == _STUDIES.c.id))
+    .where(_SERIES.c.series_instance_uid == bindparam("b_series"))
+)
+_SELECT_STUDY = select(_STUDIES.c.id, _STUDIES.c.state).where(_STUDIES.c.study_instance_uid == bindparam("b_study"))
+_INSERT_INSTANCE = insert(_INSTANCES)
+_UPDATE_INSTANCE = update(_INSTANCES).where(_INSTANCES.c.id == bindparam("b_id"))
+_UPDATE_SERIES = (
+    update(_SERIES)
+    .where(_SERIES.c.id == bindparam("b_id"))
+    .values(instance_count=_SERIES.c.instance_count + bindparam("b_delta", type_=Integer),
+            last_received_at=bindparam("b_now", type_=UTCDateTime()))
+)
+_UPDATE_STUDY_TIME = (
+    update(_STUDIES)
+    .where(_STUDIES.c.id == bindparam("b_id"))
+    .values(last_received_at=bindparam("b_now", type_=UTCDateTime()))
+)
+_UPDATE_STUDY_RECEIVING = (
+    update(_STUDIES)
+    .where(_STUDIES.c.id == bindparam("b_id"))
+    .values(last_received_at=bindparam("b_now", type_=UTCDateTime()), state=StudyState.RECEIVING,
+            state_changed_at=bindparam("b_now", type_=UTCDateTime()))
+)
+_INSERT_EVENT = insert(_EVENTS)
+
+
+def _series_row(connection: Connection, series_uid: str) -> Any:
+    return connection.execute(_SELECT_SERIES, {"b_series": series_uid}).first()
+
+
+def _check_series_study(info: ReceivedInstance, series: Any) -> None:
+    if series is not None and series.study_instance_uid != info.study_instance_uid:
+        raise SeriesStudyMismatchError(info.series_instance_uid, series.study_instance_uid, info.study_instance_uid)
+
+
+def record_received(
+    connection: Connection, info: ReceivedInstance, *, content_changed: bool = True, move: bool = True
+) -> RecordResult:
+    """Upsert the study, series and instance rows of a stored instance and add its event.
+
+    The listener's hot path: SQLAlchemy Core statements on ``connection`` inside the caller's
+    transaction (the caller commits, possibly together with other instances).  Every check
+    runs before the first write, so a refusal leaves the transaction as it was and other
+    instances of the same transaction are not affected:
+
+    * the series is recorded under another study: :class:`SeriesStudyMismatchError`;
+    * the SOP Instance UID is recorded under another series and ``move`` is false: nothing is
+      written and :attr:`RecordResult.stored_elsewhere` says where it is (the caller applies
+      its duplicate policy).  With ``move`` the instance moves: the counts follow and
+      :attr:`RecordResult.previous_path` names the old file.
 
     ``content_changed`` is false when storage found the same bytes already in place (or
     kept the first copy): an existing row is then left as it is, so a resend does not make
     a finished study "receiving" again; a missing row (the node stopped between writing the
     file and committing) is still inserted.  A new or changed instance puts its study back
-    in ``receiving``.  The caller commits.
+    in ``receiving``.
     """
     now = info.received_at
-    _insert_ignoring_conflict(
-        session,
-        Study,
-        "study_instance_uid",
-        dict(
-            study_instance_uid=info.study_instance_uid,
-            patient_id_hash=info.patient_id_hash,
-            accession_number=info.accession_number,
-            study_description=info.study_description,
-            calling_ae_title=info.calling_ae_title,
-            first_received_at=now,
-            last_received_at=now,
-            state=StudyState.RECEIVING,
-            state_changed_at=now,
-        ),
+    current = connection.execute(_SELECT_CURRENT, {"b_sop": info.sop_instance_uid}).first()
+    series = _series_row(connection, info.series_instance_uid)
+    _check_series_study(info, series)
+    elsewhere = current is not None and (current.study_instance_uid, current.series_instance_uid) != (
+        info.study_instance_uid,
+        info.series_instance_uid,
     )
-    study = session.execute(select(Study).where(Study.study_instance_uid == info.study_instance_uid)).scalar_one()
-    _insert_ignoring_conflict(
-        session,
-        Series,
-        "series_instance_uid",
-        dict(
-            series_instance_uid=info.series_instance_uid,
-            study_id=study.id,
-            modality=info.modality,
-            series_description=info.series_description,
-            series_number=info.series_number,
-            first_received_at=now,
-            last_received_at=now,
-            instance_count=0,
-        ),
-    )
-    series = session.execute(select(Series).where(Series.series_instance_uid == info.series_instance_uid)).scalar_one()
-    if series.study_id != study.id:
-        recorded = session.get(Study, series.study_id)
-        raise SeriesStudyMismatchError(
-            info.series_instance_uid, recorded.study_instance_uid if recorded else "?", info.study_instance_uid
+    if elsewhere and not move:
+        return RecordResult(
+            current.id, False, False, None, stored_elsewhere=(current.study_instance_uid, current.series_instance_uid)
         )
 
-    instance = session.execute(
-        select(Instance).where(Instance.sop_instance_uid == info.sop_instance_uid)
-    ).scalar_one_or_none()
-    inserted = instance is None
+    study = connection.execute(_SELECT_STUDY, {"b_study": info.study_instance_uid}).first()
+    if study is None:
+        _insert_ignoring_conflict(
+            connection,
+            _STUDIES,
+            "study_instance_uid",
+            dict(
+                study_instance_uid=info.study_instance_uid,
+                patient_id_hash=info.patient_id_hash,
+                accession_number=info.accession_number,
+                study_description=info.study_description,
+                calling_ae_title=info.calling_ae_title,
+                first_received_at=now,
+                last_received_at=now,
+                state=StudyState.RECEIVING,
+                state_changed_at=now,
+            ),
+        )
+        study = connection.execute(_SELECT_STUDY, {"b_study": info.study_instance_uid}).one()
+    if series is None:
+        _insert_ignoring_conflict(
+            connection,
+            _SERIES,
+            "series_instance_uid",
+            dict(
+                series_instance_uid=info.series_instance_uid,
+                study_id=study.id,
+                modality=info.modality,
+                series_description=info.series_description,
+                series_number=info.series_number,
+                first_received_at=now,
+                last_received_at=now,
+                instance_count=0,
+            ),
+        )
+        series = _series_row(connection, info.series_instance_uid)
+        _check_series_study(info, series)  # another writer may have created it under another study
+
+    inserted = current is None
     previous_path: str | None = None
-    if instance is not None and not content_changed:
-        changed = False
+    changed = inserted or content_changed
+    if not changed:
+        instance_id = current.id
     else:
-        changed = True
         fields = dict(
             sop_class_uid=info.sop_class_uid,
             transfer_syntax_uid=info.transfer_syntax_uid,
@@ -569,39 +653,48 @@ def record_instance(session: Session, info: ReceivedInstance, *, content_changed
             received_at=now,
             calling_ae_title=info.calling_ae_title,
             peer_host=info.peer_host,
+            series_id=series.id,
         )
-        if instance is None:
-            instance = Instance(sop_instance_uid=info.sop_instance_uid, series_id=series.id, **fields)
-            session.add(instance)
-            series.instance_count = Series.instance_count + 1
+        if current is None:
+            instance_id = connection.execute(
+                _INSERT_INSTANCE, dict(fields, sop_instance_uid=info.sop_instance_uid)
+            ).inserted_primary_key[0]
+            count_change = 1
         else:
-            if instance.series_id != series.id:
-                old_series = session.get(Series, instance.series_id)
-                if old_series is not None:
-                    old_series.instance_count = Series.instance_count - 1
-                instance.series_id = series.id
-                series.instance_count = Series.instance_count + 1
-            if instance.path != info.path:
-                previous_path = instance.path
-            for key, value in fields.items():
-                setattr(instance, key, value)
-        series.last_received_at = now
-        study.last_received_at = now
-        if study.state is not StudyState.RECEIVING:
-            study.state = StudyState.RECEIVING
-            study.state_changed_at = now
-    session.add(
-        EventRecord(
+            instance_id = current.id
+            count_change = 0
+            if current.series_id != series.id:
+                connection.execute(_UPDATE_SERIES, {"b_id": current.series_id, "b_delta": -1, "b_now": now})
+                count_change = 1
+            if current.path != info.path:
+                previous_path = current.path
+            connection.execute(_UPDATE_INSTANCE.values(**fields), {"b_id": current.id})
+        connection.execute(_UPDATE_SERIES, {"b_id": series.id, "b_delta": count_change, "b_now": now})
+        receiving = study.state is StudyState.RECEIVING
+        connection.execute(_UPDATE_STUDY_TIME if receiving else _UPDATE_STUDY_RECEIVING, {"b_id": study.id, "b_now": now})
+    connection.execute(
+        _INSERT_EVENT,
+        dict(
             time=now,
             kind="instance_stored" if inserted else ("instance_replaced" if changed else "instance_resent"),
             study_instance_uid=info.study_instance_uid,
             series_instance_uid=info.series_instance_uid,
             sop_instance_uid=info.sop_instance_uid,
+            job_id=None,
             message=f"from {info.calling_ae_title or '?'}@{info.peer_host or '?'}, {info.size_bytes} bytes",
-        )
+        ),
     )
-    session.flush()
-    return RecordResult(instance=instance, inserted=inserted, changed=changed, previous_path=previous_path)
+    return RecordResult(instance_id=instance_id, inserted=inserted, changed=changed, previous_path=previous_path)
+
+
+def record_instance(session: Session, info: ReceivedInstance, *, content_changed: bool = True) -> RecordResult:
+    """:func:`record_received` in an ORM session's transaction (the instance moves when it
+    arrives under another series).  The caller commits.
+
+    The session's identity map is not told about the Core statements: objects it loaded
+    before may be stale, so load rows after this call rather than before.
+    """
+    return record_received(session.connection(), info, content_changed=content_changed, move=True)
 
 
 def add_event(session: Session, kind: str, message: str = "", **refs: Any) -> EventRecord:

@@ -20,16 +20,30 @@ What happens to an association:
   supported*), so a sender learns it before sending.  Instances of an ignored class are
   acknowledged with success and dropped with a log line.
 
+Every rejection at negotiation (called title, calling title, host, too many associations)
+is logged and written to the audit trail as an ``association_rejected_<reason>`` event, which
+``/metrics`` reports as ``orthonode_rejections_total{reason=...}`` (see :mod:`dicom_node.health`).
+
 The C-STORE handler (:func:`handle_store`, bound with its :class:`StoreReceiver`) maps every
 failure to a specific DIMSE status (:class:`StoreStatus`) and logs the reason with the study,
-series and SOP instance UIDs.  It answers success only after the file is fsynced and its
-database row committed; then it calls ``on_instance_stored(study_uid, series_uid)``, which
-must return quickly (the study assembler only restarts a timer there).
+series and SOP instance UIDs.  It answers success only after the file is fsynced, its folder
+entry fsynced and its database row committed; then it calls
+``on_instance_stored(study_uid, series_uid)``, which must return quickly (the study assembler
+only restarts a timer there).
+
+Throughput: instances that arrive on several associations at the same moment share one
+database transaction and one fsync per folder (:class:`GroupRecorder`, group commit), each
+handler still waiting for its own row to be committed; the handler parses only the header
+and the image size attributes and writes the received bytes unchanged; the database work is
+plain SQLAlchemy Core (:func:`dicom_node.db.record_received`), one transaction per batch.
+The listener also offers a large maximum PDU (:data:`MAXIMUM_PDU_SIZE`) so a 256x256 image
+arrives in one P-DATA PDU instead of eight.
 """
 from __future__ import annotations
 
 import enum
 import ipaddress
+from concurrent.futures import ThreadPoolExecutor, wait
 import logging
 import ssl
 import struct
@@ -48,20 +62,17 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt, sop_class
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
-from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import ListenerSection, NodeConfig
 from dicom_node.db import (
-    Instance,
     ReceivedInstance,
-    Series,
+    RecordResult,
     SeriesStudyMismatchError,
-    Study,
     add_event,
     hash_patient_id,
-    record_instance,
+    record_received,
     session_scope,
     utcnow,
 )
@@ -71,6 +82,7 @@ from dicom_node.storage import (
     InvalidUIDError,
     Storage,
     StoredInstance,
+    sync_directories,
     validate_uid,
 )
 
@@ -78,6 +90,15 @@ log = logging.getLogger(__name__)
 
 #: signature of the hook the study assembler provides
 InstanceStoredCallback = Callable[[str, str], None]
+#: ``(reason, message)`` of an association rejected at negotiation (see :class:`Rejection`)
+AssociationRejectedCallback = Callable[[str, str], None]
+
+#: largest P-DATA PDU the listener accepts (bytes).  pynetdicom's default (16 KiB) cuts a
+#: 128 KiB image into eight PDUs, each decoded and queued in Python; 4 MiB takes most images
+#: in one, and the memory is the data set's anyway (it is held whole before it is stored).
+MAXIMUM_PDU_SIZE = 4 * 1024 * 1024
+#: most instances committed in one database transaction by :class:`GroupRecorder`
+GROUP_COMMIT_MAX = 64
 
 
 class StoreStatus(enum.IntEnum):
@@ -112,12 +133,15 @@ class StoreStatus(enum.IntEnum):
 
 @dataclass(frozen=True)
 class Rejection:
-    """An A-ASSOCIATE-RJ (result, source, diagnostic) and the reason for the log."""
+    """An A-ASSOCIATE-RJ (result, source, diagnostic), the reason for the log, and ``kind``,
+    the short reason counted in /metrics (``called_ae_title``, ``calling_ae_title``, ``host``
+    or ``too_many_associations``)."""
 
     result: int
     source: int
     diagnostic: int
     reason: str
+    kind: str
 
 
 def _network(entry: str, where: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -157,37 +181,60 @@ class CallerPolicy:
     def check(self, called_ae: str, calling_ae: str, host: str) -> Rejection | None:
         """``None`` to accept, or the rejection to send."""
         if called_ae not in self.ae_titles:
-            return Rejection(0x01, 0x01, 0x07, f"called AE title {called_ae!r} is not one of {sorted(self.ae_titles)}")
+            return Rejection(
+                0x01, 0x01, 0x07, f"called AE title {called_ae!r} is not one of {sorted(self.ae_titles)}", "called_ae_title"
+            )
         if self.allow_any_caller:
             return None
         if calling_ae not in self._callers:
-            return Rejection(0x01, 0x01, 0x03, f"calling AE title {calling_ae!r} is not in listener.allowed_callers")
+            return Rejection(
+                0x01, 0x01, 0x03, f"calling AE title {calling_ae!r} is not in listener.allowed_callers", "calling_ae_title"
+            )
         nets = self._callers[calling_ae]
         if nets is None:
             return None
         address = _peer_address(host)
         if address is None or not any(address in net for net in nets):
             return Rejection(
-                0x01, 0x01, 0x03, f"host {host} is not among the hosts allowed for calling AE title {calling_ae!r}"
+                0x01,
+                0x01,
+                0x03,
+                f"host {host} is not among the hosts allowed for calling AE title {calling_ae!r}",
+                "host",
             )
         return None
 
 
 class _GatedACSE(ACSE):
-    """pynetdicom's ACSE with the node's caller check in front of the negotiation."""
+    """pynetdicom's ACSE with the node's caller check and association limit in front of the
+    negotiation, so every rejection is logged and reported the same way."""
 
-    def __init__(self, assoc: Association, policy: CallerPolicy) -> None:
+    def __init__(self, assoc: Association, policy: CallerPolicy, on_rejected: AssociationRejectedCallback | None) -> None:
         super().__init__(assoc)
         self._policy = policy
+        self._on_rejected = on_rejected
+
+    def _over_limit(self) -> Rejection | None:
+        # the same test pynetdicom makes after this check (this association is among the active)
+        limit = self.assoc.ae.maximum_associations
+        active = sum(1 for a in self.assoc.ae.active_associations if a.is_acceptor)
+        if active > limit:
+            return Rejection(
+                0x02, 0x03, 0x02, f"{active - 1} associations are open, listener.max_associations is {limit}",
+                "too_many_associations",
+            )
+        return None
 
     def _negotiate_as_acceptor(self) -> None:
         request = self.requestor.primitive
         called = str(request.called_ae_title).strip()
         calling = str(request.calling_ae_title).strip()
         host = self.assoc.requestor.address
-        rejection = self._policy.check(called, calling, host)
+        rejection = self._policy.check(called, calling, host) or self._over_limit()
         if rejection is not None:
             log.warning("association from %s@%s to %s rejected: %s", calling, host, called, rejection.reason)
+            if self._on_rejected is not None:
+                self._on_rejected(rejection.kind, f"{calling}@{host} to {called}: {rejection.reason}")
             self.requestor.ae_title = calling
             self.send_reject(rejection.result, rejection.source, rejection.diagnostic)
             evt.trigger(self.assoc, evt.EVT_REJECTED, {})
@@ -203,13 +250,20 @@ class _GatedRequestHandler(RequestHandler):
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        assoc.acse = _GatedACSE(assoc, self.server.caller_policy)
+        assoc.acse = _GatedACSE(assoc, self.server.caller_policy, self.server.on_rejected)
         return assoc
 
 
 class _NodeServer(ThreadedAssociationServer):
-    def __init__(self, *args: Any, caller_policy: CallerPolicy, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        caller_policy: CallerPolicy,
+        on_rejected: AssociationRejectedCallback | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.caller_policy = caller_policy
+        self.on_rejected = on_rejected
         super().__init__(*args, request_handler=_GatedRequestHandler, **kwargs)
 
 
@@ -260,15 +314,17 @@ def _int(ds: Any, keyword: str) -> int | None:
 _PIXEL_TAGS = ["Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "NumberOfFrames", "PixelData"]
 
 
-def pixel_data_problem(data: bytes) -> str | None:
+def pixel_data_problem(ds: Any, data: bytes) -> str | None:
     """Why the Pixel Data of an encoded data set is incomplete, or ``None`` when it is whole.
+
+    ``ds`` is ``data`` read with at least the tags of :data:`_PIXEL_TAGS` (the receiver reads
+    them in its one header parse).
 
     pydicom reads an element cut short without complaint, so a file truncated inside its
     pixels would otherwise be acknowledged and stored.  Native pixel data must hold at least
     Rows x Columns x Samples x BitsAllocated/8 x Frames bytes; encapsulated (compressed) pixel
     data must end with its sequence delimiter.  A data set without Pixel Data is not judged here.
     """
-    ds = dcmread(BytesIO(data), specific_tags=_PIXEL_TAGS)
     if "PixelData" not in ds:
         return None
     element = ds["PixelData"]
@@ -329,6 +385,136 @@ class _Incoming:
         return f"study {self.study_uid}, series {self.series_uid}, SOP instance {self.sop_uid}"
 
 
+@dataclass
+class _Pending:
+    """One instance waiting in :class:`GroupRecorder` for its row to be committed."""
+
+    info: ReceivedInstance
+    stored: StoredInstance
+    move: bool
+    result: RecordResult | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+class GroupRecorder:
+    """Commits the rows of stored instances, several per transaction when they arrive together.
+
+    Group commit without a thread of its own: the first handler to arrive becomes the leader
+    and commits every instance queued at that moment (up to ``max_batch``) in one transaction,
+    after one fsync per folder for their new file names; handlers arriving meanwhile queue up
+    and the next leader takes them all.  :meth:`record` returns only once the caller's own row
+    is committed (or raises why it is not), so the C-STORE is still acknowledged only after
+    its data is durable.  With a single sender each batch holds one instance and this is the
+    plain one-transaction-per-instance path.
+
+    The folder fsyncs run on a helper thread while the leader executes the statements, and
+    the commit waits for them: a committed row never names a file whose folder entry could
+    still be lost.
+    """
+
+    def __init__(self, session_factory: sessionmaker[Session], max_batch: int = GROUP_COMMIT_MAX) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.session_factory = session_factory
+        self.max_batch = max_batch
+        self._cond = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._leading = False
+        self._syncer: ThreadPoolExecutor | None = None
+        #: transactions committed and instances in them (for tests and diagnostics)
+        self.batches = 0
+        self.instances = 0
+
+    def record(self, info: ReceivedInstance, stored: StoredInstance, *, move: bool) -> RecordResult:
+        """Record one instance (see :func:`dicom_node.db.record_received` for ``move``).
+
+        Raises :class:`SeriesStudyMismatchError`, :class:`sqlalchemy.exc.SQLAlchemyError`
+        (nothing of this instance was committed) or :class:`OSError` (a folder fsync failed).
+        """
+        item = _Pending(info, stored, move)
+        with self._cond:
+            self._queue.append(item)
+            while not item.done:
+                if self._leading:
+                    self._cond.wait()
+                    continue
+                self._leading = True
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+                self._cond.release()
+                try:
+                    self._commit(batch)
+                except BaseException as exc:
+                    for p in batch:
+                        if p.result is None and p.error is None:
+                            p.error = exc
+                    raise
+                finally:
+                    self._cond.acquire()
+                    self._leading = False
+                    for p in batch:
+                        p.done = True
+                    self._cond.notify_all()
+        if item.error is not None:
+            raise item.error
+        assert item.result is not None
+        return item.result
+
+    def close(self) -> None:
+        """Stop the folder-fsync helper thread (a later :meth:`record` starts it again)."""
+        with self._cond:
+            syncer, self._syncer = self._syncer, None
+        if syncer is not None:
+            syncer.shutdown(wait=True)
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            self._commit_together(batch)
+            return
+        except (SQLAlchemyError, OSError) as exc:
+            if len(batch) == 1:
+                batch[0].result, batch[0].error = None, exc
+                return
+            log.warning("committing %d instances together failed (%s); committing them one by one", len(batch), exc)
+        for p in batch:  # one instance's failure must not refuse the others
+            p.result = p.error = None
+            try:
+                self._commit_together([p])
+            except (SQLAlchemyError, OSError) as exc:
+                p.result, p.error = None, exc
+
+    def _commit_together(self, batch: list[_Pending]) -> None:
+        pending = [p.stored for p in batch if p.stored.directory_pending]
+        sync = None
+        if pending:
+            with self._cond:
+                if self._syncer is None:
+                    self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orthonode-fsync")
+                syncer = self._syncer
+            sync = syncer.submit(sync_directories, pending)
+        outcomes: list[RecordResult | SeriesStudyMismatchError] = []
+        try:
+            with session_scope(self.session_factory) as session:
+                connection = session.connection()
+                for p in batch:
+                    try:
+                        outcomes.append(record_received(connection, p.info, content_changed=p.stored.changed, move=p.move))
+                    except SeriesStudyMismatchError as exc:  # raised before it wrote anything
+                        outcomes.append(exc)
+                if sync is not None:
+                    sync.result()  # the folder entries are durable before the rows naming them commit
+        finally:
+            if sync is not None:
+                wait([sync])
+        self.batches += 1
+        self.instances += len(batch)
+        for p, outcome in zip(batch, outcomes):
+            if isinstance(outcome, SeriesStudyMismatchError):
+                p.error = outcome
+            else:
+                p.result = outcome
+
+
 class StoreReceiver:
     """Everything the C-STORE handler needs, and the handling itself, network-free.
 
@@ -355,6 +541,7 @@ class StoreReceiver:
         self.ignore_sop_classes = frozenset(sop_class_uid(s) for s in ignore_sop_classes)
         self.on_instance_stored = on_instance_stored
         self.log_phi = log_phi
+        self.recorder = GroupRecorder(session_factory)
 
     @classmethod
     def from_config(
@@ -389,6 +576,10 @@ class StoreReceiver:
                 )
         except SQLAlchemyError as exc:
             log.error("could not record the %s event for %s: %s", kind, incoming.where, exc)
+
+    def close(self) -> None:
+        """Release the recorder's helper thread (the listener calls it when it stops)."""
+        self.recorder.close()
 
     def receive(
         self,
@@ -430,13 +621,15 @@ class StoreReceiver:
         incoming.calling_ae_title = calling_ae_title
         incoming.peer_host = peer_host
 
-        status = self._check_other_location(incoming)
-        if status is not None:
-            return status
-
         try:
+            # the folder entry is made durable by the recorder, once per folder and batch
             stored = self.storage.store(
-                data, incoming.study_uid, incoming.series_uid, incoming.sop_uid, self.duplicate_policy  # type: ignore[arg-type]
+                data,
+                incoming.study_uid,
+                incoming.series_uid,
+                incoming.sop_uid,
+                self.duplicate_policy,  # type: ignore[arg-type]
+                sync_directory=False,
             )
         except InsufficientStorageError as exc:
             log.error("refused %s from %s: out of space: %s", incoming.where, who, exc)
@@ -451,9 +644,12 @@ class StoreReceiver:
         return self._record(stored, incoming)
 
     def _parse(self, data: bytes, context_class: UID, affected_sop_uid: str, who: str) -> _Incoming | int:
-        """The identifying attributes of the data set, checked; or the refusal status."""
+        """The identifying attributes of the data set, checked; or the refusal status.
+
+        One parse reads the identifying attributes and the image size attributes with the
+        Pixel Data element (to see whether it is cut short); nothing else is decoded."""
         try:
-            ds = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=_TAGS)
+            ds = dcmread(BytesIO(data), specific_tags=_TAGS + _PIXEL_TAGS)
         except _PARSE_ERRORS as exc:
             log.warning("refused SOP instance %s from %s: the data set cannot be parsed: %s", affected_sop_uid, who, exc)
             return StoreStatus.UNPARSABLE_DATASET
@@ -478,7 +674,7 @@ class StoreReceiver:
             )
             return StoreStatus.SOP_INSTANCE_UID_MISMATCH
         try:
-            problem = pixel_data_problem(data)
+            problem = pixel_data_problem(ds, data)
         except (*_PARSE_ERRORS, AttributeError, TypeError) as exc:
             problem = f"the pixel data cannot be parsed: {exc}"
         if problem is not None:
@@ -496,39 +692,25 @@ class StoreReceiver:
             return StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
         return incoming
 
-    def _check_other_location(self, incoming: _Incoming) -> int | None:
-        """A SOP Instance UID already stored under another study or series: the file layout
-        cannot see that conflict, so the database is asked.  Returns a final status, or
-        ``None`` to go on storing (no conflict, or ``overwrite``, which moves the instance)."""
+    def _stored_elsewhere(self, stored: StoredInstance, incoming: _Incoming, location: tuple[str, str]) -> int:
+        """The SOP Instance UID is recorded under another study or series and the policy does
+        not move it (``keep_first``, ``reject_if_different``): the file layout cannot see that
+        conflict, the database did.  The file just written is dropped; returns the status."""
         where, who = incoming.where, incoming.who
-        try:
-            with session_scope(self.session_factory) as session:
-                row = session.execute(
-                    select(Series.series_instance_uid, Study.study_instance_uid)
-                    .select_from(Instance)
-                    .join(Series, Instance.series_id == Series.id)
-                    .join(Study, Series.study_id == Study.id)
-                    .where(Instance.sop_instance_uid == incoming.sop_uid)
-                ).one_or_none()
-        except SQLAlchemyError as exc:
-            log.error("refused %s from %s: the database is unavailable: %s", where, who, exc)
-            return StoreStatus.DATABASE_UNAVAILABLE
-        if row is None or (row.series_instance_uid, row.study_instance_uid) == (incoming.series_uid, incoming.study_uid):
-            return None
-        moved = f"it is stored under study {row.study_instance_uid}, series {row.series_instance_uid}"
+        stored.undo()
+        study_uid, series_uid = location
+        moved = f"it is stored under study {study_uid}, series {series_uid}"
         if self.duplicate_policy == "keep_first":
             log.info("kept the first copy of %s from %s (duplicate_policy keep_first): %s", where, who, moved)
             self._event("duplicate_kept_first", f"from {who}; {moved}", incoming)
             return StoreStatus.SUCCESS
-        if self.duplicate_policy == "reject_if_different":
-            log.warning("refused %s from %s (duplicate_policy reject_if_different): %s", where, who, moved)
-            self._event("duplicate_refused", f"from {who}; {moved}", incoming)
-            return StoreStatus.DUPLICATE_SOP_INSTANCE
-        log.info("%s from %s moves the instance (duplicate_policy overwrite): %s", where, who, moved)
-        return None
+        log.warning("refused %s from %s (duplicate_policy reject_if_different): %s", where, who, moved)
+        self._event("duplicate_refused", f"from {who}; {moved}", incoming)
+        return StoreStatus.DUPLICATE_SOP_INSTANCE
 
     def _record(self, stored: StoredInstance, incoming: _Incoming) -> int:
-        """Commit the rows, then finish the file; undo the file if the rows cannot be committed."""
+        """Commit the rows (with the folder fsync), then finish the file; undo the file if the
+        rows cannot be committed."""
         ds, where, who = incoming.ds, incoming.where, incoming.who
         patient_id = _text(ds, "PatientID", 64)
         info = ReceivedInstance(
@@ -551,9 +733,7 @@ class StoreReceiver:
             series_number=_int(ds, "SeriesNumber"),
         )
         try:
-            with session_scope(self.session_factory) as session:
-                result = record_instance(session, info, content_changed=stored.changed)
-                previous_path, changed = result.previous_path, result.changed
+            result = self.recorder.record(info, stored, move=self.duplicate_policy == "overwrite")
         except SeriesStudyMismatchError as exc:
             stored.undo()
             log.warning("refused %s from %s: %s", where, who, exc)
@@ -563,9 +743,18 @@ class StoreReceiver:
             stored.undo()
             log.error("refused %s from %s: the database is unavailable, the file was not kept: %s", where, who, exc)
             return StoreStatus.DATABASE_UNAVAILABLE
+        except OSError as exc:
+            stored.undo()
+            log.error("refused %s from %s: making the file's folder entry durable failed: %s", where, who, exc)
+            return StoreStatus.STORAGE_WRITE_FAILED
         except BaseException:
             stored.undo()
             raise
+        if result.stored_elsewhere is not None:
+            return self._stored_elsewhere(stored, incoming, result.stored_elsewhere)
+        previous_path, changed = result.previous_path, result.changed
+        if previous_path is not None:
+            log.info("%s from %s moves the instance (duplicate_policy overwrite) from %s", where, who, previous_path)
         stored.finalize()
         if previous_path is not None and previous_path != stored.relative_path:
             try:
@@ -665,12 +854,23 @@ class Listener:
         listener = self.config.listener
         ae = AE(ae_title=listener.ae_titles[0])
         ae.maximum_associations = listener.max_associations
+        ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
         ae.require_called_aet = True  # checked against the title the caller chose (see _GatedACSE)
         ae.require_calling_aet = []  # the CallerPolicy decides, with hosts
         ae.add_supported_context(sop_class.Verification)
         for name in (*listener.accept_sop_classes, *listener.ignore_sop_classes):
             ae.add_supported_context(sop_class_uid(name), ALL_TRANSFER_SYNTAXES)
         return ae
+
+    def _association_rejected(self, reason: str, message: str) -> None:
+        """Audit a rejection at negotiation as ``association_rejected_<reason>``: /metrics counts
+        it by reason (``orthonode_rejections_total``), and the trail says who tried.  A database
+        failure is logged; the rejection itself is already decided."""
+        try:
+            with session_scope(self.receiver.session_factory) as session:
+                add_event(session, f"association_rejected_{reason}", message)
+        except SQLAlchemyError as exc:
+            log.error("could not record the rejection of an association (%s): %s", message, exc)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -706,6 +906,7 @@ class Listener:
             evt_handlers=handlers,
             server_class=_NodeServer,
             caller_policy=self.caller_policy,
+            on_rejected=self._association_rejected,
         )
         ae._servers.append(server)  # as AE.start_server does, so ae.shutdown() finds it
         # the poll interval bounds how long stop() waits for the accept loop to notice
@@ -736,6 +937,7 @@ class Listener:
             assoc.abort()
         if thread is not None:
             thread.join(timeout=5)
+        self.receiver.close()
         self._server = self._thread = self._ae = None
         log.info("listener stopped")
 

@@ -129,6 +129,17 @@ class StoredInstance:
     received_sha256: str
     _backup: Path | None = field(default=None, repr=False)
     _finished: bool = field(default=False, repr=False)
+    #: the folder entry of a new or replaced file still waits for its folder fsync
+    #: (``store(..., sync_directory=False)``); see :meth:`sync_directory`
+    directory_pending: bool = field(default=False)
+
+    def sync_directory(self) -> None:
+        """Make the file's folder entry durable, when :meth:`Storage.store` left that to the
+        caller.  Callers that store several instances at once use :func:`sync_directories`,
+        which fsyncs each folder once."""
+        if self.directory_pending:
+            _fsync_dir(self.path.parent)
+            self.directory_pending = False
 
     @property
     def changed(self) -> bool:
@@ -173,6 +184,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def sync_directories(stored: Iterable[StoredInstance]) -> None:
+    """Fsync the folders of instances stored with ``sync_directory=False``, each folder once.
+
+    One folder fsync makes every entry created in it before the call durable, so instances
+    of one series received at the same moment share it.  Raises :class:`OSError`.
+    """
+    pending = [s for s in stored if s.directory_pending]
+    for folder in dict.fromkeys(s.path.parent for s in pending):
+        _fsync_dir(folder)
+    for s in pending:
+        s.directory_pending = False
+
+
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -202,6 +226,9 @@ class Storage:
         self.root = Path(root).resolve()
         self.min_free_mb = int(min_free_mb)
         self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        #: folders this process found or made durably (a study and series folder is reused by
+        #: every instance of the series, so its existence is not checked again each time)
+        self._known_dirs: set[Path] = set()
 
     @property
     def reserve_bytes(self) -> int:
@@ -236,6 +263,8 @@ class Storage:
         return path
 
     def _make_dirs(self, folder: Path) -> None:
+        if folder in self._known_dirs:
+            return
         # mkdir one level at a time so each new folder gets DIR_MODE (parents= would use the
         # umask for intermediate folders) and its parent is fsynced (the new entry is durable)
         missing = []
@@ -250,6 +279,7 @@ class Storage:
                 continue  # another association created it in the meantime
             os.chmod(path, DIR_MODE)
             _fsync_dir(path.parent)
+        self._known_dirs.add(folder)
 
     def store(
         self,
@@ -259,6 +289,8 @@ class Storage:
         sop_uid: str,
         policy: DuplicatePolicy,
         size_hint: int | None = None,
+        *,
+        sync_directory: bool = True,
     ) -> StoredInstance:
         """Write one instance durably and return what happened.
 
@@ -267,6 +299,12 @@ class Storage:
         ``size_hint`` (the size when ``data`` is not bytes) makes the free-space check exact
         before anything is written; the check is repeated with the real size before the file
         is put in place.
+
+        With ``sync_directory=False`` the new folder entry (rename or link) is not fsynced here:
+        the file's bytes are durable but its name is not until the caller runs
+        :func:`sync_directories` (or :meth:`StoredInstance.sync_directory`), which it must do
+        before it acknowledges the instance; the listener does it once per folder for all
+        instances it commits together.
 
         Raises :class:`InvalidUIDError`, :class:`InsufficientStorageError`,
         :class:`DuplicateConflictError` (``reject_if_different``) or :class:`OSError`; on any
@@ -285,7 +323,13 @@ class Storage:
         digest = hashlib.sha256()
         size = 0
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            except FileNotFoundError:
+                # a known folder was removed behind this process's back: make it again
+                self._known_dirs.discard(target.parent)
+                self._make_dirs(target.parent)
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
             with os.fdopen(fd, "wb") as fh:
                 os.fchmod(fh.fileno(), FILE_MODE)  # independent of the umask
                 for chunk in _chunks(data):
@@ -297,15 +341,27 @@ class Storage:
             received_sha = digest.hexdigest()
             if size_hint is None or size > size_hint:
                 self.check_free_space(0)  # the file now occupies its space; the reserve must still hold
-            return self._place(temp, target, relative, size, received_sha, policy)
+            return self._place(temp, target, relative, size, received_sha, policy, sync_directory)
         finally:
             _unlink_quietly(temp)  # gone already when placed (rename), or dropped
 
     def _place(
-        self, temp: Path, target: Path, relative: str, size: int, received_sha: str, policy: DuplicatePolicy
+        self,
+        temp: Path,
+        target: Path,
+        relative: str,
+        size: int,
+        received_sha: str,
+        policy: DuplicatePolicy,
+        sync_directory: bool,
     ) -> StoredInstance:
         def result(outcome: Outcome, sha: str, size_bytes: int, backup: Path | None = None) -> StoredInstance:
-            return StoredInstance(outcome, target, relative, size_bytes, sha, received_sha, _backup=backup)
+            stored = StoredInstance(outcome, target, relative, size_bytes, sha, received_sha, _backup=backup)
+            if outcome in (Outcome.CREATED, Outcome.OVERWRITTEN):
+                stored.directory_pending = True
+                if sync_directory:
+                    stored.sync_directory()
+            return stored
 
         if policy == "overwrite":
             if target.exists():
@@ -316,10 +372,8 @@ class Storage:
                 backup = target.parent / f"{_BACKUP_PREFIX}{target.name}.{time.monotonic_ns()}"
                 os.link(target, backup)
                 os.replace(temp, target)
-                _fsync_dir(target.parent)
                 return result(Outcome.OVERWRITTEN, received_sha, size, backup)
             os.replace(temp, target)
-            _fsync_dir(target.parent)
             return result(Outcome.CREATED, received_sha, size)
 
         # keep_first / reject_if_different: link() creates the name only if it does not exist,
@@ -333,7 +387,6 @@ class Storage:
             if policy == "keep_first":
                 return result(Outcome.KEPT_EXISTING, existing_sha, target.stat().st_size)
             raise DuplicateConflictError(target, existing_sha, received_sha) from None
-        _fsync_dir(target.parent)
         return result(Outcome.CREATED, received_sha, size)
 
     def remove(self, relative_path: str) -> None:
