@@ -8,12 +8,20 @@ acknowledged / refused / lost (acknowledged but not in the database), associatio
 timeouts, the time to receive everything and to settle (every study processed and exported),
 and the peak resident memory of the node process (VmHWM, sampled every 0.5 s and at the end).
 
+The PACS also answers C-FIND at IMAGE level (Study Root) over what it received, so the node's
+``verify_before_resend`` can ask it whether a result whose C-STORE answer was lost arrived
+after all.  The report counts what the node did about unknown outcomes (from its log), the
+results that were partial (a plane missing), and for every sender association that ended early
+whether the node had stored the instance whose answer the sender never got (then the answer was
+lost on the sending side, not refused or dropped by the node).
+
     .venv/bin/python benchmarks/load.py --senders 8 --studies 28 --checkpoint /path/to/model.pt \\
         --out benchmarks/results/load.md
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -34,6 +42,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from crash_consistency import Pacs, Serve, Study, delivery_report, free_port, make_studies, settle, write_report  # noqa: E402
 
 
+class QueryablePacs(Pacs):
+    """The benchmark PACS plus a Study Root C-FIND SCP (IMAGE level) over the objects it holds,
+    as Orthanc offers: what the node's verification before a resend asks."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        self.queries = 0
+
+    def _find(self, event: Any) -> Any:
+        identifier = event.identifier
+        self.queries += 1
+        if identifier.QueryRetrieveLevel != "IMAGE":
+            yield 0xA900, None  # only what the node asks is supported
+            return
+        sop = str(identifier.SOPInstanceUID)
+        with self._lock:
+            held = any(received_sop == sop for _, _, received_sop in self.received)
+        if held:
+            match = type(identifier)()
+            match.QueryRetrieveLevel = "IMAGE"
+            match.StudyInstanceUID = identifier.StudyInstanceUID
+            match.SeriesInstanceUID = identifier.SeriesInstanceUID
+            match.SOPInstanceUID = sop
+            yield 0xFF00, match
+
+    def start(self) -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+        ae = AE(ae_title="PACS")
+        ae.supported_contexts = AllStoragePresentationContexts
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._store), (evt.EVT_C_FIND, self._find)])
+
+
 class LoadSender:
     """Sends whole studies, one association each; never retries, so every refusal or failure counts."""
 
@@ -45,6 +89,8 @@ class LoadSender:
         self.association_failures = 0
         self.aborted = 0
         self.incidents: list[str] = []
+        #: SOP Instance UID of each file whose C-STORE got no answer (the association then ended)
+        self.unanswered: list[str] = []
         self.seconds = 0.0
 
     def run(self) -> None:
@@ -70,6 +116,7 @@ class LoadSender:
                     status = response.get("Status") if response is not None else None
                     if status is None:  # DIMSE timeout or the association went away
                         self.aborted += 1
+                        self.unanswered.append(str(meta.MediaStorageSOPInstanceUID))
                         self.incidents.append(
                             f"{time.strftime('%H:%M:%S')} study {study.uid}: no response to file {path.name} "
                             f"(established={assoc.is_established}, aborted={assoc.is_aborted}, "
@@ -110,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = build_small_checkpoint(work / "model")
     studies = make_studies(work, args.studies)
     instances = sum(len(s.files) for s in studies)
-    pacs = Pacs(free_port())
+    pacs = QueryablePacs(free_port())
     pacs.start()
     serve = Serve(work / "node", checkpoint, pacs.port, quiet=args.quiet)
     serve.start()
@@ -133,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     acknowledged = [sop for s in senders for sop in s.acknowledged]
     with sqlite3.connect(f"file:{serve.data / 'orthonode.sqlite'}?mode=ro", uri=True) as conn:
         recorded = {row[0] for row in conn.execute("SELECT sop_instance_uid FROM instances")}
+        partial = sum(1 for (summary,) in conn.execute("SELECT result_summary FROM jobs WHERE state = 'done'")
+                      if summary and json.loads(summary).get("missing_planes"))
+    unanswered = [sop for s in senders for sop in s.unanswered]
+    node_log = (serve.work / "serve.log").read_text(encoding="utf-8", errors="replace")
+    senders_log = (work / "senders.log").read_text(encoding="utf-8", errors="replace")
     statuses = sum((s.statuses for s in senders), Counter())
     report: dict[str, Any] = {
         "senders": args.senders,
@@ -147,6 +199,17 @@ def main(argv: list[str] | None = None) -> int:
         "instances/s while receiving": round(instances / received_s, 1),
         "seconds until every study processed and exported": round(settled_s, 1),
         "peak RSS of the node (MiB)": round(peak_mib),
+        "sender files without an answer that the node had stored": f"{sum(1 for sop in unanswered if sop in recorded)}"
+                                                                   f" of {len(unanswered)}",
+        "sender side: 'Received unexpected ... service message' (pynetdicom)":
+            senders_log.count("Received unexpected"),
+        "node: results done jobs report as partial (a plane missing)": partial,
+        "node: exports without a C-STORE answer (outcome unknown)": node_log.count("no C-STORE response"),
+        "node: found at the PACS by C-FIND, not resent": node_log.count("the last attempt arrived after all"),
+        "node: resent after C-FIND said not held": node_log.count("sending it again"),
+        "node: resent without an answer to C-FIND (may duplicate)": node_log.count("may now hold it twice"),
+        "node: 'Received unexpected ... service message' (pynetdicom)": node_log.count("Received unexpected"),
+        "PACS: C-FIND queries answered": pacs.queries,
         "load average before / after": f"{load_before[0]:.1f} / {os.getloadavg()[0]:.1f}",
     }
     report.update(delivery_report(serve, pacs, studies))
