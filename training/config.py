@@ -80,9 +80,11 @@ class ClassifyConfig(_Section):
     """Fine-tuning of the classification heads (per plane or fused, optional EHR).
 
     Thresholds: with ``threshold_policy: youden`` each label's decision threshold is the
-    point of the validation ROC curve that maximises sensitivity + specificity - 1; a label
-    whose validation split lacks positives or negatives keeps 0.5.  ``fixed`` keeps 0.5 for
-    every label.
+    point of the validation ROC curve that maximises sensitivity + specificity - 1.  A label
+    keeps 0.5 when its validation split has fewer than ``min_threshold_cases`` positives or
+    negatives (a threshold read off one or two cases is noise: it produced thresholds of 1.0
+    and 0.01 on small splits) or when no threshold separates the classes better than chance.
+    ``fixed`` keeps 0.5 for every label.  The model card records where each threshold came from.
     """
 
     epochs: int = Field(5, ge=1)
@@ -93,6 +95,8 @@ class ClassifyConfig(_Section):
     schedule: Literal["cosine", "constant"] = "cosine"
     val_fraction: float = Field(0.2, ge=0, lt=1)
     threshold_policy: Literal["youden", "fixed"] = "youden"
+    min_threshold_cases: int = Field(5, ge=1, description="positives and negatives a label needs in the "
+                                     "validation split before youden replaces 0.5")
     amp: bool = True
     num_workers: int = Field(0, ge=0)
     seed: int = 0

@@ -162,16 +162,25 @@ def roc_auc(y: np.ndarray, p: np.ndarray) -> float | None:
     return float(roc_auc_score(y, p))
 
 
-def youden_threshold(y: np.ndarray, p: np.ndarray) -> float | None:
-    """The threshold maximising sensitivity + specificity - 1, or None without both classes."""
+def youden_threshold(y: np.ndarray, p: np.ndarray, min_cases: int = 1) -> float | None:
+    """The threshold maximising sensitivity + specificity - 1.
+
+    None when ``y`` has fewer than ``min_cases`` positives or negatives, or when no threshold
+    does better than chance (the index is 0 everywhere, e.g. constant predictions): the caller
+    then keeps its default rather than a threshold of 1.0 or 0.0 read off noise.
+    """
     from sklearn.metrics import roc_curve
 
     keep = ~np.isnan(y)
     y, p = y[keep], p[keep]
-    if len(np.unique(y)) < 2:
+    positives = int((y == 1).sum())
+    if min(positives, len(y) - positives) < max(1, min_cases):
         return None
     fpr, tpr, thresholds = roc_curve(y, p)
-    best = int(np.argmax(tpr - fpr))
+    youden = tpr - fpr
+    best = int(np.argmax(youden))
+    if youden[best] <= 0:
+        return None
     # roc_curve's first threshold is +inf (nothing positive); keep thresholds inside [0, 1]
     return float(np.clip(thresholds[best], 0.0, 1.0))
 
@@ -452,16 +461,21 @@ def finetune_classifier(
         log.info("classify epoch %d: %s", epoch, row)
 
     thresholds = {k: 0.5 for k in label_keys}
+    sources = {k: "default 0.5" if ccfg.threshold_policy == "fixed" else
+               f"default 0.5 (validation split has < {ccfg.min_threshold_cases} positives or negatives, "
+               "or no threshold beats chance)" for k in label_keys}
     metrics: dict[str, Any] = {"train_exams": len(train), "val_exams": len(val), "final_train_loss": history[-1]["train_loss"]}
     if val_loader is not None:
         probs, labels_np, _ = predict_classifier(model, val_loader, planes, use_ehr, device)
         metrics.update(_classifier_metrics(probs, labels_np, label_keys))
         if ccfg.threshold_policy == "youden":
             for i, key in enumerate(label_keys):
-                chosen = youden_threshold(labels_np[:, i], probs[:, i])
+                chosen = youden_threshold(labels_np[:, i], probs[:, i], ccfg.min_threshold_cases)
                 if chosen is not None:
                     thresholds[key] = chosen
+                    sources[key] = "youden on the validation split"
     metrics["threshold_policy"] = ccfg.threshold_policy
+    metrics["threshold_sources"] = sources
     result = FinetuneResult(
         task="classify",
         model=model.cpu().eval(),

@@ -231,3 +231,19 @@ def test_transfer_to_ankle_labels_from_knee_backbones(pretrained_dir: Path, tmp_
     assert result.label_keys == label_keys("ankle") and result.joint == "ankle"
     assert result.model.num_labels == 4
     assert make_bundle(_tiny(), classifier=result).card.labels == list(label_keys("ankle"))
+
+
+def test_youden_threshold_needs_enough_cases_and_a_better_than_chance_split() -> None:
+    from training.finetune import youden_threshold
+
+    y = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1], dtype=float)
+    p = np.array([0.1, 0.2, 0.25, 0.3, 0.35, 0.6, 0.7, 0.75, 0.8, 0.9])
+    chosen = youden_threshold(y, p, min_cases=5)
+    assert chosen is not None and 0.35 < chosen <= 0.6
+    # one positive is not enough to place a threshold
+    assert youden_threshold(np.array([0, 0, 0, 0, 0, 1], dtype=float), np.linspace(0, 1, 6), min_cases=2) is None
+    # constant predictions separate nothing: no threshold of 1.0 or 0.0 read off noise
+    assert youden_threshold(y, np.full(10, 0.3), min_cases=5) is None
+    # unknown truths (NaN) are left out before counting
+    y_nan = np.concatenate([y, [np.nan, np.nan]])
+    assert youden_threshold(y_nan, np.concatenate([p, [0.5, 0.5]]), min_cases=5) == chosen
