@@ -16,6 +16,13 @@ latest job already covers.  That is what prevents double firing when a study arr
 or is sent twice, and it makes late instances re-trigger processing (a changed instance set
 gives a new job that supersedes the old one).
 
+A quiet period alone cannot tell a finished sender from one that paused in the middle of an
+association (a busy PACS, a slow archive, a sender waiting for an answer it lost), so the
+listener can also *hold* a study while an association that delivered to it is open
+(:meth:`StudyAssembler.hold` / :meth:`StudyAssembler.release`): a held study is not queued
+before the association ends, except at the forced limit, which bounds the wait for an
+association that never ends.
+
 Nothing here needs to survive a restart: at start-up :meth:`StudyAssembler.recover` re-arms a
 timer for every study still receiving (or complete without a job), computed from the times in
 the database.
@@ -125,6 +132,9 @@ class StudyAssembler:
         self._episode: dict[str, datetime] = {}
         #: study uid -> earliest time it may be queued (a fresh quiet period after a restart)
         self._not_before: dict[str, datetime] = {}
+        #: study uid -> associations that delivered to it and are still open (memory only: a
+        #: restart ends every association)
+        self._holds: dict[str, int] = {}
         self.fired: list[tuple[str, int]] = []  # (study uid, job id) of jobs queued, for tests/status
 
     # ------------------------------------------------------------------ lifecycle
@@ -186,6 +196,37 @@ class StudyAssembler:
         log.debug("study %s series %s: instance stored; study timer at %s", study_uid, series_uid, due.isoformat())
         self._arm(study_uid, due)
 
+    def hold(self, study_uid: str) -> None:
+        """An open association delivered an instance of ``study_uid``: the study is not queued
+        until every such association ended (:meth:`release`) or the forced limit passed.
+
+        The listener calls this once per association and study (on the association's first
+        instance of the study) and must call :meth:`release` for it when the association is
+        released or aborted.
+        """
+        with self._lock:
+            self._holds[study_uid] = self._holds.get(study_uid, 0) + 1
+
+    def release(self, study_uid: str) -> None:
+        """An association that held ``study_uid`` ended; when it was the last one, the study's
+        quiet periods decide again (a study that went quiet during the hold is checked now)."""
+        with self._lock:
+            count = self._holds.get(study_uid, 0)
+            if count <= 0:
+                raise ValueError(f"study {study_uid}: release without a matching hold")
+            if count == 1:
+                del self._holds[study_uid]
+            else:
+                self._holds[study_uid] = count - 1
+            last = count == 1
+        if last and self.running:
+            self._arm(study_uid, utcnow())
+
+    def held(self, study_uid: str) -> int:
+        """Open associations holding ``study_uid``."""
+        with self._lock:
+            return self._holds.get(study_uid, 0)
+
     def _arm(self, study_uid: str, when: datetime) -> None:
         self._scheduler.add_job(
             self.check, trigger="date", run_date=when, args=[study_uid],
@@ -210,6 +251,13 @@ class StudyAssembler:
                     log.debug("study %s: quiet since before the restart; waiting until %s", study_uid,
                               not_before.isoformat())
                     self._arm(study_uid, not_before)
+                    return None
+                holds = self.held(study_uid)
+                if reason is not None and holds and now < ready.forced_at:
+                    log.info("study %s: quiet, but %d association(s) that sent it are still open; waiting for them "
+                             "to end (at most until the forced limit, %s)", study_uid, holds,
+                             ready.forced_at.isoformat())
+                    self._arm(study_uid, ready.forced_at)
                     return None
                 if reason is None:
                     waiting = f"series {ready.waiting_series}" if ready.waiting_series else "the study quiet period"

@@ -10,6 +10,7 @@ import threading
 import time
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select
 
 from dicom_node.assembly import StudyAssembler, readiness
@@ -189,5 +190,51 @@ def test_timers_are_rearmed_at_start_up_with_a_fresh_quiet_period(node_db) -> No
         with session_scope(node_db) as session:
             (event,) = session.scalars(select(EventRecord).where(EventRecord.kind == "job_queued"))
         assert event.message.endswith("2 instances")
+    finally:
+        assembler.stop()
+
+
+def test_a_study_is_not_queued_while_an_association_that_sent_it_is_open(node_db) -> None:
+    """A sender that pauses mid-association for longer than the quiet period (a lost answer, a slow
+    archive) does not get half its study processed; the forced limit still bounds the wait."""
+    timers = StudyAssemblySection(series_quiet_seconds=0.3, study_quiet_seconds=0.3, forced_after_seconds=30)
+    queued: list[int] = []
+    assembler = StudyAssembler(timers, node_db, on_job_queued=queued.append)
+    assembler.start()
+    try:
+        assembler.hold(STUDY)
+        assembler.hold(STUDY)  # a second association sends another series of the same study
+        add_instance(node_db, STUDY, "1.2.3.100.1", "1.2.3.100.1.1")
+        assembler.nudge(STUDY, "1.2.3.100.1")
+        time.sleep(1.0)  # three quiet periods
+        assert queued == [] and _jobs(node_db) == [], "queued while its associations were open"
+        assembler.release(STUDY)
+        time.sleep(0.6)
+        assert queued == [], "queued while one association was still open"
+        assert assembler.held(STUDY) == 1
+        assembler.release(STUDY)
+        wait_for(lambda: queued, 5, "the study to be queued once the last association ended")
+        assert len(_jobs(node_db)) == 1 and assembler.held(STUDY) == 0
+        with pytest.raises(ValueError, match="release without a matching hold"):
+            assembler.release(STUDY)
+    finally:
+        assembler.stop()
+
+
+def test_a_held_study_is_still_forced(node_db) -> None:
+    timers = StudyAssemblySection(series_quiet_seconds=0.3, study_quiet_seconds=0.3, forced_after_seconds=1.0)
+    queued: list[int] = []
+    assembler = StudyAssembler(timers, node_db, on_job_queued=queued.append)
+    assembler.start()
+    try:
+        assembler.hold(STUDY)  # an association that never ends
+        add_instance(node_db, STUDY, "1.2.3.100.1", "1.2.3.100.1.1")
+        assembler.nudge(STUDY, "1.2.3.100.1")
+        time.sleep(0.6)
+        assert queued == []
+        wait_for(lambda: queued, 5, "the forced limit to queue the held study")
+        with session_scope(node_db) as session:
+            message = session.scalars(select(EventRecord).where(EventRecord.kind == "job_queued")).one().message
+        assert message.startswith("quiet")  # ready by its quiet period; the hold only delayed it
     finally:
         assembler.stop()
