@@ -10,7 +10,9 @@ administrator reading ``curl`` output knows which part is down.
   instances received, job and export durations and outcomes, active associations;
 * read from the database at scrape time (:class:`DatabaseCollector`), so they survive a
   restart and agree with ``orthonode status``: rejections and refusals by reason (from the
-  audit trail), studies, jobs and exports per state, and the queue depths.
+  audit trail: refused instances, and associations rejected at negotiation for an unknown
+  called or calling AE title, a host not allowed, or too many associations), studies, jobs
+  and exports per state, and the queue depths.
 
 Each node has its own :class:`prometheus_client.CollectorRegistry`, so several nodes (tests)
 can live in one process.
@@ -45,6 +47,10 @@ disable_created_metrics()
 #: audit-trail event kinds that record a refused or dropped input (the listener's kinds, plus
 #: any kind that says so in its name), reported as ``orthonode_rejections_total{reason=kind}``
 REJECTION_EVENT_KINDS = frozenset({"duplicate_refused", "duplicate_kept_first", "series_in_other_study"})
+#: prefix of the events the listener writes for an association rejected at negotiation, followed
+#: by the reason: ``called_ae_title``, ``calling_ae_title``, ``host`` or ``too_many_associations``
+#: (e.g. ``orthonode_rejections_total{reason="association_rejected_host"}``)
+ASSOCIATION_REJECTED_PREFIX = "association_rejected_"
 _REJECTION_WORDS = ("rejected", "refused", "ignored")
 
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)

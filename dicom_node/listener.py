@@ -76,6 +76,7 @@ from dicom_node.db import (
     session_scope,
     utcnow,
 )
+from dicom_node.health import ASSOCIATION_REJECTED_PREFIX
 from dicom_node.storage import (
     DuplicateConflictError,
     InsufficientStorageError,
@@ -868,7 +869,7 @@ class Listener:
         failure is logged; the rejection itself is already decided."""
         try:
             with session_scope(self.receiver.session_factory) as session:
-                add_event(session, f"association_rejected_{reason}", message)
+                add_event(session, f"{ASSOCIATION_REJECTED_PREFIX}{reason}", message)
         except SQLAlchemyError as exc:
             log.error("could not record the rejection of an association (%s): %s", message, exc)
 

@@ -73,12 +73,19 @@ def test_healthz_and_metrics_of_a_running_node(running_node: Node, knee_phantoms
     refused = assoc.send_c_store(changed)
     assoc.release()
     assert refused.Status != 0x0000
+    # rejected at negotiation: an unknown called AE title, then an unknown calling AE title
+    assert ae.associate("127.0.0.1", node.config.listener.port, ae_title="NOT_THE_NODE").is_rejected
+    assert AE(ae_title="STRANGER").associate("127.0.0.1", node.config.listener.port, ae_title="ORTHONODE",
+                                              contexts=assoc.requestor.requested_contexts).is_rejected
 
     status, text = _get(node.http_url + "/metrics")
     assert status == 200
     assert _metric(text, "orthonode_instances_received_total") == 5
     assert _metric(text, "orthonode_instances_stored") == 5
     assert _metric(text, 'orthonode_rejections_total{reason="duplicate_refused"}') == 1
+    assert _metric(text, 'orthonode_rejections_total{reason="association_rejected_called_ae_title"}') == 1
+    assert _metric(text, 'orthonode_rejections_total{reason="association_rejected_calling_ae_title"}') == 1
+    assert _metric(text, 'orthonode_rejections_total{reason="association_rejected_host"}') is None
     assert _metric(text, 'orthonode_studies{state="receiving"}') == 1
     assert _metric(text, 'orthonode_queue_depth{queue="jobs"}') == 0
     assert _metric(text, 'orthonode_queue_depth{queue="exports"}') == 0

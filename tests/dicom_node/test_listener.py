@@ -6,6 +6,7 @@ import logging
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ from sqlalchemy import func, select, text
 
 from dicom_node import db
 from dicom_node.config import NodeConfig
-from dicom_node.listener import CallerPolicy, Listener, StoreReceiver, StoreStatus
+from dicom_node.health import ASSOCIATION_REJECTED_PREFIX
+from dicom_node.listener import CallerPolicy, GroupRecorder, Listener, StoreReceiver, StoreStatus
 from dicom_node.storage import Storage
 from tests.inference.dicom_factory import (
     Geometry,
@@ -64,6 +66,16 @@ class Node:
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.storage.root.rglob("*") if p.is_file())
+
+    def rejections(self) -> list[tuple[str, str]]:
+        """(kind, message) of the association rejections in the audit trail, oldest first."""
+        with db.session_scope(self.factory) as s:
+            rows = s.execute(
+                select(db.EventRecord.kind, db.EventRecord.message)
+                .where(db.EventRecord.kind.startswith(ASSOCIATION_REJECTED_PREFIX))
+                .order_by(db.EventRecord.id)
+            ).all()
+        return [(kind.removeprefix(ASSOCIATION_REJECTED_PREFIX), message) for kind, message in rows]
 
 
 @pytest.fixture
@@ -175,6 +187,9 @@ def test_unknown_called_and_calling_titles_are_rejected(start_node: Callable[...
     assert wrong_called.returncode != 0 and "Called AE Title Not Recognized" in wrong_called.stderr
     assert wrong_calling.returncode != 0 and "Calling AE Title Not Recognized" in wrong_calling.stderr
     assert "calling AE title 'STRANGER' is not in listener.allowed_callers" in caplog.text
+    # counted by reason in the audit trail (what /metrics reports), with who tried
+    assert [kind for kind, _ in node.rejections()] == ["called_ae_title", "calling_ae_title"]
+    assert node.rejections()[1][1].startswith("STRANGER@127.0.0.1 to ORTHONODE: calling AE title")
 
 
 def test_unknown_host_is_rejected(start_node: Callable[..., Node], caplog: Any) -> None:
@@ -190,6 +205,7 @@ def test_unknown_host_is_rejected(start_node: Callable[..., Node], caplog: Any) 
     assert assoc.is_established
     assert int(assoc.send_c_echo().Status) == 0
     assoc.release()
+    assert [kind for kind, _ in node.rejections()] == ["host"]
 
 
 def test_any_caller_and_several_titles(start_node: Callable[..., Node]) -> None:
@@ -212,7 +228,13 @@ def test_max_associations(start_node: Callable[..., Node]) -> None:
     assert node.listener.active_associations == 1
     second = ae.associate("127.0.0.1", node.port, ae_title="ORTHONODE")
     assert second.is_rejected
+    # rejected-transient, service-provider (presentation), local limit exceeded
+    assert (second.acceptor.primitive.result, second.acceptor.primitive.result_source) == (0x02, 0x03)
+    assert second.acceptor.primitive.diagnostic == 0x02
     first.release()
+    assert node.rejections() == [
+        ("too_many_associations", "TESTSCU@127.0.0.1 to ORTHONODE: 1 associations are open, listener.max_associations is 1")
+    ]
 
 
 def test_caller_policy_without_network() -> None:
@@ -625,4 +647,110 @@ def test_file_without_row_is_recorded_when_resent(make_config: Callable[..., Nod
             row = s.execute(select(db.Instance)).scalar_one()
             assert row.sha256 == hashlib.sha256(file.read_bytes()).hexdigest()
     finally:
+        engine.dispose()
+
+
+def test_group_recorder_commits_concurrent_instances_together(
+    make_config: Callable[..., NodeConfig], tmp_path: Path
+) -> None:
+    """Instances that wait while another transaction holds the database are committed in one
+    transaction; each caller gets its own outcome, a refused one does not refuse the others,
+    and every folder entry is durable (fsynced) before the rows commit."""
+    config = make_config()
+    db.upgrade_database(config.database_url)
+    engine = db.make_engine(config.database_url)
+    factory = db.make_session_factory(engine)
+    storage = Storage(tmp_path / "incoming", 0)
+    recorder = GroupRecorder(factory)
+    study, other_study = "1.2.826.0.1.3680043.8.498.10", "1.2.826.0.1.3680043.8.498.20"
+    series = "1.2.826.0.1.3680043.8.498.11"
+
+    def stored_info(study_uid: str, sop_uid: str) -> tuple[db.ReceivedInstance, Any]:
+        stored = storage.store(sop_uid.encode(), study_uid, series, sop_uid, "keep_first", sync_directory=False)
+        assert stored.directory_pending
+        info = db.ReceivedInstance(
+            study_instance_uid=study_uid, series_instance_uid=series, sop_instance_uid=sop_uid,
+            sop_class_uid=sop_class.MRImageStorage, transfer_syntax_uid=ExplicitVRLittleEndian,
+            path=stored.relative_path, size_bytes=stored.size_bytes, sha256=stored.sha256, received_at=db.utcnow(),
+        )
+        return info, stored
+
+    first = stored_info(study, f"{series}.1")
+    waiting = [stored_info(study, f"{series}.{i}") for i in range(2, 6)]
+    # the series now belongs to `study`; this one claims it for another study and is refused
+    waiting.append(stored_info(other_study, f"{series}.9"))
+    outcomes: dict[str, Any] = {}
+
+    def record(item: tuple[db.ReceivedInstance, Any]) -> None:
+        try:
+            outcomes[item[0].sop_instance_uid] = recorder.record(item[0], item[1], move=False)
+        except db.SeriesStudyMismatchError as exc:
+            outcomes[item[0].sop_instance_uid] = exc
+
+    try:
+        with engine.connect() as blocker:  # holds the write lock: the first leader waits on it
+            blocker.exec_driver_sql("SELECT 1")  # the engine begins every transaction with BEGIN IMMEDIATE
+            leader = threading.Thread(target=record, args=(first,))
+            leader.start()
+            deadline = time.monotonic() + 20
+            while not recorder._leading and time.monotonic() < deadline:
+                time.sleep(0.01)
+            others = [threading.Thread(target=record, args=(item,)) for item in waiting]
+            for thread in others:
+                thread.start()
+            while len(recorder._queue) < len(waiting) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(recorder._queue) == len(waiting)
+            blocker.rollback()
+        for thread in [leader, *others]:
+            thread.join(30)
+        assert (recorder.batches, recorder.instances) == (2, 6)
+        assert isinstance(outcomes[f"{series}.9"], db.SeriesStudyMismatchError)
+        recorded = [outcomes[f"{series}.{i}"] for i in range(1, 6)]
+        assert all(isinstance(r, db.RecordResult) and r.inserted for r in recorded)
+        assert all(not stored.directory_pending for _, stored in [first, *waiting])
+        with db.session_scope(factory) as s:
+            assert s.execute(select(db.Series.instance_count)).scalar_one() == 5
+            assert s.execute(select(func.count()).select_from(db.Study)).scalar_one() == 1
+    finally:
+        recorder.close()
+        engine.dispose()
+
+
+def test_group_recorder_falls_back_to_one_transaction_each(
+    make_config: Callable[..., NodeConfig], tmp_path: Path
+) -> None:
+    """A batch whose transaction fails is retried instance by instance, so only the instance
+    that cannot be recorded is refused."""
+    config = make_config()
+    db.upgrade_database(config.database_url)
+    engine = db.make_engine(config.database_url)
+    factory = db.make_session_factory(engine)
+    storage = Storage(tmp_path / "incoming", 0)
+    recorder = GroupRecorder(factory)
+    study, series = "1.2.826.0.1.3680043.8.498.30", "1.2.826.0.1.3680043.8.498.31"
+    pending = []
+    for i in range(3):
+        sop = f"{series}.{i + 1}"
+        stored = storage.store(sop.encode(), study, series, sop, "keep_first")
+        # the second one has a naive timestamp, which the column type refuses when the statement runs
+        received_at = db.utcnow().replace(tzinfo=None) if i == 1 else db.utcnow()
+        info = db.ReceivedInstance(
+            study_instance_uid=study, series_instance_uid=series, sop_instance_uid=sop,
+            sop_class_uid=sop_class.MRImageStorage, transfer_syntax_uid=ExplicitVRLittleEndian,
+            path=stored.relative_path, size_bytes=stored.size_bytes, sha256=stored.sha256, received_at=received_at,
+        )
+        pending.append((info, stored))
+    from dicom_node.listener import _Pending
+
+    items = [_Pending(info, stored, move=False) for info, stored in pending]
+    try:
+        recorder._commit(items)
+        assert items[0].result is not None and items[2].result is not None
+        assert items[1].result is None and items[1].error is not None
+        assert "has no timezone" in str(items[1].error)
+        with db.session_scope(factory) as s:
+            assert s.execute(select(func.count()).select_from(db.Instance)).scalar_one() == 2
+    finally:
+        recorder.close()
         engine.dispose()

@@ -198,3 +198,39 @@ def test_remove_stale_temporaries(tmp_path: Path) -> None:
 def test_negative_reserve_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="min_free_mb"):
         Storage(tmp_path, -1)
+
+
+def test_folder_fsync_left_to_the_caller_is_done_once_per_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sync_directory=False``: the file is in place but its folder entry waits for
+    ``sync_directories``, which fsyncs each folder once for all instances stored in it."""
+    from dicom_node import storage as storage_module
+
+    storage = Storage(tmp_path / "store", min_free_mb=0)
+    other_series = SERIES + ".1"
+    stored = [
+        storage.store(b"one", STUDY, SERIES, SOP + ".1", "keep_first", sync_directory=False),
+        storage.store(b"two", STUDY, SERIES, SOP + ".2", "keep_first", sync_directory=False),
+        storage.store(b"three", STUDY, other_series, SOP + ".3", "keep_first", sync_directory=False),
+        storage.store(b"one", STUDY, SERIES, SOP + ".1", "keep_first", sync_directory=False),  # identical: no entry
+    ]
+    assert [s.directory_pending for s in stored] == [True, True, True, False]
+    assert all(s.path.read_bytes() for s in stored)
+    synced: list[Path] = []
+    real = storage_module._fsync_dir
+    monkeypatch.setattr(storage_module, "_fsync_dir", lambda path: (synced.append(path), real(path)))
+    storage_module.sync_directories(stored)
+    assert synced == [stored[0].path.parent, stored[2].path.parent]
+    assert not any(s.directory_pending for s in stored)
+    storage_module.sync_directories(stored)  # nothing left to do
+    assert len(synced) == 2
+
+
+def test_known_folder_removed_behind_the_process_is_made_again(tmp_path: Path) -> None:
+    import shutil
+
+    storage = Storage(tmp_path / "store", min_free_mb=0)
+    storage.store(b"one", STUDY, SERIES, SOP, "keep_first").finalize()
+    shutil.rmtree(tmp_path / "store" / STUDY)
+    stored = storage.store(b"two", STUDY, SERIES, SOP + ".2", "keep_first")
+    assert stored.outcome is Outcome.CREATED and stored.path.read_bytes() == b"two"
+    assert stat.S_IMODE(stored.path.parent.stat().st_mode) == DIR_MODE
