@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 import math
 import re
 from dataclasses import dataclass, field
@@ -311,7 +312,34 @@ def _select_planes(series: list[Any], rules: Any, where: str) -> tuple[dict[str,
     return sources, log_lines
 
 
-def read_phantom_folder(root: str | Path, rules: Any = None) -> list[ExamRecord]:
+#: a folder with at least this many cases is scanned by several processes
+PARALLEL_SCAN_MIN_CASES = 32
+
+
+def _scan_many(folders: list[Path], workers: int | None) -> list[list[Any]]:
+    """``scan_folder`` of every folder, in order; by a pool of processes for large sets.
+
+    Header scanning is CPU-bound Python (pydicom converts every header value, ~3 ms per
+    file), so a few hundred cases take minutes in one process.  ``workers`` None picks
+    ``min(cpu_count, 16)`` when there are at least :data:`PARALLEL_SCAN_MIN_CASES` folders;
+    1 scans in this process.  Where ``fork`` exists the children are forked (they run only
+    pydicom code, never torch's thread pools) so that callers need no ``__main__`` guard.
+    """
+    from inference.series import scan_folder
+
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 16) if len(folders) >= PARALLEL_SCAN_MIN_CASES else 1
+    if workers <= 1 or len(folders) < 2:
+        return [scan_folder(folder) for folder in folders]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method)) as pool:
+        return list(pool.map(scan_folder, folders, chunksize=max(1, len(folders) // (4 * workers))))
+
+
+def read_phantom_folder(root: str | Path, rules: Any = None, workers: int | None = None) -> list[ExamRecord]:
     """Read a folder written by ``orthonode phantom`` / ``generate_dataset``.
 
     Layout: ``root/cases.csv`` (``case_id, joint, site, laterality, age, sex, height_m,
@@ -320,14 +348,13 @@ def read_phantom_folder(root: str | Path, rules: Any = None) -> list[ExamRecord]
     ``root/<case_id>/masks/<SeriesInstanceUID>.nii.gz`` (label map on that series' grid).
     Series are chosen per plane by :func:`inference.selection.select_series` with ``rules``
     (default: the node's ``DEFAULT_RULES``); the mask of a chosen series is attached when present.
+    ``workers``: processes scanning the cases' headers (see :func:`_scan_many`).
     """
-    from inference.series import scan_folder
-
     root = Path(root)
     manifest = root / "cases.csv"
     rows = _read_csv(manifest)
     rules = _resolve_rules(rules)
-    records = []
+    checked = []
     for line, row in enumerate(rows, start=2):
         where = f"{manifest} line {line}"
         case_id = row.get("case_id", "")
@@ -344,7 +371,10 @@ def read_phantom_folder(root: str | Path, rules: Any = None) -> list[ExamRecord]
         dicom_dir = root / case_id / "dicom"
         if not dicom_dir.is_dir():
             raise DatasetError(f"{where}: case folder {dicom_dir} does not exist")
-        series = scan_folder(dicom_dir)
+        checked.append((row, case_id, joint, keys, labels, dicom_dir, where))
+    scanned = _scan_many([item[5] for item in checked], workers)
+    records = []
+    for (row, case_id, joint, keys, labels, dicom_dir, where), series in zip(checked, scanned):
         planes, sel_log = _select_planes(series, rules, f"case {case_id}")
         for source in planes.values():
             mask = root / case_id / "masks" / f"{source.series_uid}.nii.gz"

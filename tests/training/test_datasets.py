@@ -139,6 +139,19 @@ def test_generated_phantoms_read_with_masks_on_the_series_grid(generated_knee) -
         assert (record.planes["sagittal"].load_mask() > 0).any()
 
 
+def test_phantom_scan_by_a_process_pool_equals_the_serial_scan(generated_knee) -> None:
+    root, _ = generated_knee
+    serial = D.read_phantom_folder(root, workers=1)
+    pooled = D.read_phantom_folder(root, workers=2)
+    assert [r.exam_id for r in pooled] == [r.exam_id for r in serial]
+    for a, b in zip(serial, pooled):
+        assert set(a.planes) == set(b.planes)
+        for plane in a.planes:
+            assert a.planes[plane].series == b.planes[plane].series
+            assert a.planes[plane].mask_path == b.planes[plane].mask_path
+        assert a.selection_log == b.selection_log
+
+
 def test_phantom_mask_on_another_grid_is_an_error(tmp_path: Path) -> None:
     cases = fx.make_phantom_like_folder(tmp_path, n_cases=1)
     written = cases["case000"]["series"]["sagittal"]
