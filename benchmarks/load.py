@@ -44,11 +44,29 @@ from crash_consistency import Pacs, Serve, Study, delivery_report, free_port, ma
 
 class QueryablePacs(Pacs):
     """The benchmark PACS plus a Study Root C-FIND SCP (IMAGE level) over the objects it holds,
-    as Orthanc offers: what the node's verification before a resend asks."""
+    as Orthanc offers: what the node's verification before a resend asks.
 
-    def __init__(self, port: int) -> None:
+    With ``lose_every`` > 0, every ``lose_every``-th C-STORE is stored and then the association
+    is aborted instead of answering: a lost response, made to happen rather than waited for.
+    """
+
+    def __init__(self, port: int, lose_every: int = 0) -> None:
         super().__init__(port)
         self.queries = 0
+        self.lose_every = lose_every
+        self.stores = 0
+        self.lost_answers = 0
+
+    def _store(self, event: Any) -> int:
+        status = super()._store(event)
+        with self._lock:
+            self.stores += 1
+            lose = self.lose_every > 0 and self.stores % self.lose_every == 0
+            if lose:
+                self.lost_answers += 1
+        if lose:
+            event.assoc.abort()
+        return status
 
     def _find(self, event: Any) -> Any:
         identifier = event.identifier
@@ -140,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=None, help="model bundle (default: train the tiny test one)")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="append the result to this markdown file")
+    parser.add_argument("--lose-every", type=int, default=0,
+                        help="the PACS stores every N-th result and aborts instead of answering (0: never)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="the node resends without asking the PACS first (verify_before_resend: false)")
     args = parser.parse_args(argv)
 
     work = Path(args.work or tempfile.mkdtemp(prefix="orthonode-load-"))
@@ -157,9 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = build_small_checkpoint(work / "model")
     studies = make_studies(work, args.studies)
     instances = sum(len(s.files) for s in studies)
-    pacs = QueryablePacs(free_port())
+    pacs = QueryablePacs(free_port(), lose_every=args.lose_every)
     pacs.start()
     serve = Serve(work / "node", checkpoint, pacs.port, quiet=args.quiet)
+    if args.no_verify:
+        import yaml
+
+        node_yaml = yaml.safe_load(serve.config_path.read_text(encoding="utf-8"))
+        node_yaml["export"]["destinations"]["pacs"]["verify_before_resend"] = False
+        serve.config_path.write_text(yaml.safe_dump(node_yaml), encoding="utf-8")
     serve.start()
     senders = [LoadSender(serve.port, studies[k :: args.senders]) for k in range(args.senders)]
     threads = [threading.Thread(target=s.run, daemon=True) for s in senders]
@@ -208,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         "node: found at the PACS by C-FIND, not resent": node_log.count("the last attempt arrived after all"),
         "node: resent after C-FIND said not held": node_log.count("sending it again"),
         "node: resent without an answer to C-FIND (may duplicate)": node_log.count("may now hold it twice"),
+        "node: resent without asking (verify_before_resend false)": node_log.count("may be delivered twice"),
         "node: 'Received unexpected ... service message' (pynetdicom)": node_log.count("Received unexpected"),
+        "PACS: answers lost on purpose (stored, then aborted)": pacs.lost_answers,
         "PACS: C-FIND queries answered": pacs.queries,
         "load average before / after": f"{load_before[0]:.1f} / {os.getloadavg()[0]:.1f}",
     }
