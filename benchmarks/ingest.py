@@ -3,12 +3,15 @@
 Receivers:
 
 * ``orthonode``: ``orthonode serve`` (subprocess, default logging).  Each instance is written to a
-  temporary file, fsynced, renamed, its folder fsynced, and its row committed in SQLite (WAL,
-  ``synchronous=FULL``) before the success status goes back: *received, durably stored and
-  recorded*.  Study processing is pushed past the run (long quiet periods), so only ingest is
-  measured.
+  temporary file, fsynced, linked to its name, its folder fsynced, and its row committed in SQLite
+  (WAL, ``synchronous=FULL``) before the success status goes back: *received, durably stored and
+  recorded*.  Instances arriving together on several associations share the folder fsyncs and
+  the commit (group commit).  Study processing is pushed past the run (long quiet periods), so
+  only ingest is measured.
 * ``pynetdicom-storescp``: ``python -m pynetdicom storescp`` writing each instance to a folder
-  (no fsync, no index).
+  (no fsync, no index), with its defaults (16 KiB maximum PDU).
+* ``pynetdicom-storescp-4mib-pdu`` (optional): the same with ``--max-pdu 4194304``, the maximum PDU
+  orthonode's listener offers, so the comparison does not hinge on the PDU size.
 * ``dcmtk-storescp``: dcmtk's ``storescp -od`` (no fsync, no index).
 * ``orthanc``: ``/usr/sbin/Orthanc`` with a temporary configuration (files + SQLite index).
 
@@ -44,6 +47,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 RECEIVERS = ("orthonode", "pynetdicom-storescp", "dcmtk-storescp", "orthanc")
+#: peers beside the default ones
+EXTRA_RECEIVERS = ("pynetdicom-storescp-4mib-pdu",)
 #: diagnostic only, not a supported mode: orthonode with Python's os.fsync made a no-op (SQLite
 #: still syncs its own commits), to show what the per-instance file and folder fsyncs cost
 DIAGNOSTIC_RECEIVERS = ("orthonode-no-file-fsync",)
@@ -198,16 +203,19 @@ def orthonode_receiver(work: Path, file_fsync: bool = True) -> Iterator[Receiver
 
 
 @contextmanager
-def pynetdicom_receiver(work: Path) -> Iterator[Receiver]:
+def pynetdicom_receiver(work: Path, max_pdu: int | None = None) -> Iterator[Receiver]:
     port = free_port()
     out = work / "out"
     out.mkdir()
+    command = [sys.executable, "-m", "pynetdicom", "storescp", str(port), "-od", str(out), "-aet", "STORESCP"]
+    if max_pdu is not None:
+        command += ["--max-pdu", str(max_pdu)]
     with open(work / "storescp.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pynetdicom", "storescp", str(port), "-od", str(out),
-                                 "-aet", "STORESCP"], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_port(port, proc=proc)
-        yield Receiver("pynetdicom-storescp", port, "STORESCP", lambda: _count_files(out))
+        name = "pynetdicom-storescp" if max_pdu is None else EXTRA_RECEIVERS[0]
+        yield Receiver(name, port, "STORESCP", lambda: _count_files(out))
     finally:
         _stop(proc)
 
@@ -243,6 +251,7 @@ FACTORIES: dict[str, Callable[[Path], Any]] = {
     "dcmtk-storescp": dcmtk_receiver,
     "orthanc": orthanc_receiver,
     "orthonode-no-file-fsync": lambda work: orthonode_receiver(work, file_fsync=False),
+    "pynetdicom-storescp-4mib-pdu": lambda work: pynetdicom_receiver(work, max_pdu=4 * 1024 * 1024),
 }
 
 
@@ -284,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=10)
     parser.add_argument("--senders", type=int, nargs="+", default=[1, 4], help="parallel storescu processes")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--receivers", nargs="+", default=list(RECEIVERS), choices=RECEIVERS + DIAGNOSTIC_RECEIVERS)
+    parser.add_argument("--receivers", nargs="+", default=list(RECEIVERS), choices=RECEIVERS + EXTRA_RECEIVERS + DIAGNOSTIC_RECEIVERS)
     parser.add_argument("--nagle", action="store_true",
                         help="leave dcmtk's default (Nagle on); by default TCP_NODELAY=1 is set for dcmtk and Orthanc")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
