@@ -18,6 +18,11 @@ report, so any cell can be rerun by hand.
     python benchmarks/label_efficiency/run.py --scale medium    # estimate: ~30 min on 2 idle CPU cores
     python benchmarks/label_efficiency/run.py --scale cpu       # estimate: ~1 h on 2 idle CPU cores
     python benchmarks/label_efficiency/run.py --scale gpu       # larger pools and longer training
+    bash benchmarks/label_efficiency/device.sh WORK h200        # stages in parallel processes on one GPU
+
+Stages (``--stage data|pretrain|finetune|report``) share WORK, so parallel processes can
+run one stage each: ``--planes`` splits pretraining by plane and ``--cells K/N`` splits the
+fine-tuning cells; ``--stage report`` gathers whatever cells have finished.
 
 Writes ``benchmarks/results/label_efficiency.md`` (table, commands, seeds, machine) and
 ``WORK/results.json``.  Synthetic phantoms only: the numbers say whether the method's
@@ -29,6 +34,7 @@ import argparse
 import json
 import logging
 import os
+import pickle
 import platform
 import subprocess
 import sys
@@ -73,6 +79,10 @@ SCALES: dict[str, Scale] = {
     # checks the script itself in a minute (tiny model); its numbers mean nothing
     "smoke": Scale(knee_pool=10, knee_test=2, held_out=2, transfer_pool=10, transfer_test=2, matrix=32,
                    pretrain_steps=4, classify_epochs=1, segment_epochs=1, n_boot=10, config="tiny"),
+    # one H200 with 16 CPU cores inside a few minutes: stages run as parallel processes
+    # (benchmarks/label_efficiency/device.sh); larger pools and longer pretraining than cpu
+    "h200": Scale(knee_pool=240, knee_test=40, held_out=40, transfer_pool=80, transfer_test=30, matrix=64,
+                  pretrain_steps=1200, pretrain_batch=16, classify_epochs=12, segment_epochs=15, n_boot=500),
     "gpu": Scale(knee_pool=400, knee_test=60, held_out=60, transfer_pool=200, transfer_test=60, matrix=64,
                  pretrain_steps=3000, classify_epochs=15, segment_epochs=30, n_boot=1000),
 }
@@ -121,8 +131,10 @@ def effective_config(scale: Scale, work: Path) -> Path:
     # whose memory (1 / (1 - decay)) is at most a tenth of the run, capped at the reference 0.995.
     decay = min(0.995, 1.0 - 10.0 / scale.pretrain_steps) if scale.pretrain_steps > 20 else 0.5
     cfg = load_config(scale.config).with_overrides(
+        # four checkpoints, all kept: the probe (probe.py) reads the pretraining-length axis from them
         pretrain={"steps": scale.pretrain_steps, "batch_size": scale.pretrain_batch,
-                  "checkpoint_every": max(1, scale.pretrain_steps // 2), "ema_every": 1, "ema_decay": decay},
+                  "checkpoint_every": max(1, scale.pretrain_steps // 4), "keep_checkpoints": 4,
+                  "ema_every": 1, "ema_decay": decay},
         classify={"epochs": scale.classify_epochs},
         segment={"epochs": scale.segment_epochs},
         # preprocessed volumes are cached once and shared by every cell
@@ -142,6 +154,90 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
             "n_cls": cls.get("n"), "n_seg": seg.get("n_exams")}
 
 
+PHANTOM_SETS = ("knee_pool", "knee_test", "knee_held_out", "ankle_pool", "ankle_test", "shoulder_pool", "shoulder_test")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One fine-tuning run and the test sets it is scored on."""
+
+    task: str
+    joint: str
+    init: str
+    fraction: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.joint}_{self.task}_{self.init}_{int(self.fraction * 100)}pct_seed{self.seed}"
+
+    @property
+    def tests(self) -> list[str]:
+        return ["knee_test", "knee_held_out"] if self.joint == "knee" else [f"{self.joint}_test"]
+
+    def cost(self, scale: Scale) -> float:
+        """Rough relative cost, to spread cells over parallel workers."""
+        epochs = scale.segment_epochs * 2 if self.task == "segment" else scale.classify_epochs
+        pool = scale.knee_pool if self.joint == "knee" else scale.transfer_pool
+        return epochs * max(1.0, self.fraction * pool)
+
+
+def all_cells(seeds: list[int]) -> list[Cell]:
+    cells = []
+    for seed in seeds:
+        for task in ("classify", "segment"):
+            for fraction in (0.1, 1.0):
+                for init in ("pretrained", "scratch"):
+                    cells.append(Cell(task, "knee", init, fraction, seed))
+        for joint in ("ankle", "shoulder"):
+            for init in ("pretrained", "scratch"):
+                cells.append(Cell("classify", joint, init, 0.1, seed))
+    return cells
+
+
+def share_of_cells(cells: list[Cell], scale: Scale, part: int, parts: int) -> list[Cell]:
+    """Worker ``part`` of ``parts``: longest cells first, each to the least loaded worker."""
+    loads = [0.0] * parts
+    mine: list[Cell] = []
+    for cell in sorted(cells, key=lambda c: -c.cost(scale)):
+        worker = loads.index(min(loads))
+        loads[worker] += cell.cost(scale)
+        if worker == part:
+            mine.append(cell)
+    return mine
+
+
+def _parse_part(text: str) -> tuple[int, int]:
+    try:
+        part, parts = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--cells must be K/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= part < parts:
+        raise argparse.ArgumentTypeError(f"--cells {text}: K must be in 0..N-1")
+    return part, parts
+
+
+def _device() -> Any:
+    """The CUDA device when there is one (pretraining and fine-tuning), else the CPU."""
+    from training.distributed import DistContext, select_device
+
+    return DistContext(device=select_device("auto"))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def _stage_time(work: Path, stage: str, seconds: float) -> None:
+    path = work / "timings.json"
+    timings = json.loads(path.read_text()) if path.is_file() else {}
+    timings[stage] = max(seconds, timings.get(stage, 0.0))
+    _write_json(path, timings)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
@@ -151,6 +247,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
     parser.add_argument("--report", type=Path, default=REPO / "benchmarks" / "results" / "label_efficiency.md")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--stage", choices=["all", "data", "pretrain", "finetune", "report"], default="all",
+                        help="run one stage only (stages share WORK; parallel workers run the same stage)")
+    parser.add_argument("--planes", default=",".join(PLANES), help="pretrain stage: planes this process trains")
+    parser.add_argument("--stop-at-checkpoint", action="store_true",
+                        help="pretrain stage: end each plane at its latest checkpoint (after a run was cut short) "
+                             "and export its EMA weights")
+    parser.add_argument("--cells", type=_parse_part, default=(0, 1), metavar="K/N",
+                        help="finetune stage: this process runs share K of N of the cells")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="finetune stage: start no new cell after this many seconds")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -160,132 +266,182 @@ def main(argv: list[str] | None = None) -> int:
     from training.config import load_config
     from training.data import pretrain_dataset
     from training.demo import HELD_OUT_SITE, make_phantom_set, training_sites
-    from training.distributed import DistContext
     from training.evaluate import evaluate_bundle
     from training.finetune import finetune_classifier, finetune_segmenter, make_bundle
-    from training.pretrain import cache_kwargs, preprocess_config, pretrain
+    from training.pretrain import (cache_kwargs, latest_checkpoint, load_checkpoint, preprocess_config, pretrain,
+                                   read_log)
 
     scale = SCALES[args.scale]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
-    started = time.monotonic()
-    load_at_start = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    timings: dict[str, float] = {}
-    commands: list[str] = [
-        f"python benchmarks/label_efficiency/run.py --scale {args.scale} --work {args.work} --seeds {args.seeds} "
-        f"--data-seed {args.data_seed} --workers {args.workers}"
-    ]
-    config_path = effective_config(scale, work)
+    stages = ["data", "pretrain", "finetune", "report"] if args.stage == "all" else [args.stage]
+    load_path = work / "load_at_start.txt"
+    if "data" in stages or not load_path.is_file():
+        load_path.write_text(" / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a")
+    config_path = work / "config.yaml"
+    if "data" in stages or not config_path.is_file():
+        config_path = effective_config(scale, work)
     cfg = load_config(config_path)
-
-    # ------------------------------------------------------------------ phantoms
-    t = time.monotonic()
     sites = training_sites()
     ph = work / "phantoms"
     ds = args.data_seed
-    n = 0
-    sets: dict[str, Path] = {}
-
-    def make(name: str, joint: str, count: int, set_sites: list[str]) -> None:
-        nonlocal n
-        sets[name] = make_phantom_set(ph / name, joint, range(n, n + count), set_sites, ds, scale.matrix, args.workers)
-        commands.append(
-            f"# {name}: {joint} cases {n}..{n + count - 1} (ids {joint}_{n + 1:04d}..), sites {','.join(set_sites)} "
-            f"round-robin, seed {ds}, matrix {scale.matrix}  (training.demo.make_phantom_set)"
-        )
-        n += count
-
-    make("knee_pool", "knee", scale.knee_pool, sites)
-    make("knee_test", "knee", scale.knee_test, sites)
-    make("knee_held_out", "knee", scale.held_out, [HELD_OUT_SITE])
-    n = 0
-    make("ankle_pool", "ankle", scale.transfer_pool, sites)
-    make("ankle_test", "ankle", scale.transfer_test, sites)
-    n = 0
-    make("shoulder_pool", "shoulder", scale.transfer_pool, sites)
-    make("shoulder_test", "shoulder", scale.transfer_test, sites)
-    records = {name: read_records([f"phantom:{path}"]) for name, path in sets.items()}
-    timings["phantoms"] = time.monotonic() - t
-
-    # ------------------------------------------------------------------ pretraining
-    t = time.monotonic()
     pre_root = work / "pretrain"
-    pretrain_loss: dict[str, float] = {}
-    for plane in PLANES:
-        usable = [r for r in records["knee_pool"] if plane in r.planes]
-        dataset = pretrain_dataset(usable, plane, preprocess_config(cfg), **cache_kwargs(cfg, pre_root / plane))
-        result = pretrain(cfg, dataset, plane, pre_root / plane, resume=True, ctx=DistContext(), progress=progress)
-        pretrain_loss[plane] = result.losses[-1][1] if result.losses else float("nan")
-        commands.append(f"orthonode train pretrain --data phantom:{sets['knee_pool']} --plane {plane} "
-                        f"--config {config_path} --out {pre_root / plane} --resume")
-    timings["pretraining"] = time.monotonic() - t
 
-    # ------------------------------------------------------------------ fine-tuning cells
-    rows: list[dict[str, Any]] = []
+    # phantom sets: name -> (joint, first index, count, sites)
+    layout: dict[str, tuple[str, int, int, list[str]]] = {}
+    for joint, pool, test in (("knee", scale.knee_pool, scale.knee_test), ("ankle", scale.transfer_pool, scale.transfer_test),
+                              ("shoulder", scale.transfer_pool, scale.transfer_test)):
+        layout[f"{joint}_pool"] = (joint, 0, pool, sites)
+        layout[f"{joint}_test"] = (joint, pool, test, sites)
+        if joint == "knee":
+            layout["knee_held_out"] = (joint, pool + test, scale.held_out, [HELD_OUT_SITE])
+    sets = {name: ph / name for name in PHANTOM_SETS}
 
-    def cell(task: str, joint: str, init: str, fraction: float, seed: int, tests: list[str]) -> None:
-        name = f"{joint}_{task}_{init}_{int(fraction * 100)}pct_seed{seed}"
-        out = work / "runs" / name
-        pool = records[f"{joint}_pool"]
-        pretrained = None if init == "scratch" else pre_root
+    def set_commands() -> list[str]:
+        return [
+            f"# {name}: {joint} cases {first}..{first + count - 1} (ids {joint}_{first + 1:04d}..), sites "
+            f"{','.join(set_sites)} round-robin, seed {ds}, matrix {scale.matrix}  (training.demo.make_phantom_set)"
+            for name, (joint, first, count, set_sites) in layout.items()
+        ]
+
+    if "data" in stages:
+        t = time.monotonic()
+        for name in PHANTOM_SETS:
+            joint, first, count, set_sites = layout[name]
+            make_phantom_set(sets[name], joint, range(first, first + count), set_sites, ds, scale.matrix, args.workers)
+            cached = work / "records" / f"{name}.pkl"
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.unlink(missing_ok=True)
+            cached.with_suffix(".tmp").write_bytes(pickle.dumps(read_records([f"phantom:{sets[name]}"])))
+            cached.with_suffix(".tmp").replace(cached)
+        _stage_time(work, "phantoms", time.monotonic() - t)
+
+    records: dict[str, list[Any]] = {}
+
+    def recs(name: str) -> list[Any]:
+        """The set's exam records; the data stage pickles them so that later processes skip the header scan."""
+        if name not in records:
+            cached = work / "records" / f"{name}.pkl"
+            if cached.is_file():
+                records[name] = pickle.loads(cached.read_bytes())
+            else:
+                records[name] = read_records([f"phantom:{sets[name]}"])
+        return records[name]
+
+    if "pretrain" in stages:
+        t = time.monotonic()
+        ctx = _device()
+        for plane in [p.strip() for p in args.planes.split(",") if p.strip()]:
+            if plane not in PLANES:
+                parser.error(f"--planes: unknown plane {plane!r}; planes are {', '.join(PLANES)}")
+            t_plane = time.monotonic()
+            usable = [r for r in recs("knee_pool") if plane in r.planes]
+            dataset = pretrain_dataset(usable, plane, preprocess_config(cfg), **cache_kwargs(cfg, pre_root / plane))
+            steps = None
+            if args.stop_at_checkpoint:
+                latest = latest_checkpoint(pre_root / plane)
+                if latest is None:
+                    log.error("%s: no checkpoint to stop at; pretraining of this plane is missing", plane)
+                    continue
+                steps = int(load_checkpoint(latest)["step"])
+            result = pretrain(cfg, dataset, plane, pre_root / plane, resume=True, ctx=ctx, progress=progress,
+                              steps=steps)
+            logged = read_log(pre_root / plane)
+            _write_json(pre_root / plane / "summary.json", {
+                "final_loss": logged[-1][1] if logged else None, "steps_done": result.final_step,
+                "target_steps": scale.pretrain_steps, "seconds": time.monotonic() - t_plane,
+                "device": str(ctx.device),
+                "command": f"orthonode train pretrain --data phantom:{sets['knee_pool']} --plane {plane} "
+                           f"--config {config_path} --out {pre_root / plane} --resume",
+            })
+        _stage_time(work, "pretraining", time.monotonic() - t)
+
+    def run_cell(cell: Cell) -> None:
+        out = work / "runs" / cell.name
+        pool = recs(f"{cell.joint}_pool")
+        pretrained = None if cell.init == "scratch" else pre_root
         t0 = time.monotonic()
-        torch.manual_seed(seed)
-        if task == "classify":
-            result = finetune_classifier(cfg, pool, list(PLANES), use_ehr=True, pretrained=pretrained,
-                                         from_scratch=init == "scratch", label_fraction=fraction, seed=seed,
-                                         progress=progress, run_dir=out)
-            bundle = make_bundle(cfg, classifier=result, name=name)
+        torch.manual_seed(cell.seed)
+        ctx = _device()
+        common = dict(pretrained=pretrained, from_scratch=cell.init == "scratch", label_fraction=cell.fraction,
+                      seed=cell.seed, progress=progress, run_dir=out, device=ctx.device)
+        if cell.task == "classify":
+            result = finetune_classifier(cfg, pool, list(PLANES), use_ehr=True, **common)
+            bundle = make_bundle(cfg, classifier=result, name=cell.name)
             flags = "--task classify --planes sagittal,coronal,axial --ehr"
         else:
-            result = finetune_segmenter(cfg, pool, plane="sagittal", pretrained=pretrained,
-                                        from_scratch=init == "scratch", label_fraction=fraction, seed=seed,
-                                        progress=progress, run_dir=out)
-            bundle = make_bundle(cfg, segmenter=result, name=name)
+            result = finetune_segmenter(cfg, pool, plane="sagittal", **common)
+            bundle = make_bundle(cfg, segmenter=result, name=cell.name)
             flags = "--task segment --planes sagittal"
         bundle.save(out / "model.pt")
         train_seconds = time.monotonic() - t0
-        init_flag = "--from-scratch" if init == "scratch" else f"--pretrained {pre_root}"
-        commands.append(f"orthonode train finetune {flags} --data phantom:{sets[f'{joint}_pool']} {init_flag} "
-                        f"--label-fraction {fraction} --seed {seed} --config {config_path} --out {out}")
+        init_flag = "--from-scratch" if cell.init == "scratch" else f"--pretrained {pre_root}"
+        commands = [f"orthonode train finetune {flags} --data phantom:{sets[f'{cell.joint}_pool']} {init_flag} "
+                    f"--label-fraction {cell.fraction} --seed {cell.seed} --config {config_path} --out {out}"]
         row: dict[str, Any] = {
-            "task": task, "joint": joint, "init": init, "label_fraction": fraction, "seed": seed,
-            "train_exams": len(result.train_ids), "val_exams": len(result.val_ids),
+            "task": cell.task, "joint": cell.joint, "init": cell.init, "label_fraction": cell.fraction,
+            "seed": cell.seed, "train_exams": len(result.train_ids), "val_exams": len(result.val_ids),
             "train_seconds": round(train_seconds, 1),
         }
-        for test in tests:
+        for test in cell.tests:
             eval_dir = out / f"eval_{test}"
-            metrics = evaluate_bundle(bundle, records[test], eval_dir, n_boot=scale.n_boot, seed=seed)
+            metrics = evaluate_bundle(bundle, recs(test), eval_dir, n_boot=scale.n_boot, seed=cell.seed)
             row[test] = _headline(metrics)
             commands.append(f"orthonode train evaluate --model {out / 'model.pt'} --data phantom:{sets[test]} "
                             f"--out {eval_dir} --n-boot {scale.n_boot}")
-        rows.append(row)
-        log.info("cell %s: %s", name, json.dumps(row, default=str))
-        (work / "results.json").write_text(json.dumps({"rows": rows}, indent=2, default=str))
+        row["commands"] = commands
+        _write_json(out / "row.json", row)
+        log.info("cell %s: %s", cell.name, json.dumps({k: v for k, v in row.items() if k != "commands"}, default=str))
 
-    t = time.monotonic()
-    for seed in seeds:
-        for task in ("classify", "segment"):
-            for fraction in (0.1, 1.0):
-                for init in ("pretrained", "scratch"):
-                    cell(task, "knee", init, fraction, seed, ["knee_test", "knee_held_out"])
-        for joint in ("ankle", "shoulder"):
-            for init in ("pretrained", "scratch"):
-                cell("classify", joint, init, 0.1, seed, [f"{joint}_test"])
-    timings["fine-tuning and evaluation"] = time.monotonic() - t
-    timings["total"] = time.monotonic() - started
+    if "finetune" in stages:
+        t = time.monotonic()
+        part, parts = args.cells
+        for cell in share_of_cells(all_cells(seeds), scale, part, parts):
+            if (work / "runs" / cell.name / "row.json").is_file():
+                log.info("cell %s already done", cell.name)
+                continue
+            if args.time_budget is not None and time.monotonic() - t > args.time_budget:
+                log.warning("time budget of %.0f s spent: cell %s not run", args.time_budget, cell.name)
+                continue
+            run_cell(cell)
+        _stage_time(work, "fine-tuning and evaluation", time.monotonic() - t)
 
-    info = machine()
-    info["load_average_at_start"] = load_at_start
-    results = {"scale": args.scale, "scale_parameters": scale.__dict__, "seeds": seeds, "data_seed": ds,
-               "held_out_site": HELD_OUT_SITE, "training_sites": sites, "pretrain_loss": pretrain_loss,
-               "rows": rows, "timings": timings, "machine": info, "commands": commands,
-               "config": cfg.to_dict()}
-    (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(render_report(results))
-    print(f"report written to {args.report}")
+    if "report" in stages:
+        rows, missing, commands = [], [], [
+            f"python benchmarks/label_efficiency/run.py --scale {args.scale} --work {args.work} --seeds {args.seeds} "
+            f"--data-seed {args.data_seed} --workers {args.workers}"
+        ] + set_commands()
+        pretrain_loss: dict[str, float | None] = {}
+        cut_short: dict[str, int] = {}
+        for plane in PLANES:
+            summary = pre_root / plane / "summary.json"
+            if summary.is_file():
+                data = json.loads(summary.read_text())
+                pretrain_loss[plane] = data["final_loss"]
+                if data.get("steps_done") is not None and data["steps_done"] < data.get("target_steps", 0):
+                    cut_short[plane] = data["steps_done"]
+                commands.append(data["command"])
+        for cell in all_cells(seeds):
+            path = work / "runs" / cell.name / "row.json"
+            if not path.is_file():
+                missing.append(cell.name)
+                continue
+            row = json.loads(path.read_text())
+            commands += row.pop("commands", [])
+            rows.append(row)
+        timings = json.loads((work / "timings.json").read_text()) if (work / "timings.json").is_file() else {}
+        info = machine()
+        info["load_average_at_start"] = load_path.read_text() if load_path.is_file() else "n/a"
+        results = {"scale": args.scale, "scale_parameters": scale.__dict__, "seeds": seeds, "data_seed": ds,
+                   "held_out_site": HELD_OUT_SITE, "training_sites": sites, "pretrain_loss": pretrain_loss,
+                   "rows": rows, "missing_cells": missing, "pretrain_cut_short": cut_short, "timings": timings, "machine": info,
+                   "commands": commands, "config": cfg.to_dict()}
+        _write_json(work / "results.json", results)
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(render_report(results))
+        print(f"report written to {args.report}")
     return 0
 
 
@@ -325,7 +481,7 @@ def render_report(results: dict[str, Any]) -> str:
         "that picks thresholds, so '10 %' means 10 % of the pool in total.",
         f"- Seeds (fine-tuning and label subsets): {results['seeds']}; phantom seed {results['data_seed']}.",
         "- Final pretraining loss per plane: "
-        + ", ".join(f"{p} {v:.3f}" for p, v in results["pretrain_loss"].items()) + ".",
+        + ", ".join(f"{p} {_f(v)}" for p, v in results["pretrain_loss"].items()) + ".",
         "",
         "## Knee",
         "",
@@ -375,6 +531,12 @@ def render_report(results: dict[str, Any]) -> str:
             return "**not met** (tie within 0.01)"
         return verdict(a > b)
 
+    if results.get("pretrain_cut_short"):
+        lines += ["", "**Pretraining cut short by the time budget** (steps reached): "
+                  + ", ".join(f"{p} {n}" for p, n in results["pretrain_cut_short"].items()) + "."]
+    if results.get("missing_cells"):
+        lines += ["", f"**Cells that did not finish** (time budget or error; not in the tables): "
+                  f"{', '.join(results['missing_cells'])}."]
     if results["scale"] in ("smoke", "quick"):
         lines += [
             "",
