@@ -292,7 +292,7 @@ def time_finetuning(preset_config: str, device: Any, steps: int, warmup: int) ->
     result = loop(classifier, lambda: classification_loss(classifier(volumes, ehr, mask), target),
                   ccfg.head_lr, ccfg.backbone_lr_factor, ccfg.amp)
     out["classifier"] = {"batch": b, "planes": list(PLANES), "ehr": True, **result}
-    del classifier, volumes
+    classifier = volumes = None  # frees the GPU memory before the segmenter is measured
 
     scfg = cfg.segment
     b = scfg.batch_size
