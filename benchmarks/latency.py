@@ -6,13 +6,14 @@ short quiet period) whose checkpoint is :func:`benchmarks.predict.build_bundle` 
 (seeded random weights: timings do not depend on training), and a destination PACS on
 loopback (a pynetdicom storage SCP in this process that records when each object arrived).
 Then it sends phantom knee studies (one generated study at ``--matrix``, copied with fresh
-UIDs per send) with dcmtk ``storescu`` and waits until the PACS holds every object the node's
-job queued for export.
+UIDs per send) with dcmtk ``storescu`` (or pynetdicom, ``--sender``, on a machine without
+dcmtk) and waits until the PACS holds every object the node's job queued for export.
 
 Where each time comes from (all wall-clock, one machine):
 
-* last instance acknowledged: ``storescu`` exited 0 (the node commits each instance before it
-  answers, so ``max(instances.received_at)`` is the node's own record of it);
+* last instance acknowledged: ``storescu`` exited 0, or pynetdicom got 0x0000 for the last
+  file (the node commits each instance before it answers, so ``max(instances.received_at)``
+  is the node's own record of it);
 * quiet-period wait: ``jobs.created_at`` minus the node's last ``instances.received_at``
   (reported apart, not counted as overhead: it is configuration);
 * queue wait: ``jobs.started_at - jobs.created_at``;
@@ -34,6 +35,8 @@ but left out of the summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import platform
 import re
@@ -49,6 +52,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -246,10 +250,15 @@ class NodeProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def db(self) -> sqlite3.Connection:
+    @contextlib.contextmanager
+    def db(self) -> Iterator[sqlite3.Connection]:
+        """A read-only connection to the node's SQLite database (WAL: it does not block the node)."""
         conn = sqlite3.connect(f"file:{self.data / 'orthonode.sqlite'}?mode=ro", uri=True, timeout=30)
         conn.row_factory = sqlite3.Row
-        return conn
+        try:
+            yield conn
+        finally:
+            conn.close()
 
     def log_lines(self) -> list[str]:
         try:
@@ -257,7 +266,7 @@ class NodeProcess:
         except FileNotFoundError:
             return []
 
-    def log_tail(self, lines: int = 30) -> str:
+    def log_tail(self, lines: int = 12) -> str:
         return "\n".join(self.log_lines()[-lines:]) or "(the node wrote no log)"
 
 
@@ -302,24 +311,50 @@ def copy_with_new_uids(source: Path, target: Path, index: int) -> str:
     return study_uid
 
 
-def send_study(folder: Path, port: int, timeout: float) -> tuple[float, float, int]:
-    """Send ``folder`` with dcmtk storescu (one association); (start, end, files) in epoch seconds.
+def send_study(folder: Path, port: int, timeout: float, sender: str) -> tuple[float, float, int]:
+    """Send every file under ``folder`` in one association; (start, end, files) in epoch seconds.
 
-    ``end`` is when storescu exited 0: every instance was acknowledged (and the association
-    released) by then.
+    ``sender`` is ``storescu`` (dcmtk, what a PACS-like sender does) or ``pynetdicom`` (for a
+    machine without dcmtk).  ``end`` is when the last instance was acknowledged: storescu exited
+    0, or pynetdicom got status 0x0000 for the last file (the release follows).
     """
-    files = len(list(folder.rglob("*.dcm")))
-    command = ["storescu", "-aet", SENDER_AE, "-aec", NODE_AE, "-nh", "+sd", "+r", "127.0.0.1", str(port),
-               str(folder)]
+    files = sorted(folder.rglob("*.dcm"))
+    if not files:
+        raise BenchmarkError(f"no .dcm files under {folder}")
     started = time.time()
+    if sender == "storescu":
+        command = ["storescu", "-aet", SENDER_AE, "-aec", NODE_AE, "-nh", "+sd", "+r", "127.0.0.1", str(port),
+                   str(folder)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise BenchmarkError(f"storescu did not finish sending {folder} within {timeout:.0f} s") from None
+        ended = time.time()
+        if done.returncode != 0:
+            raise BenchmarkError(f"storescu exited {done.returncode} sending {folder}: {done.stderr[-2000:]}")
+        return started, ended, len(files)
+    from pydicom.filereader import read_file_meta_info
+    from pynetdicom import AE
+
+    metas = [read_file_meta_info(f) for f in files]
+    ae = AE(ae_title=SENDER_AE)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    for abstract, syntax in sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}):
+        ae.add_requested_context(abstract, syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
+    if not assoc.is_established:
+        raise BenchmarkError(f"the node at 127.0.0.1:{port} did not accept an association from {SENDER_AE}")
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-    except FileNotFoundError:
-        raise BenchmarkError("dcmtk's storescu is not installed (apt-get install dcmtk)") from None
-    ended = time.time()
-    if done.returncode != 0:
-        raise BenchmarkError(f"storescu exited {done.returncode} sending {folder}: {done.stderr[-2000:]}")
-    return started, ended, files
+        for path in files:
+            response = assoc.send_c_store(path)
+            status = response.get("Status") if response is not None else None
+            if status != 0x0000:
+                raise BenchmarkError(f"C-STORE of {path} answered {status!r} (expected 0x0000)")
+        ended = time.time()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return started, ended, len(files)
 
 
 # --------------------------------------------------------------------------- one study
@@ -395,8 +430,7 @@ def wait_for_export(node: NodeProcess, pacs: Pacs, study_uid: str, timeout: floa
                 raise BenchmarkError(f"study {study_uid}: job {job['id']} exported {sorted(kinds)}, "
                                      f"not both a SEG and an SR")
             if all(pacs.arrival(e["sop_instance_uid"]) is not None for e in exports):
-                with node.db() as conn:  # the exporter may not have recorded the last one yet
-                    study = conn.execute("SELECT * FROM studies WHERE id = ?", (study["id"],)).fetchone()
+                with node.db() as conn:
                     last_received = conn.execute(
                         "SELECT MAX(i.received_at) FROM instances i JOIN series s ON i.series_id = s.id "
                         "WHERE s.study_id = ?", (study["id"],)).fetchone()[0]
@@ -422,10 +456,8 @@ def model_load_seconds(lines: list[str], job_id: int) -> float | None:
 
 
 def measure_study(node: NodeProcess, pacs: Pacs, folder: Path, study_uid: str, *, preset: str, index: int,
-                  warmup: bool, timeout: float) -> StudyTiming:
-    import json
-
-    send_started, acked, instances = send_study(folder, node.port, timeout)
+                  warmup: bool, timeout: float, sender: str) -> StudyTiming:
+    send_started, acked, instances = send_study(folder, node.port, timeout, sender)
     rows = wait_for_export(node, pacs, study_uid, timeout)
     job = rows["job"]
     summary = job["result_summary"]
@@ -433,7 +465,10 @@ def measure_study(node: NodeProcess, pacs: Pacs, folder: Path, study_uid: str, *
     timings: dict[str, float] = summary["timings"]
     last_received = epoch(rows["last_received"])
     created, started, finished = epoch(job["created_at"]), epoch(job["started_at"]), epoch(job["finished_at"])
-    assert last_received is not None and created is not None and started is not None and finished is not None
+    if last_received is None or created is None or started is None or finished is None:
+        raise BenchmarkError(f"study {study_uid}: job {job['id']} is done but lacks a timestamp (created "
+                             f"{job['created_at']}, started {job['started_at']}, finished {job['finished_at']}, "
+                             f"last instance {rows['last_received']})")
     pacs_last = max(pacs.arrival(e["sop_instance_uid"]) or 0.0 for e in rows["exports"])
     stages = {name: sum(float(timings.get(s, 0.0)) for s in parts) for name, parts in RUN_STUDY_COLUMNS.items()}
     total = float(timings["total"])
@@ -443,7 +478,7 @@ def measure_study(node: NodeProcess, pacs: Pacs, folder: Path, study_uid: str, *
         run_study_rest=total - sum(stages.values()), job_outside=(finished - started) - total,
         model_load=model_load_seconds(node.log_lines(), int(job["id"])), export=pacs_last - finished,
         post_quiet=pacs_last - created, from_last_ack=pacs_last - acked,
-        objects=sorted(f"{e['object_kind']}" for e in rows["exports"]),
+        objects=sorted(e["object_kind"] for e in rows["exports"]),
     )
 
 
@@ -469,7 +504,7 @@ def run_preset(preset: str, study: Path, work: Path, args: argparse.Namespace) -
             folder = work / "studies" / f"study{i:02d}"
             study_uid = copy_with_new_uids(study, folder, i)
             timing = measure_study(node, pacs, folder, study_uid, preset=preset, index=i,
-                                   warmup=i < args.warmup, timeout=args.timeout)
+                                   warmup=i < args.warmup, timeout=args.timeout, sender=args.sender)
             results.append(timing)
             print(f"{preset} study {i}{' (warm-up)' if timing.warmup else ''}: {timing.from_last_ack:.1f} s from the "
                   f"last instance to the PACS, model {timing.model:.1f} s, overhead {timing.overhead:.1f} s",
@@ -484,6 +519,15 @@ def run_preset(preset: str, study: Path, work: Path, args: argparse.Namespace) -
 # --------------------------------------------------------------------------- report
 
 
+def _python() -> str:
+    """How the report names the interpreter: relative to the repository when it is its virtualenv."""
+    executable = Path(sys.executable)
+    try:
+        return str(executable.relative_to(ROOT))
+    except ValueError:
+        return executable.name
+
+
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -496,19 +540,20 @@ def report(rows: list[StudyTiming], loads: dict[str, str], args: argparse.Namesp
            machine: str) -> str:
     from inference.model import PRESETS
 
-    columns = ["send (storescu)", "quiet wait", "queue wait", *RUN_STUDY_COLUMNS, "rest of run_study", "job outside run_study",
+    columns = ["send", "quiet wait", "queue wait", *RUN_STUDY_COLUMNS, "rest of run_study", "job outside run_study",
                "export", "after quiet (total)", "overhead", "overhead / model", "overhead / total",
                "last ack -> PACS"]
     lines = [
         "# Study latency: last instance received -> SEG and SR acknowledged by the PACS",
         "",
         f"Machine: {machine}; Python {platform.python_version()}.",
-        "Command: `" + " ".join([".venv/bin/python benchmarks/latency.py", *argv]) + "`",
+        "Command: `" + " ".join([_python(), "benchmarks/latency.py", *argv]) + "`",
         f"Node: `orthonode serve` (SQLite, local storage, one worker, device `{args.device}`"
         + (f", OMP_NUM_THREADS={args.threads}" if args.threads else ", torch's default threads")
         + f"), quiet period {args.quiet:g} s (series and study); PACS: pynetdicom storage SCP on loopback; "
-        f"sender: dcmtk storescu, one association.",
-        f"Study: one phantom knee (matrix {args.matrix}, three planes, uncompressed), copied with fresh UIDs per "
+        f"sender: {'dcmtk storescu' if args.sender == 'storescu' else 'pynetdicom'}, one association.",
+        f"Study: one phantom knee (matrix {args.matrix}, three planes, {rows[0].instances} instances, uncompressed; "
+        f"results exported: {', '.join(rows[0].objects)}), copied with fresh UIDs per "
         f"send; {args.warmup} warm-up study(ies) per node (model load, first calls), then {args.repeat} measured.",
         f"Load average (1 min) before / after each preset: "
         + ", ".join(f"{p} {v}" for p, v in loads.items()) + ".",
@@ -560,7 +605,8 @@ def report(rows: list[StudyTiming], loads: dict[str, str], args: argparse.Namesp
         "- *export*: `jobs.finished_at` (exports are queued in that transaction and the exporter is woken) to the "
         "PACS's C-STORE handler returning success for the last of the job's objects. The node keeps no time "
         "for when the exporter picked an export up (`exports.updated_at` is overwritten when it is done).",
-        "- *last ack -> PACS*: from `storescu` exiting 0 (every instance acknowledged) to the last PACS "
+        "- *send*: the sender's whole run (association, every C-STORE). *last ack -> PACS*: from the last "
+        "instance acknowledged (`storescu` exited 0, or pynetdicom's last 0x0000) to the last PACS "
         "acknowledgement; it includes the quiet wait.",
     ]
     return "\n".join(lines) + "\n"
@@ -584,6 +630,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="OMP_NUM_THREADS of the node (default: unset, torch's own default)")
     parser.add_argument("--timeout", type=float, default=900.0,
                         help="seconds to wait for one study to reach the PACS (default %(default)s)")
+    parser.add_argument("--sender", choices=("auto", "storescu", "pynetdicom"), default="auto",
+                        help="what sends the study: dcmtk storescu, or pynetdicom where dcmtk is missing "
+                             "(default %(default)s: storescu when on PATH)")
     parser.add_argument("--work", type=Path, help="keep the node's files here (default: a temporary folder)")
     parser.add_argument("--out", type=Path, help="also write the markdown report to this file")
     args = parser.parse_args(argv)
@@ -600,8 +649,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [p for p in args.presets if p not in PRESETS]
     if unknown:
         parser.error(f"--presets: unknown preset(s) {unknown}; presets are {sorted(PRESETS)}")
-    if shutil.which("storescu") is None:
-        parser.error("dcmtk's storescu is not on PATH (the benchmark sends with it)")
+    if args.sender == "auto":
+        args.sender = "storescu" if shutil.which("storescu") else "pynetdicom"
+    elif args.sender == "storescu" and shutil.which("storescu") is None:
+        parser.error("--sender storescu: dcmtk's storescu is not on PATH (use --sender pynetdicom)")
 
     if args.work is not None and args.work.exists() and any(args.work.iterdir()):
         parser.error(f"--work {args.work} is not empty (each run starts fresh nodes and studies there)")
