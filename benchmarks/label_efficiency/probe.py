@@ -44,7 +44,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -824,6 +824,8 @@ def _reading(cells: Mapping[tuple, Mapping[float, Mapping[str, Any]]], fractions
         if rnd:
             parts.append(f"the best random-init point ({_point(rnd[0])}) {_f(_auc(rnd[1], 'knee_test'))} in-site, "
                          f"{_f(_auc(rnd[1], 'knee_held_out'))} held-out.")
+        if len(parts) == 1:
+            parts.append("no point could be scored (no label has both classes in the subset and in the in-site test).")
         out.append("- " + " ".join(parts))
     steps = sorted({k[1] for k in cells if k[0] == "pretrained"})
     if len(steps) > 1:
