@@ -386,3 +386,25 @@ def test_a_failed_export_of_unknown_outcome_keeps_its_check_after_orthonode_retr
         assert [r.state for r in done] == [ExportState.DONE] * 2
         assert sorted(pacs.deliveries) == sorted(sops)
         assert pacs.queries == [seg.sop_instance_uid]
+
+
+def test_which_http_failures_leave_a_stow_rs_outcome_unknown() -> None:
+    import requests
+    from urllib3.exceptions import MaxRetryError, NewConnectionError
+
+    from dicom_node.export import _request_never_arrived
+
+    def http_error(status: int) -> requests.HTTPError:
+        response = requests.Response()
+        response.status_code = status
+        return requests.HTTPError(f"{status}", response=response)
+
+    refused = requests.ConnectionError(MaxRetryError(None, "/studies", NewConnectionError(None, "refused")))
+    assert _request_never_arrived(refused)
+    assert _request_never_arrived(requests.ConnectTimeout("connect timed out"))
+    assert _request_never_arrived(http_error(400)) and _request_never_arrived(http_error(409))
+    # the request may have been stored: verify before resending
+    assert not _request_never_arrived(requests.ReadTimeout("read timed out"))
+    assert not _request_never_arrived(requests.ConnectionError("Connection reset by peer"))
+    assert not _request_never_arrived(http_error(502))
+    assert not _request_never_arrived(OSError("broken pipe"))
