@@ -555,7 +555,7 @@ def report(rows: list[StudyTiming], loads: dict[str, str], args: argparse.Namesp
         f"Study: one phantom knee (matrix {args.matrix}, three planes, {rows[0].instances} instances, uncompressed; "
         f"results exported: {', '.join(rows[0].objects)}), copied with fresh UIDs per "
         f"send; {args.warmup} warm-up study(ies) per node (model load, first calls), then {args.repeat} measured.",
-        f"Load average (1 min) before / after each preset: "
+        "Load average (1 min) before / after each preset: "
         + ", ".join(f"{p} {v}" for p, v in loads.items()) + ".",
         "",
         "All times in seconds. *After quiet (total)* runs from the end of the quiet period (job queued) to the "
