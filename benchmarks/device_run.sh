@@ -14,9 +14,15 @@
 #      fine-tuning cells spread over parallel processes; the report gathers the cells that
 #      finished (OUT/label_efficiency.md, OUT/le_results.tar.gz with every metrics.json).
 #
+# ONLY="le" (or any of: predict check latency le) runs those steps alone, e.g. a later pass that
+# needs only the label-efficiency figures; the phantom set of the h200 scale (540 cases) takes
+# about 3 minutes on 16 cores, more than the budget leaves it after the other steps.
+#
 # Python packages missing on the machine can travel as an extracted site folder packed in
 # .whl/site312.tar.xz (unpacked to /tmp/site312 and put on PYTHONPATH when present).
 set -u
+ONLY=${ONLY:-predict check latency le}
+want() { [[ " $ONLY " == *" $1 "* ]]; }
 BUDGET=${1:-570}
 SCALE=${2:-h200}
 OUT=${OUT:?set OUT to the folder for results}
@@ -48,14 +54,29 @@ PRED_PRESETS=${PRED_PRESETS:-small paper}
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" > "$OUT/nvidia-smi.txt"
 $PY -c "import torch, monai, pydicom, highdicom, SimpleITK, nibabel, pydantic; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-', 'monai', monai.__version__)" || exit 3
 
+if want predict; then
 step "predict (small, paper) on CUDA"
-bounded 120 350 $PY benchmarks/predict.py --presets $PRED_PRESETS --device "$DEVICE" --threads 8 --repeat 3 \
+bounded 120 380 $PY benchmarks/predict.py --presets $PRED_PRESETS --device "$DEVICE" --threads 8 --repeat 3 \
     --out "$OUT/predict_gpu.md" || step "predict exited with $?"
+fi
 
+if want check; then
 step "paper-size checks"
-bounded 150 300 $PY benchmarks/gpu_check.py --out "$OUT" --preset "$CHECK_PRESET" --device "$DEVICE" --pretrain-batch 10 \
+bounded 150 330 $PY benchmarks/gpu_check.py --out "$OUT" --preset "$CHECK_PRESET" --device "$DEVICE" --pretrain-batch 10 \
     --pretrain-steps 25 --finetune-steps 10 || step "gpu_check exited with $?"
+fi
 
+if [ -d .whl/latency ]; then  # the node's own packages, for the latency benchmark
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_node .whl/latency/*.whl \
+        && export PYTHONPATH=$PYTHONPATH:/tmp/site_node
+fi
+if want latency && [ -f benchmarks/latency.py ]; then
+    step "study latency (node, loopback PACS), small and paper"
+    bounded 90 300 $PY benchmarks/latency.py --presets small paper --device "$DEVICE" --repeat 2 \
+        --out "$OUT/latency_gpu.md" || step "latency exited with $?"
+fi
+
+want le || { step "done"; exit 0; }
 W=/tmp/le_$SCALE
 export OMP_NUM_THREADS=2  # several processes share the cores from here on
 LE="$PY benchmarks/label_efficiency/run.py --scale $SCALE --work $W --no-progress"
