@@ -543,6 +543,7 @@ class StoreReceiver:
         self.on_instance_stored = on_instance_stored
         self.log_phi = log_phi
         self.recorder = GroupRecorder(session_factory)
+        self.holds: AssociationHolds | None = None
 
     @classmethod
     def from_config(
@@ -591,10 +592,13 @@ class StoreReceiver:
         affected_sop_instance_uid: str,
         calling_ae_title: str,
         peer_host: str,
+        association: object | None = None,
     ) -> int:
         """Store one instance and return the C-STORE status (see :class:`StoreStatus`).
 
         ``data`` is the complete file as received: preamble, file meta, encoded data set.
+        ``association`` (the pynetdicom association) lets :attr:`holds` hold the study in the
+        assembler while that association is open.
         """
         who = f"{calling_ae_title}@{peer_host}"
         context_class = UID(context_sop_class_uid)
@@ -621,6 +625,9 @@ class StoreReceiver:
         incoming.transfer_syntax_uid = str(transfer_syntax_uid)
         incoming.calling_ae_title = calling_ae_title
         incoming.peer_host = peer_host
+        if self.holds is not None and association is not None:
+            # before the instance is recorded, so that the assembler never sees it unheld
+            self.holds.add(association, incoming.study_uid)
 
         try:
             # the folder entry is made durable by the recorder, once per folder and batch
@@ -781,6 +788,46 @@ class StoreReceiver:
         return StoreStatus.SUCCESS
 
 
+class AssociationHolds:
+    """The studies each open association has delivered to, held in the study assembler.
+
+    A study is not queued while an association that sent part of it is still open (a sender
+    that pauses longer than the quiet period would otherwise get a partial study processed).
+    ``hold(study_uid)`` is called on an association's first instance of a study and
+    ``release(study_uid)`` once per held study when the connection closes, however it ends
+    (release, abort, network error).
+    """
+
+    def __init__(self, hold: Callable[[str], None], release: Callable[[str], None]) -> None:
+        self._hold = hold
+        self._release = release
+        self._lock = threading.Lock()
+        self._open: dict[int, set[str]] = {}
+
+    def add(self, association: object, study_uid: str) -> None:
+        key = id(association)
+        with self._lock:
+            studies = self._open.setdefault(key, set())
+            if study_uid in studies:
+                return
+            studies.add(study_uid)
+        self._hold(study_uid)
+
+    def close(self, association: object) -> None:
+        with self._lock:
+            studies = self._open.pop(id(association), set())
+        for study_uid in sorted(studies):
+            try:
+                self._release(study_uid)
+            except Exception:  # noqa: BLE001 - a failed release must not stop the others; the forced limit still applies
+                log.exception("releasing study %s after its association closed failed", study_uid)
+
+    def open_studies(self) -> int:
+        """Studies held by open associations (for tests and status)."""
+        with self._lock:
+            return sum(len(s) for s in self._open.values())
+
+
 def handle_store(event: evt.Event, receiver: StoreReceiver) -> int:
     """pynetdicom ``EVT_C_STORE`` handler (an intervention event: the return is the status)."""
     requestor = event.assoc.requestor
@@ -791,7 +838,13 @@ def handle_store(event: evt.Event, receiver: StoreReceiver) -> int:
         affected_sop_instance_uid=event.request.AffectedSOPInstanceUID,
         calling_ae_title=str(requestor.ae_title).strip(),
         peer_host=requestor.address,
+        association=event.assoc,
     )
+
+
+def handle_connection_closed(event: evt.Event, holds: AssociationHolds) -> None:
+    """``EVT_CONN_CLOSE``: release the studies the association held, however it ended."""
+    holds.close(event.assoc)
 
 
 def handle_echo(event: evt.Event) -> int:
@@ -842,9 +895,11 @@ class Listener:
         on_instance_stored: InstanceStoredCallback | None = None,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        study_holds: AssociationHolds | None = None,
     ) -> None:
         self.config = config
         self.receiver = StoreReceiver.from_config(config, storage, session_factory, on_instance_stored)
+        self.receiver.holds = study_holds
         self.caller_policy = CallerPolicy(config.listener)
         self._ssl_context = ssl_context if ssl_context is not None else make_ssl_context(config)
         self._server: _NodeServer | None = None
@@ -900,6 +955,8 @@ class Listener:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.receiver]),
         ]
+        if self.receiver.holds is not None:
+            handlers.append((evt.EVT_CONN_CLOSE, handle_connection_closed, [self.receiver.holds]))
         server = ae.make_server(
             (listener.bind_address, listener.port),
             ae_title=listener.ae_titles[0],

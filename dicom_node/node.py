@@ -65,7 +65,7 @@ class Node:
     """
 
     def __init__(self, config: NodeConfig, *, preview: bool = False, poll_seconds: float = 1.0) -> None:
-        from dicom_node.listener import Listener
+        from dicom_node.listener import AssociationHolds, Listener
         from dicom_node.storage import Storage
 
         self.config = config
@@ -92,7 +92,8 @@ class Node:
             for i in range(config.jobs.workers)
         ]
         self.assembler = StudyAssembler(config.study_assembly, self.factory, on_job_queued=self._job_queued)
-        self.listener = Listener(config, self.storage, self.factory, on_instance_stored=self._instance_stored)
+        self.listener = Listener(config, self.storage, self.factory, on_instance_stored=self._instance_stored,
+                                 study_holds=AssociationHolds(self.assembler.hold, self.assembler.release))
         self.http: HealthServer | None = None
         if config.http.enabled:
             self.http = HealthServer(config.http.bind_address, config.http.port, self._checks(), self._render_metrics)

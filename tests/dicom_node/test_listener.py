@@ -28,8 +28,9 @@ from sqlalchemy import func, select, text
 from dicom_node import db
 from dicom_node.config import NodeConfig
 from dicom_node.health import ASSOCIATION_REJECTED_PREFIX
-from dicom_node.listener import CallerPolicy, GroupRecorder, Listener, StoreReceiver, StoreStatus
+from dicom_node.listener import AssociationHolds, CallerPolicy, GroupRecorder, Listener, StoreReceiver, StoreStatus
 from dicom_node.storage import Storage
+from tests.dicom_node.node_fixtures import wait_for
 from tests.inference.dicom_factory import (
     Geometry,
     SeriesHeader,
@@ -83,14 +84,16 @@ def start_node(make_config: Callable[..., NodeConfig]) -> Iterator[Callable[...,
     """``start_node(listener={...}, storage={...}, hook=...)``: a running node on a free port."""
     nodes: list[Node] = []
 
-    def start(hook: Callable[[str, str], None] | None = None, **sections: Any) -> Node:
+    def start(hook: Callable[[str, str], None] | None = None, holds: AssociationHolds | None = None,
+              **sections: Any) -> Node:
         config = make_config(**sections)
         db.upgrade_database(config.database_url)
         engine = db.make_engine(config.database_url)
         factory = db.make_session_factory(engine)
         storage = Storage(config.data_dir / "incoming", config.storage.min_free_mb)
         calls: list[tuple[str, str]] = []
-        listener = Listener(config, storage, factory, on_instance_stored=hook or (lambda st, se: calls.append((st, se))))
+        listener = Listener(config, storage, factory, on_instance_stored=hook or (lambda st, se: calls.append((st, se))),
+                            study_holds=holds)
         node = Node(config, listener, storage, factory, engine, calls)
         listener.start()
         nodes.append(node)
@@ -754,3 +757,47 @@ def test_group_recorder_falls_back_to_one_transaction_each(
     finally:
         recorder.close()
         engine.dispose()
+
+
+def test_open_association_holds_its_studies_until_the_connection_closes(start_node: Callable[..., Node],
+                                                                        tmp_path: Path) -> None:
+    """Each study an association delivers to is held once while it is open and released once when
+    it closes, by release or by abort, so that a sender's pause never gets a partial study queued."""
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def record(kind: str) -> Callable[[str], None]:
+        def call(study_uid: str) -> None:
+            with lock:
+                events.append((kind, study_uid))
+        return call
+
+    holds = AssociationHolds(record("hold"), record("release"))
+    node = start_node(holds=holds)
+    study_a = _series(tmp_path / "a", slices=3)
+    study_b = _series(tmp_path / "b", slices=1)
+    uid_a = str(pydicom.dcmread(study_a[0], stop_before_pixels=True).StudyInstanceUID)
+    uid_b = str(pydicom.dcmread(study_b[0], stop_before_pixels=True).StudyInstanceUID)
+
+    ae = AE(ae_title="TESTSCU")
+    ds = pydicom.dcmread(study_a[0], stop_before_pixels=True)
+    ae.add_requested_context(str(ds.file_meta.MediaStorageSOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="ORTHONODE")
+    assert assoc.is_established
+    assert [int(assoc.send_c_store(p).Status) for p in study_a[:2] + study_b] == [0, 0, 0]
+    with lock:  # held while the association is open, once per study however many instances came
+        assert sorted(events) == sorted([("hold", uid_a), ("hold", uid_b)])
+    assert holds.open_studies() == 2
+    assoc.release()
+    wait_for(lambda: holds.open_studies() == 0, 5, "the association's studies to be released")
+    with lock:
+        assert sorted(e for e in events if e[0] == "release") == sorted([("release", uid_a), ("release", uid_b)])
+
+    # an aborted association releases too
+    events.clear()
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="ORTHONODE")
+    assert int(assoc.send_c_store(study_a[2]).Status) == 0
+    assoc.abort()
+    wait_for(lambda: holds.open_studies() == 0, 5, "the aborted association's study to be released")
+    with lock:
+        assert events == [("hold", uid_a), ("release", uid_a)]
