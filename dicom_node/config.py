@@ -127,6 +127,11 @@ class StudyAssemblySection(_Section):
 class JobsSection(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: int = Field(1, ge=1)
+    #: CPU threads torch may use for the networks (None: torch's default, one per core).  On a
+    #: machine shared with other services fewer threads are often faster.
+    torch_threads: int | None = Field(None, ge=1)
+    #: load the model when the node starts rather than at the first study
+    preload_model: bool = True
 
 
 class ModelSection(_Section):

@@ -353,10 +353,30 @@ class SharedModel:
     """The model bundle of ``model.checkpoint``, loaded once on first use and shared by the
     workers of a node (one copy in memory, on the GPU too)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, torch_threads: int | None = None) -> None:
         self.path = path
+        self.torch_threads = torch_threads
         self._bundle: Any = None
         self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._bundle is not None
+
+    def preload(self) -> threading.Thread:
+        """Load the model in a background thread now (node start-up), not at the first study.
+
+        A failure is logged here and raised again by the first job's :meth:`get`, which records
+        it on that job; the node keeps receiving meanwhile."""
+        def load() -> None:
+            try:
+                self.get()
+            except Exception as exc:  # noqa: BLE001 - reported again, per job, by get()
+                log.error("the model could not be loaded at start-up: %s", exc)
+
+        thread = threading.Thread(target=load, name="orthonode-model-preload", daemon=True)
+        thread.start()
+        return thread
 
     def get(self) -> Any:
         with self._lock:
@@ -366,6 +386,10 @@ class SharedModel:
                 if not self.path.is_file():
                     raise FileNotFoundError(f"model.checkpoint {self.path} does not exist (node.yaml "
                                             f"model.checkpoint); `orthonode train demo` builds the demo model")
+                if self.torch_threads is not None:
+                    import torch
+
+                    torch.set_num_threads(self.torch_threads)
                 self._bundle = ModelBundle.load(self.path)
                 log.info("model %s %s loaded from %s", self._bundle.card.name, self._bundle.card.version, self.path)
             return self._bundle
@@ -396,7 +420,7 @@ class Worker:
     ) -> None:
         self.config = config
         #: where the model comes from when ``bundle`` is not given (a node shares one between workers)
-        self.model = model if model is not None else SharedModel(config.checkpoint)
+        self.model = model if model is not None else SharedModel(config.checkpoint, config.jobs.torch_threads)
         self.factory = factory
         self.resolve_instance = resolve_instance
         self.worker_id = worker_identity(index)

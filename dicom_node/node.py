@@ -85,7 +85,8 @@ class Node:
         self.metrics.registry.register(DatabaseCollector(self.factory))
         self.exporter = Exporter(config, self.factory, poll_seconds=poll_seconds,
                                  on_result=self.metrics.export_finished)
-        model = SharedModel(config.checkpoint)
+        model = SharedModel(config.checkpoint, config.jobs.torch_threads)
+        self.model = model
         self.workers = [
             Worker(config, self.factory, self.storage.resolve, index=i, poll_seconds=poll_seconds, preview=preview,
                    on_finished=self._job_finished, on_exports_queued=self.exporter.wake, model=model)
@@ -155,6 +156,8 @@ class Node:
             self.exporter.start()
             for worker in self.workers:
                 worker.start()
+            if self.config.jobs.preload_model:
+                self.model.preload()
             self.assembler.start()
             self.listener.start()
             if self.http is not None:

@@ -146,3 +146,15 @@ def test_check_config_command(tmp_path, capsys):
     bad = _write(tmp_path, {"listener": {"port": "x"}})
     assert run(parser.parse_args([str(bad)])) == 2
     assert "listener.port" in capsys.readouterr().err
+
+
+def test_jobs_torch_threads_must_be_positive(tmp_path) -> None:
+    from dicom_node.config import load_config as _load
+
+    path = tmp_path / "node.yaml"
+    path.write_text("jobs:\n  torch_threads: 0\n")
+    with pytest.raises(Exception, match="torch_threads"):
+        _load(path)
+    path.write_text("jobs:\n  torch_threads: 2\n  preload_model: false\n")
+    jobs = _load(path).jobs
+    assert jobs.torch_threads == 2 and jobs.preload_model is False

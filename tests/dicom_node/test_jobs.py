@@ -278,3 +278,28 @@ def test_a_failing_study_fails_its_job_with_the_reason(node_db, tmp_path: Path, 
         assert job.state is JobState.FAILED and job.step == "snapshot"
         assert "missing" in job.error and "1.2.3.300.1.1.dcm" in job.error
         assert job.study.state is StudyState.FAILED and not job.exports
+
+
+def test_shared_model_preloads_in_the_background_and_a_missing_file_fails_the_job_not_the_node(
+        tmp_path: Path, node_checkpoint: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+
+    from dicom_node.jobs import SharedModel
+
+    threads = torch.get_num_threads()
+    try:
+        model = SharedModel(node_checkpoint, torch_threads=1)
+        assert not model.loaded
+        model.preload().join(timeout=120)
+        assert model.loaded and torch.get_num_threads() == 1
+        assert model.get() is model.get()  # loaded once, shared
+    finally:
+        torch.set_num_threads(threads)
+
+    missing = SharedModel(tmp_path / "absent.pt")
+    with caplog.at_level("ERROR", logger="dicom_node.jobs"):
+        missing.preload().join(timeout=30)
+    assert "could not be loaded at start-up" in caplog.text and "absent.pt" in caplog.text
+    assert not missing.loaded
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        missing.get()  # the first job gets the same, specific error
