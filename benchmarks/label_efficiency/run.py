@@ -131,9 +131,9 @@ def effective_config(scale: Scale, work: Path) -> Path:
     # whose memory (1 / (1 - decay)) is at most a tenth of the run, capped at the reference 0.995.
     decay = min(0.995, 1.0 - 10.0 / scale.pretrain_steps) if scale.pretrain_steps > 20 else 0.5
     cfg = load_config(scale.config).with_overrides(
-        # four checkpoints, all kept: the probe (probe.py) reads the pretraining-length axis from them
+        # five checkpoints, all kept: the probe (probe.py) reads the pretraining-length axis from them
         pretrain={"steps": scale.pretrain_steps, "batch_size": scale.pretrain_batch,
-                  "checkpoint_every": max(1, scale.pretrain_steps // 4), "keep_checkpoints": 4,
+                  "checkpoint_every": max(1, scale.pretrain_steps // 5), "keep_checkpoints": 5,
                   "ema_every": 1, "ema_decay": decay},
         classify={"epochs": scale.classify_epochs},
         segment={"epochs": scale.segment_epochs},
