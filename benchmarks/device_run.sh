@@ -66,7 +66,7 @@ bounded 150 330 $PY benchmarks/gpu_check.py --out "$OUT" --preset "$CHECK_PRESET
     --pretrain-steps 25 --finetune-steps 10 || step "gpu_check exited with $?"
 fi
 
-if [ -d .whl/latency ]; then  # the node's own packages, for the latency benchmark
+if want latency && [ -d .whl/latency ]; then  # the node's own packages, for the latency benchmark
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_node .whl/latency/*.whl \
         && export PYTHONPATH=$PYTHONPATH:/tmp/site_node
 fi
