@@ -166,10 +166,11 @@ class Cell:
     init: str
     fraction: float
     seed: int
+    tag: str = ""  # e.g. "_ep40" when the epochs differ from the scale's
 
     @property
     def name(self) -> str:
-        return f"{self.joint}_{self.task}_{self.init}_{int(self.fraction * 100)}pct_seed{self.seed}"
+        return f"{self.joint}_{self.task}_{self.init}_{int(self.fraction * 100)}pct_seed{self.seed}{self.tag}"
 
     @property
     def tests(self) -> list[str]:
@@ -182,17 +183,23 @@ class Cell:
         return epochs * max(1.0, self.fraction * pool)
 
 
-def all_cells(seeds: list[int]) -> list[Cell]:
+def all_cells(seeds: list[int], tags: dict[str, str] | None = None) -> list[Cell]:
+    """Every cell of the benchmark; ``tags`` (task -> name suffix) marks cells trained with other epochs."""
+    tags = tags or {}
     cells = []
     for seed in seeds:
         for task in ("classify", "segment"):
             for fraction in (0.1, 1.0):
                 for init in ("pretrained", "scratch"):
-                    cells.append(Cell(task, "knee", init, fraction, seed))
+                    cells.append(Cell(task, "knee", init, fraction, seed, tags.get(task, "")))
         for joint in ("ankle", "shoulder"):
             for init in ("pretrained", "scratch"):
-                cells.append(Cell("classify", joint, init, 0.1, seed))
+                cells.append(Cell("classify", joint, init, 0.1, seed, tags.get("classify", "")))
     return cells
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def share_of_cells(cells: list[Cell], scale: Scale, part: int, parts: int) -> list[Cell]:
@@ -257,6 +264,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="finetune stage: this process runs share K of N of the cells")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                         help="finetune stage: start no new cell after this many seconds")
+    parser.add_argument("--classify-epochs", type=int, default=None,
+                        help="train classifiers this many epochs instead of the scale's (cells named _ep<N>)")
+    parser.add_argument("--segment-epochs", type=int, default=None,
+                        help="train segmenters this many epochs instead of the scale's (cells named _ep<N>)")
+    parser.add_argument("--tasks", default="classify,segment", help="finetune/report: only these tasks")
+    parser.add_argument("--joints", default="knee,ankle,shoulder", help="finetune/report: only these joints")
+    parser.add_argument("--fractions", default="0.1,1.0", help="finetune/report: only these label fractions")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -284,6 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     if "data" in stages or not config_path.is_file():
         config_path = effective_config(scale, work)
     cfg = load_config(config_path)
+    tags: dict[str, str] = {}
+    if args.classify_epochs is not None and args.classify_epochs != scale.classify_epochs:
+        cfg = cfg.with_overrides(classify={"epochs": args.classify_epochs})
+        tags["classify"] = f"_ep{args.classify_epochs}"
+    if args.segment_epochs is not None and args.segment_epochs != scale.segment_epochs:
+        cfg = cfg.with_overrides(segment={"epochs": args.segment_epochs})
+        tags["segment"] = f"_ep{args.segment_epochs}"
+    wanted = (set(_csv(args.tasks)), set(_csv(args.joints)), {float(f) for f in _csv(args.fractions)})
+    cells_run = [c for c in all_cells(seeds, tags)
+                 if c.task in wanted[0] and c.joint in wanted[1] and c.fraction in wanted[2]]
     sites = training_sites()
     ph = work / "phantoms"
     ds = args.data_seed
@@ -382,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"--label-fraction {cell.fraction} --seed {cell.seed} --config {config_path} --out {out}"]
         row: dict[str, Any] = {
             "task": cell.task, "joint": cell.joint, "init": cell.init, "label_fraction": cell.fraction,
-            "seed": cell.seed, "train_exams": len(result.train_ids), "val_exams": len(result.val_ids),
+            "seed": cell.seed, "epochs": cfg.classify.epochs if cell.task == "classify" else cfg.segment.epochs,
+            "train_exams": len(result.train_ids), "val_exams": len(result.val_ids),
             "train_seconds": round(train_seconds, 1),
         }
         for test in cell.tests:
@@ -398,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     if "finetune" in stages:
         t = time.monotonic()
         part, parts = args.cells
-        for cell in share_of_cells(all_cells(seeds), scale, part, parts):
+        for cell in share_of_cells(cells_run, scale, part, parts):
             if (work / "runs" / cell.name / "row.json").is_file():
                 log.info("cell %s already done", cell.name)
                 continue
@@ -412,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         rows, missing, commands = [], [], [
             f"python benchmarks/label_efficiency/run.py --scale {args.scale} --work {args.work} --seeds {args.seeds} "
             f"--data-seed {args.data_seed} --workers {args.workers}"
+            + "".join(f" --{flag.replace('_', '-')} {value}" for flag, value in (
+                ("classify_epochs", args.classify_epochs), ("segment_epochs", args.segment_epochs),
+                ("tasks", args.tasks), ("joints", args.joints), ("fractions", args.fractions))
+                if value is not None and str(value) != parser.get_default(flag))
         ] + set_commands()
         pretrain_loss: dict[str, float | None] = {}
         cut_short: dict[str, int] = {}
@@ -423,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                 if data.get("steps_done") is not None and data["steps_done"] < data.get("target_steps", 0):
                     cut_short[plane] = data["steps_done"]
                 commands.append(data["command"])
-        for cell in all_cells(seeds):
+        for cell in cells_run:
             path = work / "runs" / cell.name / "row.json"
             if not path.is_file():
                 missing.append(cell.name)
@@ -475,9 +504,10 @@ def render_report(results: dict[str, Any]) -> str:
         f"- Configuration `{results['config']['name']}` (model preset "
         f"`{results['config']['model'].get('preset')}`): pretraining {scale['pretrain_steps']} steps of batch "
         f"{scale['pretrain_batch']} per plane, "
-        f"classifier {scale['classify_epochs']} epochs, segmenter {scale['segment_epochs']} epochs; "
+        f"classifier {results['config']['classify']['epochs']} epochs, "
+        f"segmenter {results['config']['segment']['epochs']} epochs; "
         f"bootstrap {scale['n_boot']} resamples.",
-        f"- Label fraction: a seeded, stratified subset of the pool; 20 % of it (by patient) is the validation split "
+        "- Label fraction: a seeded, stratified subset of the pool; 20 % of it (by patient) is the validation split "
         "that picks thresholds, so '10 %' means 10 % of the pool in total.",
         f"- Seeds (fine-tuning and label subsets): {results['seeds']}; phantom seed {results['data_seed']}.",
         "- Final pretraining loss per plane: "
