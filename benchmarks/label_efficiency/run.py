@@ -268,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="train classifiers this many epochs instead of the scale's (cells named _ep<N>)")
     parser.add_argument("--segment-epochs", type=int, default=None,
                         help="train segmenters this many epochs instead of the scale's (cells named _ep<N>)")
+    parser.add_argument("--feature-point", default=None, metavar="T,BLOCK",
+                        help="classifiers take every plane's features at this (t, block) instead of the "
+                             "configuration's, e.g. 25,down_2 (cells named _t<T><block>)")
     parser.add_argument("--tasks", default="classify,segment", help="finetune/report: only these tasks")
     parser.add_argument("--joints", default="knee,ankle,shoulder", help="finetune/report: only these joints")
     parser.add_argument("--fractions", default="0.1,1.0", help="finetune/report: only these label fractions")
@@ -305,6 +308,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.segment_epochs is not None and args.segment_epochs != scale.segment_epochs:
         cfg = cfg.with_overrides(segment={"epochs": args.segment_epochs})
         tags["segment"] = f"_ep{args.segment_epochs}"
+    if args.feature_point is not None:
+        try:
+            t_text, block = args.feature_point.split(",")
+            point = {"timestep": int(t_text), "block": block.strip()}
+        except ValueError:
+            parser.error(f"--feature-point must be T,BLOCK (e.g. 25,down_2), got {args.feature_point!r}")
+        cfg = cfg.with_overrides(model={"feature_points": {plane: point for plane in PLANES}})
+        cfg.model_cfg()  # a block the architecture lacks is an error now, not in a worker
+        tags["classify"] = tags.get("classify", "") + f"_t{point['timestep']}{point['block']}"
     wanted = (set(_csv(args.tasks)), set(_csv(args.joints)), {float(f) for f in _csv(args.fractions)})
     cells_run = [c for c in all_cells(seeds, tags)
                  if c.task in wanted[0] and c.joint in wanted[1] and c.fraction in wanted[2]]
@@ -439,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--data-seed {args.data_seed} --workers {args.workers}"
             + "".join(f" --{flag.replace('_', '-')} {value}" for flag, value in (
                 ("classify_epochs", args.classify_epochs), ("segment_epochs", args.segment_epochs),
+                ("feature_point", args.feature_point),
                 ("tasks", args.tasks), ("joints", args.joints), ("fractions", args.fractions))
                 if value is not None and str(value) != parser.get_default(flag))
         ] + set_commands()
