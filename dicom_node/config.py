@@ -132,6 +132,11 @@ class JobsSection(_Section):
     torch_threads: int | None = Field(None, ge=1)
     #: load the model when the node starts rather than at the first study
     preload_model: bool = True
+    #: a running job whose heartbeat (every 5 s) is older than this belongs to a dead worker and
+    #: is queued again; at least 15 s
+    lease_seconds: float = Field(60.0, ge=15.0)
+    #: interruptions of one job while processing its study before it is marked failed
+    max_attempts: int = Field(3, ge=1)
 
 
 class ModelSection(_Section):

@@ -232,10 +232,15 @@ class ClaimedJob:
 class JobQueue:
     """The database side of jobs: claim, heartbeat, finish, requeue."""
 
-    def __init__(self, factory: sessionmaker[Session], worker_id: str, lease_seconds: float = LEASE_SECONDS) -> None:
+    def __init__(self, factory: sessionmaker[Session], worker_id: str, lease_seconds: float = LEASE_SECONDS,
+                 max_attempts: int = MAX_JOB_ATTEMPTS) -> None:
+        if lease_seconds < 3 * HEARTBEAT_SECONDS:
+            raise ValueError(f"lease_seconds={lease_seconds} must be at least 3 heartbeats "
+                             f"({3 * HEARTBEAT_SECONDS:g} s): a busy worker would be taken for dead")
         self.factory = factory
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
 
     def requeue_abandoned(self, at_startup: bool = False) -> list[int]:
         """Running jobs of dead workers go back to ``queued`` (or ``failed`` after too many starts).
@@ -255,7 +260,7 @@ class JobQueue:
                     # died before the study itself was touched (e.g. while loading the model):
                     # no evidence against this study, so the start does not count
                     job.attempts = max(job.attempts - 1, 0)
-                if job.attempts >= MAX_JOB_ATTEMPTS:
+                if job.attempts >= self.max_attempts:
                     job.state = JobState.FAILED
                     job.finished_at = utcnow()
                     job.error = f"interrupted {job.attempts} times (last in step {job.step!r}); not started again"
@@ -424,7 +429,7 @@ class Worker:
         self.factory = factory
         self.resolve_instance = resolve_instance
         self.worker_id = worker_identity(index)
-        self.queue = JobQueue(factory, self.worker_id)
+        self.queue = JobQueue(factory, self.worker_id, config.jobs.lease_seconds, config.jobs.max_attempts)
         self.poll_seconds = poll_seconds
         self.preview = preview
         self.on_finished = on_finished

@@ -303,3 +303,20 @@ def test_shared_model_preloads_in_the_background_and_a_missing_file_fails_the_jo
     assert not missing.loaded
     with pytest.raises(FileNotFoundError, match="absent.pt"):
         missing.get()  # the first job gets the same, specific error
+
+
+def test_lease_and_attempts_come_from_node_yaml_and_a_lease_shorter_than_three_heartbeats_is_refused(
+        node_db, tmp_path: Path) -> None:
+    from dicom_node.config import load_config
+    from dicom_node.jobs import HEARTBEAT_SECONDS
+
+    with pytest.raises(ValueError, match="at least 3 heartbeats"):
+        JobQueue(node_db, "host-a:1:0", lease_seconds=2 * HEARTBEAT_SECONDS)
+    path = tmp_path / "node.yaml"
+    path.write_text("jobs:\n  lease_seconds: 10\n")
+    with pytest.raises(Exception, match="lease_seconds"):
+        load_config(path)
+    path.write_text("jobs:\n  lease_seconds: 120\n  max_attempts: 1\n")
+    jobs = load_config(path).jobs
+    queue = JobQueue(node_db, "host-a:1:0", jobs.lease_seconds, jobs.max_attempts)
+    assert (queue.lease_seconds, queue.max_attempts) == (120.0, 1)
