@@ -317,6 +317,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfg.with_overrides(model={"feature_points": {plane: point for plane in PLANES}})
         cfg.model_cfg()  # a block the architecture lacks is an error now, not in a worker
         tags["classify"] = tags.get("classify", "") + f"_t{point['timestep']}{point['block']}"
+    cell_config_path = config_path
+    if tags:
+        # the cells' own configuration, so that their `orthonode train finetune` commands reproduce them
+        import yaml
+
+        data = cfg.to_dict()
+        cell_config_path = work / f"config{''.join(sorted(set(tags.values())))}.yaml"
+        cell_config_path.write_text(yaml.safe_dump(data, sort_keys=False))
     wanted = (set(_csv(args.tasks)), set(_csv(args.joints)), {float(f) for f in _csv(args.fractions)})
     cells_run = [c for c in all_cells(seeds, tags)
                  if c.task in wanted[0] and c.joint in wanted[1] and c.fraction in wanted[2]]
@@ -415,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         train_seconds = time.monotonic() - t0
         init_flag = "--from-scratch" if cell.init == "scratch" else f"--pretrained {pre_root}"
         commands = [f"orthonode train finetune {flags} --data phantom:{sets[f'{cell.joint}_pool']} {init_flag} "
-                    f"--label-fraction {cell.fraction} --seed {cell.seed} --config {config_path} --out {out}"]
+                    f"--label-fraction {cell.fraction} --seed {cell.seed} --config {cell_config_path} --out {out}"]
         row: dict[str, Any] = {
             "task": cell.task, "joint": cell.joint, "init": cell.init, "label_fraction": cell.fraction,
             "seed": cell.seed, "epochs": cfg.classify.epochs if cell.task == "classify" else cfg.segment.epochs,
