@@ -87,11 +87,39 @@ class Study:
     files: list[Path]
 
 
+def copy_with_new_uids(source: Path, target: Path, patient_id: str) -> list[Path]:
+    """Every ``.dcm`` under ``source`` copied to the same relative path under ``target`` with fresh
+    Study, Series, SOP Instance and Frame of Reference UIDs (one new UID per old one, so the
+    series structure holds) and ``patient_id``: to the node, a new study.  Returns the copies."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    mapping: dict[str, str] = {}
+
+    def new(uid: object) -> str:
+        return mapping.setdefault(str(uid), generate_uid())
+
+    files = []
+    for path in sorted(source.rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = new(ds.StudyInstanceUID)
+        ds.SeriesInstanceUID = new(ds.SeriesInstanceUID)
+        ds.SOPInstanceUID = new(ds.SOPInstanceUID)
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if "FrameOfReferenceUID" in ds:
+            ds.FrameOfReferenceUID = new(ds.FrameOfReferenceUID)
+        ds.PatientID = patient_id
+        out = target / path.relative_to(source)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(out, enforce_file_format=True)
+        files.append(out)
+    return files
+
+
 def make_studies(root: Path, count: int, seed: int = 5) -> list[Study]:
     """``count`` knee studies: three generated phantom knees, copied with fresh UIDs (study,
     series, instances, frame of reference) and patient IDs."""
     import pydicom
-    from pydicom.uid import generate_uid
 
     from training.phantoms.generate import generate_dataset
 
@@ -101,27 +129,7 @@ def make_studies(root: Path, count: int, seed: int = 5) -> list[Study]:
     cases = sorted(p / "dicom" for p in source.glob("knee_*") if p.is_dir())
     studies = []
     for i in range(count):
-        case = cases[i % len(cases)]
-        mapping: dict[str, str] = {}
-
-        def new(uid: str) -> str:
-            return mapping.setdefault(uid, generate_uid())
-
-        target = root / "studies" / f"study{i:03d}"
-        files = []
-        for path in sorted(case.rglob("*.dcm")):
-            ds = pydicom.dcmread(path)
-            ds.StudyInstanceUID = new(ds.StudyInstanceUID)
-            ds.SeriesInstanceUID = new(ds.SeriesInstanceUID)
-            ds.SOPInstanceUID = new(ds.SOPInstanceUID)
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            if "FrameOfReferenceUID" in ds:
-                ds.FrameOfReferenceUID = new(ds.FrameOfReferenceUID)
-            ds.PatientID = f"CRASH{i:04d}"
-            out = target / path.relative_to(case)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            ds.save_as(out, enforce_file_format=True)
-            files.append(out)
+        files = copy_with_new_uids(cases[i % len(cases)], root / "studies" / f"study{i:03d}", f"CRASH{i:04d}")
         studies.append(Study(str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID), files))
     return studies
 

@@ -281,34 +281,17 @@ def generate_study(root: Path, matrix: int) -> Path:
     return root / "knee" / "knee_0001" / "dicom"
 
 
-def copy_with_new_uids(source: Path, target: Path, index: int) -> str:
-    """``source`` copied to ``target`` with fresh Study/Series/SOP Instance and Frame of Reference
-    UIDs, so that every send is a new study for the node; returns the Study Instance UID."""
+def fresh_study(source: Path, target: Path, index: int) -> str:
+    """``source`` copied to ``target`` with fresh UIDs, so that every send is a new study for the
+    node; returns the Study Instance UID."""
     import pydicom
-    from pydicom.uid import generate_uid
 
-    mapping: dict[str, str] = {}
+    from crash_consistency import copy_with_new_uids
 
-    def new(uid: str) -> str:
-        return mapping.setdefault(str(uid), generate_uid())
-
-    study_uid = ""
-    files = sorted(source.rglob("*.dcm"))
+    files = copy_with_new_uids(source, target, f"LATENCY{index:04d}")
     if not files:
         raise BenchmarkError(f"no .dcm files under {source}")
-    for path in files:
-        ds = pydicom.dcmread(path)
-        ds.StudyInstanceUID = study_uid = new(ds.StudyInstanceUID)
-        ds.SeriesInstanceUID = new(ds.SeriesInstanceUID)
-        ds.SOPInstanceUID = new(ds.SOPInstanceUID)
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        if "FrameOfReferenceUID" in ds:
-            ds.FrameOfReferenceUID = new(ds.FrameOfReferenceUID)
-        ds.PatientID = f"LATENCY{index:04d}"
-        out = target / path.relative_to(source)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(out, enforce_file_format=True)
-    return study_uid
+    return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
 
 
 def send_study(folder: Path, port: int, timeout: float, sender: str) -> tuple[float, float, int]:
@@ -502,7 +485,7 @@ def run_preset(preset: str, study: Path, work: Path, args: argparse.Namespace) -
         node.start()
         for i in range(args.warmup + args.repeat):
             folder = work / "studies" / f"study{i:02d}"
-            study_uid = copy_with_new_uids(study, folder, i)
+            study_uid = fresh_study(study, folder, i)
             timing = measure_study(node, pacs, folder, study_uid, preset=preset, index=i,
                                    warmup=i < args.warmup, timeout=args.timeout, sender=args.sender)
             results.append(timing)
