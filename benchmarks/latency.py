@@ -47,7 +47,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -59,6 +58,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "benchmarks") not in sys.path:  # the benchmarks' shared pieces
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from crash_consistency import Pacs as StoragePacs  # noqa: E402
 
 #: the node's AE title, the sender's and the PACS's (the node.yaml written here allows the sender)
 NODE_AE, SENDER_AE, PACS_AE = "ORTHONODE", "STORESCU", "PACS"
@@ -139,8 +142,8 @@ def machine_description(device: str) -> str:
 # --------------------------------------------------------------------------- the PACS
 
 
-class Pacs:
-    """A pynetdicom storage SCP on loopback that records when each object arrived.
+class Pacs(StoragePacs):
+    """The benchmarks' loopback storage SCP, also recording when each object arrived.
 
     The time is taken when the C-STORE handler returns success; pynetdicom sends the response
     right after, so it is the moment the PACS acknowledged the object (to within the time it
@@ -148,35 +151,20 @@ class Pacs:
     """
 
     def __init__(self, port: int) -> None:
-        self.port = port
+        super().__init__(port)
         #: SOP Instance UID -> (arrival time, Modality)
         self.arrivals: dict[str, tuple[float, str]] = {}
-        self._lock = threading.Lock()
-        self._server: Any = None
 
     def _store(self, event: Any) -> int:
         ds = event.dataset
         with self._lock:
             self.arrivals.setdefault(str(ds.SOPInstanceUID), (time.time(), str(ds.get("Modality", ""))))
-        return 0x0000
+        return super()._store(event)
 
     def arrival(self, sop_instance_uid: str) -> float | None:
         with self._lock:
             found = self.arrivals.get(sop_instance_uid)
         return None if found is None else found[0]
-
-    def start(self) -> None:
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
-
-        ae = AE(ae_title=PACS_AE)
-        ae.supported_contexts = AllStoragePresentationContexts
-        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._store)])
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
 
 
 # --------------------------------------------------------------------------- the node
