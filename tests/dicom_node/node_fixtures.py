@@ -180,20 +180,30 @@ class NodeParts:
                                                   on_instance_stored=lambda st, se: self.stored.append((st, se)))
 
     def receive(self, paths: list[Path], calling_ae_title: str = "STORESCU") -> None:
-        from pydicom import dcmread
-
         for path in paths:
-            ds = dcmread(path, stop_before_pixels=True)
-            status = self.receiver.receive(
-                Path(path).read_bytes(), context_sop_class_uid=str(ds.SOPClassUID),
-                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                affected_sop_instance_uid=str(ds.SOPInstanceUID), calling_ae_title=calling_ae_title,
-                peer_host="127.0.0.1",
-            )
+            status = receive_file(self.receiver, path, calling_ae_title=calling_ae_title)
             assert status == 0, f"{path}: C-STORE status 0x{int(status):04X}"
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def receive_file(receiver: Any, path: Path, data: bytes | None = None, **overrides: Any) -> int:
+    """``receiver.receive`` of ``path`` (or of ``data`` instead of its bytes) as a C-STORE from
+    STORESCU@127.0.0.1 would arrive: presentation context and SOP Instance UID from the file's
+    own header unless ``overrides`` name other values.  Returns the DIMSE status."""
+    from pydicom import dcmread
+
+    ds = dcmread(path, stop_before_pixels=True)
+    args: dict[str, Any] = dict(
+        context_sop_class_uid=str(ds.SOPClassUID),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        affected_sop_instance_uid=str(ds.SOPInstanceUID),
+        calling_ae_title="STORESCU",
+        peer_host="127.0.0.1",
+    )
+    args.update(overrides)
+    return receiver.receive(Path(path).read_bytes() if data is None else data, **args)
 
 
 def make_parts(tmp: Path, checkpoint: Path, **options: Any) -> NodeParts:

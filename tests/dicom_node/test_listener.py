@@ -30,7 +30,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.health import ASSOCIATION_REJECTED_PREFIX
 from dicom_node.listener import AssociationHolds, CallerPolicy, GroupRecorder, Listener, StoreReceiver, StoreStatus
 from dicom_node.storage import Storage
-from tests.dicom_node.node_fixtures import wait_for
+from tests.dicom_node.node_fixtures import receive_file, wait_for
 from tests.inference.dicom_factory import (
     Geometry,
     SeriesHeader,
@@ -437,15 +437,7 @@ def test_unreachable_database(make_config: Callable[..., NodeConfig], tmp_path: 
     storage = Storage(tmp_path / "incoming", 0)
     receiver = StoreReceiver.from_config(config, storage, db.make_session_factory(engine))
     file = _series(tmp_path / "in", slices=1)[0]
-    ds = pydicom.dcmread(file, stop_before_pixels=True)
-    status = receiver.receive(
-        file.read_bytes(),
-        context_sop_class_uid=sop_class.MRImageStorage,
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        affected_sop_instance_uid=ds.SOPInstanceUID,
-        calling_ae_title="STORESCU",
-        peer_host="127.0.0.1",
-    )
+    status = receive_file(receiver, file)
     assert status == StoreStatus.DATABASE_UNAVAILABLE
     assert [p for p in storage.root.rglob("*") if p.is_file()] == []
 
@@ -472,15 +464,7 @@ def test_receiver_checks_without_network(make_config: Callable[..., NodeConfig],
     data = file.read_bytes()
 
     def receive(payload: bytes = data, **kw: Any) -> int:
-        args = dict(
-            context_sop_class_uid=sop_class.MRImageStorage,
-            transfer_syntax_uid=ExplicitVRLittleEndian,
-            affected_sop_instance_uid=ds.SOPInstanceUID,
-            calling_ae_title="STORESCU",
-            peer_host="127.0.0.1",
-        )
-        args.update(kw)
-        return receiver.receive(payload, **args)
+        return receive_file(receiver, file, payload, **kw)
 
     try:
         assert receive(affected_sop_instance_uid="1.2.3.4") == StoreStatus.SOP_INSTANCE_UID_MISMATCH
@@ -636,14 +620,7 @@ def test_file_without_row_is_recorded_when_resent(make_config: Callable[..., Nod
     ds = pydicom.dcmread(file, stop_before_pixels=True)
     storage.store(file.read_bytes(), ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, "keep_first")
     try:
-        status = receiver.receive(
-            file.read_bytes(),
-            context_sop_class_uid=sop_class.MRImageStorage,
-            transfer_syntax_uid=ExplicitVRLittleEndian,
-            affected_sop_instance_uid=ds.SOPInstanceUID,
-            calling_ae_title="STORESCU",
-            peer_host="127.0.0.1",
-        )
+        status = receive_file(receiver, file)
         assert status == StoreStatus.SUCCESS
         assert calls == [(ds.StudyInstanceUID, ds.SeriesInstanceUID)]
         with db.session_scope(db.make_session_factory(engine)) as s:

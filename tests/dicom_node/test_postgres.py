@@ -55,13 +55,11 @@ def test_postgres_column_types(postgres_url: str) -> None:
 
 def test_receiver_on_postgres(postgres_url: str, tmp_path) -> None:
     """The C-STORE path (file, rows, duplicate refusal) with PostgreSQL as the database."""
-    import pydicom
-    from pydicom.uid import ExplicitVRLittleEndian
-    from pynetdicom import sop_class
     from sqlalchemy import func, select
 
     from dicom_node.listener import StoreReceiver, StoreStatus
     from dicom_node.storage import Storage
+    from tests.dicom_node.node_fixtures import receive_file
     from tests.inference.dicom_factory import Geometry, pattern_volume, write_classic_series
 
     db.upgrade_database(postgres_url)
@@ -76,27 +74,10 @@ def test_receiver_on_postgres(postgres_url: str, tmp_path) -> None:
     files = write_classic_series(tmp_path / "in", pattern_volume(2, 32, 32), Geometry())
     try:
         for path in files:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            status = receiver.receive(
-                path.read_bytes(),
-                context_sop_class_uid=sop_class.MRImageStorage,
-                transfer_syntax_uid=ExplicitVRLittleEndian,
-                affected_sop_instance_uid=ds.SOPInstanceUID,
-                calling_ae_title="STORESCU",
-                peer_host="127.0.0.1",
-            )
-            assert status == StoreStatus.SUCCESS
+            assert receive_file(receiver, path) == StoreStatus.SUCCESS
         changed = bytearray(files[0].read_bytes())
         changed[-1] ^= 0xFF  # last pixel byte: same UIDs, other content
-        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-        status = receiver.receive(
-            bytes(changed),
-            context_sop_class_uid=sop_class.MRImageStorage,
-            transfer_syntax_uid=ExplicitVRLittleEndian,
-            affected_sop_instance_uid=ds.SOPInstanceUID,
-            calling_ae_title="STORESCU",
-            peer_host="127.0.0.1",
-        )
+        status = receive_file(receiver, files[0], bytes(changed))
         assert status == StoreStatus.DUPLICATE_SOP_INSTANCE
         with db.session_scope(factory) as s:
             assert s.execute(select(db.Series.instance_count)).scalar_one() == 2
