@@ -36,7 +36,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -178,14 +177,12 @@ class Serve:
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         self.starts += 1
 
+        from dicom_node.health import answers_healthy
+
         def healthy() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"orthonode serve exited with {self.proc.returncode}; see {self.work / 'serve.log'}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=2) as response:
-                    return response.status == 200
-            except OSError:
-                return False
+            return answers_healthy(self.http_port)
 
         wait_for(healthy, 120, "orthonode serve to become healthy")
 

@@ -48,7 +48,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime
 from collections.abc import Iterator
@@ -205,6 +204,8 @@ class NodeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 120.0) -> None:
+        from dicom_node.health import answers_healthy
+
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if self.threads is not None:
             env["OMP_NUM_THREADS"] = str(self.threads)
@@ -217,12 +218,8 @@ class NodeProcess:
             if self.proc.poll() is not None:
                 raise BenchmarkError(f"orthonode serve exited with {self.proc.returncode} at start-up:\n"
                                      f"{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
+            if answers_healthy(self.http_port):
+                return
             time.sleep(0.2)
         raise BenchmarkError(f"orthonode serve did not answer /healthz within {timeout:.0f} s:\n{self.log_tail()}")
 

@@ -26,7 +26,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +115,8 @@ class NodeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 120.0) -> None:
+        from dicom_node.health import answers_healthy
+
         handle = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(
@@ -127,12 +128,8 @@ class NodeProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check_running()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
+            if answers_healthy(self.http_port):
+                return
             time.sleep(0.3)
         raise DemoError(f"the node did not become healthy within {timeout:.0f} s; see {self.log_path}:\n{self.tail()}")
 

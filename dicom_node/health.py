@@ -146,6 +146,18 @@ class Check:
     detail: str
 
 
+def answers_healthy(http_port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> bool:
+    """True when a node's ``/healthz`` at ``host:http_port`` answers 200 (for scripts that start
+    ``orthonode serve`` and wait for it); False when it is unreachable or unhealthy (503)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{host}:{http_port}/healthz", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:  # refused, timed out, or an HTTP error status (HTTPError is an OSError)
+        return False
+
+
 def check_database(factory: sessionmaker[Session]) -> Check:
     started = time.monotonic()
     try:

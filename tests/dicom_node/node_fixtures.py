@@ -16,13 +16,14 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from dicom_node.health import answers_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 #: phantom matrix for node tests: small files, quick to send and to run the tiny model on
@@ -327,11 +328,7 @@ class ServeProcess:
         def healthy() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"orthonode serve exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=2) as response:
-                    return response.status == 200
-            except OSError:
-                return False
+            return answers_healthy(http_port)
 
         wait_for(healthy, timeout, "orthonode serve to answer /healthz")
 

@@ -168,3 +168,19 @@ def test_status_retry_and_echo_commands(running_node: Node, knee_phantoms: Path,
         row = session.get(Export, export_id)
         # back in the queue with its attempts reset (the running exporter may have tried it once since)
         assert row.state in (ExportState.PENDING, ExportState.SENDING) and row.attempts <= 1
+
+
+def test_answers_healthy_is_true_only_for_a_200() -> None:
+    from dicom_node.health import Check, HealthServer, answers_healthy
+
+    state = {"ok": True}
+    port = free_port()  # noqa: F405 - from node_fixtures
+    server = HealthServer("127.0.0.1", port, {"probe": lambda: Check(state["ok"], "probe")}, lambda: b"")
+    assert not answers_healthy(port)  # nothing listens yet
+    server.start()
+    try:
+        assert answers_healthy(port)
+        state["ok"] = False  # /healthz answers 503
+        assert not answers_healthy(port)
+    finally:
+        server.stop()
