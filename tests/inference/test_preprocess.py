@@ -107,6 +107,35 @@ def test_segment_series_returns_labels_on_the_source_grid() -> None:
     assert (labels[:, :, 33:] == 1).all() and (labels[:, :, :27] == 0).all()
 
 
+def test_segment_series_is_the_argmax_of_the_resized_mean_logits_ties_to_the_first_class() -> None:
+    """Labels equal torch.argmax over the averaged, resized logits, including exact ties."""
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(3)
+    volume = rng.normal(size=(11, 40, 36)).astype(np.float32)
+    windows: list[np.ndarray] = []
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        logits = rng.normal(size=(5, *CFG.shape)).astype(np.float32)
+        logits[3] = logits[1]  # class 3 ties class 1 everywhere: the first (1) must win
+        logits[:, :, :4] = 0.0  # a band where every class ties: class 0 must win
+        windows.append(logits)
+        return logits
+
+    labels = segment_series(predict, volume, CFG, stride=3)
+    total = np.zeros((5, 11, *CFG.size), np.float32)
+    counts = np.zeros(11, np.float32)
+    for (start, stop), logits in zip(slice_windows(11, CFG.depth, 3), windows):
+        before = (CFG.depth - (stop - start)) // 2 if stop - start < CFG.depth else 0
+        total[:, start:stop] += logits[:, before : before + stop - start]
+        counts[start:stop] += 1
+    mean = torch.from_numpy(total / counts[None, :, None, None]).permute(1, 0, 2, 3)
+    expected = F.interpolate(mean, size=(40, 36), mode="bilinear", align_corners=False).argmax(dim=1).numpy()
+    assert np.array_equal(labels, expected.astype(np.uint8))
+    assert not (labels == 3).any() and (labels[:, :4] == 0).all()
+
+
 def test_invalid_inputs_are_named() -> None:
     with pytest.raises(ValueError, match="volume"):
         preprocess_volume(np.zeros((20, 20)), CFG)
