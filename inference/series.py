@@ -24,7 +24,7 @@ import os
 import struct
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,6 +123,9 @@ class SeriesInfo:
     study_date: str = ""
     transfer_syntaxes: tuple[str, ...] = ()
     is_multiframe: bool = False
+    #: ``(size, mtime_ns)`` of each file when the scan read and fully converted its header;
+    #: :func:`load_series` does not convert a header again while the file is unchanged
+    scanned_files: Mapping[Path, tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
 
     def label(self) -> str:
         """``series 5 'PD FS SAG'``: how logs and reports name a series for an administrator."""
@@ -364,12 +367,20 @@ class _FileHeader:
     fields: dict[str, Any]
     transfer_syntax: str
     multiframe: bool
+    #: (size, mtime_ns) of the file when its header was read and converted
+    stamp: tuple[int, int] = (-1, -1)
 
 
 def _int_or_none(value: Any) -> int | None:
     if value is None or value == "":
         return None
     return int(value)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """(size, mtime_ns): tells whether a file changed between the scan and the load."""
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _parse_file(path: Path, ds: Dataset) -> _FileHeader:
@@ -408,6 +419,7 @@ def _parse_file(path: Path, ds: Dataset) -> _FileHeader:
         fields=fields,
         transfer_syntax=_text(meta, "TransferSyntaxUID"),
         multiframe=_is_multiframe(ds),
+        stamp=_stamp(path),
     )
 
 
@@ -429,6 +441,7 @@ def _build_info(series_uid: str, entries: list[_FileHeader]) -> SeriesInfo:
     return SeriesInfo(
         series_instance_uid=series_uid,
         files=tuple(entry.path for entry in entries),
+        scanned_files={entry.path: entry.stamp for entry in entries},
         num_frames=len(frames),
         orientation=orientation,
         orientation_count=len(distinct),
@@ -576,18 +589,32 @@ def _decode(ds: Dataset, path: Path, series_uid: str) -> np.ndarray:
     return array
 
 
-def _read_full(path: Path, uid: str) -> Dataset:
+#: Pixel Data: elements from here on are not part of the header the scan converted
+_PIXEL_DATA_TAG = 0x7FE00010
+
+
+def _read_full(path: Path, uid: str, header_checked: bool = False) -> Dataset:
     """Whole dataset of ``path``; a truncated file is an error, not an empty dataset.
 
     pydicom only warns when encapsulated pixel data ends early, and then returns a dataset
     with nothing in it, so the warning is turned into a :class:`SeriesError`.
+
+    pydicom converts values lazily; they are converted here, under this guard, so that a
+    corrupt value is this file's error rather than a crash later.  With ``header_checked``
+    (the scan converted this very file's header, and it has not changed since) only the pixel
+    data and what follows it are converted: converting every header value again is most of
+    the time of reading a classic MR file.
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             ds = pydicom.dcmread(path)
-            for _ in ds.iterall():  # convert lazily parsed values now, under this guard
-                pass
+            if header_checked:
+                for tag in [t for t in ds.keys() if t >= _PIXEL_DATA_TAG]:
+                    ds[tag]
+            else:
+                for _ in ds.iterall():
+                    pass
         except (InvalidDicomError, OSError, EOFError, *_HEADER_ERRORS) as exc:
             raise SeriesError(uid, f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
     for warning in caught:
@@ -609,7 +636,12 @@ def load_series(info: SeriesInfo) -> SeriesVolume:
     frames: list[_FrameHeader] = []
     sizes: set[tuple[int, int]] = set()
     for path in info.files:
-        ds = _read_full(path, uid)
+        stamp = info.scanned_files.get(path)
+        try:
+            unchanged = stamp is not None and stamp == _stamp(path)
+        except OSError:
+            unchanged = False  # _read_full says why the file cannot be read
+        ds = _read_full(path, uid, header_checked=unchanged)
         if _text(ds, "SeriesInstanceUID") != uid:
             raise SeriesError(
                 uid, f"{path}: belongs to series {_text(ds, 'SeriesInstanceUID')}, not this one"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import os
 import shutil
 import subprocess
 
@@ -12,6 +13,8 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
 from inference.series import SeriesError, SeriesInfo, load_series, scan_folder, scan_folder_report
@@ -288,6 +291,24 @@ def test_file_truncated_after_scan_is_a_load_error(tmp_path: Path) -> None:
     info = _only(tmp_path / "s")
     paths[2].write_bytes(paths[2].read_bytes()[:-200])
     with pytest.raises(SeriesError, match="truncated file"):
+        load_series(info)
+
+
+def test_header_changed_after_scan_is_converted_again_and_reported(tmp_path: Path) -> None:
+    """The load skips converting headers the scan converted, but only while the file is unchanged."""
+    paths = write_classic_series(tmp_path / "s", pattern_volume(4, 32, 32), Geometry())
+    info = _only(tmp_path / "s")
+    assert set(info.scanned_files) == set(paths)
+    unchanged = load_series(info)
+    assert unchanged.pixels.shape == (4, 32, 32)
+    # replace one file after the scan with a header value pydicom cannot convert (a US element
+    # of 3 bytes): the load must convert that header again and name the file
+    ds = pydicom.dcmread(paths[1])
+    ds[0x00280120] = RawDataElement(Tag(0x00280120), "US", 3, b"\x01\x02\x03", 0, False, True)
+    ds.save_as(paths[1])
+    stat = paths[1].stat()
+    os.utime(paths[1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    with pytest.raises(SeriesError, match=f"{paths[1].name}: cannot read"):
         load_series(info)
 
 
