@@ -335,12 +335,14 @@ def _segment(bundle: ModelBundle, volume: np.ndarray, clock: _Clock) -> np.ndarr
     segmenter.eval()
     model_seconds = 0.0
 
-    def predict(x: np.ndarray) -> np.ndarray:
+    def predict(x: np.ndarray) -> torch.Tensor:
         nonlocal model_seconds
         started = time.perf_counter()
         with torch.no_grad(), _autocast(bundle.device):
             logits = segmenter(torch.from_numpy(x)[None].to(bundle.device))
-        out = logits[0].float().cpu().numpy()
+        out = logits[0].float()  # stays on the device; segment_series averages and labels it there
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)  # the forward pass's time counts as model time
         model_seconds += time.perf_counter() - started
         return out
 

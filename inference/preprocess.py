@@ -140,7 +140,7 @@ def scale_to_unit_range(block: np.ndarray) -> np.ndarray:
 
 
 def segment_series(
-    predict_logits: Callable[[np.ndarray], np.ndarray],
+    predict_logits: Callable[[np.ndarray], Any],
     volume: np.ndarray,
     cfg: PreprocessConfig | None = None,
     stride: int | None = None,
@@ -148,10 +148,12 @@ def segment_series(
     """Label a whole series: uint8 ``(S, R, C)`` on the source grid.
 
     ``predict_logits`` maps one model input ``(1, depth, H, W)`` to logits
-    ``(classes, depth, H, W)``.  The series is tiled with :func:`slice_windows`; each window
-    is scaled like :func:`preprocess_volume` (its own min-max, as every training input is),
-    logits of slices covered by several windows are averaged, resized bilinearly back to
-    ``(R, C)``, and the arg-max is taken.
+    ``(classes, depth, H, W)``, as a numpy array or a torch tensor.  The series is tiled with
+    :func:`slice_windows`; each window is scaled like :func:`preprocess_volume` (its own
+    min-max, as every training input is), logits of slices covered by several windows are
+    averaged, resized bilinearly back to ``(R, C)``, and the arg-max is taken.  Logits given
+    as a tensor stay on its device (a GPU) until the labels are taken: only the uint8 label
+    map comes back to the host.
     """
     import torch
     import torch.nn.functional as F
@@ -159,31 +161,32 @@ def segment_series(
     cfg = cfg or PreprocessConfig()
     volume = _check_volume(volume, "volume")
     num_slices, rows, cols = volume.shape
-    total: np.ndarray | None = None
-    counts = np.zeros(num_slices, dtype=np.float32)
+    total: torch.Tensor | None = None
+    counts = torch.zeros(num_slices, dtype=torch.float32)
     for start, stop in slice_windows(num_slices, cfg.depth, stride):
         window = volume[start:stop]
         before, _ = _pad_amounts(stop - start, cfg.depth)
         x = scale_to_unit_range(_resize(_pad_edges(window, cfg.depth).astype(np.float32), cfg.size, False))[None]
-        logits = np.asarray(predict_logits(x), dtype=np.float32)
-        if logits.ndim != 4 or logits.shape[1:] != cfg.shape:
-            raise ValueError(f"predict_logits returned shape {logits.shape}; expected (classes, {cfg.shape})")
+        out = predict_logits(x)
+        logits = out.float() if isinstance(out, torch.Tensor) else torch.from_numpy(np.asarray(out, dtype=np.float32))
+        if logits.ndim != 4 or tuple(logits.shape[1:]) != cfg.shape:
+            raise ValueError(f"predict_logits returned shape {tuple(logits.shape)}; expected (classes, {cfg.shape})")
         logits = logits[:, before : before + (stop - start)]
         if total is None:
-            total = np.zeros((logits.shape[0], num_slices, *cfg.size), dtype=np.float32)
+            total = torch.zeros((logits.shape[0], num_slices, *cfg.size), dtype=torch.float32, device=logits.device)
         total[:, start:stop] += logits
         counts[start:stop] += 1.0
     assert total is not None  # slice_windows always yields at least one window
-    mean = torch.from_numpy(total / counts[None, :, None, None])
+    mean = total / counts.to(total.device)[None, :, None, None]
     # (classes, S, H, W) -> resize each slice to (R, C): treat slices as the batch.
     source = F.interpolate(mean.permute(1, 0, 2, 3), size=(rows, cols), mode="bilinear", align_corners=False)
     # max(dim=1).indices is argmax with the same first-maximum tie rule, and several times faster
     # than Tensor.argmax over the strided class axis on the CPU (0.07 s against 0.36 s for 30
     # slices of 12 classes at 256x256)
-    labels = source.max(dim=1).indices.numpy()
-    if labels.max(initial=0) > 255:
+    if source.shape[1] > 256:
         raise ValueError("segment_series: more than 256 classes do not fit uint8 labels")
-    return labels.astype(np.uint8)
+    labels = source.max(dim=1).indices.to(torch.uint8)
+    return labels.cpu().numpy()
 
 
 # --------------------------------------------------------------------------- helpers

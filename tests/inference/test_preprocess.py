@@ -124,6 +124,9 @@ def test_segment_series_is_the_argmax_of_the_resized_mean_logits_ties_to_the_fir
         return logits
 
     labels = segment_series(predict, volume, CFG, stride=3)
+    # logits given as tensors (the pipeline's, which stay on the model's device) give the same labels
+    replay = iter(list(windows))
+    assert np.array_equal(segment_series(lambda x: torch.from_numpy(next(replay)), volume, CFG, stride=3), labels)
     total = np.zeros((5, 11, *CFG.size), np.float32)
     counts = np.zeros(11, np.float32)
     for (start, stop), logits in zip(slice_windows(11, CFG.depth, 3), windows):
