@@ -242,6 +242,32 @@ class HTTPSection(_Section):
     enabled: bool = True
 
 
+class RetentionSection(_Section):
+    """When received studies and their results are deleted (:mod:`dicom_node.retention`).
+
+    Off by default: deleting patient data is a decision an administrator takes deliberately.
+    Ages count from a study's last activity (last instance, job end, export delivery).
+    """
+
+    #: delete studies at all (the scheduled purge of ``orthonode serve`` and ``orthonode purge``)
+    enabled: bool = False
+    #: days a study is kept after its results were delivered to every destination
+    delivered_days: float = Field(30.0, gt=0)
+    #: days a study is kept when something needs a person to look: processing failed, the study
+    #: was unsupported, an export failed for good, or no export route matched
+    failed_days: float = Field(90.0, gt=0)
+    #: minutes between two scheduled purges of ``orthonode serve``
+    interval_minutes: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _failed_kept_longer(self) -> "RetentionSection":
+        if self.failed_days < self.delivered_days:
+            raise ValueError(f"failed_days ({self.failed_days:g}) must be at least delivered_days "
+                             f"({self.delivered_days:g}): failed and unsupported studies are kept longer so that "
+                             f"someone can look at them")
+        return self
+
+
 class LoggingSection(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_phi: bool = False
@@ -257,6 +283,7 @@ class NodeConfig(_Section):
     model: ModelSection = ModelSection()
     export: ExportSection = ExportSection()
     http: HTTPSection = HTTPSection()
+    retention: RetentionSection = RetentionSection()
     logging: LoggingSection = LoggingSection()
     series_selection: SelectionRules = DEFAULT_RULES
     joints: JointRules = DEFAULT_JOINT_RULES

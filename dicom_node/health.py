@@ -7,7 +7,8 @@ administrator reading ``curl`` output knows which part is down.
 ``/metrics`` is the Prometheus text format (``prometheus_client``).  Two kinds of metrics:
 
 * counted in the process (reset at restart, as Prometheus counters are expected to be):
-  instances received, job and export durations and outcomes, active associations;
+  instances received, job and export durations and outcomes, active associations, studies
+  and bytes deleted by the retention policy;
 * read from the database at scrape time (:class:`DatabaseCollector`), so they survive a
   restart and agree with ``orthonode status``: rejections and refusals by reason (from the
   audit trail: refused instances, and associations rejected at negotiation for an unknown
@@ -81,6 +82,14 @@ class NodeMetrics:
             "orthonode_active_associations", "DICOM associations open on the listener", registry=self.registry
         )
         self.up = Gauge("orthonode_up", "1 while the node is serving", registry=self.registry)
+        self.purged_studies = Counter(
+            "orthonode_purged_studies", "Studies deleted by the retention policy since the node started",
+            registry=self.registry,
+        )
+        self.purged_bytes = Counter(
+            "orthonode_purged_bytes", "Bytes of instance, result and work files deleted by the retention policy "
+            "since the node started", registry=self.registry,
+        )
 
     def job_finished(self, state: str, outcome: str, seconds: float) -> None:
         self.job_seconds.labels(state=state, outcome=outcome).observe(seconds)
@@ -89,6 +98,10 @@ class NodeMetrics:
         result = "ok" if ok else "error"
         self.export_seconds.labels(destination=destination, result=result).observe(seconds)
         self.exports_sent.labels(destination=destination, kind=kind, result=result).inc()
+
+    def study_purged(self, size_bytes: int) -> None:
+        self.purged_studies.inc()
+        self.purged_bytes.inc(size_bytes)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,9 +11,11 @@ Each arrow that crosses a thread goes through the database, so the node can be k
 point and picks up where it was at the next start (see :mod:`dicom_node.jobs` and
 :mod:`dicom_node.export`).  In memory there are only timers and wake-up events.
 
-Start order is database -> exporter -> workers -> assembler -> listener -> HTTP: everything
-that consumes work runs before anything that produces it, and the listener acknowledges
-instances only once the assembler can hear about them.  Stop order is the reverse.
+Start order is data-dir lock -> unfinished purges -> exporter -> workers -> assembler ->
+listener -> HTTP -> scheduled purge: everything that consumes work runs before anything that
+produces it, the listener acknowledges instances only once the assembler can hear about them,
+and a purge a crash interrupted is finished before any instance can arrive for its study
+(:mod:`dicom_node.retention`).  Stop order is the reverse.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from dicom_node.health import (
     check_loop,
 )
 from dicom_node.jobs import JobOutcome, SharedModel, Worker
+from dicom_node.retention import DataDirLock, PurgedStudy, Purger, RetentionRunner, StudyGuard
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,15 @@ class Node:
             for i in range(config.jobs.workers)
         ]
         self.assembler = StudyAssembler(config.study_assembly, self.factory, on_job_queued=self._job_queued)
+        #: per-study guard between receives (shared) and the retention purge (exclusive)
+        self.study_guard = StudyGuard()
+        self.purger = Purger(config, self.factory, self.study_guard, busy=self._assembly_busy,
+                             on_purged=self._study_purged)
+        #: the scheduled purge; None unless retention.enabled
+        self.retention: RetentionRunner | None = None
+        if config.retention.enabled:
+            self.retention = RetentionRunner(self.purger, config.retention.interval_minutes)
+        self._lock = DataDirLock(self.data_dir)
         self.listener = Listener(config, self.storage, self.factory, on_instance_stored=self._instance_stored,
                                  study_holds=AssociationHolds(self.assembler.hold, self.assembler.release))
         self.http: HealthServer | None = None
@@ -109,6 +121,17 @@ class Node:
     def _job_queued(self, job_id: int) -> None:
         for worker in self.workers:
             worker.wake()
+
+    def _assembly_busy(self, study_uid: str) -> str | None:
+        """Why the assembler still needs ``study_uid`` (for the purge), or None."""
+        if self.assembler.held(study_uid):
+            return "held by an open association"
+        if study_uid in self.assembler.pending():
+            return "assembly timer armed"
+        return None
+
+    def _study_purged(self, purged: PurgedStudy) -> None:
+        self.metrics.study_purged(purged.size_bytes)
 
     def _job_finished(self, outcome: JobOutcome) -> None:
         self.metrics.job_finished(outcome.state, outcome.outcome, outcome.seconds)
@@ -153,6 +176,10 @@ class Node:
             raise RuntimeError("the node is already started")
         self._started = True
         try:
+            self._lock.acquire()
+            # a purge cut short by a crash is finished before anything can arrive for its study
+            # (one that cannot be finished now is logged and tried again by the next run)
+            self.purger.finish_interrupted()
             self.exporter.start()
             for worker in self.workers:
                 worker.start()
@@ -162,6 +189,8 @@ class Node:
             self.listener.start()
             if self.http is not None:
                 self.http.start()
+            if self.retention is not None:
+                self.retention.start()
         except BaseException:
             self.stop()
             raise
@@ -174,6 +203,8 @@ class Node:
     def stop(self) -> None:
         """Stop in reverse order; a running job is left to be re-queued at the next start."""
         self.metrics.up.set(0)
+        if self.retention is not None:
+            self.retention.stop()
         if self.http is not None:
             self.http.stop()
         self.listener.stop()
@@ -182,6 +213,7 @@ class Node:
             worker.stop(timeout=5)
         self.exporter.stop()
         self.engine.dispose()
+        self._lock.release()
         self._stopped.set()
         log.info("node %s stopped", self.config.node.name)
 
