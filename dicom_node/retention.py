@@ -331,7 +331,7 @@ def assess(session: Session, study: Study, policy: RetentionSection, now: dateti
         return result("failed", "processing failed")
     if study.state is StudyState.SKIPPED:
         return result("failed", "unsupported (nothing the node could process)")
-    mine = [e for e in current.exports]
+    mine = list(current.exports)
     if not mine:
         return result("failed", "results not exported (no route matched)")
     if any(e.state is ExportState.FAILED for e in mine):
@@ -353,8 +353,8 @@ def _fsync_dir(path: Path) -> None:
 def tree_size(root: Path) -> tuple[int, int]:
     """(files, bytes) under ``root`` (0, 0 when it does not exist); links are not followed."""
     files = size = 0
-    if not root.is_dir():
-        return (1, root.lstat().st_size) if root.is_file() else (0, 0)
+    if root.is_symlink() or not root.is_dir():
+        return (1, root.lstat().st_size) if root.is_symlink() or root.is_file() else (0, 0)
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
             try:
@@ -365,34 +365,46 @@ def tree_size(root: Path) -> tuple[int, int]:
     return files, size
 
 
-def remove_tree(root: Path) -> tuple[int, int]:
+def remove_tree(root: Path, written_before: float | None = None) -> tuple[int, int]:
     """Delete ``root`` and everything under it, durably; returns (files, bytes) deleted.
 
     Bottom-up: the files of a folder are unlinked, the folder removed and its parent fsynced,
     so a crash leaves a smaller tree that a second call finishes (missing entries are fine).
-    Symbolic links are removed, never followed.
+    Symbolic links are removed, never followed.  With ``written_before`` (a POSIX time), files
+    modified later are left in place with their folders: they were written after the purge
+    began, so they are not part of what it deletes.
     """
     if not root.exists() and not root.is_symlink():
         return 0, 0
     if root.is_symlink() or not root.is_dir():
-        size = root.lstat().st_size
+        stat = root.lstat()
+        if written_before is not None and stat.st_mtime > written_before:
+            return 0, 0
         root.unlink()
         _fsync_dir(root.parent)
-        return 1, size
+        return 1, stat.st_size
     files = size = 0
     for dirpath, dirnames, filenames in os.walk(root, topdown=False):
         folder = Path(dirpath)
         for name in [*filenames, *(d for d in dirnames if (folder / d).is_symlink())]:
             path = folder / name
             try:
-                size += path.lstat().st_size
+                stat = path.lstat()
+                if written_before is not None and stat.st_mtime > written_before:
+                    continue
                 path.unlink()
-                files += 1
             except FileNotFoundError:
                 continue
+            size += stat.st_size
+            files += 1
         try:
             folder.rmdir()
         except FileNotFoundError:
+            continue
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            log.warning("%s: left in place, it holds files written after the purge began", folder)
             continue
         _fsync_dir(folder.parent)
     return files, size
@@ -499,13 +511,15 @@ class Purger:
                 self.instances_root / study_uid]
 
     def _stray_exports(self, session: Session, study_id: int, study_uid: str) -> list[Path]:
-        """Export objects of the study outside its result folder (normally none), inside ``data_dir``."""
+        """Result objects of the study's exports outside its own result folder (normally none);
+        only files under ``results/`` are ever considered."""
         paths = []
-        inside = self.results_root / study_uid
+        results = self.results_root.resolve()
+        inside = results / study_uid
         rows = session.scalars(select(Export.object_path).join(Job).where(Job.study_id == study_id))
         for relative in rows:
             path = (self.data_dir / relative).resolve()
-            if path.is_relative_to(self.data_dir.resolve()) and not path.is_relative_to(inside.resolve()):
+            if path.is_relative_to(results) and not path.is_relative_to(inside):
                 paths.append(path)
         return paths
 
@@ -595,7 +609,7 @@ class Purger:
             stray = self._stray_exports(session, mark.study_id, mark.study_instance_uid)
         files = size = 0
         for path in [*stray, *self._study_paths(mark.study_instance_uid, job_ids)]:
-            f, s = remove_tree(path)
+            f, s = remove_tree(path, written_before=mark.time.timestamp())
             files += f
             size += s
         return files, size

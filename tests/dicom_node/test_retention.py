@@ -364,10 +364,10 @@ def test_a_purge_cut_short_is_finished_at_the_next_start(site: Site, monkeypatch
     site.study(_uid(3), days=5)
     real_remove = retention.remove_tree
 
-    def remove_then_die(path: Path) -> tuple[int, int]:
+    def remove_then_die(path: Path, **options: Any) -> tuple[int, int]:
         if path == site.instance_dir(_uid(2)):  # study 2: results and work copy deleted, then the crash
             raise _Crash()
-        return real_remove(path)
+        return real_remove(path, **options)
 
     monkeypatch.setattr(retention, "remove_tree", remove_then_die)
     with pytest.raises(_Crash):
@@ -397,10 +397,10 @@ def test_a_failed_purge_is_reported_and_the_run_goes_on(site: Site, monkeypatch:
     site.study(_uid(2), days=41)
     real_remove = retention.remove_tree
 
-    def refuse_study_2(path: Path) -> tuple[int, int]:
+    def refuse_study_2(path: Path, **options: Any) -> tuple[int, int]:
         if _uid(2) in str(path):
             raise PermissionError(13, "Permission denied", str(path))
-        return real_remove(path)
+        return real_remove(path, **options)
 
     monkeypatch.setattr(retention, "remove_tree", refuse_study_2)
     report = Purger(site.config, site.factory).purge()
@@ -423,8 +423,8 @@ def test_an_instance_committed_past_the_guard_makes_the_purge_give_up(site: Site
     real_remove = retention.remove_tree
     late: list[Path] = []
 
-    def remove_then_receive(path: Path) -> tuple[int, int]:
-        result = real_remove(path)
+    def remove_then_receive(path: Path, **options: Any) -> tuple[int, int]:
+        result = real_remove(path, **options)
         if path == site.instance_dir(uid):
             late.append(site.receive(uid, "unguarded"))
         return result
@@ -439,6 +439,28 @@ def test_an_instance_committed_past_the_guard_makes_the_purge_give_up(site: Site
     assert [e.kind for e in site.events(uid, PURGE_STARTED, PURGED, PURGE_ABANDONED)] == [PURGE_STARTED,
                                                                                           PURGE_ABANDONED]
     assert Purger(site.config, site.factory).interrupted() == []  # given up, not resumed at the next start
+
+
+def test_a_resumed_purge_keeps_what_arrived_after_its_mark(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A purge cut short, then an instance of the study stored (by a listener without the
+    guard) before the purge is finished: its file and row survive the finishing."""
+    import dicom_node.retention as retention
+
+    uid = _uid(1)
+    site.study(uid, days=40)
+
+    def die(path: Path, **options: Any) -> tuple[int, int]:
+        raise _Crash()
+
+    monkeypatch.setattr(retention, "remove_tree", die)
+    with pytest.raises(_Crash):
+        Purger(site.config, site.factory).purge_study(uid)
+    monkeypatch.undo()
+    late = site.receive(uid, "after-the-mark")
+    assert Purger(site.config, site.factory).finish_interrupted() == []
+    assert late.is_file() and [p.name for p in site.instance_dir(uid).rglob("*.dcm")] == [late.name]
+    assert site.rows(uid)["instances"] == 1 and not site.results_dir(uid).exists()
+    assert site.events(uid)[-1].kind == PURGE_ABANDONED
 
 
 # --------------------------------------------------------------------------- the node
@@ -459,7 +481,7 @@ def test_the_node_finishes_a_cut_purge_at_start_and_runs_the_scheduled_purge(
         site.study(_uid(2), days=200, study_state=StudyState.SKIPPED, exports=())
         site.study(_uid(3), days=2)
 
-        def die(path: Path) -> tuple[int, int]:
+        def die(path: Path, **options: Any) -> tuple[int, int]:
             raise _Crash()
 
         monkeypatch.setattr(retention, "remove_tree", die)
