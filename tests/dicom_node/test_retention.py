@@ -349,6 +349,51 @@ def test_a_purge_in_progress_holds_a_receive_which_then_stores_the_study_afresh(
     assert purger.purge().purged == [] and stored[0].is_file()
 
 
+def test_the_receiver_stores_a_study_again_after_its_purge(site: Site, tmp_path: Path) -> None:
+    """The listener's own C-STORE path (file, rows) under the guard, before and after a purge
+    of the study: the purge removes the folders the storage had seen, and the next instance
+    makes them again."""
+    from pydicom import dcmread
+
+    from dicom_node.listener import StoreReceiver, StoreStatus
+    from dicom_node.storage import Storage
+    from tests.dicom_node.node_fixtures import receive_file
+    from tests.inference.dicom_factory import Geometry, pattern_volume, write_classic_series
+
+    files = write_classic_series(tmp_path / "in", pattern_volume(2, 16, 16), Geometry())
+    uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    receiver = StoreReceiver(Storage(site.data_dir / "instances", 0), site.factory,
+                             duplicate_policy="reject_if_different", accept_sop_classes=["MRImageStorage"])
+    guard = StudyGuard()
+    try:
+        with guard.receiving(uid):
+            assert receive_file(receiver, files[0]) == StoreStatus.SUCCESS
+        old = utcnow() - timedelta(days=40)
+        with session_scope(site.factory) as session:  # processed and delivered 40 days ago
+            study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
+            study.first_received_at = study.last_received_at = study.state_changed_at = old
+            study.state = StudyState.DONE
+            for instance in session.scalars(select(Instance)):
+                instance.received_at = old
+            job = Job(study_id=study.id, state=JobState.DONE, attempts=1, created_at=old, finished_at=old,
+                      input_fingerprint="0" * 64)
+            session.add(job)
+            session.flush()
+            session.add(Export(job_id=job.id, destination="pacs", object_path=f"results/{uid}/job-{job.id}/sr.dcm",
+                               object_kind="sr", sop_instance_uid=f"{ROOT}.77", state=ExportState.DONE,
+                               attempts=1, created_at=old, updated_at=old))
+        assert [p.study_instance_uid for p in Purger(site.config, site.factory, guard).purge().purged] == [uid]
+        assert not site.instance_dir(uid).exists()
+
+        with guard.receiving(uid):
+            assert receive_file(receiver, files[1]) == StoreStatus.SUCCESS
+            assert receive_file(receiver, files[0]) == StoreStatus.SUCCESS  # the purged one, sent again
+        assert site.rows(uid) == {"studies": 1, "series": 1, "instances": 2, "jobs": 0, "exports": 0}
+        assert len(list(site.instance_dir(uid).rglob("*.dcm"))) == 2
+    finally:
+        receiver.close()
+
+
 # --------------------------------------------------------------------------- crashes
 
 
