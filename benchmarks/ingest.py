@@ -7,7 +7,9 @@ Receivers:
   (WAL, ``synchronous=FULL``) before the success status goes back: *received, durably stored and
   recorded*.  Instances arriving together on several associations share the folder fsyncs and
   the commit (group commit).  Study processing is pushed past the run (long quiet periods), so
-  only ingest is measured.
+  only ingest is measured; the model is not preloaded (``jobs.preload_model: false``), since
+  no job runs and importing torch and MONAI in the background would compete with the first
+  seconds of the load.
 * ``pynetdicom-storescp``: ``python -m pynetdicom storescp`` writing each instance to a folder
   (no fsync, no index), with its defaults (16 KiB maximum PDU).
 * ``pynetdicom-storescp-4mib-pdu`` (optional): the same with ``--max-pdu 4194304``, the maximum PDU
@@ -166,7 +168,9 @@ def orthonode_receiver(work: Path, file_fsync: bool = True) -> Iterator[Receiver
                      "allowed_callers": [{"ae_title": "STORESCU", "hosts": ["127.0.0.1"]}]},
         "storage": {"min_free_mb": 1},
         "study_assembly": {"series_quiet_seconds": 3600, "study_quiet_seconds": 3600, "forced_after_seconds": 7200},
-        "jobs": {"device": "cpu"},
+        # no job runs during the benchmark (the checkpoint is an empty placeholder): loading the
+        # model at start-up would import torch and MONAI on the node's CPUs while the load is sent
+        "jobs": {"device": "cpu", "preload_model": False},
         "model": {"checkpoint": str(checkpoint)},
         "export": {"destinations": {"pacs": {"type": "dimse", "ae_title": "PACS", "host": "127.0.0.1",
                                              "port": free_port()}}},
