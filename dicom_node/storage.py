@@ -197,6 +197,14 @@ def sync_directories(stored: Iterable[StoredInstance]) -> None:
         s.directory_pending = False
 
 
+def _write_all(fd: int, chunk: bytes | memoryview) -> None:
+    """``os.write`` until the whole chunk is written (a write may take only part of it)."""
+    view = memoryview(chunk)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -205,11 +213,11 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _chunks(data: bytes | bytearray | memoryview | BinaryIO | Iterable[bytes]) -> Iterable[bytes]:
+def _chunks(data: bytes | bytearray | memoryview | BinaryIO | Iterable[bytes]) -> Iterable[bytes | memoryview]:
     if isinstance(data, (bytes, bytearray, memoryview)):
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
         for start in range(0, len(view), _CHUNK):
-            yield bytes(view[start : start + _CHUNK])
+            yield view[start : start + _CHUNK]  # a view, not a copy
     elif hasattr(data, "read"):
         while chunk := data.read(_CHUNK):  # type: ignore[union-attr]
             yield chunk
@@ -330,14 +338,15 @@ class Storage:
                 self._known_dirs.discard(target.parent)
                 self._make_dirs(target.parent)
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-            with os.fdopen(fd, "wb") as fh:
-                os.fchmod(fh.fileno(), FILE_MODE)  # independent of the umask
+            try:  # plain os.write: a received instance is one buffer, a file object would copy it
+                os.fchmod(fd, FILE_MODE)  # independent of the umask
                 for chunk in _chunks(data):
-                    fh.write(chunk)
+                    _write_all(fd, chunk)
                     digest.update(chunk)
                     size += len(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             received_sha = digest.hexdigest()
             if size_hint is None or size > size_hint:
                 self.check_free_space(0)  # the file now occupies its space; the reserve must still hold
