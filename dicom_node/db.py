@@ -46,7 +46,9 @@ from sqlalchemy import (
     Table,
     bindparam,
     create_engine,
+    delete,
     event,
+    func,
     insert,
     select,
     update,
@@ -528,8 +530,10 @@ _SELECT_CURRENT = (
     )
     .where(_INSTANCES.c.sop_instance_uid == bindparam("b_sop"))
 )
+# the series with its study's UID and state: for every instance after a series' first, this one
+# statement answers both "is the series under this study?" and "is the study receiving?"
 _SELECT_SERIES = (
-    select(_SERIES.c.id, _SERIES.c.study_id, _STUDIES.c.study_instance_uid)
+    select(_SERIES.c.id, _SERIES.c.study_id, _STUDIES.c.study_instance_uid, _STUDIES.c.state.label("study_state"))
     .select_from(_SERIES.join(_STUDIES, _SERIES.c.study_id == _STUDIES.c.id))
     .where(_SERIES.c.series_instance_uid == bindparam("b_series"))
 )
@@ -563,6 +567,31 @@ def _series_row(connection: Connection, series_uid: str) -> Any:
 def _check_series_study(info: ReceivedInstance, series: Any) -> None:
     if series is not None and series.study_instance_uid != info.study_instance_uid:
         raise SeriesStudyMismatchError(info.series_instance_uid, series.study_instance_uid, info.study_instance_uid)
+
+
+def _study_for_new_series(connection: Connection, info: ReceivedInstance) -> tuple[int, StudyState]:
+    """``(id, state)`` of the instance's study, the row created first when the study is new."""
+    now = info.received_at
+    study = connection.execute(_SELECT_STUDY, {"b_study": info.study_instance_uid}).first()
+    if study is None:
+        _insert_ignoring_conflict(
+            connection,
+            _STUDIES,
+            "study_instance_uid",
+            dict(
+                study_instance_uid=info.study_instance_uid,
+                patient_id_hash=info.patient_id_hash,
+                accession_number=info.accession_number,
+                study_description=info.study_description,
+                calling_ae_title=info.calling_ae_title,
+                first_received_at=now,
+                last_received_at=now,
+                state=StudyState.RECEIVING,
+                state_changed_at=now,
+            ),
+        )
+        study = connection.execute(_SELECT_STUDY, {"b_study": info.study_instance_uid}).one()
+    return study.id, study.state
 
 
 def record_received(
@@ -600,33 +629,17 @@ def record_received(
             current.id, False, False, None, stored_elsewhere=(current.study_instance_uid, current.series_instance_uid)
         )
 
-    study = connection.execute(_SELECT_STUDY, {"b_study": info.study_instance_uid}).first()
-    if study is None:
-        _insert_ignoring_conflict(
-            connection,
-            _STUDIES,
-            "study_instance_uid",
-            dict(
-                study_instance_uid=info.study_instance_uid,
-                patient_id_hash=info.patient_id_hash,
-                accession_number=info.accession_number,
-                study_description=info.study_description,
-                calling_ae_title=info.calling_ae_title,
-                first_received_at=now,
-                last_received_at=now,
-                state=StudyState.RECEIVING,
-                state_changed_at=now,
-            ),
-        )
-        study = connection.execute(_SELECT_STUDY, {"b_study": info.study_instance_uid}).one()
-    if series is None:
+    if series is not None:  # recorded under this study (checked above): its study came with it
+        study_id, study_state = series.study_id, series.study_state
+    else:
+        study_id, study_state = _study_for_new_series(connection, info)
         _insert_ignoring_conflict(
             connection,
             _SERIES,
             "series_instance_uid",
             dict(
                 series_instance_uid=info.series_instance_uid,
-                study_id=study.id,
+                study_id=study_id,
                 modality=info.modality,
                 series_description=info.series_description,
                 series_number=info.series_number,
@@ -670,8 +683,8 @@ def record_received(
                 previous_path = current.path
             connection.execute(_UPDATE_INSTANCE.values(**fields), {"b_id": current.id})
         connection.execute(_UPDATE_SERIES, {"b_id": series.id, "b_delta": count_change, "b_now": now})
-        receiving = study.state is StudyState.RECEIVING
-        connection.execute(_UPDATE_STUDY_TIME if receiving else _UPDATE_STUDY_RECEIVING, {"b_id": study.id, "b_now": now})
+        receiving = study_state is StudyState.RECEIVING
+        connection.execute(_UPDATE_STUDY_TIME if receiving else _UPDATE_STUDY_RECEIVING, {"b_id": study_id, "b_now": now})
     connection.execute(
         _INSERT_EVENT,
         dict(
@@ -702,3 +715,96 @@ def add_event(session: Session, kind: str, message: str = "", **refs: Any) -> Ev
     record = EventRecord(time=utcnow(), kind=kind, message=message, **refs)
     session.add(record)
     return record
+
+
+# --------------------------------------------------------------------------- recovery
+
+#: how many of the newest instance rows :func:`newest_instances` returns for the start-up check
+#: of :meth:`dicom_node.listener.StoreReceiver.forget_rows_without_files`; the rows that can
+#: lack their file after a crash are those of the last committed batch (at most
+#: ``listener.GROUP_COMMIT_MAX``, 64), so this leaves a wide margin at the cost of a few
+#: hundred ``stat`` calls
+RECENT_INSTANCES_CHECKED = 1024
+
+#: event kind of an instance row removed because its file is not there (see :func:`forget_instances`)
+INSTANCE_FORGOTTEN = "instance_forgotten"
+
+
+@dataclass(frozen=True)
+class RecordedFile:
+    """An instance row's id, UIDs and file path (relative to the storage root)."""
+
+    instance_id: int
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    path: str
+
+
+_SELECT_NEWEST = (
+    select(_INSTANCES.c.id, _STUDIES.c.study_instance_uid, _SERIES.c.series_instance_uid,
+           _INSTANCES.c.sop_instance_uid, _INSTANCES.c.path)
+    .select_from(
+        _INSTANCES.join(_SERIES, _INSTANCES.c.series_id == _SERIES.c.id).join(_STUDIES, _SERIES.c.study_id == _STUDIES.c.id)
+    )
+    .order_by(_INSTANCES.c.id.desc())
+    .limit(bindparam("b_limit"))
+)
+
+
+def newest_instances(connection: Connection, limit: int = RECENT_INSTANCES_CHECKED) -> list[RecordedFile]:
+    """The ``limit`` instance rows inserted last (highest ids first)."""
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    return [RecordedFile(*row) for row in connection.execute(_SELECT_NEWEST, {"b_limit": limit})]
+
+
+def forget_instances(connection: Connection, instances: Iterable[RecordedFile], reason: str) -> int:
+    """Delete instance rows whose file is not there, inside the caller's transaction; returns
+    how many rows were deleted.
+
+    The series' ``instance_count`` is set to the rows it still has; a series left without
+    instances is deleted, and so is a study left without series and without jobs (both were
+    created for the forgotten instances).  Each forgotten instance gets an
+    :data:`INSTANCE_FORGOTTEN` event with ``reason``; its earlier ``instance_stored`` event stays
+    in the audit trail.  A row already gone is skipped.
+    """
+    deleted = 0
+    for item in instances:
+        row = connection.execute(
+            select(_INSTANCES.c.series_id).where(_INSTANCES.c.id == item.instance_id)
+        ).first()
+        if row is None:
+            continue
+        series_id = row.series_id
+        connection.execute(delete(_INSTANCES).where(_INSTANCES.c.id == item.instance_id))
+        deleted += 1
+        remaining = connection.execute(
+            select(func.count()).select_from(_INSTANCES).where(_INSTANCES.c.series_id == series_id)
+        ).scalar_one()
+        if remaining:
+            connection.execute(update(_SERIES).where(_SERIES.c.id == series_id).values(instance_count=remaining))
+        else:
+            study_id = connection.execute(select(_SERIES.c.study_id).where(_SERIES.c.id == series_id)).scalar_one()
+            connection.execute(delete(_SERIES).where(_SERIES.c.id == series_id))
+            other_series = connection.execute(
+                select(func.count()).select_from(_SERIES).where(_SERIES.c.study_id == study_id)
+            ).scalar_one()
+            jobs = connection.execute(
+                select(func.count()).select_from(Job.__table__).where(Job.__table__.c.study_id == study_id)
+            ).scalar_one()
+            if not other_series and not jobs:
+                connection.execute(delete(_STUDIES).where(_STUDIES.c.id == study_id))
+        connection.execute(
+            _INSERT_EVENT,
+            dict(
+                time=utcnow(),
+                kind=INSTANCE_FORGOTTEN,
+                study_instance_uid=item.study_instance_uid,
+                series_instance_uid=item.series_instance_uid,
+                sop_instance_uid=item.sop_instance_uid,
+                job_id=None,
+                message=f"{item.path}: {reason}",
+            ),
+        )
+    return deleted

@@ -33,7 +33,10 @@ only restarts a timer there).
 
 Throughput: instances that arrive on several associations at the same moment share one
 database transaction and one fsync per folder (:class:`GroupRecorder`, group commit), each
-handler still waiting for its own row to be committed; the handler parses only the header
+handler still waiting for its own row to be committed; new rows commit while their folders
+are fsynced rather than after (the two syncs overlap; a row whose file name was lost to a crash
+in between was never acknowledged and is removed at the next start, see
+:meth:`StoreReceiver.forget_rows_without_files`); the handler parses only the header
 and the image size attributes and writes the received bytes unchanged; the database work is
 plain SQLAlchemy Core (:func:`dicom_node.db.record_received`), one transaction per batch.
 The listener also offers a large maximum PDU (:data:`MAXIMUM_PDU_SIZE`) so a 256x256 image
@@ -67,10 +70,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import ListenerSection, NodeConfig
 from dicom_node.db import (
+    RECENT_INSTANCES_CHECKED,
     ReceivedInstance,
+    RecordedFile,
     RecordResult,
     SeriesStudyMismatchError,
     add_event,
+    forget_instances,
+    newest_instances,
     hash_patient_id,
     record_received,
     session_scope,
@@ -409,9 +416,11 @@ class GroupRecorder:
     its data is durable.  With a single sender each batch holds one instance and this is the
     plain one-transaction-per-instance path.
 
-    The folder fsyncs run on a helper thread while the leader executes the statements, and
-    the commit waits for them: a committed row never names a file whose folder entry could
-    still be lost.
+    The folder fsyncs run on a helper thread while the leader executes the statements and
+    commits, so the folder fsync and the database's own sync overlap; every handler of the
+    batch still waits for both.  A batch that *updates* a row for a file whose folder entry is
+    pending (an overwrite, a move) commits only after the fsync, so an acknowledged row is never
+    replaced by one naming a file that could be lost (see :func:`_may_commit_before_folder_sync`).
     """
 
     def __init__(self, session_factory: sessionmaker[Session], max_batch: int = GROUP_COMMIT_MAX) -> None:
@@ -502,8 +511,14 @@ class GroupRecorder:
                         outcomes.append(record_received(connection, p.info, content_changed=p.stored.changed, move=p.move))
                     except SeriesStudyMismatchError as exc:  # raised before it wrote anything
                         outcomes.append(exc)
-                if sync is not None:
+                if sync is not None and not _may_commit_before_folder_sync(batch, outcomes):
                     sync.result()  # the folder entries are durable before the rows naming them commit
+            if sync is not None:
+                try:
+                    sync.result()  # no success goes back before the folder entries are durable
+                except OSError:
+                    self._forget_committed(batch, outcomes)
+                    raise
         finally:
             if sync is not None:
                 wait([sync])
@@ -514,6 +529,47 @@ class GroupRecorder:
                 p.error = outcome
             else:
                 p.result = outcome
+
+    def _forget_committed(self, batch: list[_Pending], outcomes: list[RecordResult | SeriesStudyMismatchError]) -> None:
+        """The rows of a batch committed before its folder fsync, which then failed: remove the
+        rows of the instances whose folder entry was pending, so that the state is as before
+        the batch (the handlers refuse the instances and remove their files; a resend stores
+        them again).  If the database fails here too, the rows stay: the start-up check
+        (:meth:`StoreReceiver.forget_rows_without_files`) removes them if their files are gone."""
+        forget = [
+            RecordedFile(o.instance_id, p.info.study_instance_uid, p.info.series_instance_uid,
+                         p.info.sop_instance_uid, p.info.path)
+            for p, o in zip(batch, outcomes)
+            if isinstance(o, RecordResult) and o.inserted and p.stored.directory_pending
+        ]
+        if not forget:
+            return
+        try:
+            with session_scope(self.session_factory) as session:
+                forget_instances(session.connection(), forget, "the folder fsync failed after the row was committed; "
+                                 "the instance was refused")
+        except SQLAlchemyError as exc:
+            log.error("the folder fsync failed after %d row(s) were committed, and removing them failed too: %s",
+                      len(forget), exc)
+
+
+def _may_commit_before_folder_sync(batch: list[_Pending], outcomes: list[RecordResult | SeriesStudyMismatchError]) -> bool:
+    """Whether a batch's rows may commit while its folder entries are still being fsynced.
+
+    The commit's own fsync (SQLite's WAL) then overlaps the folder fsyncs instead of following
+    them; the handlers still answer only after both.  It is safe when every instance whose
+    folder entry is pending is a *new* row: if the node stops (power loss) between the commit
+    and the end of the folder fsync, such a row may name a file whose entry was lost, and it
+    was never acknowledged, so the start-up check removes it and nothing else is touched.  A
+    row that was updated (an overwrite, a move to another series) described an acknowledged
+    instance before; it must not name a file that could vanish, so such a batch commits after
+    the fsync, as before.  The file itself is whole whatever happens: its data were fsynced
+    before its name was made (see :meth:`dicom_node.storage.Storage.store`).
+    """
+    for p, outcome in zip(batch, outcomes):
+        if p.stored.directory_pending and isinstance(outcome, RecordResult) and not outcome.inserted:
+            return False
+    return True
 
 
 class StoreReceiver:
@@ -582,6 +638,34 @@ class StoreReceiver:
     def close(self) -> None:
         """Release the recorder's helper thread (the listener calls it when it stops)."""
         self.recorder.close()
+
+    def forget_rows_without_files(self, newest: int = RECENT_INSTANCES_CHECKED) -> int:
+        """Start-up check: remove the instance rows, among the ``newest`` rows, whose file is not
+        in storage; returns how many were removed.
+
+        A batch of new rows may commit while the folder entries of its files are still being
+        fsynced (:func:`_may_commit_before_folder_sync`); if the machine stops in between, a
+        row can survive its file's name.  Such an instance was never acknowledged (the answer
+        waits for both), so its sender sends it again; its row must not make the study look
+        complete meanwhile.  Only the last committed batch can be affected, hence only the
+        newest rows are checked.  Run it before the study assembler and the workers start
+        (:class:`Listener` does it when it is created).
+        """
+        with session_scope(self.session_factory) as session:
+            connection = session.connection()
+            missing = [r for r in newest_instances(connection, newest) if not self.storage.resolve(r.path).is_file()]
+            if missing:
+                forget_instances(
+                    connection, missing, "the file is missing at start-up: the row was committed in the last moments "
+                    "before the node stopped and the instance was never acknowledged",
+                )
+        for r in missing:
+            log.warning(
+                "forgot study %s, series %s, SOP instance %s: its file %s is missing at start-up (recorded just "
+                "before the node stopped, never acknowledged; the sender sends it again)",
+                r.study_instance_uid, r.series_instance_uid, r.sop_instance_uid, r.path,
+            )
+        return len(missing)
 
     def receive(
         self,
@@ -885,7 +969,11 @@ def make_ssl_context(config: NodeConfig) -> ssl.SSLContext | None:
 
 
 class Listener:
-    """The running DICOM listener of the node: ``start()``, ``stop()``, ``active_associations``."""
+    """The running DICOM listener of the node: ``start()``, ``stop()``, ``active_associations``.
+
+    Creating it runs the start-up check :meth:`StoreReceiver.forget_rows_without_files`, so the
+    database is migrated and reachable by then.
+    """
 
     def __init__(
         self,
@@ -900,6 +988,9 @@ class Listener:
         self.config = config
         self.receiver = StoreReceiver.from_config(config, storage, session_factory, on_instance_stored)
         self.receiver.holds = study_holds
+        # before anything reads the database (the node creates the listener before it starts the
+        # assembler and the workers): rows of the last batch before a crash may lack their file
+        self.receiver.forget_rows_without_files()
         self.caller_policy = CallerPolicy(config.listener)
         self._ssl_context = ssl_context if ssl_context is not None else make_ssl_context(config)
         self._server: _NodeServer | None = None

@@ -274,3 +274,40 @@ def test_enum_values_are_stored_not_names(sqlite_url: str) -> None:
             assert conn.exec_driver_sql("SELECT state FROM studies").scalar() == "receiving"
     finally:
         engine.dispose()
+
+
+def test_newest_instances_and_forget_instances(sqlite_url: str) -> None:
+    """The start-up check's database side: the newest rows first; forgetting a row fixes its
+    series' count, deletes a series left empty and a study left empty unless it has a job."""
+    db.upgrade_database(sqlite_url)
+    engine = db.make_engine(sqlite_url)
+    factory = db.make_session_factory(engine)
+    try:
+        with db.session_scope(factory) as s:
+            for info in (_received("1.6", "1.6.1", "1.6.1.1"), _received("1.6", "1.6.1", "1.6.1.2"),
+                         _received("1.7", "1.7.1", "1.7.1.1"), _received("1.8", "1.8.1", "1.8.1.1")):
+                db.record_instance(s, info)
+            study_with_job = s.execute(select(db.Study).where(db.Study.study_instance_uid == "1.7")).scalar_one()
+            s.add(db.Job(study_id=study_with_job.id, input_fingerprint=db.input_fingerprint(["1.7.1.1"])))
+        with db.session_scope(factory) as s:
+            newest = db.newest_instances(s.connection(), 3)
+            assert [r.sop_instance_uid for r in newest] == ["1.8.1.1", "1.7.1.1", "1.6.1.2"]
+            assert newest[2].path == "1.6/1.6.1/1.6.1.2.dcm" and newest[2].series_instance_uid == "1.6.1"
+            assert db.forget_instances(s.connection(), newest, "its file is missing") == 3
+            assert db.forget_instances(s.connection(), newest, "again") == 0  # already gone: skipped
+        with db.session_scope(factory) as s:
+            series = dict(s.execute(select(db.Series.series_instance_uid, db.Series.instance_count)).all())
+            assert series == {"1.6.1": 1}
+            studies = set(s.execute(select(db.Study.study_instance_uid)).scalars())
+            assert studies == {"1.6", "1.7"}  # 1.8 was left empty; 1.7 keeps its job
+            events = s.execute(
+                select(db.EventRecord.sop_instance_uid, db.EventRecord.message)
+                .where(db.EventRecord.kind == db.INSTANCE_FORGOTTEN)
+            ).all()
+            assert sorted(e[0] for e in events) == ["1.6.1.2", "1.7.1.1", "1.8.1.1"]
+            assert all(e[1].endswith(": its file is missing") for e in events)
+        with pytest.raises(ValueError, match="limit must be >= 1"):
+            with db.session_scope(factory) as s:
+                db.newest_instances(s.connection(), 0)
+    finally:
+        engine.dispose()

@@ -778,3 +778,197 @@ def test_open_association_holds_its_studies_until_the_connection_closes(start_no
     wait_for(lambda: holds.open_studies() == 0, 5, "the aborted association's study to be released")
     with lock:
         assert events == [("hold", uid_a), ("release", uid_a)]
+
+
+# --------------------------------------------------------------------------- folder fsync and commit
+
+
+class _HeldFolderSync:
+    """Stands in for ``listener.sync_directories``: each call waits until ``release`` (or
+    raises ``error``), so a test can look at the database while a folder fsync is in flight."""
+
+    def __init__(self, error: OSError | None = None) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.error = error
+        self.calls = 0
+
+    def __call__(self, stored: Any) -> None:
+        from dicom_node.storage import sync_directories
+
+        self.calls += 1
+        self.started.set()
+        assert self.release.wait(30), "the test never released the folder fsync"
+        if self.error is not None:
+            raise self.error
+        sync_directories(stored)
+
+
+def _receiver_parts(make_config: Callable[..., NodeConfig], tmp_path: Path, policy: str = "reject_if_different"
+                    ) -> tuple[StoreReceiver, Any, Any, Storage]:
+    config = make_config(listener={"duplicate_policy": policy})
+    engine = db.make_engine(config.database_url)
+    db.upgrade_database(engine)
+    factory = db.make_session_factory(engine)
+    storage = Storage(tmp_path / "incoming", 0)
+    return StoreReceiver.from_config(config, storage, factory), factory, engine, storage
+
+
+def _instances_in_db(factory: Any) -> dict[str, str]:
+    """SOP Instance UID -> sha256 of the committed instance rows, read outside any transaction
+    (the engine's sessions begin with BEGIN IMMEDIATE and would queue behind the recorder's)."""
+    import sqlite3
+    from contextlib import closing
+
+    database = factory.kw["bind"].url.database
+    with closing(sqlite3.connect(database)) as conn:
+        return dict(conn.execute("SELECT sop_instance_uid, sha256 FROM instances").fetchall())
+
+
+def _receive_in_thread(receiver: StoreReceiver, file: Path, data: bytes | None = None) -> tuple[threading.Thread, list[int]]:
+    statuses: list[int] = []
+    thread = threading.Thread(target=lambda: statuses.append(receive_file(receiver, file, data)))
+    thread.start()
+    return thread, statuses
+
+
+def test_new_rows_commit_while_their_folder_is_fsynced_and_the_answer_waits_for_both(
+    make_config: Callable[..., NodeConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit of a new row overlaps its folder fsync (the row is committed while the fsync
+    is still held), but the C-STORE is answered only once the fsync is done."""
+    import dicom_node.listener as listener_module
+
+    receiver, factory, engine, storage = _receiver_parts(make_config, tmp_path)
+    held = _HeldFolderSync()
+    monkeypatch.setattr(listener_module, "sync_directories", held)
+    file = _series(tmp_path / "in", slices=1)[0]
+    sop = str(pydicom.dcmread(file, stop_before_pixels=True).SOPInstanceUID)
+    try:
+        thread, statuses = _receive_in_thread(receiver, file)
+        assert held.started.wait(20)
+        wait_for(lambda: sop in _instances_in_db(factory), 20, "the row committed while its folder fsync is held")
+        time.sleep(0.1)
+        assert statuses == [] and thread.is_alive(), "answered before the folder fsync finished"
+        held.release.set()
+        thread.join(20)
+        assert statuses == [StoreStatus.SUCCESS]
+    finally:
+        held.release.set()
+        receiver.close()
+        engine.dispose()
+
+
+def test_an_overwrite_commits_only_after_the_folder_fsync(
+    make_config: Callable[..., NodeConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An update of an acknowledged row (``overwrite`` with other bytes) keeps the old order:
+    the row changes only once the new file's folder entry is durable."""
+    import dicom_node.listener as listener_module
+
+    receiver, factory, engine, storage = _receiver_parts(make_config, tmp_path, policy="overwrite")
+    file = _series(tmp_path / "in", slices=1)[0]
+    sop = str(pydicom.dcmread(file, stop_before_pixels=True).SOPInstanceUID)
+    try:
+        assert receive_file(receiver, file) == StoreStatus.SUCCESS
+        first_sha = _instances_in_db(factory)[sop]
+        changed = file.read_bytes()[:-2] + b"\x01\x02"  # same header, other last pixel
+        held = _HeldFolderSync()
+        monkeypatch.setattr(listener_module, "sync_directories", held)
+        thread, statuses = _receive_in_thread(receiver, file, changed)
+        assert held.started.wait(20)
+        time.sleep(0.3)
+        assert _instances_in_db(factory)[sop] == first_sha, "the row changed before the new file's entry was durable"
+        held.release.set()
+        thread.join(20)
+        assert statuses == [StoreStatus.SUCCESS]
+        assert _instances_in_db(factory)[sop] == hashlib.sha256(changed).hexdigest()
+    finally:
+        receiver.close()
+        engine.dispose()
+
+
+def test_failed_folder_fsync_after_the_commit_removes_the_rows(
+    make_config: Callable[..., NodeConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """The rows committed before the folder fsync failed are removed again, the file too: the
+    instance is refused with A701 and the database is as before (no study, series or row)."""
+    import dicom_node.listener as listener_module
+
+    receiver, factory, engine, storage = _receiver_parts(make_config, tmp_path)
+    held = _HeldFolderSync(error=OSError(5, "Input/output error"))
+    monkeypatch.setattr(listener_module, "sync_directories", held)
+    file = _series(tmp_path / "in", slices=1)[0]
+    sop = str(pydicom.dcmread(file, stop_before_pixels=True).SOPInstanceUID)
+    try:
+        with caplog.at_level(logging.ERROR, logger="dicom_node.listener"):
+            thread, statuses = _receive_in_thread(receiver, file)
+            assert held.started.wait(20)
+            wait_for(lambda: sop in _instances_in_db(factory), 20, "the row committed before the fsync fails")
+            held.release.set()
+            thread.join(20)
+        assert statuses == [StoreStatus.STORAGE_WRITE_FAILED]
+        assert "making the file's folder entry durable failed" in caplog.text
+        assert _instances_in_db(factory) == {}
+        assert [p for p in storage.root.rglob("*") if p.is_file()] == []
+        with db.session_scope(factory) as s:
+            assert s.execute(select(func.count()).select_from(db.Study)).scalar_one() == 0
+            assert s.execute(select(func.count()).select_from(db.Series)).scalar_one() == 0
+            kinds = s.execute(select(db.EventRecord.kind).order_by(db.EventRecord.id)).scalars().all()
+        assert kinds == ["instance_stored", db.INSTANCE_FORGOTTEN]
+        # the sender's retry stores it (with a working fsync)
+        monkeypatch.undo()
+        assert receive_file(receiver, file) == StoreStatus.SUCCESS
+        assert sop in _instances_in_db(factory)
+    finally:
+        held.release.set()
+        receiver.close()
+        engine.dispose()
+
+
+def test_start_up_forgets_rows_whose_file_name_was_lost(
+    make_config: Callable[..., NodeConfig], tmp_path: Path, caplog: Any
+) -> None:
+    """After a crash between a commit and the end of its folder fsync, a row may name a file
+    whose entry was lost.  Creating the listener removes such rows among the newest (and a
+    series and study left empty); the others stay, and a resend stores the instance again."""
+    config = make_config()
+    engine = db.make_engine(config.database_url)
+    db.upgrade_database(engine)
+    factory = db.make_session_factory(engine)
+    storage = Storage(config.data_dir / "incoming", 0)
+    receiver = StoreReceiver.from_config(config, storage, factory)
+    kept = _series(tmp_path / "kept", slices=3)
+    lost_alone = _series(tmp_path / "alone", slices=1)  # a study of its own: one series, one instance
+    try:
+        for file in [*kept, *lost_alone]:
+            assert receive_file(receiver, file) == StoreStatus.SUCCESS
+    finally:
+        receiver.close()
+    # the power went off: the last names never reached the disk
+    lost = [kept[-1], lost_alone[0]]
+    lost_uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in lost}
+    for path in storage.root.rglob("*.dcm"):
+        if path.stem in lost_uids:
+            path.unlink()
+    try:
+        with caplog.at_level(logging.WARNING, logger="dicom_node.listener"):
+            listener = Listener(config, storage, factory)
+        assert set(_instances_in_db(factory)) == {
+            str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in kept[:-1]
+        }
+        assert all(uid in caplog.text for uid in lost_uids) and "missing at start-up" in caplog.text
+        with db.session_scope(factory) as s:
+            assert s.execute(select(db.Series.instance_count)).scalars().all() == [2]
+            assert s.execute(select(func.count()).select_from(db.Study)).scalar_one() == 1
+            forgotten = s.execute(
+                select(db.EventRecord.sop_instance_uid).where(db.EventRecord.kind == db.INSTANCE_FORGOTTEN)
+            ).scalars().all()
+        assert set(forgotten) == lost_uids
+        assert listener.receiver.forget_rows_without_files() == 0  # nothing left to remove
+        for file in lost:
+            assert receive_file(listener.receiver, file) == StoreStatus.SUCCESS
+        assert len(_instances_in_db(factory)) == 4
+    finally:
+        listener.receiver.close()
+        engine.dispose()
