@@ -274,6 +274,39 @@ def test_purge_deletes_files_results_and_rows_and_leaves_an_event(site: Site) ->
     assert purger.purge().purged == []
 
 
+def test_purge_on_postgres(make_config: Callable[..., NodeConfig], postgres_url: str) -> None:
+    """The same deletes, the mark's row lock and the resumption on a real PostgreSQL server."""
+    import dicom_node.retention as retention
+
+    site = Site(make_config(retention=RETENTION, database={"url": postgres_url}))
+    try:
+        site.study(_uid(1), days=40, exports=(ExportState.DONE, ExportState.DONE))
+        site.study(_uid(2), days=100, study_state=StudyState.SKIPPED, exports=())
+        site.study(_uid(3), days=5)
+        real_remove = retention.remove_tree
+
+        def die_on_2(path: Path, **options: Any) -> tuple[int, int]:
+            if _uid(2) in str(path):
+                raise _Crash()
+            return real_remove(path, **options)
+
+        retention.remove_tree = die_on_2
+        try:
+            with pytest.raises(_Crash):
+                Purger(site.config, site.factory).purge()
+        finally:
+            retention.remove_tree = real_remove
+        report = Purger(site.config, site.factory).purge()
+        # study 2 (the oldest) went first and was cut short; the next run finishes it, then study 1
+        assert [(p.study_instance_uid, p.resumed) for p in report.purged] == [(_uid(2), True), (_uid(1), False)]
+        for uid in (_uid(1), _uid(2)):
+            assert site.rows(uid)["studies"] == 0 and not site.instance_dir(uid).exists()
+            assert site.events(uid)[-1].kind == PURGED
+        assert site.rows(_uid(3)) == {"studies": 1, "series": 1, "instances": 2, "jobs": 1, "exports": 1}
+    finally:
+        site.close()
+
+
 # --------------------------------------------------------------------------- the guard
 
 
