@@ -631,9 +631,11 @@ class Purger:
                 add_event(session, PURGE_ABANDONED, message, study_instance_uid=mark.study_instance_uid)
                 log.error("study %s: purge abandoned: %s", mark.study_instance_uid, message)
                 return None
-            job_ids = select(Job.id).where(Job.study_id == study.id).scalar_subquery()
-            series_ids = select(Series.id).where(Series.study_id == study.id).scalar_subquery()
-            instances = session.scalar(select(func.count()).select_from(Instance).where(Instance.series_id.in_(series_ids))) or 0
+            job_ids = select(Job.id).where(Job.study_id == study.id)
+            series_ids = select(Series.id).where(Series.study_id == study.id)
+            instances = session.scalar(
+                select(func.count()).select_from(Instance).where(Instance.series_id.in_(series_ids))
+            ) or 0
             exports = session.execute(delete(Export).where(Export.job_id.in_(job_ids))).rowcount
             jobs = session.execute(delete(Job).where(Job.study_id == study.id)).rowcount
             session.execute(delete(Instance).where(Instance.series_id.in_(series_ids)))
