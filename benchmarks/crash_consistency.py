@@ -11,6 +11,12 @@ kill, with the node down, the checks are:
 * every file visible under the storage root (temporaries are dot-files) is complete: its data
   set equals what was sent for that SOP Instance UID.
 
+With ``--drop-unacknowledged-names``, after each kill the files of the newest recorded but
+unacknowledged instances are deleted before the restart, as a power loss may drop folder entries
+that were not fsynced yet (the node commits a batch's new rows while their folders are fsynced);
+SIGKILL alone cannot lose them.  The restarted node must forget those rows, and the senders
+store the instances again.
+
 At the end the node runs undisturbed until every job and export settled; then every study
 must have been processed by exactly one finished job and its results delivered to the PACS
 (an in-process pynetdicom receiver) exactly once per object, and each delivered object counted.
@@ -344,6 +350,28 @@ def check_storage(serve: Serve, senders: list[Sender], sent_bodies: dict[str, st
     return problems
 
 
+def drop_unacknowledged_names(serve: Serve, senders: list[Sender], newest: int = 64) -> int:
+    """With the node down: delete the files of the newest recorded instances that no sender saw
+    acknowledged, as a power loss may drop folder entries that were not fsynced yet.
+
+    The node commits a batch's new rows while their folder fsync runs and answers after both,
+    so after a machine crash the rows of the last batch (``newest``: the group-commit maximum)
+    may name files whose entries were lost.  SIGKILL alone never loses an entry (the page cache
+    survives), so this emulates it; the restarted node must forget those rows and the senders
+    store the instances again.  Returns how many files were deleted."""
+    time.sleep(0.5)  # answers already in the senders' sockets are read (the node is down: no new ones)
+    acknowledged = {sop for s in senders for sop in s.acknowledged}
+    with serve.db() as conn:
+        rows = conn.execute("SELECT sop_instance_uid, path FROM instances ORDER BY id DESC LIMIT ?", (newest,)).fetchall()
+    dropped = 0
+    for sop, path in rows:
+        file = serve.data / "instances" / path
+        if sop not in acknowledged and file.is_file():
+            file.unlink()
+            dropped += 1
+    return dropped
+
+
 def settle(serve: Serve, studies: list[Study], timeout: float) -> None:
     """Wait until every study has a job that ended (done, or failed: a job interrupted
     ``MAX_JOB_ATTEMPTS`` times is not started again) and no job or export is pending."""
@@ -403,7 +431,7 @@ def scenario_kill(args: argparse.Namespace, work: Path, checkpoint: Path) -> dic
     senders = [Sender(f"sender{k}", serve.port, studies[k :: args.senders]) for k in range(args.senders)]
     stop = threading.Event()
     problems: list[str] = []
-    kills = 0
+    kills = dropped = 0
     serve.start()
     threads = [threading.Thread(target=s.run, args=(stop,), daemon=True) for s in senders]
     started = time.monotonic()
@@ -415,8 +443,11 @@ def scenario_kill(args: argparse.Namespace, work: Path, checkpoint: Path) -> dic
         kills += 1
         found = check_storage(serve, senders, sent_bodies)
         problems += [f"after kill {kills}: {p}" for p in found]
+        if args.drop_unacknowledged_names:
+            dropped += drop_unacknowledged_names(serve, senders)
         acked = sum(len(s.acknowledged) for s in senders)
-        print(f"kill {kills}: {acked} acknowledged, {len(found)} problem(s)", flush=True)
+        print(f"kill {kills}: {acked} acknowledged, {len(found)} problem(s), {dropped} name(s) dropped so far",
+              flush=True)
         serve.start()
     for t in threads:
         t.join(timeout=args.timeout)
@@ -426,8 +457,12 @@ def scenario_kill(args: argparse.Namespace, work: Path, checkpoint: Path) -> dic
     problems += [f"at the end: {p}" for p in check_storage(serve, senders, sent_bodies)]
     pacs.stop()
     report = delivery_report(serve, pacs, studies)
+    with serve.db() as conn:
+        forgotten = conn.execute("SELECT count(*) FROM events WHERE kind = 'instance_forgotten'").fetchone()[0]
     report.update({
         "kills": kills,
+        "unacknowledged file names dropped after kills (--drop-unacknowledged-names)": dropped,
+        "rows forgotten at start-up (file missing)": forgotten,
         "node starts": serve.starts,
         "instances": len(sent_bodies),
         "instances acknowledged": sum(len(s.acknowledged) for s in senders),
@@ -494,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-gap", type=float, default=6.0)
     parser.add_argument("--quiet", type=float, default=3.0, help="series/study quiet seconds of the node")
     parser.add_argument("--outage-after-restart", type=float, default=8.0)
+    parser.add_argument("--drop-unacknowledged-names", action="store_true",
+                        help="kill: after each kill, delete the files of the newest unacknowledged rows (a power "
+                        "loss dropping folder entries not yet fsynced)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--checkpoint", type=Path, default=None, help="model bundle (default: train the tiny test one)")

@@ -511,7 +511,7 @@ class GroupRecorder:
                         outcomes.append(record_received(connection, p.info, content_changed=p.stored.changed, move=p.move))
                     except SeriesStudyMismatchError as exc:  # raised before it wrote anything
                         outcomes.append(exc)
-                if sync is not None and not _may_commit_before_folder_sync(batch, outcomes):
+                if sync is not None and not _may_commit_before_folder_sync(batch, outcomes, connection.dialect.name):
                     sync.result()  # the folder entries are durable before the rows naming them commit
             if sync is not None:
                 try:
@@ -553,7 +553,9 @@ class GroupRecorder:
                       len(forget), exc)
 
 
-def _may_commit_before_folder_sync(batch: list[_Pending], outcomes: list[RecordResult | SeriesStudyMismatchError]) -> bool:
+def _may_commit_before_folder_sync(
+    batch: list[_Pending], outcomes: list[RecordResult | SeriesStudyMismatchError], dialect: str
+) -> bool:
     """Whether a batch's rows may commit while its folder entries are still being fsynced.
 
     The commit's own fsync (SQLite's WAL) then overlaps the folder fsyncs instead of following
@@ -565,7 +567,14 @@ def _may_commit_before_folder_sync(batch: list[_Pending], outcomes: list[RecordR
     instance before; it must not name a file that could vanish, so such a batch commits after
     the fsync, as before.  The file itself is whole whatever happens: its data were fsynced
     before its name was made (see :meth:`dicom_node.storage.Storage.store`).
+
+    Only on SQLite, the database of one node process: the start-up check looks at the newest
+    rows, which are then this node's last batch.  Several nodes may share a PostgreSQL
+    database, where the newest rows need not be this node's, so there the commit keeps
+    waiting for the folder fsync.
     """
+    if dialect != "sqlite":
+        return False
     for p, outcome in zip(batch, outcomes):
         if p.stored.directory_pending and isinstance(outcome, RecordResult) and not outcome.inserted:
             return False
@@ -647,12 +656,17 @@ class StoreReceiver:
         fsynced (:func:`_may_commit_before_folder_sync`); if the machine stops in between, a
         row can survive its file's name.  Such an instance was never acknowledged (the answer
         waits for both), so its sender sends it again; its row must not make the study look
-        complete meanwhile.  Only the last committed batch can be affected, hence only the
-        newest rows are checked.  Run it before the study assembler and the workers start
-        (:class:`Listener` does it when it is created).
+        complete meanwhile.  Only the last committed batch can be affected (a leader waits for
+        its batch's folder fsync before the next batch starts), hence only the newest rows are
+        checked.  Run it before the study assembler and the workers start (:class:`Listener`
+        does it when it is created).  Only on SQLite: on PostgreSQL the commit waits for the
+        folder fsync, so there is nothing to repair, and the newest rows may be another node's,
+        whose files this node's storage does not hold.
         """
         with session_scope(self.session_factory) as session:
             connection = session.connection()
+            if connection.dialect.name != "sqlite":
+                return 0
             missing = [r for r in newest_instances(connection, newest) if not self.storage.resolve(r.path).is_file()]
             if missing:
                 forget_instances(
@@ -661,8 +675,9 @@ class StoreReceiver:
                 )
         for r in missing:
             log.warning(
-                "forgot study %s, series %s, SOP instance %s: its file %s is missing at start-up (recorded just "
-                "before the node stopped, never acknowledged; the sender sends it again)",
+                "forgot study %s, series %s, SOP instance %s: its file %s is missing at start-up (most likely "
+                "recorded in the last moments before the node stopped and never acknowledged: the sender sends "
+                "it again)",
                 r.study_instance_uid, r.series_instance_uid, r.sop_instance_uid, r.path,
             )
         return len(missing)

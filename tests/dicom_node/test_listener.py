@@ -972,3 +972,33 @@ def test_start_up_forgets_rows_whose_file_name_was_lost(
     finally:
         listener.receiver.close()
         engine.dispose()
+
+
+def test_commit_before_folder_sync_only_for_new_rows_on_sqlite(tmp_path: Path) -> None:
+    """The rule itself: new rows with a pending folder entry may commit first on SQLite; an
+    updated row, or any batch on PostgreSQL (where the newest rows may be another node's, so
+    the start-up check cannot repair them), waits for the fsync."""
+    from dicom_node.listener import _may_commit_before_folder_sync, _Pending
+
+    storage = Storage(tmp_path / "incoming", 0)
+    study, series = "1.2.826.0.1.3680043.8.498.40", "1.2.826.0.1.3680043.8.498.41"
+
+    def pending(sop: str) -> _Pending:
+        stored = storage.store(sop.encode(), study, series, sop, "keep_first", sync_directory=False)
+        info = db.ReceivedInstance(
+            study_instance_uid=study, series_instance_uid=series, sop_instance_uid=sop,
+            sop_class_uid=sop_class.MRImageStorage, transfer_syntax_uid=ExplicitVRLittleEndian,
+            path=stored.relative_path, size_bytes=stored.size_bytes, sha256=stored.sha256, received_at=db.utcnow(),
+        )
+        return _Pending(info, stored, move=False)
+
+    new, updated = pending(f"{series}.1"), pending(f"{series}.2")
+    inserted = db.RecordResult(1, inserted=True, changed=True, previous_path=None)
+    replaced = db.RecordResult(2, inserted=False, changed=True, previous_path=None)
+    mismatch = db.SeriesStudyMismatchError(series, "1.2.3", study)
+    assert _may_commit_before_folder_sync([new], [inserted], "sqlite")
+    assert _may_commit_before_folder_sync([new, updated], [inserted, mismatch], "sqlite")  # nothing written for it
+    assert not _may_commit_before_folder_sync([new, updated], [inserted, replaced], "sqlite")
+    assert not _may_commit_before_folder_sync([new], [inserted], "postgresql")
+    updated.stored.sync_directory()  # its entry is durable already: an update of it may commit first
+    assert _may_commit_before_folder_sync([new, updated], [inserted, replaced], "sqlite")
