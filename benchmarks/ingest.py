@@ -16,6 +16,9 @@ Receivers:
   orthonode's listener offers, so the comparison does not hinge on the PDU size.
 * ``dcmtk-storescp``: dcmtk's ``storescp -od`` (no fsync, no index).
 * ``orthanc``: ``/usr/sbin/Orthanc`` with a temporary configuration (files + SQLite index).
+* ``orthonode-baseline`` (optional): ``orthonode serve`` from another source tree given with
+  ``--baseline-root`` (e.g. a ``git worktree`` of the commit before a change), so two versions
+  are measured interleaved in one run, under the same machine load.
 
 The load is dcmtk's ``storescu`` sending the same folder of generated MR images (one file per
 instance, explicit VR little endian), ``--senders`` processes in parallel, each its own share of
@@ -54,6 +57,8 @@ EXTRA_RECEIVERS = ("pynetdicom-storescp-4mib-pdu",)
 #: diagnostic only, not a supported mode: orthonode with Python's os.fsync made a no-op (SQLite
 #: still syncs its own commits), to show what the per-instance file and folder fsyncs cost
 DIAGNOSTIC_RECEIVERS = ("orthonode-no-file-fsync",)
+#: orthonode from another source tree (``--baseline-root``), to compare two versions interleaved
+BASELINE_RECEIVER = "orthonode-baseline"
 
 
 # --------------------------------------------------------------------------- data
@@ -156,7 +161,9 @@ def _count_files(folder: Path, pattern: str = "*") -> int:
 
 
 @contextmanager
-def orthonode_receiver(work: Path, file_fsync: bool = True) -> Iterator[Receiver]:
+def orthonode_receiver(work: Path, file_fsync: bool = True, root: Path = ROOT,
+                       name: str | None = None) -> Iterator[Receiver]:
+    """``orthonode serve`` from the source tree ``root`` (another checkout for ``--baseline-root``)."""
     import yaml
 
     checkpoint = work / "unused-model.pt"  # serve requires the file; no job runs during the benchmark
@@ -180,13 +187,15 @@ def orthonode_receiver(work: Path, file_fsync: bool = True) -> Iterator[Receiver
     path = work / "node.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    if root != ROOT:  # that tree's dicom_node before the installed one (cwd is first for -m as well)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(path)]
     if not file_fsync:
         command = [sys.executable, "-c", "import os, runpy, sys; os.fsync = lambda fd: None; "
                    f"sys.argv = ['orthonode', 'serve', '--config', {str(path)!r}]; "
                    "runpy.run_module('dicom_node.cli', run_name='__main__')"]
     with open(work / "serve.log", "wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env)
     try:
         wait_port(port, proc=proc)
         wait_port(http_port, proc=proc)
@@ -201,7 +210,7 @@ def orthonode_receiver(work: Path, file_fsync: bool = True) -> Iterator[Receiver
             finally:
                 engine.dispose()
 
-        yield Receiver("orthonode" if file_fsync else DIAGNOSTIC_RECEIVERS[0], port, "ORTHONODE", count)
+        yield Receiver(name or ("orthonode" if file_fsync else DIAGNOSTIC_RECEIVERS[0]), port, "ORTHONODE", count)
     finally:
         _stop(proc)
 
@@ -297,12 +306,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=10)
     parser.add_argument("--senders", type=int, nargs="+", default=[1, 4], help="parallel storescu processes")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--receivers", nargs="+", default=list(RECEIVERS), choices=RECEIVERS + EXTRA_RECEIVERS + DIAGNOSTIC_RECEIVERS)
+    parser.add_argument("--receivers", nargs="+", default=list(RECEIVERS),
+                        choices=RECEIVERS + EXTRA_RECEIVERS + DIAGNOSTIC_RECEIVERS + (BASELINE_RECEIVER,))
+    parser.add_argument("--baseline-root", type=Path, default=None,
+                        help=f"source tree of another orthonode version (e.g. `git worktree add` of the commit "
+                        f"before a change), run as receiver {BASELINE_RECEIVER}, interleaved with the others")
     parser.add_argument("--nagle", action="store_true",
                         help="leave dcmtk's default (Nagle on); by default TCP_NODELAY=1 is set for dcmtk and Orthanc")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=None, help="append the markdown table to this file")
     args = parser.parse_args(argv)
+    if (BASELINE_RECEIVER in args.receivers) != (args.baseline_root is not None):
+        parser.error(f"--baseline-root and the receiver {BASELINE_RECEIVER} go together")
+    if args.baseline_root is not None:
+        baseline_root = args.baseline_root.resolve()
+        if not (baseline_root / "dicom_node" / "cli.py").is_file():
+            parser.error(f"--baseline-root {baseline_root}: no dicom_node/cli.py there")
+        FACTORIES[BASELINE_RECEIVER] = lambda work: orthonode_receiver(work, root=baseline_root, name=BASELINE_RECEIVER)
 
     if not args.nagle:
         # dcmtk (storescu, storescp, and Orthanc, which is built on it) leaves Nagle's algorithm
