@@ -721,9 +721,9 @@ def add_event(session: Session, kind: str, message: str = "", **refs: Any) -> Ev
 
 #: how many of the newest instance rows :func:`newest_instances` returns for the start-up check
 #: of :meth:`dicom_node.listener.StoreReceiver.forget_rows_without_files`; the rows that can
-#: lack their file after a crash are those of the last committed batch (at most
-#: ``listener.GROUP_COMMIT_MAX``, 64), so this leaves a wide margin at the cost of a few
-#: hundred ``stat`` calls
+#: lack their file after a crash are those of handlers still waiting for their folder fsync,
+#: at most one per open association (``listener.max_associations``), so this leaves a wide
+#: margin at the cost of a thousand ``stat`` calls at start-up
 RECENT_INSTANCES_CHECKED = 1024
 
 #: event kind of an instance row removed because its file is not there (see :func:`forget_instances`)

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 import logging
 import ssl
 import struct
@@ -418,9 +418,14 @@ class GroupRecorder:
 
     The folder fsyncs run on a helper thread while the leader executes the statements and
     commits, so the folder fsync and the database's own sync overlap; every handler of the
-    batch still waits for both.  A batch that *updates* a row for a file whose folder entry is
-    pending (an overwrite, a move) commits only after the fsync, so an acknowledged row is never
-    replaced by one naming a file that could be lost (see :func:`_may_commit_before_folder_sync`).
+    batch still waits for both.  Once its rows are committed the leader hands the lead on and
+    only then waits for its folder fsync, so the next batch's statements run meanwhile.  A
+    batch that *updates* a row for a file whose folder entry is pending (an overwrite, a move)
+    commits only after the fsync, so an acknowledged row is never replaced by one naming a
+    file that could be lost (see :func:`_may_commit_before_folder_sync`).  Rows committed ahead
+    of their folder fsync belong to the handlers still waiting, at most one per open
+    association, hence the newest rows: the start-up check
+    (:meth:`StoreReceiver.forget_rows_without_files`) looks at those.
     """
 
     def __init__(self, session_factory: sessionmaker[Session], max_batch: int = GROUP_COMMIT_MAX) -> None:
@@ -446,14 +451,21 @@ class GroupRecorder:
         with self._cond:
             self._queue.append(item)
             while not item.done:
-                if self._leading:
+                if self._leading or not self._queue:  # an empty queue: this item is in a batch in flight
                     self._cond.wait()
                     continue
                 self._leading = True
                 batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
                 self._cond.release()
+                leading = True
                 try:
-                    self._commit(batch)
+                    sync = self._commit(batch)
+                    if sync is not None:
+                        # committed; the next batch may start while this one's folder fsync ends
+                        with self._cond:
+                            self._leading = leading = False
+                            self._cond.notify_all()
+                        self._finish(batch, sync)
                 except BaseException as exc:
                     for p in batch:
                         if p.result is None and p.error is None:
@@ -461,7 +473,8 @@ class GroupRecorder:
                     raise
                 finally:
                     self._cond.acquire()
-                    self._leading = False
+                    if leading:
+                        self._leading = False
                     for p in batch:
                         p.done = True
                     self._cond.notify_all()
@@ -477,23 +490,30 @@ class GroupRecorder:
         if syncer is not None:
             syncer.shutdown(wait=True)
 
-    def _commit(self, batch: list[_Pending]) -> None:
+    def _commit(self, batch: list[_Pending]) -> Future[None] | None:
+        """Commit the batch (one by one if together fails); returns the folder fsync still to
+        wait for (:meth:`_finish`) when the rows committed before it, else ``None``."""
         try:
-            self._commit_together(batch)
-            return
+            return self._commit_together(batch)
         except (SQLAlchemyError, OSError) as exc:
             if len(batch) == 1:
                 batch[0].result, batch[0].error = None, exc
-                return
+                return None
             log.warning("committing %d instances together failed (%s); committing them one by one", len(batch), exc)
         for p in batch:  # one instance's failure must not refuse the others
             p.result = p.error = None
             try:
-                self._commit_together([p])
+                sync = self._commit_together([p])
+                if sync is not None:
+                    self._finish([p], sync)
             except (SQLAlchemyError, OSError) as exc:
                 p.result, p.error = None, exc
+        return None
 
-    def _commit_together(self, batch: list[_Pending]) -> None:
+    def _commit_together(self, batch: list[_Pending]) -> Future[None] | None:
+        """One transaction for the batch; sets each item's result or error.  Returns the folder
+        fsync to wait for when the rows were allowed to commit before it
+        (:func:`_may_commit_before_folder_sync`), else ``None`` (the fsync is done)."""
         pending = [p.stored for p in batch if p.stored.directory_pending]
         sync = None
         if pending:
@@ -503,6 +523,7 @@ class GroupRecorder:
                 syncer = self._syncer
             sync = syncer.submit(sync_directories, pending)
         outcomes: list[RecordResult | SeriesStudyMismatchError] = []
+        early = False
         try:
             with session_scope(self.session_factory) as session:
                 connection = session.connection()
@@ -511,17 +532,13 @@ class GroupRecorder:
                         outcomes.append(record_received(connection, p.info, content_changed=p.stored.changed, move=p.move))
                     except SeriesStudyMismatchError as exc:  # raised before it wrote anything
                         outcomes.append(exc)
-                if sync is not None and not _may_commit_before_folder_sync(batch, outcomes, connection.dialect.name):
+                early = sync is not None and _may_commit_before_folder_sync(batch, outcomes, connection.dialect.name)
+                if sync is not None and not early:
                     sync.result()  # the folder entries are durable before the rows naming them commit
-            if sync is not None:
-                try:
-                    sync.result()  # no success goes back before the folder entries are durable
-                except OSError:
-                    self._forget_committed(batch, outcomes)
-                    raise
-        finally:
+        except BaseException:
             if sync is not None:
                 wait([sync])
+            raise
         self.batches += 1
         self.instances += len(batch)
         for p, outcome in zip(batch, outcomes):
@@ -529,18 +546,31 @@ class GroupRecorder:
                 p.error = outcome
             else:
                 p.result = outcome
+        return sync if early else None
 
-    def _forget_committed(self, batch: list[_Pending], outcomes: list[RecordResult | SeriesStudyMismatchError]) -> None:
-        """The rows of a batch committed before its folder fsync, which then failed: remove the
-        rows of the instances whose folder entry was pending, so that the state is as before
-        the batch (the handlers refuse the instances and remove their files; a resend stores
-        them again).  If the database fails here too, the rows stay: the start-up check
-        (:meth:`StoreReceiver.forget_rows_without_files`) removes them if their files are gone."""
+    def _finish(self, batch: list[_Pending], sync: Future[None]) -> None:
+        """Wait for the folder fsync of a batch whose rows are committed: no success goes back
+        before the folder entries are durable.  If it failed, the rows of the instances whose
+        entry was pending are removed again and those instances get the error."""
+        try:
+            sync.result()
+        except OSError as exc:
+            failed = [p for p in batch if p.result is not None and p.stored.directory_pending]
+            self._forget_committed(failed)
+            for p in failed:
+                p.result, p.error = None, exc
+
+    def _forget_committed(self, failed: list[_Pending]) -> None:
+        """Rows committed before their folder fsync, which then failed: remove them, so that
+        the state is as before (the handlers refuse the instances and remove their files; a
+        resend stores them again).  If the database fails here too, the rows stay: the start-up
+        check (:meth:`StoreReceiver.forget_rows_without_files`) removes them if their files are
+        gone."""
         forget = [
-            RecordedFile(o.instance_id, p.info.study_instance_uid, p.info.series_instance_uid,
+            RecordedFile(p.result.instance_id, p.info.study_instance_uid, p.info.series_instance_uid,
                          p.info.sop_instance_uid, p.info.path)
-            for p, o in zip(batch, outcomes)
-            if isinstance(o, RecordResult) and o.inserted and p.stored.directory_pending
+            for p in failed
+            if p.result is not None and p.result.inserted
         ]
         if not forget:
             return
@@ -656,8 +686,8 @@ class StoreReceiver:
         fsynced (:func:`_may_commit_before_folder_sync`); if the machine stops in between, a
         row can survive its file's name.  Such an instance was never acknowledged (the answer
         waits for both), so its sender sends it again; its row must not make the study look
-        complete meanwhile.  Only the last committed batch can be affected (a leader waits for
-        its batch's folder fsync before the next batch starts), hence only the newest rows are
+        complete meanwhile.  Only rows of handlers that were still waiting can be affected, at
+        most one per open association (:class:`GroupRecorder`), hence only the newest rows are
         checked.  Run it before the study assembler and the workers start (:class:`Listener`
         does it when it is created).  Only on SQLite: on PostgreSQL the commit waits for the
         folder fsync, so there is nothing to repair, and the newest rows may be another node's,
@@ -1004,8 +1034,8 @@ class Listener:
         self.receiver = StoreReceiver.from_config(config, storage, session_factory, on_instance_stored)
         self.receiver.holds = study_holds
         # before anything reads the database (the node creates the listener before it starts the
-        # assembler and the workers): rows of the last batch before a crash may lack their file
-        self.receiver.forget_rows_without_files()
+        # assembler and the workers): rows committed just before a crash may lack their file
+        self.receiver.forget_rows_without_files(max(RECENT_INSTANCES_CHECKED, 2 * config.listener.max_associations))
         self.caller_policy = CallerPolicy(config.listener)
         self._ssl_context = ssl_context if ssl_context is not None else make_ssl_context(config)
         self._server: _NodeServer | None = None

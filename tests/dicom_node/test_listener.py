@@ -859,6 +859,38 @@ def test_new_rows_commit_while_their_folder_is_fsynced_and_the_answer_waits_for_
         engine.dispose()
 
 
+def test_next_batch_commits_while_the_previous_folder_fsync_runs(
+    make_config: Callable[..., NodeConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose rows are committed hands the lead on before waiting for its folder fsync:
+    another association's instance is committed meanwhile, and each is answered only after
+    the folder fsyncs (its own included) are done."""
+    import dicom_node.listener as listener_module
+
+    receiver, factory, engine, storage = _receiver_parts(make_config, tmp_path)
+    held = _HeldFolderSync()
+    monkeypatch.setattr(listener_module, "sync_directories", held)
+    first, second = _series(tmp_path / "a", slices=1)[0], _series(tmp_path / "b", slices=1)[0]
+    sops = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in (first, second)]
+    try:
+        thread1, statuses1 = _receive_in_thread(receiver, first)
+        assert held.started.wait(20)
+        wait_for(lambda: sops[0] in _instances_in_db(factory), 20, "the first row committed")
+        thread2, statuses2 = _receive_in_thread(receiver, second)
+        wait_for(lambda: sops[1] in _instances_in_db(factory), 20, "the second row committed during the first fsync")
+        time.sleep(0.1)
+        assert statuses1 == statuses2 == [], "answered before the folder fsync finished"
+        held.release.set()
+        thread1.join(20)
+        thread2.join(20)
+        assert statuses1 == statuses2 == [StoreStatus.SUCCESS]
+        assert held.calls == 2 and receiver.recorder.batches == 2
+    finally:
+        held.release.set()
+        receiver.close()
+        engine.dispose()
+
+
 def test_an_overwrite_commits_only_after_the_folder_fsync(
     make_config: Callable[..., NodeConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
