@@ -65,12 +65,15 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt, sop_class
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from sqlalchemy import select
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import ListenerSection, NodeConfig
 from dicom_node.db import (
     RECENT_INSTANCES_CHECKED,
+    EventRecord,
     ReceivedInstance,
     RecordedFile,
     RecordResult,
@@ -583,6 +586,24 @@ class GroupRecorder:
                       len(forget), exc)
 
 
+def _studies_being_purged(connection: Connection, study_uids: set[str]) -> set[str]:
+    """The studies among ``study_uids`` whose latest retention event is a purge mark without its
+    end (see :mod:`dicom_node.retention`): their files may be half deleted on purpose."""
+    if not study_uids:
+        return set()
+    from dicom_node.retention import PURGE_ABANDONED, PURGE_STARTED, PURGED
+
+    events = EventRecord.__table__
+    latest: dict[str, str] = {}
+    for uid, kind in connection.execute(
+        select(events.c.study_instance_uid, events.c.kind)
+        .where(events.c.kind.in_([PURGE_STARTED, PURGED, PURGE_ABANDONED]), events.c.study_instance_uid.in_(study_uids))
+        .order_by(events.c.id)
+    ):
+        latest[uid] = kind
+    return {uid for uid, kind in latest.items() if kind == PURGE_STARTED}
+
+
 def _may_commit_before_folder_sync(
     batch: list[_Pending], outcomes: list[RecordResult | SeriesStudyMismatchError], dialect: str
 ) -> bool:
@@ -678,9 +699,9 @@ class StoreReceiver:
         """Release the recorder's helper thread (the listener calls it when it stops)."""
         self.recorder.close()
 
-    def forget_rows_without_files(self, newest: int = RECENT_INSTANCES_CHECKED) -> int:
-        """Start-up check: remove the instance rows, among the ``newest`` rows, whose file is not
-        in storage; returns how many were removed.
+    def forget_rows_without_files(self, newest: int = RECENT_INSTANCES_CHECKED, at_most: int = 8) -> int:
+        """Start-up check: remove the instance rows, among the ``newest`` rows, whose file is
+        missing from a folder that exists; returns how many were removed.
 
         A batch of new rows may commit while the folder entries of its files are still being
         fsynced (:func:`_may_commit_before_folder_sync`); if the machine stops in between, a
@@ -688,26 +709,50 @@ class StoreReceiver:
         waits for both), so its sender sends it again; its row must not make the study look
         complete meanwhile.  Only rows of handlers that were still waiting can be affected, at
         most one per open association (:class:`GroupRecorder`), hence only the newest rows are
-        checked.  Run it before the study assembler and the workers start (:class:`Listener`
-        does it when it is created).  Only on SQLite: on PostgreSQL the commit waits for the
-        folder fsync, so there is nothing to repair, and the newest rows may be another node's,
-        whose files this node's storage does not hold.
+        checked, and the file's folder exists (folders are made durable before a file is
+        written in them).
+
+        What the crash cannot explain is left alone, with a log line: a missing folder (storage
+        not mounted, a study deleted by hand), more missing files than ``at_most`` (the
+        listener's association limit), and the studies whose retention purge was interrupted
+        (:mod:`dicom_node.retention` finishes those itself).
+
+        Run it before the study assembler and the workers start (:class:`Listener` does it when
+        it is created).  Only on SQLite: on PostgreSQL the commit waits for the folder fsync,
+        so there is nothing to repair, and the newest rows may be another node's, whose files
+        this node's storage does not hold.
         """
         with session_scope(self.session_factory) as session:
             connection = session.connection()
             if connection.dialect.name != "sqlite":
                 return 0
-            missing = [r for r in newest_instances(connection, newest) if not self.storage.resolve(r.path).is_file()]
+            missing, unexplained = [], []
+            for row in newest_instances(connection, newest):
+                path = self.storage.resolve(row.path)
+                if not path.is_file():
+                    (missing if path.parent.is_dir() else unexplained).append(row)
+            purging = _studies_being_purged(connection, {r.study_instance_uid for r in missing})
+            unexplained += [r for r in missing if r.study_instance_uid in purging]
+            missing = [r for r in missing if r.study_instance_uid not in purging]
+            if len(missing) > at_most:
+                log.error(
+                    "%d of the newest %d instance rows name files that are missing from their folders under %s; a "
+                    "crash leaves at most %d (one per association): nothing is removed, check the storage",
+                    len(missing), newest, self.storage.root, at_most,
+                )
+                return 0
             if missing:
                 forget_instances(
                     connection, missing, "the file is missing at start-up: the row was committed in the last moments "
                     "before the node stopped and the instance was never acknowledged",
                 )
+        for r in unexplained:
+            log.warning("the file %s of SOP instance %s is missing at start-up; its row is kept (its folder is "
+                        "missing too, or the study's purge was interrupted)", r.path, r.sop_instance_uid)
         for r in missing:
             log.warning(
-                "forgot study %s, series %s, SOP instance %s: its file %s is missing at start-up (most likely "
-                "recorded in the last moments before the node stopped and never acknowledged: the sender sends "
-                "it again)",
+                "forgot study %s, series %s, SOP instance %s: its file %s is missing at start-up (recorded in the "
+                "last moments before the node stopped and never acknowledged: the sender sends it again)",
                 r.study_instance_uid, r.series_instance_uid, r.sop_instance_uid, r.path,
             )
         return len(missing)
@@ -1035,7 +1080,8 @@ class Listener:
         self.receiver.holds = study_holds
         # before anything reads the database (the node creates the listener before it starts the
         # assembler and the workers): rows committed just before a crash may lack their file
-        self.receiver.forget_rows_without_files(max(RECENT_INSTANCES_CHECKED, 2 * config.listener.max_associations))
+        self.receiver.forget_rows_without_files(max(RECENT_INSTANCES_CHECKED, 2 * config.listener.max_associations),
+                                                at_most=config.listener.max_associations)
         self.caller_policy = CallerPolicy(config.listener)
         self._ssl_context = ssl_context if ssl_context is not None else make_ssl_context(config)
         self._server: _NodeServer | None = None

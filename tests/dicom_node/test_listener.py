@@ -1034,3 +1034,50 @@ def test_commit_before_folder_sync_only_for_new_rows_on_sqlite(tmp_path: Path) -
     assert not _may_commit_before_folder_sync([new], [inserted], "postgresql")
     updated.stored.sync_directory()  # its entry is durable already: an update of it may commit first
     assert _may_commit_before_folder_sync([new, updated], [inserted, replaced], "sqlite")
+
+
+def test_start_up_check_leaves_what_a_crash_cannot_explain(
+    make_config: Callable[..., NodeConfig], tmp_path: Path, caplog: Any
+) -> None:
+    """Rows are kept when their folder is gone too (storage not mounted, a study deleted by
+    hand), when more files are missing than a crash can leave (one per association), and when
+    the study's retention purge was interrupted (the purge finishes it)."""
+    import shutil
+
+    from dicom_node.retention import PURGE_STARTED
+
+    config = make_config()
+    engine = db.make_engine(config.database_url)
+    db.upgrade_database(engine)
+    factory = db.make_session_factory(engine)
+    storage = Storage(config.data_dir / "incoming", 0)
+    receiver = StoreReceiver.from_config(config, storage, factory)
+    studies = [_series(tmp_path / f"s{i}", slices=2) for i in range(3)]
+    try:
+        for files in studies:
+            for file in files:
+                assert receive_file(receiver, file) == StoreStatus.SUCCESS
+        uids = [str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID) for files in studies]
+        # study 0: its whole folder is gone; study 1: files gone, its purge marked and not finished
+        shutil.rmtree(storage.root / uids[0])
+        for path in (storage.root / uids[1]).rglob("*.dcm"):
+            path.unlink()
+        with db.session_scope(factory) as s:
+            db.add_event(s, PURGE_STARTED, "delivered; 31.00 days since the last activity", study_instance_uid=uids[1])
+        with caplog.at_level(logging.WARNING, logger="dicom_node.listener"):
+            assert receiver.forget_rows_without_files() == 0
+        assert len(_instances_in_db(factory)) == 6
+        assert "its row is kept" in caplog.text
+        # study 2: both files gone from their folder, more than the one a single association can leave
+        for path in (storage.root / uids[2]).rglob("*.dcm"):
+            path.unlink()
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="dicom_node.listener"):
+            assert receiver.forget_rows_without_files(at_most=1) == 0
+        assert "nothing is removed, check the storage" in caplog.text
+        assert len(_instances_in_db(factory)) == 6
+        assert receiver.forget_rows_without_files(at_most=2) == 2  # within what a crash can leave
+        assert len(_instances_in_db(factory)) == 4
+    finally:
+        receiver.close()
+        engine.dispose()
