@@ -362,7 +362,8 @@ def drop_unacknowledged_names(serve: Serve, senders: list[Sender], newest: int =
     time.sleep(0.5)  # answers already in the senders' sockets are read (the node is down: no new ones)
     acknowledged = {sop for s in senders for sop in s.acknowledged}
     with serve.db() as conn:
-        rows = conn.execute("SELECT sop_instance_uid, path FROM instances ORDER BY id DESC LIMIT ?", (newest,)).fetchall()
+        rows = conn.execute("SELECT sop_instance_uid, path FROM instances ORDER BY id DESC LIMIT ?",
+                            (newest,)).fetchall()
     dropped = 0
     for sop, path in rows:
         file = serve.data / "instances" / path

@@ -825,7 +825,8 @@ def _instances_in_db(factory: Any) -> dict[str, str]:
         return dict(conn.execute("SELECT sop_instance_uid, sha256 FROM instances").fetchall())
 
 
-def _receive_in_thread(receiver: StoreReceiver, file: Path, data: bytes | None = None) -> tuple[threading.Thread, list[int]]:
+def _receive_in_thread(receiver: StoreReceiver, file: Path,
+                       data: bytes | None = None) -> tuple[threading.Thread, list[int]]:
     statuses: list[int] = []
     thread = threading.Thread(target=lambda: statuses.append(receive_file(receiver, file, data)))
     thread.start()
