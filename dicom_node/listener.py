@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 import logging
 import ssl
 import struct
@@ -54,9 +53,11 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -96,6 +97,9 @@ from dicom_node.storage import (
     sync_directories,
     validate_uid,
 )
+
+if TYPE_CHECKING:
+    from dicom_node.retention import StudyGuard
 
 log = logging.getLogger(__name__)
 
@@ -660,6 +664,9 @@ class StoreReceiver:
         self.log_phi = log_phi
         self.recorder = GroupRecorder(session_factory)
         self.holds: AssociationHolds | None = None
+        #: shared per-study guard against the retention purge (:class:`dicom_node.retention.StudyGuard`):
+        #: a study is never purged between writing an instance's file and committing its row
+        self.study_guard: StudyGuard | None = None
 
     @classmethod
     def from_config(
@@ -803,6 +810,13 @@ class StoreReceiver:
             # before the instance is recorded, so that the assembler never sees it unheld
             self.holds.add(association, incoming.study_uid)
 
+        guard = self.study_guard.receiving(incoming.study_uid) if self.study_guard is not None else nullcontext()
+        with guard:
+            return self._store_and_record(data, incoming)
+
+    def _store_and_record(self, data: bytes, incoming: _Incoming) -> int:
+        """Write the file, commit its rows; the C-STORE status."""
+        who = incoming.who
         try:
             # the folder entry is made durable by the recorder, once per folder and batch
             stored = self.storage.store(
@@ -1061,8 +1075,9 @@ def make_ssl_context(config: NodeConfig) -> ssl.SSLContext | None:
 class Listener:
     """The running DICOM listener of the node: ``start()``, ``stop()``, ``active_associations``.
 
-    Creating it runs the start-up check :meth:`StoreReceiver.forget_rows_without_files`, so the
-    database is migrated and reachable by then.
+    Creating it runs the start-up check :meth:`check_rows_without_files` unless ``check_rows`` is
+    false, so the database is migrated and reachable by then.  ``study_guard`` is the retention
+    purge's per-study guard, held shared around each instance's file write and row commit.
     """
 
     def __init__(
@@ -1074,19 +1089,29 @@ class Listener:
         *,
         ssl_context: ssl.SSLContext | None = None,
         study_holds: AssociationHolds | None = None,
+        study_guard: StudyGuard | None = None,
+        check_rows: bool = True,
     ) -> None:
         self.config = config
         self.receiver = StoreReceiver.from_config(config, storage, session_factory, on_instance_stored)
         self.receiver.holds = study_holds
-        # before anything reads the database (the node creates the listener before it starts the
-        # assembler and the workers): rows committed just before a crash may lack their file
-        self.receiver.forget_rows_without_files(max(RECENT_INSTANCES_CHECKED, 2 * config.listener.max_associations),
-                                                at_most=config.listener.max_associations)
+        self.receiver.study_guard = study_guard
+        if check_rows:
+            self.check_rows_without_files()
         self.caller_policy = CallerPolicy(config.listener)
         self._ssl_context = ssl_context if ssl_context is not None else make_ssl_context(config)
         self._server: _NodeServer | None = None
         self._thread: threading.Thread | None = None
         self._ae: AE | None = None
+
+    def check_rows_without_files(self) -> int:
+        """The start-up check :meth:`StoreReceiver.forget_rows_without_files`, sized by the
+        listener's association limit.  Run it before anything reads the database (the study
+        assembler, the workers): rows committed just before a crash may lack their file.  The
+        node runs it itself, after taking the data folder's lock and finishing interrupted purges
+        (it creates its listener with ``check_rows=False``)."""
+        limit = self.config.listener.max_associations
+        return self.receiver.forget_rows_without_files(max(RECENT_INSTANCES_CHECKED, 2 * limit), at_most=limit)
 
     def _make_ae(self) -> AE:
         listener = self.config.listener

@@ -11,11 +11,13 @@ Each arrow that crosses a thread goes through the database, so the node can be k
 point and picks up where it was at the next start (see :mod:`dicom_node.jobs` and
 :mod:`dicom_node.export`).  In memory there are only timers and wake-up events.
 
-Start order is data-dir lock -> unfinished purges -> exporter -> workers -> assembler ->
-listener -> HTTP -> scheduled purge: everything that consumes work runs before anything that
-produces it, the listener acknowledges instances only once the assembler can hear about them,
-and a purge a crash interrupted is finished before any instance can arrive for its study
-(:mod:`dicom_node.retention`).  Stop order is the reverse.
+Start order is data-dir lock -> unfinished purges -> rows without files -> exporter -> workers ->
+assembler -> listener -> HTTP -> scheduled purge: everything that consumes work runs before
+anything that produces it, the listener acknowledges instances only once the assembler can hear
+about them, a purge a crash interrupted is finished before any instance can arrive for its study
+(:mod:`dicom_node.retention`), and rows committed just before a crash whose files did not survive
+are removed before anything reads them (:meth:`dicom_node.listener.Listener.check_rows_without_files`).
+Stop order is the reverse.
 """
 from __future__ import annotations
 
@@ -106,7 +108,8 @@ class Node:
             self.retention = RetentionRunner(self.purger, config.retention.interval_minutes)
         self._lock = DataDirLock(self.data_dir)
         self.listener = Listener(config, self.storage, self.factory, on_instance_stored=self._instance_stored,
-                                 study_holds=AssociationHolds(self.assembler.hold, self.assembler.release))
+                                 study_holds=AssociationHolds(self.assembler.hold, self.assembler.release),
+                                 study_guard=self.study_guard, check_rows=False)
         self.http: HealthServer | None = None
         if config.http.enabled:
             self.http = HealthServer(config.http.bind_address, config.http.port, self._checks(), self._render_metrics)
@@ -180,6 +183,9 @@ class Node:
             # a purge cut short by a crash is finished before anything can arrive for its study
             # (one that cannot be finished now is logged and tried again by the next run)
             self.purger.finish_interrupted()
+            # rows committed in the last moments before a crash may lack their file: removed
+            # before the assembler or a worker can see them
+            self.listener.check_rows_without_files()
             self.exporter.start()
             for worker in self.workers:
                 worker.start()
