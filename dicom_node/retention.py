@@ -81,6 +81,7 @@ from dicom_node.db import (
     session_scope,
     utcnow,
 )
+from dicom_node.storage import fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -342,14 +343,6 @@ def assess(session: Session, study: Study, policy: RetentionSection, now: dateti
 # --------------------------------------------------------------------------- deleting files
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def tree_size(root: Path) -> tuple[int, int]:
     """(files, bytes) under ``root`` (0, 0 when it does not exist); links are not followed."""
     files = size = 0
@@ -381,7 +374,7 @@ def remove_tree(root: Path, written_before: float | None = None) -> tuple[int, i
         if written_before is not None and stat.st_mtime > written_before:
             return 0, 0
         root.unlink()
-        _fsync_dir(root.parent)
+        fsync_directory(root.parent)
         return 1, stat.st_size
     files = size = 0
     for dirpath, dirnames, filenames in os.walk(root, topdown=False):
@@ -406,7 +399,7 @@ def remove_tree(root: Path, written_before: float | None = None) -> tuple[int, i
                 raise
             log.warning("%s: left in place, it holds files written after the purge began", folder)
             continue
-        _fsync_dir(folder.parent)
+        fsync_directory(folder.parent)
     return files, size
 
 

@@ -138,7 +138,7 @@ class StoredInstance:
         caller.  Callers that store several instances at once use :func:`sync_directories`,
         which fsyncs each folder once."""
         if self.directory_pending:
-            _fsync_dir(self.path.parent)
+            fsync_directory(self.path.parent)
             self.directory_pending = False
 
     @property
@@ -162,10 +162,10 @@ class StoredInstance:
         self._finished = True
         if self.outcome is Outcome.CREATED:
             _unlink_quietly(self.path)
-            _fsync_dir(self.path.parent)
+            fsync_directory(self.path.parent)
         elif self.outcome is Outcome.OVERWRITTEN and self._backup is not None:
             os.replace(self._backup, self.path)
-            _fsync_dir(self.path.parent)
+            fsync_directory(self.path.parent)
             self._backup = None
 
 
@@ -176,7 +176,8 @@ def _unlink_quietly(path: Path) -> None:
         pass
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
+    """Make the entries created, renamed or removed in the folder ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -192,7 +193,7 @@ def sync_directories(stored: Iterable[StoredInstance]) -> None:
     """
     pending = [s for s in stored if s.directory_pending]
     for folder in dict.fromkeys(s.path.parent for s in pending):
-        _fsync_dir(folder)
+        fsync_directory(folder)
     for s in pending:
         s.directory_pending = False
 
@@ -286,7 +287,7 @@ class Storage:
             except FileExistsError:
                 continue  # another association created it in the meantime
             os.chmod(path, DIR_MODE)
-            _fsync_dir(path.parent)
+            fsync_directory(path.parent)
         self._known_dirs.add(folder)
 
     def store(
@@ -405,7 +406,7 @@ class Storage:
             path.unlink()
         except FileNotFoundError:
             return
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
 
     def remove_stale_temporaries(self, older_than_seconds: float = 3600.0) -> int:
         """Delete temporary and backup files left by a crash mid-write; returns how many.

@@ -216,8 +216,8 @@ def test_folder_fsync_left_to_the_caller_is_done_once_per_folder(tmp_path: Path,
     assert [s.directory_pending for s in stored] == [True, True, True, False]
     assert all(s.path.read_bytes() for s in stored)
     synced: list[Path] = []
-    real = storage_module._fsync_dir
-    monkeypatch.setattr(storage_module, "_fsync_dir", lambda path: (synced.append(path), real(path)))
+    real = storage_module.fsync_directory
+    monkeypatch.setattr(storage_module, "fsync_directory", lambda path: (synced.append(path), real(path)))
     storage_module.sync_directories(stored)
     assert synced == [stored[0].path.parent, stored[2].path.parent]
     assert not any(s.directory_pending for s in stored)
