@@ -57,6 +57,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
@@ -636,6 +637,41 @@ def _may_commit_before_folder_sync(
     return True
 
 
+#: elements whose values follow from the encoding, not from the instance: the pixel data, their
+#: planar arrangement, the lossy-compression flags and trailing padding; the file meta group and
+#: group lengths are left out separately
+_ENCODING_TAGS = frozenset({0x7FE00010, 0x00280006, 0x00282110, 0x00282112, 0x00282114, 0xFFFCFFFC})
+
+
+def same_instance_content(stored: Path, data: bytes) -> bool:
+    """True when ``data`` (a received file) holds the instance stored in ``stored`` in another
+    encoding: every data element but those of :data:`_ENCODING_TAGS` equal, and the decoded pixels
+    equal (a lossless re-encoding).  Anything that cannot be read or decoded counts as different.
+
+    Only the rare path of a refused duplicate pays for this (two full parses and pixel decodes).
+    """
+    import numpy as np
+
+    def content(ds: Any) -> tuple[dict[int, Any], Any]:
+        elements = {
+            int(e.tag): e.value for e in ds
+            if int(e.tag) not in _ENCODING_TAGS and e.tag.group != 0x0002 and e.tag.element != 0x0000
+        }
+        return elements, np.asarray(ds.pixel_array) if "PixelData" in ds else None
+
+    try:
+        old_elements, old_pixels = content(dcmread(stored))
+        new_elements, new_pixels = content(dcmread(BytesIO(data)))
+    except (*_PARSE_ERRORS, AttributeError, TypeError, RuntimeError) as exc:
+        log.info("comparing a duplicate with %s: not comparable (%s: %s)", stored.name, type(exc).__name__, exc)
+        return False
+    if old_elements != new_elements:
+        return False
+    if old_pixels is None or new_pixels is None:
+        return old_pixels is None and new_pixels is None
+    return old_pixels.shape == new_pixels.shape and bool(np.array_equal(old_pixels, new_pixels))
+
+
 class StoreReceiver:
     """Everything the C-STORE handler needs, and the handling itself, network-free.
 
@@ -831,6 +867,15 @@ class StoreReceiver:
             log.error("refused %s from %s: out of space: %s", incoming.where, who, exc)
             return StoreStatus.OUT_OF_SPACE
         except DuplicateConflictError as exc:
+            if same_instance_content(exc.path, data):
+                # the same instance in another encoding (a PACS re-sending it compressed or not):
+                # nothing differs but the bytes, so the first copy stays and the sender succeeds
+                log.info(
+                    "%s from %s: already stored in another encoding with the same header and pixels; "
+                    "kept the first copy (%s)", incoming.where, who, exc.path.name,
+                )
+                self._event("duplicate_other_encoding", f"from {who}; same header and pixels, kept", incoming)
+                return StoreStatus.SUCCESS
             log.warning("refused %s from %s: %s", incoming.where, who, exc)
             self._event("duplicate_refused", f"from {who}; different content", incoming)
             return StoreStatus.DUPLICATE_SOP_INSTANCE
@@ -848,6 +893,14 @@ class StoreReceiver:
             ds = dcmread(BytesIO(data), specific_tags=_TAGS + _PIXEL_TAGS)
         except _PARSE_ERRORS as exc:
             log.warning("refused SOP instance %s from %s: the data set cannot be parsed: %s", affected_sop_uid, who, exc)
+            return StoreStatus.UNPARSABLE_DATASET
+        if len(ds) == 0:
+            # an empty data set; pydicom also returns no elements at all (with a warning) when a
+            # data set ends inside its encapsulated pixel data: unparsable, not merely without UIDs
+            log.warning(
+                "refused SOP instance %s from %s: the data set holds no data element that could be read (it is "
+                "empty, or cut short inside its encapsulated pixel data)", affected_sop_uid, who,
+            )
             return StoreStatus.UNPARSABLE_DATASET
 
         raw = {key: _uid_value(ds, key) for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}

@@ -415,7 +415,8 @@ def _build_cases() -> list[HostileCase]:
         add(HostileCase(name, f"data set cut at {fraction:.0%}", (Item(data, expect),), absent=(str(ds.SOPInstanceUID),)))
     sop = generate_uid()
     meta = file_meta(MR, sop)
-    add(_raw("empty_dataset", "file meta and nothing else", meta, b"", frozenset({StoreStatus.INVALID_UIDS}), refused_uid))
+    add(_raw("empty_dataset", "file meta and nothing else", meta, b"", frozenset({StoreStatus.UNPARSABLE_DATASET}),
+             "holds no data element that could be read"))
     rng = np.random.default_rng(7)
     add(_raw("garbage_body", "4 KiB of random bytes after the meta group", file_meta(MR, generate_uid()),
              rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(),
