@@ -24,8 +24,6 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicom_node import db
-from dicom_node.listener import Listener
-from dicom_node.storage import Storage
 from tests.hostile.corpus import (
     VALID_STATUSES,
     body_of,
@@ -35,7 +33,7 @@ from tests.hostile.corpus import (
     mr_dataset,
     send_files,
 )
-from tests.hostile.test_hostile_listener import hostile_config
+from tests.hostile.test_hostile_listener import hostile_config, start_listener
 
 #: seconds of fuzzing (ORTHONODE_FUZZ_SECONDS for a longer run) and the seed (ORTHONODE_FUZZ_SEED)
 FUZZ_SECONDS = float(os.environ.get("ORTHONODE_FUZZ_SECONDS", "15"))
@@ -109,13 +107,8 @@ def fuzz_file(rng: random.Random) -> bytes:
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_fuzz_c_store(tmp_path: Path) -> None:
-    config = hostile_config(tmp_path)
-    db.upgrade_database(config.database_url)
-    engine = db.make_engine(config.database_url)
-    factory = db.make_session_factory(engine)
-    storage = Storage(config.data_dir / "instances", 0)
-    listener = Listener(config, storage, factory)
-    listener.start()
+    node = start_listener(hostile_config(tmp_path))
+    config, listener, storage, factory, engine = node.config, node.listener, node.storage, node.factory, node.engine
     rng = random.Random(FUZZ_SEED)
     sent = successes = 0
     seen: dict[int, int] = {}

@@ -59,6 +59,21 @@ class RunningListener:
     def temporaries(self) -> list[Path]:
         return [p for p in self.storage.root.rglob(".*") if p.is_file()]
 
+    def stop(self) -> None:
+        self.listener.stop(timeout=2)
+        self.engine.dispose()
+
+
+def start_listener(config: NodeConfig) -> RunningListener:
+    """A migrated database, storage under ``config.data_dir`` and a started listener."""
+    db.upgrade_database(config.database_url)
+    engine = db.make_engine(config.database_url)
+    factory = db.make_session_factory(engine)
+    storage = Storage(config.data_dir / "instances", config.storage.min_free_mb)
+    listener = Listener(config, storage, factory)
+    listener.start()
+    return RunningListener(config, listener, storage, factory, engine)
+
 
 def hostile_config(root: Path, **listener: Any) -> NodeConfig:
     """A node configuration on a free loopback port with data under ``root`` (defaults otherwise)."""
@@ -79,19 +94,11 @@ def hostile_config(root: Path, **listener: Any) -> NodeConfig:
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningListener]:
-    root = tmp_path_factory.mktemp("hostile_listener")
-    config = hostile_config(root)
-    db.upgrade_database(config.database_url)
-    engine = db.make_engine(config.database_url)
-    factory = db.make_session_factory(engine)
-    storage = Storage(config.data_dir / "instances", 0)
-    listener = Listener(config, storage, factory)
-    listener.start()
+    node = start_listener(hostile_config(tmp_path_factory.mktemp("hostile_listener")))
     try:
-        yield RunningListener(config, listener, storage, factory, engine)
+        yield node
     finally:
-        listener.stop(timeout=2)
-        engine.dispose()
+        node.stop()
 
 
 def test_the_corpus_is_large_and_names_are_unique() -> None:
@@ -160,16 +167,6 @@ def test_every_success_is_stored_with_its_row(node: RunningListener) -> None:
 # --------------------------------------------------------------------------- conditions that clear
 
 
-def _start(config: NodeConfig) -> RunningListener:
-    db.upgrade_database(config.database_url)
-    engine = db.make_engine(config.database_url)
-    factory = db.make_session_factory(engine)
-    storage = Storage(config.data_dir / "instances", config.storage.min_free_mb)
-    listener = Listener(config, storage, factory)
-    listener.start()
-    return RunningListener(config, listener, storage, factory, engine)
-
-
 def _write(tmp_path: Path, name: str) -> tuple[Path, str]:
     from tests.hostile.corpus import encode, mr_dataset
 
@@ -180,7 +177,7 @@ def _write(tmp_path: Path, name: str) -> tuple[Path, str]:
 
 
 def test_disk_full_refuses_with_a700_and_recovers_by_itself(tmp_path: Path, caplog: Any) -> None:
-    node = _start(hostile_config(tmp_path))
+    node = start_listener(hostile_config(tmp_path))
     try:
         node.storage.min_free_mb = 10**9  # the disk is "full": no space above the reserve
         path, sop = _write(tmp_path, "while_full")
@@ -194,8 +191,7 @@ def test_disk_full_refuses_with_a700_and_recovers_by_itself(tmp_path: Path, capl
         assert send_files(node.port, [path]).statuses == [0x0000]
         assert node.row(sop) is not None and len(node.files_named(sop)) == 1
     finally:
-        node.listener.stop(timeout=2)
-        node.engine.dispose()
+        node.stop()
 
 
 def test_database_unavailable_refuses_with_a702_and_recovers_by_itself(
@@ -207,7 +203,7 @@ def test_database_unavailable_refuses_with_a702_and_recovers_by_itself(
 
     config = hostile_config(tmp_path)
     config = config.model_copy(update={"database": config.database.model_copy(update={"url": postgres_url})})
-    node = _start(config)
+    node = start_listener(config)
     name = make_url(postgres_url).database
     admin = create_engine(make_url(postgres_url).set(database="postgres"), isolation_level="AUTOCOMMIT")
     try:
@@ -233,8 +229,7 @@ def test_database_unavailable_refuses_with_a702_and_recovers_by_itself(
         with admin.connect() as conn:
             conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
         admin.dispose()
-        node.listener.stop(timeout=2)
-        node.engine.dispose()
+        node.stop()
 
 
 # --------------------------------------------------------------------------- SIGKILL while storing

@@ -26,14 +26,13 @@ from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import select
 
 from dicom_node import db
-from dicom_node.listener import Listener, StoreStatus
-from dicom_node.storage import Storage
+from dicom_node.listener import StoreStatus
 from inference.checkpoint import ModelBundle
 from inference.pipeline import Outcome, run_study
 from inference.series import SeriesError, load_series, scan_folder_report
 from tests.dicom_node.node_fixtures import node_checkpoint  # noqa: F401 - fixture used by name
 from tests.hostile.corpus import body_of, echo, send_files
-from tests.hostile.test_hostile_listener import RunningListener, hostile_config
+from tests.hostile.test_hostile_listener import RunningListener, hostile_config, start_listener
 
 ENHANCED = "emri_small.dcm"
 #: the same Enhanced MR instance in other encodings, all lossless
@@ -57,18 +56,11 @@ def vendor_file(name: str) -> Path:
 
 @pytest.fixture()
 def node(tmp_path: Path) -> Iterator[RunningListener]:
-    config = hostile_config(tmp_path)
-    db.upgrade_database(config.database_url)
-    engine = db.make_engine(config.database_url)
-    factory = db.make_session_factory(engine)
-    storage = Storage(config.data_dir / "instances", 0)
-    listener = Listener(config, storage, factory)
-    listener.start()
+    node = start_listener(hostile_config(tmp_path))
     try:
-        yield RunningListener(config, listener, storage, factory, engine)
+        yield node
     finally:
-        listener.stop(timeout=2)
-        engine.dispose()
+        node.stop()
 
 
 def _events(node: RunningListener, kind: str) -> list[str]:
