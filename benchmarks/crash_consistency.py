@@ -86,6 +86,16 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM ``proc`` and wait for it (30 s), then SIGKILL it: a clean stop of ``orthonode serve``."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 @dataclass
 class Study:
     uid: str
@@ -213,12 +223,7 @@ class Serve:
     def terminate(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.sample_rss()
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+            stop_process(self.proc)
 
     def db(self) -> sqlite3.Connection:
         return sqlite3.connect(f"file:{self.data / 'orthonode.sqlite'}?mode=ro", uri=True, timeout=30)

@@ -60,7 +60,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 if str(ROOT / "benchmarks") not in sys.path:  # the benchmarks' shared pieces
     sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from crash_consistency import Pacs as StoragePacs  # noqa: E402
+from crash_consistency import Pacs as StoragePacs, stop_process  # noqa: E402
 
 #: the node's AE title, the sender's and the PACS's (the node.yaml written here allows the sender)
 NODE_AE, SENDER_AE, PACS_AE = "ORTHONODE", "STORESCU", "PACS"
@@ -225,12 +225,7 @@ class NodeProcess:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+            stop_process(self.proc)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
