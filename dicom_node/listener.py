@@ -142,6 +142,9 @@ class StoreStatus(enum.IntEnum):
     SOP_INSTANCE_UID_MISMATCH = 0xC212
     #: cannot understand: the series is recorded under another study
     SERIES_IN_OTHER_STUDY = 0xC213
+    #: general failure "Processing failure": an unexpected error in the node (logged with its
+    #: traceback); nothing of the instance was kept.  Never the answer to any known input
+    PROCESSING_FAILURE = 0x0110
 
 
 # --------------------------------------------------------------------------- callers
@@ -882,7 +885,12 @@ class StoreReceiver:
         except OSError as exc:
             log.error("refused %s from %s: writing the file failed: %s", incoming.where, who, exc)
             return StoreStatus.STORAGE_WRITE_FAILED
-        return self._record(stored, incoming)
+        try:
+            return self._record(stored, incoming)
+        except BaseException:
+            if not stored.finished:  # an error before the rows were committed: no file without its row
+                stored.undo()
+            raise
 
     def _parse(self, data: bytes, context_class: UID, affected_sop_uid: str, who: str) -> _Incoming | int:
         """The identifying attributes of the data set, checked; or the refusal status.
@@ -894,6 +902,18 @@ class StoreReceiver:
         except _PARSE_ERRORS as exc:
             log.warning("refused SOP instance %s from %s: the data set cannot be parsed: %s", affected_sop_uid, who, exc)
             return StoreStatus.UNPARSABLE_DATASET
+        # pydicom converts a value on first access: convert those read here at once, so that a
+        # value it cannot convert (an unknown VR, a length that fits no value) refuses the data
+        # set now, with its tag named, instead of raising later while the file is recorded
+        for tag in list(ds.keys()):
+            try:
+                ds[tag]
+            except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds here
+                log.warning(
+                    "refused SOP instance %s from %s: the data set cannot be parsed: the value of %s cannot be read: %s",
+                    affected_sop_uid, who, tag, exc,
+                )
+                return StoreStatus.UNPARSABLE_DATASET
         if len(ds) == 0:
             # an empty data set; pydicom also returns no elements at all (with a warning) when a
             # data set ends inside its encapsulated pixel data: unparsable, not merely without UIDs
@@ -1072,15 +1092,22 @@ class AssociationHolds:
 def handle_store(event: evt.Event, receiver: StoreReceiver) -> int:
     """pynetdicom ``EVT_C_STORE`` handler (an intervention event: the return is the status)."""
     requestor = event.assoc.requestor
-    return receiver.receive(
-        event.encoded_dataset(include_meta=True),
-        context_sop_class_uid=event.context.abstract_syntax,
-        transfer_syntax_uid=event.context.transfer_syntax,
-        affected_sop_instance_uid=event.request.AffectedSOPInstanceUID,
-        calling_ae_title=str(requestor.ae_title).strip(),
-        peer_host=requestor.address,
-        association=event.assoc,
-    )
+    try:
+        return receiver.receive(
+            event.encoded_dataset(include_meta=True),
+            context_sop_class_uid=event.context.abstract_syntax,
+            transfer_syntax_uid=event.context.transfer_syntax,
+            affected_sop_instance_uid=event.request.AffectedSOPInstanceUID,
+            calling_ae_title=str(requestor.ae_title).strip(),
+            peer_host=requestor.address,
+            association=event.assoc,
+        )
+    except Exception:  # noqa: BLE001 - a bug must not pass for "cannot understand" (pynetdicom's 0xC211)
+        log.exception(
+            "refused SOP instance %s from %s@%s: unexpected error in the node (nothing was kept)",
+            event.request.AffectedSOPInstanceUID, str(requestor.ae_title).strip(), requestor.address,
+        )
+        return StoreStatus.PROCESSING_FAILURE
 
 
 def handle_connection_closed(event: evt.Event, holds: AssociationHolds) -> None:

@@ -142,6 +142,11 @@ class StoredInstance:
             self.directory_pending = False
 
     @property
+    def finished(self) -> bool:
+        """Whether :meth:`finalize` or :meth:`undo` ran."""
+        return self._finished
+
+    @property
     def changed(self) -> bool:
         """Whether the file on disk changed (a new file or an overwrite)."""
         return self.outcome in (Outcome.CREATED, Outcome.OVERWRITTEN)

@@ -437,6 +437,13 @@ def _build_cases() -> list[HostileCase]:
     add(HostileCase("wrong_vr_rows", "Rows encoded as LO text (stored as received)", (Item(file_bytes(file_meta(MR, sop), body), OK),),
                     log="created"))
     sop = generate_uid()
+    # (0010,0020) Patient ID with the VR bytes 4C 0F: pydicom reads past it and fails only when
+    # the value is converted, after the identifying UIDs were read and the file written
+    unknown_vr = struct.pack("<HH", 0x0010, 0x0020) + b"\x4c\x0f" + struct.pack("<H", 8) + b"PAT12345"
+    body = raw_identity(sop) + unknown_vr + raw_study_series(generate_uid(), generate_uid())
+    add(_raw("unknown_vr_patient_id", "Patient ID with VR bytes that name no VR", file_meta(MR, sop), body,
+             frozenset({StoreStatus.UNPARSABLE_DATASET}), unparsable))
+    sop = generate_uid()
     body = raw_identity(sop) + element(0x00081140, "SQ", b"\xfe\xff\x00\xe0\xff\xff\xff\xff" + b"\x00" * 40, length=0xFFFFFFFF)
     add(_raw("unterminated_sequence", "an undefined-length sequence that never ends", file_meta(MR, sop), body,
              frozenset({StoreStatus.UNPARSABLE_DATASET, StoreStatus.INVALID_UIDS}), "refused SOP instance"))

@@ -24,6 +24,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicom_node import db
+from dicom_node.listener import StoreStatus
 from tests.hostile.corpus import (
     VALID_STATUSES,
     body_of,
@@ -130,6 +131,7 @@ def test_fuzz_c_store(tmp_path: Path) -> None:
                 sent += 1
                 assert status is not None, f"{path.name}: no presentation context for an MR file"
                 assert status in VALID_STATUSES, f"{path.name}: 0x{status:04X} is not a documented status"
+                assert status != StoreStatus.PROCESSING_FAILURE, f"{path.name}: an unexpected error in the node (log)"
                 seen[status] = seen.get(status, 0) + 1
                 if status == 0:
                     successes += 1
