@@ -665,10 +665,10 @@ def same_instance_content(stored: Path, data: bytes) -> bool:
     try:
         old_elements, old_pixels = content(dcmread(stored))
         new_elements, new_pixels = content(dcmread(BytesIO(data)))
-    except (*_PARSE_ERRORS, AttributeError, TypeError, RuntimeError) as exc:
+        if old_elements != new_elements:
+            return False
+    except Exception as exc:  # noqa: BLE001 - pydicom and the pixel decoders raise many kinds on damaged data
         log.info("comparing a duplicate with %s: not comparable (%s: %s)", stored.name, type(exc).__name__, exc)
-        return False
-    if old_elements != new_elements:
         return False
     if old_pixels is None or new_pixels is None:
         return old_pixels is None and new_pixels is None

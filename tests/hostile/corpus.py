@@ -389,6 +389,15 @@ def _build_cases() -> list[HostileCase]:
     add(HostileCase("duplicate_different_content", "same SOP Instance UID, other pixels (reject_if_different)",
                     (Item(encode(first), OK), Item(encode(second), frozenset({StoreStatus.DUPLICATE_SOP_INSTANCE}))),
                     stored=(_ids(first),), log="different content"))
+    kept = mr_dataset(seed=3)
+    # the same instance again with Acquisition Matrix (US) in 3 bytes, no whole number of values,
+    # placed in tag order before Study Instance UID: outside what the receiver reads, so only the
+    # duplicate comparison meets it
+    acquisition_matrix = struct.pack("<HH", 0x0018, 0x1310) + b"US" + struct.pack("<H", 3) + b"\x01\x02\x03"
+    damaged = _replace_body(kept, lambda body: body.replace(b"\x20\x00\x0d\x00UI", acquisition_matrix + b"\x20\x00\x0d\x00UI", 1))
+    add(HostileCase("duplicate_unreadable_element", "same SOP Instance UID again, with a value that cannot be read",
+                    (Item(encode(kept), OK), Item(damaged, frozenset({StoreStatus.DUPLICATE_SOP_INSTANCE}))),
+                    stored=(_ids(kept),), log="not comparable"))
     same = mr_dataset()
     add(HostileCase("duplicate_identical", "the same file twice", (Item(encode(same), OK), Item(encode(same), OK)), stored=(_ids(same),)))
     moved = mr_dataset()
