@@ -2,7 +2,8 @@
 
 Valid small MR data sets are mutated (attributes deleted, values replaced with junk or with
 another VR, bytes flipped, the data set cut short or extended with garbage) and sent byte for
-byte.  Whatever arrives, the node must answer with one of its documented statuses, keep
+byte; now and then the mutated file reuses the UIDs of an instance already stored (a changed or
+damaged duplicate).  Whatever arrives, the node must answer with one of its documented statuses, keep
 serving (C-ECHO afterwards), and leave storage consistent: every file under the storage root
 has its database row with the same checksum and vice versa, no temporary file stays visible,
 and every instance answered with success is there.
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import select
@@ -88,10 +90,15 @@ def _cut_or_extend(body: bytes, rng: random.Random) -> bytes:
     return body + bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
 
 
-def fuzz_file(rng: random.Random) -> bytes:
+def fuzz_file(rng: random.Random, again: tuple[str, str, str] | None = None) -> bytes:
     """One mutated file: the file meta of the original (so the sender can address it), the data
-    set mutated in one of three ways."""
-    ds = mr_dataset(seed=rng.randrange(1000))
+    set mutated in one of three ways.  ``again``: the (study, series, SOP instance) UIDs of an
+    instance already stored, so that the file is a damaged or changed duplicate of it."""
+    if again is None:
+        ds = mr_dataset(seed=rng.randrange(1000))
+    else:
+        study, series, sop = again
+        ds = mr_dataset(seed=rng.randrange(1000), study=study, series=series, sop=sop)
     meta = ds.file_meta
     original = body_of(encode(ds))
     kind = rng.random()
@@ -106,6 +113,17 @@ def fuzz_file(rng: random.Random) -> bytes:
     return file_bytes(meta, body)
 
 
+def _uids_of(path: Path) -> list[tuple[str, str, str]]:
+    """The (study, series, SOP instance) UIDs of an acknowledged file, when they can be read."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = dcmread(path, specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+            return [(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))]
+        except Exception:  # noqa: BLE001 - acknowledged files are readable; this only picks duplicates
+            return []
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_fuzz_c_store(tmp_path: Path) -> None:
     node = start_listener(hostile_config(tmp_path))
@@ -114,6 +132,9 @@ def test_fuzz_c_store(tmp_path: Path) -> None:
     sent = successes = 0
     seen: dict[int, int] = {}
     acknowledged: list[Path] = []
+    stored_uids: list[tuple[str, str, str]] = []
+    duplicates: dict[Path, tuple[str, str, str] | None] = {}
+    acknowledged_again: list[str] = []
     try:
         deadline = time.monotonic() + FUZZ_SECONDS
         batch_no = 0
@@ -122,8 +143,11 @@ def test_fuzz_c_store(tmp_path: Path) -> None:
             for i in range(BATCH):
                 path = tmp_path / "send" / f"{batch_no:04d}_{i}.dcm"
                 path.parent.mkdir(exist_ok=True)
-                path.write_bytes(fuzz_file(rng))
+                # now and then a changed copy of an instance already stored: the duplicate path
+                again = rng.choice(stored_uids) if stored_uids and rng.random() < 0.15 else None
+                path.write_bytes(fuzz_file(rng, again))
                 paths.append(path)
+                duplicates[path] = again
             batch_no += 1
             result = send_files(config.listener.port, paths)
             assert not result.aborted, f"batch {batch_no}: the node ended the association ({result.statuses})"
@@ -135,7 +159,11 @@ def test_fuzz_c_store(tmp_path: Path) -> None:
                 seen[status] = seen.get(status, 0) + 1
                 if status == 0:
                     successes += 1
-                    acknowledged.append(path)
+                    if duplicates[path] is None:
+                        acknowledged.append(path)
+                        stored_uids.extend(_uids_of(path))
+                    else:  # kept as first stored (the same header and pixels, or the same bytes)
+                        acknowledged_again.append(duplicates[path][2])
             for path in paths:
                 if path not in acknowledged:
                     path.unlink()
@@ -157,6 +185,8 @@ def test_fuzz_c_store(tmp_path: Path) -> None:
     stored_bodies = {hashlib.sha256(body_of(p.read_bytes())).hexdigest() for p in files.values()}
     for path in acknowledged:
         assert hashlib.sha256(body_of(path.read_bytes())).hexdigest() in stored_bodies, path
+    stored_sops = {sop for _, sop in rows.values()}
+    assert [sop for sop in acknowledged_again if sop not in stored_sops] == [], "an acknowledged duplicate is missing"
     assert sent >= 40, f"only {sent} files in {FUZZ_SECONDS} s"
     # the mutations reach more than one outcome: refusals and successes both occur
     assert successes and len(seen) >= 3, seen
