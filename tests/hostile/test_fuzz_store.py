@@ -190,4 +190,10 @@ def test_fuzz_c_store(tmp_path: Path) -> None:
     assert sent >= 40, f"only {sent} files in {FUZZ_SECONDS} s"
     # the mutations reach more than one outcome: refusals and successes both occur
     assert successes and len(seen) >= 3, seen
+    # the run's figures (shown with -s; benchmarks/results/fuzzing.md records longer runs)
+    print(
+        f"fuzz seed {FUZZ_SEED}, {FUZZ_SECONDS:g} s: {sent} files, {len(acknowledged)} stored, "
+        f"{len(acknowledged_again)} duplicates acknowledged, statuses "
+        + ", ".join(f"{status:04X}: {count}" for status, count in sorted(seen.items()))
+    )
 
