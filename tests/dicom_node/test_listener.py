@@ -428,6 +428,32 @@ def test_database_failure_keeps_nothing(start_node: Callable[..., Node], tmp_pat
     assert "the database is unavailable, the file was not kept" in caplog.text
 
 
+def test_unexpected_error_answers_processing_failure_and_keeps_nothing(
+    start_node: Callable[..., Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """A bug between writing the file and committing its row (here: building the row raises)
+    does not end the association or pass for "cannot understand": the sender gets 0x0110, the
+    log has the traceback, the file is removed, and the next instance is stored."""
+    import dicom_node.listener as listener_module
+
+    node = start_node()
+    real = listener_module.ReceivedInstance
+    calls = {"n": 0}
+
+    def failing_once(**fields: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault while building the row")
+        return real(**fields)
+
+    monkeypatch.setattr(listener_module, "ReceivedInstance", failing_once)
+    files = _series(tmp_path / "in", slices=2)
+    with caplog.at_level(logging.ERROR, logger="dicom_node.listener"):
+        assert _send(node.port, files) == [StoreStatus.PROCESSING_FAILURE, StoreStatus.SUCCESS]
+    assert "unexpected error in the node" in caplog.text and "injected fault while building the row" in caplog.text
+    assert len(node.files()) == 1 and node.count(db.Instance) == 1
+
+
 def test_unreachable_database(make_config: Callable[..., NodeConfig], tmp_path: Path) -> None:
     from tests.dicom_node.conftest import free_port
 
