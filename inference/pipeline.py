@@ -454,13 +454,15 @@ def run_study(
         result.log.append(f"file {skipped.path.name}: skipped: {skipped.reason}")
     if not scan.series:
         return finish(Outcome.UNSUPPORTED, f"no readable DICOM image series in {study_dir}")
-    studies = sorted({info.study_instance_uid for info in scan.series})
+    studies = sorted({uid for info in scan.series for uid in (info.study_instance_uids or (info.study_instance_uid,))})
     if len(studies) > 1:
+        mixed = [info.label() for info in scan.series if len(info.study_instance_uids) > 1]
+        within = f"; {', '.join(mixed)} mixes instances of several studies" if mixed else ""
         return finish(
-            Outcome.UNSUPPORTED, f"the folder holds {len(studies)} studies ({', '.join(studies)}); one expected"
+            Outcome.UNSUPPORTED, f"the folder holds {len(studies)} studies ({', '.join(studies)}){within}; one expected"
         )
     result.study_instance_uid = studies[0]
-    patients = {info.patient_id for info in scan.series}
+    patients = {pid for info in scan.series for pid in (info.patient_ids or (info.patient_id,))}
     if len(patients) > 1:
         # A study UID reused for two patients: reporting it would attach one patient's findings
         # to another's images.  The IDs themselves stay out of the reason (it is logged).

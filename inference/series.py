@@ -126,6 +126,10 @@ class SeriesInfo:
     #: ``(size, mtime_ns)`` of each file when the scan read and fully converted its header;
     #: :func:`load_series` does not convert a header again while the file is unchanged
     scanned_files: Mapping[Path, tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
+    #: every distinct Study Instance UID and Patient ID among the series' files (the fields
+    #: above are the first file's); more than one means the series mixes studies or patients
+    study_instance_uids: tuple[str, ...] = ()
+    patient_ids: tuple[str, ...] = ()
 
     def label(self) -> str:
         """``series 5 'PD FS SAG'``: how logs and reports name a series for an administrator."""
@@ -315,8 +319,13 @@ def _read_header(path: Path) -> tuple[Dataset | None, str | None]:
         if header_end >= os.path.getsize(path):
             return None, "truncated: the file ends inside the header"
         return None, f"not an image (SOP Class {sop_class or 'unknown'} has no Rows/Columns)"
-    if not _text(ds, "SeriesInstanceUID"):
-        return None, "no SeriesInstanceUID"
+    # the identity every output refers to (SEG and SR reference each source instance by these)
+    for keyword in ("SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        value = _text(ds, keyword)
+        if not value:
+            return None, f"no {keyword}"
+        if not UID(value).is_valid:
+            return None, f"{keyword} {value[:80]!r} is not a valid UID"
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if syntax is not None and not isinstance(syntax, UID):
         return None, f"malformed Transfer Syntax UID {syntax!r}"
@@ -453,6 +462,8 @@ def _build_info(series_uid: str, entries: list[_FileHeader]) -> SeriesInfo:
             sorted({entry.transfer_syntax for entry in entries if entry.transfer_syntax})
         ),
         is_multiframe=any(entry.multiframe for entry in entries),
+        study_instance_uids=tuple(sorted({entry.fields["study_instance_uid"] for entry in entries})),
+        patient_ids=tuple(sorted({entry.fields["patient_id"] for entry in entries})),
         **entries[0].fields,
     )
 

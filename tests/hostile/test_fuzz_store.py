@@ -90,6 +90,17 @@ def _cut_or_extend(body: bytes, rng: random.Random) -> bytes:
     return body + bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
 
 
+def mutated_body(ds: Dataset, original: bytes, rng: random.Random) -> bytes:
+    """The encoded data set ``original`` (of ``ds``, which may be changed) damaged one of three
+    ways: attributes deleted or given junk values, bytes flipped, cut short or extended."""
+    kind = rng.random()
+    if kind < 0.4:
+        return _mutate_dataset(ds, rng) or original
+    if kind < 0.8:
+        return _flip_bytes(original, rng)
+    return _cut_or_extend(original, rng)
+
+
 def fuzz_file(rng: random.Random, again: tuple[str, str, str] | None = None) -> bytes:
     """One mutated file: the file meta of the original (so the sender can address it), the data
     set mutated in one of three ways.  ``again``: the (study, series, SOP instance) UIDs of an
@@ -100,14 +111,7 @@ def fuzz_file(rng: random.Random, again: tuple[str, str, str] | None = None) -> 
         study, series, sop = again
         ds = mr_dataset(seed=rng.randrange(1000), study=study, series=series, sop=sop)
     meta = ds.file_meta
-    original = body_of(encode(ds))
-    kind = rng.random()
-    if kind < 0.4:
-        body = _mutate_dataset(ds, rng) or original
-    elif kind < 0.8:
-        body = _flip_bytes(original, rng)
-    else:
-        body = _cut_or_extend(original, rng)
+    body = mutated_body(ds, body_of(encode(ds)), rng)
     if rng.random() < 0.2:  # sometimes the command and the data set disagree on the instance
         meta.MediaStorageSOPInstanceUID = generate_uid()
     return file_bytes(meta, body)

@@ -317,6 +317,32 @@ def test_unsupported_studies_give_a_reason_and_no_output(
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.parametrize(
+    ("keyword", "value", "reason"),
+    [
+        ("StudyInstanceUID", "1.2.826.0.1.3680043.8.498.1", "mixes instances of several studies"),
+        ("PatientID", "SOMEONE-ELSE", "belong to 2 different patients"),
+    ],
+)
+def test_one_slice_of_another_study_or_patient_makes_the_study_unsupported(
+    keyword: str, value: str, reason: str, bundle: ModelBundle, other_case: Path, tmp_path: Path
+) -> None:
+    """A series whose slices disagree on the study or the patient (a merge error upstream) is
+    not interpreted: outputs would attach one study's findings to another's images."""
+    study = tmp_path / "study"
+    shutil.copytree(other_case, study)
+    # every sagittal series (the phantom writes one folder per series), so the chosen one has it
+    for sagittal in sorted(study.glob("*_sagittal*")):
+        files = sorted(sagittal.glob("*.dcm"))
+        ds = pydicom.dcmread(files[len(files) // 2])
+        setattr(ds, keyword, value)
+        ds.save_as(files[len(files) // 2])
+    result = run_study(study, bundle, tmp_path / "out")
+    assert result.outcome is Outcome.UNSUPPORTED, result.reason
+    assert reason in result.reason
+    assert result.files == []
+
+
 # --------------------------------------------------------------------------- input encodings
 
 

@@ -284,6 +284,22 @@ def test_truncated_headers_and_compressed_files(tmp_path: Path) -> None:
         load_series(_only(tmp_path / "s"))
 
 
+def test_files_without_a_valid_identity_are_skipped_with_reasons(tmp_path: Path) -> None:
+    """The SEG and SR reference every source instance by its UIDs: a file whose SOP Instance
+    or SOP Class UID is missing or not a UID is skipped, named, with the reason."""
+    paths = write_classic_series(tmp_path / "s", pattern_volume(5, 32, 32), Geometry())
+    ds = pydicom.dcmread(paths[1])
+    del ds.SOPInstanceUID
+    ds.save_as(paths[1], enforce_file_format=False)
+    ds = pydicom.dcmread(paths[2])
+    ds.SOPClassUID = "ééé"
+    ds.save_as(paths[2], enforce_file_format=False)
+    report = scan_folder_report(tmp_path)
+    reasons = {item.path.name: item.reason for item in report.skipped}
+    assert reasons == {paths[1].name: "no SOPInstanceUID", paths[2].name: "SOPClassUID 'ééé' is not a valid UID"}
+    assert [len(s.files) for s in report.series] == [3]
+
+
 def test_file_truncated_after_scan_is_a_load_error(tmp_path: Path) -> None:
     paths = write_classic_series(
         tmp_path / "s", pattern_volume(4, 32, 32), Geometry(), transfer_syntax=JPEGLSLossless
