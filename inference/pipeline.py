@@ -49,7 +49,14 @@ import numpy as np
 from inference.joint import DEFAULT_JOINT_RULES, JointRules, detect_joint
 from inference.labels import KNEE_STRUCTURES, PLANES, Structure
 from inference.selection import DEFAULT_RULES, SelectionRules, select_series
-from inference.series import SeriesError, SeriesInfo, SeriesVolume, load_series, scan_folder_report
+from inference.series import (
+    SeriesError,
+    SeriesInfo,
+    SeriesVolume,
+    complete_slice_thickness,
+    load_series,
+    scan_folder_report,
+)
 
 if TYPE_CHECKING:  # heavy imports stay inside functions
     import torch
@@ -509,6 +516,13 @@ def run_study(
                 result.log.append(f"{plane}: {info.label()} cannot be read ({err.reason}); this plane is missing")
                 continue
             result.chosen[plane] = ChosenSeries.from_info(plane, selection.chosen[plane])
+            if not info.is_multiframe:
+                stand_in = complete_slice_thickness(volumes[plane].datasets)
+                if stand_in is not None:
+                    result.log.append(
+                        f"{plane}: {info.label()} has no Slice Thickness; the distance between its slices "
+                        f"({stand_in:g} mm) stands in for it in the SEG and SR"
+                    )
     result.missing_planes = [p for p in bundle.card.planes if p not in volumes]
     for plane in result.missing_planes:
         result.log.append(f"model: plane {plane} is missing; its features are zero and the report says so")
@@ -554,6 +568,12 @@ def run_study(
             result.log.append(f"segmentation: no {plane} series; no SEG for that plane")
             continue
         volume = volumes[plane]
+        if not volume.info.frame_of_reference_uid:
+            result.log.append(
+                f"segmentation: {plane} {volume.info.label()} has no Frame of Reference UID; a SEG cannot be "
+                "placed on it, no SEG for that plane"
+            )
+            continue
         label_maps[plane] = _segment(bundle, volume.pixels, clock)
         with clock.stage("write"):
             seg = write_segmentation(

@@ -37,6 +37,7 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from inference.labels import KNEE_STRUCTURES, Structure
+from inference.series import complete_slice_thickness
 from inference.uids import AlgorithmInfo, NodeInfo, default_node_info, derived_uid, instances_fingerprint
 
 #: direction cosines of one series may differ by rounding in the last written digits
@@ -47,6 +48,31 @@ _POSITION_TOLERANCE = 1e-3
 
 class SourceSeriesError(ValueError):
     """The source datasets do not form one consistent image series."""
+
+
+#: Type 2 attributes of the Patient and General Study modules that the SEG and SR copy from
+#: their source.  Source images must hold them (empty when unknown), but de-identified or
+#: non-conformant objects often leave them out; the written objects must still have them.
+SOURCE_TYPE2_ATTRIBUTES = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+
+
+def complete_type2_header(datasets: Sequence[Dataset]) -> list[str]:
+    """Add each attribute of :data:`SOURCE_TYPE2_ATTRIBUTES` that a source dataset lacks, with
+    an empty value (what Type 2 means: present, value unknown); returns the keywords added.
+
+    The datasets are changed in memory only (the files are not); values present, even
+    empty, are never touched.
+    """
+    added: set[str] = set()
+    for ds in datasets:
+        for keyword in SOURCE_TYPE2_ATTRIBUTES:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+                added.add(keyword)
+    return sorted(added)
 
 
 def _orientation(ds: Dataset, where: str) -> np.ndarray:
@@ -310,11 +336,15 @@ def write_segmentation(
         source_images: list[Dataset] = [multiframe]
     else:
         source_images = sort_single_frame(source)
+        complete_slice_thickness(source_images)
         first = source_images[0]
         pixel_array = _check_label_map(
             label_map, (len(source_images), int(first.Rows), int(first.Columns)), len(structures)
         )
     first = source_images[0]
+    if not str(first.get("FrameOfReferenceUID", "") or "").strip():
+        raise SourceSeriesError("the source series has no Frame of Reference UID: a SEG cannot be placed on it")
+    complete_type2_header(source_images)
     study_uid, series_uid = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
     descriptions, schemes = _segment_descriptions(structures, algorithm, study_uid, series_uid)
     inputs = instances_fingerprint(source_images)  # new inputs -> new UIDs; same inputs -> same UIDs

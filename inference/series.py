@@ -24,7 +24,7 @@ import os
 import struct
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -638,6 +638,21 @@ def _read_full(path: Path, uid: str, header_checked: bool = False) -> Dataset:
     return ds
 
 
+def complete_slice_thickness(sorted_slices: Sequence[Dataset]) -> float | None:
+    """Single-frame slices (sorted along the normal) without a Slice Thickness value: the SEG's
+    Pixel Measures need one, so the median distance between neighbouring slices is set in its
+    place, in memory only.  Returns that distance, or ``None`` when every slice has a value."""
+    if len(sorted_slices) < 2 or all(ds.get("SliceThickness", None) not in (None, "") for ds in sorted_slices):
+        return None
+    normal = slice_normal(np.asarray(sorted_slices[0].ImageOrientationPatient, dtype=float))
+    along = [float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float))) for ds in sorted_slices]
+    spacing = round(abs(float(np.median(np.diff(along)))), 6)
+    for ds in sorted_slices:
+        if ds.get("SliceThickness", None) in (None, ""):
+            ds.SliceThickness = spacing
+    return spacing
+
+
 def load_series(info: SeriesInfo) -> SeriesVolume:
     """Decode ``info`` into a :class:`SeriesVolume` or raise :class:`SeriesError` saying why."""
     uid = info.series_instance_uid
@@ -667,6 +682,11 @@ def load_series(info: SeriesInfo) -> SeriesVolume:
 
     if len(sizes) > 1:
         raise SeriesError(uid, f"mixed image sizes (rows, columns) {sorted(sizes)}")
+    # outputs on this grid name one study and one frame of reference for all its slices
+    for keyword, what in (("StudyInstanceUID", "studies"), ("FrameOfReferenceUID", "frames of reference")):
+        values = {_text(ds, keyword) for ds in datasets.values()}
+        if len(values) > 1:
+            raise SeriesError(uid, f"the slices belong to {len(values)} different {what} ({keyword} differs)")
     missing_orientation = [h for h in frames if h.orientation is None]
     if missing_orientation:
         raise SeriesError(

@@ -37,6 +37,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from inference.labels import KNEE_STRUCTURES, PLANES
+from inference.seg_writer import complete_type2_header, structure_tracking_uid
 from inference.uids import AlgorithmInfo, NodeInfo, default_node_info, derived_uid, instances_fingerprint
 from sr_templates import CodingSchemeSpec, JointTemplate, load_structures, structures_coding_scheme
 
@@ -105,6 +106,7 @@ def _check_inputs(
     """Validate the arguments together; return the study UID."""
     if not evidence:
         raise ValueError("evidence must hold at least one source instance (the first of each used series)")
+    complete_type2_header(evidence)  # the report's Patient and Study modules come from evidence[0]
     study_uid = str(evidence[0].StudyInstanceUID)
     for i, ds in enumerate(evidence):
         if str(ds.StudyInstanceUID) != study_uid:
@@ -193,8 +195,6 @@ def _volume_groups(
     laterality: Code | None,
 ) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
     """TID 1411 groups, one per structure volume, each referencing its SEG segment."""
-    from inference.seg_writer import structure_tracking_uid  # noqa: PLC0415 - avoids a cycle at import
-
     templates = {t.key: t for t in load_structures()}
     source_series_uid = str(segmentation.ReferencedSeriesSequence[0].SeriesInstanceUID)
     study_uid = str(segmentation.StudyInstanceUID)

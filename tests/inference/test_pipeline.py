@@ -343,6 +343,50 @@ def test_one_slice_of_another_study_or_patient_makes_the_study_unsupported(
     assert result.files == []
 
 
+def _copy_without(source: Path, target: Path, keywords: tuple[str, ...]) -> Path:
+    shutil.copytree(source, target)
+    for path in sorted(target.rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        for keyword in keywords:
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.save_as(path)
+    return target
+
+
+@pytest.mark.dicomtools
+def test_de_identified_sources_without_type2_attributes_still_give_valid_outputs(
+    bundle: ModelBundle, other_case: Path, tmp_path: Path
+) -> None:
+    """De-identification often drops Type 2 attributes instead of emptying them; Slice Thickness
+    may go too.  The SEG and SR must still be complete and valid: the attributes are written
+    empty, and the slice distance stands in for the thickness (said in the log)."""
+    dropped = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+               "ReferringPhysicianName", "StudyID", "AccessionNumber", "SliceThickness")
+    study = _copy_without(other_case, tmp_path / "study", dropped)
+    result = run_study(study, bundle, tmp_path / "out")
+    assert result.outcome is Outcome.COMPLETE, result.reason
+    assert any("has no Slice Thickness; the distance between its slices" in line for line in result.log), result.log
+    for path in result.files:
+        assert dciodvfy_errors(path) == [], path.name
+    seg = hd.seg.segread(result.segmentations["sagittal"])
+    assert seg.PatientID == "" and seg.StudyDate == ""
+    thickness = float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness)
+    assert thickness > 0
+    sr = hd.sr.srread(result.report)
+    assert "PatientName" in sr and sr.PatientName == ""
+
+
+def test_series_without_frame_of_reference_gets_no_seg_but_a_report(
+    bundle: ModelBundle, other_case: Path, tmp_path: Path
+) -> None:
+    study = _copy_without(other_case, tmp_path / "study", ("FrameOfReferenceUID",))
+    result = run_study(study, bundle, tmp_path / "out")
+    assert result.outcome is Outcome.COMPLETE, result.reason
+    assert result.segmentations == {} and result.report is not None and result.report.is_file()
+    assert any("has no Frame of Reference UID; a SEG cannot be placed on it" in line for line in result.log)
+
+
 # --------------------------------------------------------------------------- input encodings
 
 

@@ -300,6 +300,15 @@ def test_files_without_a_valid_identity_are_skipped_with_reasons(tmp_path: Path)
     assert [len(s.files) for s in report.series] == [3]
 
 
+def test_a_slice_in_another_frame_of_reference_is_a_load_error(tmp_path: Path) -> None:
+    paths = write_classic_series(tmp_path / "s", pattern_volume(4, 32, 32), Geometry())
+    ds = pydicom.dcmread(paths[2])
+    ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.2"
+    ds.save_as(paths[2])
+    with pytest.raises(SeriesError, match="2 different frames of reference"):
+        load_series(_only(tmp_path / "s"))
+
+
 def test_file_truncated_after_scan_is_a_load_error(tmp_path: Path) -> None:
     paths = write_classic_series(
         tmp_path / "s", pattern_volume(4, 32, 32), Geometry(), transfer_syntax=JPEGLSLossless
