@@ -59,9 +59,16 @@ SOURCE_TYPE2_ATTRIBUTES = (
 )
 
 
+#: De-identification Method written when a source has Patient Identity Removed YES but does not
+#: say how (the method is then required, Type 1C)
+DEIDENTIFICATION_NOT_STATED = "not stated in the source images"
+
+
 def complete_type2_header(datasets: Sequence[Dataset]) -> list[str]:
     """Add each attribute of :data:`SOURCE_TYPE2_ATTRIBUTES` that a source dataset lacks, with
     an empty value (what Type 2 means: present, value unknown); returns the keywords added.
+    A source with Patient Identity Removed ``YES`` and no De-identification Method gets
+    :data:`DEIDENTIFICATION_NOT_STATED`, which the outputs then carry.
 
     The datasets are changed in memory only (the files are not); values present, even
     empty, are never touched.
@@ -72,6 +79,14 @@ def complete_type2_header(datasets: Sequence[Dataset]) -> list[str]:
             if keyword not in ds:
                 setattr(ds, keyword, "")
                 added.add(keyword)
+        # Type 1C: a source that says it is de-identified must say how; the outputs copy both
+        if (
+            str(ds.get("PatientIdentityRemoved", "")).strip().upper() == "YES"
+            and not str(ds.get("DeidentificationMethod", "") or "").strip()
+            and not ds.get("DeidentificationMethodCodeSequence", None)
+        ):
+            ds.DeidentificationMethod = DEIDENTIFICATION_NOT_STATED
+            added.add("DeidentificationMethod")
     return sorted(added)
 
 
