@@ -284,6 +284,7 @@ def test_truncated_headers_and_compressed_files(tmp_path: Path) -> None:
         load_series(_only(tmp_path / "s"))
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 def test_files_without_a_valid_identity_are_skipped_with_reasons(tmp_path: Path) -> None:
     """The SEG and SR reference every source instance by its UIDs: a file whose SOP Instance
     or SOP Class UID is missing or not a UID is skipped, named, with the reason."""
