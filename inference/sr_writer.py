@@ -106,7 +106,6 @@ def _check_inputs(
     """Validate the arguments together; return the study UID."""
     if not evidence:
         raise ValueError("evidence must hold at least one source instance (the first of each used series)")
-    complete_type2_header(evidence)  # the report's Patient and Study modules come from evidence[0]
     study_uid = str(evidence[0].StudyInstanceUID)
     for i, ds in enumerate(evidence):
         if str(ds.StudyInstanceUID) != study_uid:
@@ -346,6 +345,7 @@ def write_report(
     study_uid = _check_inputs(
         template, evidence, findings, used_series, missing_planes, laterality, segmentation, volumes_ml
     )
+    complete_type2_header(evidence)  # the report's Patient and Study modules come from evidence[0]
     laterality_code = _LATERALITY[laterality][0] if laterality else None
     order = {label.key: i for i, label in enumerate(template.labels)}
     findings = sorted(findings, key=lambda f: order[f.key])
