@@ -51,6 +51,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config import NodeConfig
 from dicom_node.db import (
     EventRecord,
+    Export,
     ExportState,
     Instance,
     Job,
@@ -531,7 +532,7 @@ class Worker:
             self.queue.heartbeat(claimed.job_id, step="inference")
             if out_dir.exists():
                 shutil.rmtree(out_dir)  # a previous, interrupted attempt of this job
-            result = self._run_pipeline(snapshot, bundle, out_dir)
+            result = self._run_pipeline(snapshot, bundle, out_dir, self._delivered_report(claimed))
             outcome = self._finish_ok(claimed, result, out_dir, time.monotonic() - started)
         except Exception as exc:  # any failure of the job is recorded on the job, with its traceback in the log
             log.exception("study %s: job %d failed", study_uid, claimed.job_id)
@@ -556,7 +557,29 @@ class Worker:
             except Exception:  # a missed heartbeat is not fatal; the lease allows several
                 log.exception("heartbeat of job %d failed", job_id)
 
-    def _run_pipeline(self, snapshot: Path, bundle: Any, out_dir: Path) -> Any:
+    def _delivered_report(self, claimed: ClaimedJob) -> list[Path]:
+        """The newest SR of an earlier job of the study that reached a destination: the PACS
+        holds it, so the new report names it as the version it replaces.  Empty when none was
+        delivered or its file is gone."""
+        with session_scope(self.factory) as session:
+            relative = session.scalars(
+                select(Export.object_path)
+                .join(Job, Export.job_id == Job.id)
+                .where(Job.study_id == claimed.study_id, Job.id < claimed.job_id, Export.object_kind == "sr",
+                       Export.state == ExportState.DONE)
+                .order_by(Export.job_id.desc())
+                .limit(1)
+            ).first()
+        if relative is None:
+            return []
+        path = self.config.data_dir / relative
+        if not path.is_file():
+            log.warning("study %s: the delivered report %s is gone; the new report cannot name it as replaced",
+                        claimed.study_instance_uid, relative)
+            return []
+        return [path]
+
+    def _run_pipeline(self, snapshot: Path, bundle: Any, out_dir: Path, previous_reports: list[Path]) -> Any:
         from inference.pipeline import run_study
         from inference.uids import NodeInfo, default_node_info
 
@@ -570,6 +593,7 @@ class Worker:
             snapshot, bundle, out_dir,
             rules=self.config.series_selection, joint_rules=self.config.joints,
             node_info=node_info, preview=self.preview, device=self.config.jobs.device,
+            previous_reports=previous_reports,
         )
 
     def _summary(self, result: Any, out_dir: Path) -> dict[str, Any]:

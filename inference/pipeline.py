@@ -360,6 +360,19 @@ def _segment(bundle: ModelBundle, volume: np.ndarray, clock: _Clock) -> np.ndarr
     return labels
 
 
+def _read_previous_reports(paths: Sequence[Path], notes: list[str]) -> list[Any]:
+    """Headers of the earlier reports (see ``run_study(previous_reports=...)``)."""
+    from pydicom import dcmread
+
+    headers = []
+    for path in paths:
+        try:
+            headers.append(dcmread(path, stop_before_pixels=True))
+        except Exception as exc:  # noqa: BLE001 - a lost or damaged earlier report must not stop the new one
+            notes.append(f"report: the earlier report {Path(path).name} cannot be read ({exc}); not named as replaced")
+    return headers
+
+
 def _evidence(volume: SeriesVolume) -> Any:
     """The dataset that stands for ``volume`` in the SR's evidence and Image Library.
 
@@ -414,6 +427,7 @@ def run_study(
     *,
     segment_planes: Sequence[str] | None = None,
     device: str = "auto",
+    previous_reports: Sequence[Path] = (),
 ) -> StudyResult:
     """Interpret the study in ``study_dir`` with ``bundle`` and write its SEG(s) and SR to ``out_dir``.
 
@@ -428,6 +442,10 @@ def run_study(
         segment_planes: planes whose chosen series are segmented; default: the planes the
             segmenter was trained on (``card.segmenter_plane()``).
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:N]"``.
+        previous_reports: SR files of this study delivered earlier; the new report names those
+            it replaces in its Predecessor Documents Sequence (see
+            :func:`inference.sr_writer.write_report`).  A file that cannot be read is left out
+            and the log says so.
 
     Returns:
         A :class:`StudyResult`.  An uninterpretable study is ``Outcome.UNSUPPORTED`` with its
@@ -598,6 +616,7 @@ def run_study(
             evidence = [_evidence(volumes[p]) for p in PLANES if p in used]
             if referenced is not None and referenced not in used:
                 evidence.append(_evidence(volumes[referenced]))
+            previous = _read_previous_reports(previous_reports, result.log)
             sr = write_report(
                 load_template(bundle.card.joint),
                 evidence,
@@ -613,10 +632,15 @@ def run_study(
                 input_fingerprint=instances_fingerprint(
                     [ds for p in sorted(set(used) | set(segs)) for ds in volumes[p].datasets]
                 ),
+                previous_versions=previous,
             )
             result.report = out_dir / "sr.dcm"
             sr.save_as(result.report)
         result.log.append(f"report: {result.report.name}")
+        for item in sr.get("PredecessorDocumentsSequence", []):
+            for series in item.ReferencedSeriesSequence:
+                for instance in series.ReferencedSOPSequence:
+                    result.log.append(f"report: replaces the earlier report {instance.ReferencedSOPInstanceUID}")
 
     if preview:
         from inference.preview import write_previews

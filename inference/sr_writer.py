@@ -320,6 +320,7 @@ def write_report(
     series_number: int,
     node_info: NodeInfo | None = None,
     input_fingerprint: str | None = None,
+    previous_versions: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Comprehensive 3D SR of one analysed study.
 
@@ -340,6 +341,10 @@ def write_report(
             the digest of ``evidence``.
         series_number: Series Number of the new SR series.
         node_info: the writing node; defaults to the installed package.
+        previous_versions: earlier reports of the study that this one replaces (headers are
+            enough).  Those with another SOP Instance UID are listed in the Predecessor
+            Documents Sequence, so a viewer knows which report is current; one with this
+            report's own UID (same inputs, same model) is the same document and is left out.
     """
     node_info = node_info or default_node_info()
     study_uid = _check_inputs(
@@ -380,18 +385,26 @@ def write_report(
     series_uids = sorted(uid for uid, _ in used_series.values())
     inputs = input_fingerprint or instances_fingerprint(list(evidence))
     all_evidence = list(evidence) + ([segmentation] if segmentation is not None else [])
+    sop_instance_uid = derived_uid(study_uid, *series_uids, inputs, algorithm.version, "sr-instance", template.joint)
+    # the reports this one replaces: earlier versions of this study's report, not this very one
+    # (the same inputs give the same UID: a resend, not a new version)
+    predecessors = [
+        ds for ds in previous_versions
+        if str(ds.StudyInstanceUID) == study_uid and str(ds.SOPInstanceUID) != sop_instance_uid
+    ]
     sr = hd.sr.Comprehensive3DSR(
         evidence=all_evidence,
         content=report,
         series_instance_uid=derived_uid(study_uid, *series_uids, inputs, algorithm.version, "sr-series", template.joint),
         series_number=series_number,
-        sop_instance_uid=derived_uid(study_uid, *series_uids, inputs, algorithm.version, "sr-instance", template.joint),
+        sop_instance_uid=sop_instance_uid,
         instance_number=1,
         manufacturer=node_info.manufacturer,
         is_complete=True,
         is_final=False,
         is_verified=False,
         contributing_equipment=[node_info.contributing_equipment(), algorithm.contributing_equipment()],
+        previous_versions=predecessors or None,
     )
     sr.ManufacturerModelName = node_info.model_name
     sr.SoftwareVersions = node_info.software_version

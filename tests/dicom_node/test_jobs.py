@@ -261,6 +261,47 @@ def test_changed_inputs_give_new_output_uids(stored_knee: NodeParts, bundle, tmp
     worker.run_job(worker.queue.claim())
     before, after = _outputs(parts, first), _outputs(parts, second)
     assert before["seg"] != after["seg"] and before["sr"] != after["sr"]
+    # the first report was never delivered (its exports were withdrawn): nothing to replace
+    assert "PredecessorDocumentsSequence" not in _report(parts, second)
+
+
+def _report(parts: NodeParts, job_id: int):
+    with session_scope(parts.factory) as session:
+        (relative,) = {e.object_path for e in session.get(Job, job_id).exports if e.object_kind == "sr"}
+    return dcmread(parts.config.data_dir / relative)
+
+
+@pytest.mark.dicomtools
+def test_a_new_report_names_the_delivered_one_it_replaces(stored_knee: NodeParts, bundle, tmp_path: Path) -> None:
+    """Once a report reached the PACS, the next version of it (new inputs) lists it in the
+    Predecessor Documents Sequence, so viewers show which report is current."""
+    import highdicom as hd
+
+    from tests.inference.output_factory import dciodvfy_errors
+
+    parts = stored_knee
+    worker = Worker(parts.config, parts.factory, parts.storage.resolve, bundle=bundle)
+    first = _queue_study(parts.factory, parts.study_uid)
+    worker.run_job(worker.queue.claim())
+    with session_scope(parts.factory) as session:  # the exporter delivered the first results to one PACS
+        for export in session.get(Job, first).exports:
+            if export.destination == "pacs":
+                export.state = ExportState.DONE
+    sagittal = next(d for d in parts.study_dir.iterdir() if d.name.endswith("sagittal"))
+    parts.receive([_extra_slice(sagittal, tmp_path / "extra.dcm")])
+    second = _queue_study(parts.factory, parts.study_uid)
+    worker.run_job(worker.queue.claim())
+    old_sr, new_sr = _outputs(parts, first)["sr"], _outputs(parts, second)["sr"]
+    report = _report(parts, second)
+    (item,) = report.PredecessorDocumentsSequence
+    assert item.StudyInstanceUID == parts.study_uid
+    assert [i.ReferencedSOPInstanceUID for s in item.ReferencedSeriesSequence for i in s.ReferencedSOPSequence] == [old_sr]
+    assert report.SOPInstanceUID == new_sr != old_sr
+    assert isinstance(hd.sr.srread(report.filename), hd.sr.Comprehensive3DSR)
+    assert dciodvfy_errors(report.filename) == []
+    with session_scope(parts.factory) as session:
+        log = session.get(Job, second).result_summary["log"]
+    assert f"report: replaces the earlier report {old_sr}" in log
 
 
 def test_a_failing_study_fails_its_job_with_the_reason(node_db, tmp_path: Path, node_checkpoint: Path) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pydicom.dataset import Dataset
 import highdicom as hd
 from pydicom.sr.codedict import codes
 
@@ -50,7 +51,7 @@ def knee_case():
     return study, series, seg, volumes
 
 
-def _write_knee(knee_case, findings, algorithm=ALGORITHM):
+def _write_knee(knee_case, findings, algorithm=ALGORITHM, previous_versions=()):
     _study, series, seg, volumes = knee_case
     return write_report(
         template=load_template("knee"),
@@ -64,6 +65,7 @@ def _write_knee(knee_case, findings, algorithm=ALGORITHM):
         volumes_ml=volumes,
         series_number=301,
         node_info=NODE,
+        previous_versions=previous_versions,
     )
 
 
@@ -145,6 +147,29 @@ def test_uids_deterministic_and_versioned(knee_case):
     assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (again.SeriesInstanceUID, again.SOPInstanceUID)
     assert first.SeriesInstanceUID != newer.SeriesInstanceUID
     assert first.SOPInstanceUID != newer.SOPInstanceUID
+
+
+@pytest.mark.dicomtools
+def test_predecessors_are_earlier_versions_only(knee_case, tmp_path):
+    """A report of a newer model names the older one it replaces; the same report written
+    again (same UID) or a report of another study is not a predecessor."""
+    findings = _findings("knee", seed=1)
+    older = _write_knee(knee_case, findings)
+    other_study = Dataset()  # the header of a report of another study
+    other_study.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.7"
+    other_study.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.8"
+    other_study.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.9"
+    other_study.SOPClassUID = older.SOPClassUID
+    newer = _write_knee(knee_case, findings, AlgorithmInfo(name="OrthoDiffusion", version="2.1.0"),
+                        previous_versions=[older, other_study])
+    (item,) = newer.PredecessorDocumentsSequence
+    referenced = [i.ReferencedSOPInstanceUID for s in item.ReferencedSeriesSequence for i in s.ReferencedSOPSequence]
+    assert referenced == [older.SOPInstanceUID]
+    path = tmp_path / "sr.dcm"
+    newer.save_as(path)
+    assert dciodvfy_errors(path) == []
+    again = _write_knee(knee_case, findings, previous_versions=[older])
+    assert "PredecessorDocumentsSequence" not in again
 
 
 @pytest.mark.dicomtools
