@@ -369,12 +369,30 @@ class SharedModel:
     def loaded(self) -> bool:
         return self._bundle is not None
 
-    def preload(self) -> threading.Thread:
-        """Load the model in a background thread now (node start-up), not at the first study.
+    def preload(
+        self, busy: Callable[[], bool] | None = None, quiet_seconds: float = 2.0, poll_seconds: float = 0.25,
+        stop: threading.Event | None = None,
+    ) -> threading.Thread:
+        """Load the model in a background thread (node start-up), not at the first study.
+
+        Loading imports torch and MONAI and reads the checkpoint: seconds of CPU under the GIL
+        that would slow the C-STORE handlers.  With ``busy`` (e.g. "an association is open"),
+        the load waits until ``busy()`` has been false for ``quiet_seconds``, so a PACS sending
+        at start-up is served first.  A job that starts before then loads the model itself
+        (:meth:`get`); ``stop`` ends the wait at shutdown.
 
         A failure is logged here and raised again by the first job's :meth:`get`, which records
         it on that job; the node keeps receiving meanwhile."""
+        stopping = stop or threading.Event()
+
         def load() -> None:
+            if busy is not None:
+                quiet_since = time.monotonic()
+                while not self.loaded and time.monotonic() - quiet_since < quiet_seconds:
+                    if stopping.wait(poll_seconds):
+                        return
+                    if busy():
+                        quiet_since = time.monotonic()
             try:
                 self.get()
             except Exception as exc:  # noqa: BLE001 - reported again, per job, by get()

@@ -190,7 +190,9 @@ class Node:
             for worker in self.workers:
                 worker.start()
             if self.config.jobs.preload_model:
-                self.model.preload()
+                # once the listener has been without an association for a moment: loading
+                # competes for the CPU with a PACS sending at start-up (a restart under load)
+                self.model.preload(busy=lambda: self.listener.active_associations > 0, stop=self._stopped)
             self.assembler.start()
             self.listener.start()
             if self.http is not None:

@@ -4,6 +4,8 @@ queued once, superseded jobs, output UIDs)."""
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -336,6 +338,22 @@ def test_shared_model_preloads_in_the_background_and_a_missing_file_fails_the_jo
         assert model.get() is model.get()  # loaded once, shared
     finally:
         torch.set_num_threads(threads)
+
+    # with a busy listener the load waits until it has been quiet for quiet_seconds
+    busy = [True]
+    waiting = SharedModel(node_checkpoint)
+    thread = waiting.preload(busy=lambda: busy[0], quiet_seconds=0.5, poll_seconds=0.05)
+    time.sleep(1.0)
+    assert thread.is_alive() and not waiting.loaded, "the model was loaded while the listener was busy"
+    busy[0] = False
+    thread.join(timeout=120)
+    assert waiting.loaded
+    stop = threading.Event()
+    never = SharedModel(node_checkpoint)
+    thread = never.preload(busy=lambda: True, poll_seconds=0.05, stop=stop)
+    stop.set()  # the node stops before the listener was ever quiet
+    thread.join(timeout=5)
+    assert not thread.is_alive() and not never.loaded
 
     missing = SharedModel(tmp_path / "absent.pt")
     with caplog.at_level("ERROR", logger="dicom_node.jobs"):
