@@ -50,6 +50,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "benchmarks") not in sys.path:  # the benchmarks' shared pieces
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from crash_consistency import stop_process  # noqa: E402
 
 RECEIVERS = ("orthonode", "pynetdicom-storescp", "dcmtk-storescp", "orthanc")
 #: peers beside the default ones
@@ -146,16 +150,6 @@ class Receiver:
     count: Callable[[], int]
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 def _count_files(folder: Path, pattern: str = "*") -> int:
     return sum(1 for p in folder.rglob(pattern) if p.is_file())
 
@@ -212,7 +206,7 @@ def orthonode_receiver(work: Path, file_fsync: bool = True, root: Path = ROOT,
 
         yield Receiver(name or ("orthonode" if file_fsync else DIAGNOSTIC_RECEIVERS[0]), port, "ORTHONODE", count)
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @contextmanager
@@ -230,7 +224,7 @@ def pynetdicom_receiver(work: Path, max_pdu: int | None = None) -> Iterator[Rece
         name = "pynetdicom-storescp" if max_pdu is None else EXTRA_RECEIVERS[0]
         yield Receiver(name, port, "STORESCP", lambda: _count_files(out))
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @contextmanager
@@ -245,7 +239,7 @@ def dcmtk_receiver(work: Path) -> Iterator[Receiver]:
         wait_port(port, proc=proc)
         yield Receiver("dcmtk-storescp", port, "STORESCP", lambda: _count_files(out))
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @contextmanager
