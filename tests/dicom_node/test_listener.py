@@ -830,9 +830,9 @@ class _HeldFolderSync:
         sync_directories(stored)
 
 
-def _receiver_parts(make_config: Callable[..., NodeConfig], tmp_path: Path, policy: str = "reject_if_different"
-                    ) -> tuple[StoreReceiver, Any, Any, Storage]:
-    config = make_config(listener={"duplicate_policy": policy})
+def _receiver_parts(make_config: Callable[..., NodeConfig], tmp_path: Path, policy: str = "reject_if_different",
+                    config: NodeConfig | None = None) -> tuple[StoreReceiver, Any, Any, Storage]:
+    config = config or make_config(listener={"duplicate_policy": policy})
     engine = db.make_engine(config.database_url)
     db.upgrade_database(engine)
     factory = db.make_session_factory(engine)
@@ -992,11 +992,7 @@ def test_start_up_forgets_rows_whose_file_name_was_lost(
     whose entry was lost.  Creating the listener removes such rows among the newest (and a
     series and study left empty); the others stay, and a resend stores the instance again."""
     config = make_config()
-    engine = db.make_engine(config.database_url)
-    db.upgrade_database(engine)
-    factory = db.make_session_factory(engine)
-    storage = Storage(config.data_dir / "incoming", 0)
-    receiver = StoreReceiver.from_config(config, storage, factory)
+    receiver, factory, engine, storage = _receiver_parts(make_config, tmp_path, config=config)
     kept = _series(tmp_path / "kept", slices=3)
     lost_alone = _series(tmp_path / "alone", slices=1)  # a study of its own: one series, one instance
     try:
@@ -1073,12 +1069,7 @@ def test_start_up_check_leaves_what_a_crash_cannot_explain(
 
     from dicom_node.retention import PURGE_STARTED
 
-    config = make_config()
-    engine = db.make_engine(config.database_url)
-    db.upgrade_database(engine)
-    factory = db.make_session_factory(engine)
-    storage = Storage(config.data_dir / "incoming", 0)
-    receiver = StoreReceiver.from_config(config, storage, factory)
+    receiver, factory, engine, storage = _receiver_parts(make_config, tmp_path)
     studies = [_series(tmp_path / f"s{i}", slices=2) for i in range(3)]
     try:
         for files in studies:
