@@ -21,6 +21,8 @@ What viewers need (OHIF, 3D Slicer; see docs/peers.md) and how this writer provi
 - Empty frames are kept (``omit_empty_frames=False``): peers report overlays shifting in
   viewers when empty frames are dropped, and a BINARY frame is a few hundred bytes.
 - Volumes for the SR: :func:`structure_volumes_ml` measures each structure on the same grid.
+- Laterality: the source series' side (a knee is a paired body part) is written as Frame
+  Laterality in the shared Frame Anatomy, with the source's Body Part Examined.
 - Identity: Series/SOP Instance UIDs are derived from (study, source series, model version,
   kind), so a re-sent study replaces rather than duplicates; the node and the model are
   named in the Contributing Equipment Sequence and each segment carries the Algorithm
@@ -383,8 +385,32 @@ def write_segmentation(
     )
     source_description = str(first.get("SeriesDescription", "")).strip()
     seg.SeriesDescription = f"AI segmentation {source_description}".strip()[:64]
+    _add_laterality(seg, first)
     _declare_private_schemes(seg, schemes)
     return seg
+
+
+def _add_laterality(seg: Dataset, source: Dataset) -> None:
+    """The side of the source series, as a multi-frame object states it.
+
+    A knee is a paired body part, so the side is required.  In the SEG it goes in the shared
+    Frame Anatomy (Frame Laterality with the knee as anatomic region), not in the General Series
+    Laterality: with Frame Laterality present, PixelMed requires no series Laterality, and
+    dciodvfy rejects a series Laterality in a SEG (Type 2C, "present when condition
+    unsatisfied").  Body Part Examined is copied too.  A source without a side adds nothing.
+    """
+    body_part = str(source.get("BodyPartExamined", "") or "").strip()
+    if body_part:
+        seg.BodyPartExamined = body_part
+    laterality = str(source.get("Laterality", "") or source.get("ImageLaterality", "") or "").strip()
+    if laterality not in ("L", "R"):
+        return
+    from pydicom.sr.codedict import codes  # noqa: PLC0415
+
+    anatomy = Dataset()
+    anatomy.AnatomicRegionSequence = DicomSequence([hd.sr.CodedConcept.from_code(codes.SCT.Knee)])
+    anatomy.FrameLaterality = laterality
+    seg.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = DicomSequence([anatomy])
 
 
 def _declare_private_schemes(dataset: Dataset, schemes: set[str]) -> None:

@@ -1,25 +1,42 @@
 """DICOM SR writer: the diagnostic findings and structure volumes as a TID 1500 Measurement Report.
 
 The report is a highdicom ``MeasurementReport`` (TID 1500) inside a ``Comprehensive3DSR``,
-the only SR form OHIF interprets.  Its content tree:
+the only SR form OHIF interprets.  Two readers shape its content tree, and both were checked
+against their code: PixelMed's ``DicomSRValidator`` and OHIF 3.13's SR extension.
+
+- OHIF turns every measurement group of Imaging Measurements into a measurement and reads
+  ``coords[0]`` of each: a group without an SCOORD/SCOORD3D (and without a group of the same
+  Tracking UID that has one) raises a TypeError and the viewer shows "Something went wrong".
+  Groups with the same Tracking Unique Identifier are merged into one measurement.
+- PixelMed chooses the sub-template of *all* groups from the whole Imaging Measurements
+  container: once any group references a segment, every group is validated as TID 1411 and
+  needs an Image Region, a Referenced Segment or a Volume Surface.  A TID 1501 group without
+  image references next to TID 1411 groups is an error there.
+
+So every group in Imaging Measurements is placed on the images, and a classification that
+cannot be placed is reported where neither reader trips over it:
 
 - Observation context: the node as device observer (TID 1004).
-- Procedure reported (template), Image Library (TID 1600) listing the evidence images: the
-  first instance of each series the model used, so the series per plane are recorded as data.
+- Procedure reported (template), Image Library (TID 1600) listing the evidence images.
 - Imaging Measurements:
-  - one TID 1501 group per label of the joint, in model order: finding type = the label's
-    concept from the template, Algorithm Identification (TID 4019, with the decision threshold
-    as a parameter), finding site with laterality, the probability (DCM 122157, unit UCUM "1")
-    and the qualitative evaluation Presence of property (DCM 121052) = Present (DCM 121053) /
-    Absent (DCM 121054) at the model card's threshold.  The evaluation is not named Finding
-    (DCM 121071): in TID 1501 that concept already names the group's finding type (row 3), and
-    two "Finding" items in one group are ambiguous (highdicom reads back only one of them);
-  - one TID 1411 group per structure volume, referencing the structure's SEG segment (built
-    explicitly, see the single-segment pitfall in docs/peers.md) with the volume (SCT 118565006)
-    in cm3 (= mL) and the same tracking UID as the segment.
-- Qualitative Evaluations (TID 1500 row 12) as TEXT, for PACS that show SR as text: one line
-  per finding, the impression, the series used per plane, the missing planes, and the notice
-  that this is research software whose output no physician has verified.
+  - Algorithm Identification (TID 4019, TID 1500 row 7) once for the container, with the
+    decision threshold of every label as an Algorithm Parameter;
+  - one TID 1410 group per finding that can be placed: a label whose template names a
+    segmented structure (knee: ACL, PCL, menisci) that the label map holds.  Its region is
+    the outline (convex hull of the pixels) of that structure on its key slice, the source
+    slice where the structure's cross-section is largest, as a closed POLYLINE on that source
+    image; finding type, finding site with laterality, the probability (DCM 122157, UCUM "1")
+    and the qualitative evaluation Presence of property (DCM 121052) = Present/Absent;
+  - one TID 1411 group per structure with a non-zero volume, referencing the structure's SEG
+    segment (built explicitly, see the single-segment pitfall in docs/peers.md) with the
+    volume (SCT 118565006) in cm3 (= mL) and the same tracking UID as the segment.  For OHIF
+    the same tracking UID also gets a TID 1410 group with the structure's outline and area
+    on its key slice, so the viewer merges the two into one measurement it can place.
+- Qualitative Evaluations (TID 1500 rows 12-14), which OHIF does not read: one CODE item per
+  label (the finding's concept = Present/Absent), so findings without a location are still
+  coded, and TEXT lines for PACS that show SR as text: one line per finding with probability
+  and threshold, the volumes, the impression, the series used per plane, the missing planes,
+  and the notice that this is research software whose output no physician has verified.
 
 The document is COMPLETE (all planned content is there), PRELIMINARY and UNVERIFIED; UIDs are
 derived from the study, the series used and the model version (see :mod:`inference.uids`).
@@ -31,13 +48,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
+import numpy as np
 from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from inference.labels import KNEE_STRUCTURES, PLANES
-from inference.seg_writer import complete_type2_header, structure_tracking_uid
+from inference.seg_writer import complete_type2_header
 from inference.uids import AlgorithmInfo, NodeInfo, default_node_info, derived_uid, instances_fingerprint
 from sr_templates import CodingSchemeSpec, JointTemplate, load_structures, structures_coding_scheme
 
@@ -150,33 +168,116 @@ def _check_inputs(
     return study_uid
 
 
+#: TID 1411 row 12 as PS3.16 spells it (highdicom 0.28 writes "Source Series for Segmentation")
+SOURCE_SERIES_FOR_SEGMENTATION = Code("121232", "DCM", "Source series for segmentation")
+#: unit of a key-slice area
+AREA_UNIT = codes.UCUM.SquareCentimeter
+
+
+@dataclass(frozen=True)
+class KeySlice:
+    """Where one structure is shown: the source slice of its largest cross-section.
+
+    ``source`` is the source dataset of that slice and ``frame`` its frame number (1-based)
+    for a multi-frame source, else ``None``.  ``outline`` is a closed polygon (first point
+    repeated last) of (column, row) image coordinates around the structure's pixels on that
+    slice (the convex hull of their corners); ``area_cm2`` the area of those pixels.
+    """
+
+    source: Dataset
+    frame: int | None
+    outline: np.ndarray
+    area_cm2: float
+
+    def region(self) -> hd.sr.ImageRegion:
+        """The TID 1410 Image Region: the outline as a closed POLYLINE on the key slice."""
+        source = hd.sr.SourceImageForRegion.from_source_image(
+            self.source, referenced_frame_numbers=[self.frame] if self.frame else None
+        )
+        return hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=self.outline, source_image=source
+        )
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Closed convex polygon (column, row) around the pixels of a 2D mask (pixel corners)."""
+    from scipy.spatial import ConvexHull  # noqa: PLC0415 - only when placing findings
+
+    rows, cols = np.nonzero(mask)
+    corners = np.concatenate(
+        [np.stack([cols + dc, rows + dr], axis=1) for dr in (0, 1) for dc in (0, 1)]
+    ).astype(float)
+    corners = np.unique(corners, axis=0)
+    vertices = corners[ConvexHull(corners).vertices]  # counter-clockwise, no repeats
+    return np.vstack([vertices, vertices[:1]])
+
+
+def key_slices(segmented_series: Sequence[Dataset], label_map: np.ndarray) -> dict[str, KeySlice]:
+    """Key slice of every structure present in ``label_map`` (sorted slice order, as for the SEG).
+
+    The key slice is the one where the structure's cross-section is largest (the first such
+    slice along the normal on a tie).
+    """
+    from inference.seg_writer import multiframe_sort_order, sort_single_frame  # noqa: PLC0415
+
+    if len(segmented_series) == 1 and int(segmented_series[0].get("NumberOfFrames", 1)) > 1:
+        (multiframe,) = segmented_series
+        order = multiframe_sort_order(multiframe)
+        slices = [(multiframe, int(order[k]) + 1) for k in range(len(order))]
+        shared = multiframe.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+        measures = (shared.get("PixelMeasuresSequence") or
+                    multiframe.PerFrameFunctionalGroupsSequence[0].PixelMeasuresSequence)[0]
+        rows, columns = int(multiframe.Rows), int(multiframe.Columns)
+    else:
+        ordered = sort_single_frame(segmented_series)
+        slices = [(ds, None) for ds in ordered]
+        measures = ordered[0]
+        rows, columns = int(ordered[0].Rows), int(ordered[0].Columns)
+    if label_map.shape != (len(slices), rows, columns):
+        raise ValueError(
+            f"label_map shape {label_map.shape} does not match the segmented series "
+            f"(slices, rows, columns) = {(len(slices), rows, columns)}"
+        )
+    row_mm, col_mm = (float(v) for v in measures.PixelSpacing)
+    placed: dict[str, KeySlice] = {}
+    for structure in KNEE_STRUCTURES:
+        areas = (label_map == structure.index).sum(axis=(1, 2))
+        if not areas.any():
+            continue
+        k = int(np.argmax(areas))
+        source, frame = slices[k]
+        placed[structure.key] = KeySlice(
+            source=source,
+            frame=frame,
+            outline=_outline(label_map[k] == structure.index),
+            area_cm2=float(areas[k]) * row_mm * col_mm / 100.0,
+        )
+    return placed
+
+
 def _finding_group(
     finding: Finding,
     template: JointTemplate,
-    algorithm: AlgorithmInfo,
     laterality: Code | None,
     study_uid: str,
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group of one label."""
+    version: str,
+    key_slice: KeySlice,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group of one finding, on the key slice of the structure it concerns."""
     label = template.label(finding.key)
     site = label.finding_site
     location = site.location.code() if site else template.finding_site.code()
     modifier = site.modifier.code() if site and site.modifier else None
-    algorithm_id = algorithm.sr_identification(parameters=[f"decision threshold {finding.threshold:.4f}"])
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid(study_uid, algorithm.version, "finding-tracking", template.joint, finding.key),
-            identifier=f"{finding.key}: {label.name}"[:64],
+            uid=derived_uid(study_uid, version, "finding-tracking", template.joint, finding.key),
+            identifier=label.name[:64],
         ),
+        referenced_region=key_slice.region(),
         finding_type=label.concept.code(),
-        algorithm_id=algorithm_id,
         finding_sites=[hd.sr.FindingSite(location, laterality=laterality, topographical_modifier=modifier)],
         measurements=[
-            hd.sr.Measurement(
-                name=codes.DCM.Probability,
-                value=round(finding.probability, 6),
-                unit=PROBABILITY_UNIT,
-            )
+            hd.sr.Measurement(name=codes.DCM.Probability, value=round(finding.probability, 6), unit=PROBABILITY_UNIT)
         ],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(
@@ -187,22 +288,62 @@ def _finding_group(
     )
 
 
-def _volume_groups(
+def _unplaced_group(
+    finding: Finding, template: JointTemplate, study_uid: str, version: str
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group of one finding (no image reference); only to build a report whose
+    Imaging Measurements are then removed, see :func:`write_report`."""
+    label = template.label(finding.key)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid(study_uid, version, "finding-tracking", template.joint, finding.key),
+            identifier=label.name[:64],
+        ),
+        finding_type=label.concept.code(),
+    )
+
+
+def _spell_source_series(group: Dataset) -> None:
+    """Write (121232, DCM) with the meaning PS3.16 gives it."""
+    for item in group[0].ContentSequence:
+        name = item.ConceptNameCodeSequence[0]
+        if name.CodeValue == SOURCE_SERIES_FOR_SEGMENTATION.value and name.CodingSchemeDesignator == "DCM":
+            name.CodeMeaning = SOURCE_SERIES_FOR_SEGMENTATION.meaning
+
+
+def _structure_groups(
     segmentation: Dataset,
     volumes_ml: Mapping[str, float],
-    algorithm: AlgorithmInfo,
+    placed: Mapping[str, KeySlice],
     laterality: Code | None,
-) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
-    """TID 1411 groups, one per structure volume, each referencing its SEG segment."""
+) -> list:
+    """Per structure shown on the images: a TID 1410 group (outline and area on its key slice)
+    and a TID 1411 group (its SEG segment and volume), both with the segment's tracking UID."""
     templates = {t.key: t for t in load_structures()}
     source_series_uid = str(segmentation.ReferencedSeriesSequence[0].SeriesInstanceUID)
-    study_uid = str(segmentation.StudyInstanceUID)
-    algorithm_id = algorithm.sr_identification()
-    groups = []
+    groups: list = []
     for structure in KNEE_STRUCTURES:
-        if structure.key not in volumes_ml:
-            continue
+        if structure.key not in volumes_ml or structure.key not in placed:
+            continue  # absent from the label map: nothing to show; its volume 0 is in the text
         tpl = templates[structure.key]
+        segment = next(
+            item for item in segmentation.SegmentSequence if int(item.SegmentNumber) == structure.index
+        )
+        tracking = hd.sr.TrackingIdentifier(uid=str(segment.TrackingUID), identifier=structure.name[:64])
+        sites = [hd.sr.FindingSite(tpl.anatomic_region.code(), laterality=laterality)] if tpl.anatomic_region else None
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking,
+                referenced_region=placed[structure.key].region(),
+                finding_type=tpl.type.code(),
+                finding_sites=sites,
+                measurements=[
+                    hd.sr.Measurement(
+                        name=codes.SCT.Area, value=round(placed[structure.key].area_cm2, 4), unit=AREA_UNIT
+                    )
+                ],
+            )
+        )
         # Built explicitly: ReferencedSegment.from_segmentation fails on single-segment SEGs.
         referenced = hd.sr.ReferencedSegment(
             sop_class_uid=str(segmentation.SOPClassUID),
@@ -210,29 +351,19 @@ def _volume_groups(
             segment_number=structure.index,
             source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
         )
-        groups.append(
-            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=structure_tracking_uid(study_uid, source_series_uid, algorithm.version, structure.key),
-                    identifier=f"{structure.key}: {structure.name}"[:64],
-                ),
-                referenced_segment=referenced,
-                finding_type=tpl.type.code(),
-                algorithm_id=algorithm_id,
-                finding_sites=(
-                    [hd.sr.FindingSite(tpl.anatomic_region.code(), laterality=laterality)]
-                    if tpl.anatomic_region
-                    else None
-                ),
-                measurements=[
-                    hd.sr.Measurement(
-                        name=codes.SCT.Volume,
-                        value=round(float(volumes_ml[structure.key]), 4),
-                        unit=VOLUME_UNIT,
-                    )
-                ],
-            )
+        volume_group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            referenced_segment=referenced,
+            finding_type=tpl.type.code(),
+            finding_sites=sites,
+            measurements=[
+                hd.sr.Measurement(
+                    name=codes.SCT.Volume, value=round(float(volumes_ml[structure.key]), 4), unit=VOLUME_UNIT
+                )
+            ],
         )
+        _spell_source_series(volume_group)
+        groups.append(volume_group)
     return groups
 
 
@@ -265,10 +396,18 @@ def _qualitative_container(
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
-    items: list[hd.sr.TextContentItem] = []
+    by_key = {f.key: f for f in findings}
+    items: list = [
+        # TID 1500 row 13: every label coded, placed on the images or not
+        hd.sr.CodeContentItem(
+            name=label.concept.code(),
+            value=codes.DCM.Present if by_key[label.key].present else codes.DCM.Absent,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        for label in template.labels
+    ]
     side = f"{_LATERALITY[laterality][1]} " if laterality else ""
     items.append(_text(codes.DCM.Summary, f"{template.title} ({side}{template.joint})"))
-    by_key = {f.key: f for f in findings}
     for label in template.labels:
         items.append(_text(codes.DCM.Finding, by_key[label.key].text()))
     if volumes_ml:
@@ -292,6 +431,25 @@ def _qualitative_container(
     items.append(_text(codes.DCM.Comment, NOTICE))
     container.ContentSequence = hd.sr.ContentSequence(items)
     return container
+
+
+def _add_algorithm_identification(
+    report: hd.sr.MeasurementReport, algorithm: AlgorithmInfo, findings: Sequence[Finding]
+) -> None:
+    """TID 4019 once for Imaging Measurements (TID 1500 row 7), thresholds as its parameters."""
+    # name, version, parameters and family: the rows of TID 4019 (the manufacturer is in the
+    # Contributing Equipment Sequence)
+    identification = hd.sr.AlgorithmIdentification(
+        name=algorithm.name,
+        version=algorithm.version,
+        parameters=[f"decision threshold {f.key} {f.threshold:.4f}" for f in findings],
+        family=algorithm.family,
+    )
+    container = next(
+        item for item in report[0].ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImagingMeasurements.value
+    )
+    container.ContentSequence = hd.sr.ContentSequence([*identification, *container.ContentSequence])
 
 
 def _coding_schemes(schemes: Sequence[CodingSchemeSpec]) -> DicomSequence:
@@ -321,6 +479,8 @@ def write_report(
     node_info: NodeInfo | None = None,
     input_fingerprint: str | None = None,
     previous_versions: Sequence[Dataset] = (),
+    label_map: np.ndarray | None = None,
+    segmented_series: Sequence[Dataset] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 Comprehensive 3D SR of one analysed study.
 
@@ -345,6 +505,12 @@ def write_report(
             enough).  Those with another SOP Instance UID are listed in the Predecessor
             Documents Sequence, so a viewer knows which report is current; one with this
             report's own UID (same inputs, same model) is the same document and is left out.
+        label_map: the label map the SEG was written from, on the grid of ``segmented_series``
+            (slices in the SEG writer's sorted order).  With it, findings tied to a structure
+            and the structures themselves are placed on their key slices (TID 1410 groups)
+            and volumes are reported per segment (TID 1411); without it the report holds no
+            measurement groups, only the coded and written evaluations.
+        segmented_series: the source series of ``segmentation`` (its datasets, any order).
     """
     node_info = node_info or default_node_info()
     study_uid = _check_inputs(
@@ -367,17 +533,42 @@ def write_report(
             observer_type=codes.DCM.Device, observer_identifying_attributes=device
         )
     )
-    groups: list = [_finding_group(f, template, algorithm, laterality_code, study_uid) for f in findings]
     schemes = [template.coding_scheme]
-    if segmentation is not None and volumes_ml:
-        groups.extend(_volume_groups(segmentation, volumes_ml, algorithm, laterality_code))
+    placed: dict[str, KeySlice] = {}
+    if label_map is not None:
+        if segmentation is None or segmented_series is None:
+            raise ValueError("label_map needs the segmentation and its segmented_series")
+        placed = key_slices(segmented_series, label_map)
+    elif segmented_series is not None:
+        raise ValueError("segmented_series is given without the label_map to place findings with")
+    groups: list = [
+        _finding_group(f, template, laterality_code, study_uid, algorithm.version, placed[structure])
+        for f in findings
+        if (structure := template.label(f.key).structure) is not None and structure in placed
+    ]
+    if segmentation is not None and volumes_ml and placed:
+        groups.extend(_structure_groups(segmentation, volumes_ml, placed, laterality_code))
         schemes.append(structures_coding_scheme())
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=template.procedure.code(),
-        imaging_measurements=groups,
+        # highdicom needs at least one group; with nothing placed they are removed below
+        imaging_measurements=groups or [_unplaced_group(f, template, study_uid, algorithm.version) for f in findings],
         referenced_images=list(evidence),
     )
+    if groups:
+        _add_algorithm_identification(report, algorithm, findings)
+    else:
+        # Nothing can be placed on the images.  Groups without coordinates make OHIF 3.13 fail
+        # ("Something went wrong"), so the report has no Imaging Measurements; TID 1500 then
+        # requires the Qualitative Evaluations, which code every finding (row 13).
+        report[0].ContentSequence = hd.sr.ContentSequence(
+            [
+                item for item in report[0].ContentSequence
+                if item.ConceptNameCodeSequence[0].CodeValue != codes.DCM.ImagingMeasurements.value
+            ],
+            is_root=False,
+        )
     report[0].ContentSequence.append(
         _qualitative_container(template, findings, used_series, missing_planes, laterality, volumes_ml)
     )
@@ -385,6 +576,11 @@ def write_report(
     series_uids = sorted(uid for uid, _ in used_series.values())
     inputs = input_fingerprint or instances_fingerprint(list(evidence))
     all_evidence = list(evidence) + ([segmentation] if segmentation is not None else [])
+    known = {str(ds.SOPInstanceUID) for ds in all_evidence}
+    for key_slice in placed.values():  # the key slices the regions lie on are evidence too
+        if str(key_slice.source.SOPInstanceUID) not in known:
+            known.add(str(key_slice.source.SOPInstanceUID))
+            all_evidence.append(key_slice.source)
     sop_instance_uid = derived_uid(study_uid, *series_uids, inputs, algorithm.version, "sr-instance", template.joint)
     # the reports this one replaces: earlier versions of this study's report, not this very one
     # (the same inputs give the same UID: a resend, not a new version)

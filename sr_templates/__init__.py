@@ -167,6 +167,9 @@ class LabelTemplate(BaseModel):
     name: str = ""
     concept: CodeSpec
     finding_site: FindingSiteSpec | None = None
+    #: the segmented structure (inference.labels.KNEE_STRUCTURES key) the finding concerns: the
+    #: SR places the finding on that structure's key slice when the label map holds it
+    structure: str | None = None
     impression_present: Annotated[str, Field(min_length=1)]
     impression_absent: Annotated[str, Field(min_length=1)]
 
@@ -197,6 +200,11 @@ class JointTemplate(BaseModel):
                 raise ValueError(f"label {item.key!r} is given twice")
             seen.add(item.key)
             _checked(item.concept, designator, f"label {item.key!r} concept")
+            if item.structure is not None and item.structure not in {s.key for s in KNEE_STRUCTURES}:
+                raise ValueError(
+                    f"label {item.key!r} structure {item.structure!r} is not a structure of "
+                    f"inference.labels.KNEE_STRUCTURES"
+                )
             if item.finding_site is not None:
                 _checked(item.finding_site.location, designator, f"label {item.key!r} finding_site.location")
                 if item.finding_site.modifier is not None:

@@ -18,6 +18,7 @@ from tests.inference.output_factory import (
     knee_label_map,
     make_series,
     new_study,
+    sorted_positions,
 )
 
 ALGORITHM = AlgorithmInfo(name="OrthoDiffusion", version="2.0.1")
@@ -48,11 +49,11 @@ def knee_case():
     seg = write_segmentation(series["sagittal"], label_map, ALGORITHM, 300, node_info=NODE)
     volumes = structure_volumes_ml(series["sagittal"], label_map)
     assert sum(v > 0 for v in volumes.values()) >= 5
-    return study, series, seg, volumes
+    return study, series, seg, volumes, label_map
 
 
 def _write_knee(knee_case, findings, algorithm=ALGORITHM, previous_versions=()):
-    _study, series, seg, volumes = knee_case
+    _study, series, seg, volumes, label_map = knee_case
     return write_report(
         template=load_template("knee"),
         evidence=[s[0] for s in series.values()],
@@ -66,12 +67,23 @@ def _write_knee(knee_case, findings, algorithm=ALGORITHM, previous_versions=()):
         series_number=301,
         node_info=NODE,
         previous_versions=previous_versions,
+        label_map=label_map,
+        segmented_series=series["sagittal"],
     )
+
+
+def _items(container: Dataset, value: str) -> list[Dataset]:
+    """Children of ``container`` whose concept name has code value ``value``."""
+    return [i for i in container.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == value]
+
+
+def _scoords(group: Dataset) -> list[Dataset]:
+    return [i for i in group.ContentSequence if i.ValueType in ("SCOORD", "SCOORD3D")]
 
 
 @pytest.mark.dicomtools
 def test_knee_report_round_trip(knee_case, tmp_path):
-    study, series, seg, volumes = knee_case
+    study, series, seg, volumes, label_map = knee_case
     findings = _findings("knee", seed=0)
     path = tmp_path / "knee_sr.dcm"
     _write_knee(knee_case, findings).save_as(path)
@@ -96,28 +108,46 @@ def test_knee_report_round_trip(knee_case, tmp_path):
     assert {seg.SOPInstanceUID, series["sagittal"][0].SOPInstanceUID, series["coronal"][0].SOPInstanceUID} <= evidence
 
     template = load_template("knee")
-    groups = sr.content.get_image_measurement_groups()
-    assert len(groups) == len(label_keys("knee"))
-    by_concept = {(g.finding_type.scheme_designator, g.finding_type.value): g for g in groups}
-    for finding in findings:
-        concept = template.label(finding.key).concept
-        group = by_concept[(concept.scheme, concept.value)]
+    ordered = sorted_positions(series["sagittal"])
+    index = {s.key: s.index for s in KNEE_STRUCTURES}
+    # findings tied to a segmented structure: TID 1410 on the structure's largest cross-section
+    planar = sr.content.get_planar_roi_measurement_groups()
+    by_concept = {(g.finding_type.scheme_designator, g.finding_type.value): g for g in planar}
+    placed = [label for label in template.labels if label.structure is not None]
+    assert [label.key for label in placed] == ["acl", "pcl", "mm", "lm"]
+    for label in placed:
+        finding = next(f for f in findings if f.key == label.key)
+        group = by_concept[(label.concept.scheme, label.concept.value)]
         (probability,) = group.get_measurements(name=codes.DCM.Probability)
         assert probability.value == pytest.approx(finding.probability, abs=1e-6)
         (evaluation,) = group.get_qualitative_evaluations(name=codes.DCM.PresenceOfProperty)
-        expected = codes.DCM.Present if finding.probability >= finding.threshold else codes.DCM.Absent
-        assert evaluation.value == expected
-        site = group.finding_sites[0]
-        assert site.laterality == codes.SCT.Right
-        assert group.tracking_uid is not None
-    effusion = by_concept[("SCT", "41699000")]
-    assert effusion.finding_sites[0].value == codes.SCT.KneeJoint
+        assert evaluation.value == (codes.DCM.Present if finding.present else codes.DCM.Absent)
+        assert group.finding_sites[0].laterality == codes.SCT.Right
+        region = group.roi
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        points = region.value
+        assert np.array_equal(points[0], points[-1]) and len(points) >= 5  # closed
+        mask = label_map == index[label.structure]
+        key = int(np.argmax(mask.sum(axis=(1, 2))))
+        assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ordered[key].SOPInstanceUID
+        rows, cols = np.nonzero(mask[key])
+        # the outline encloses the structure's pixels (corners) and no more than its bounding box
+        assert points[:, 0].min() == cols.min() and points[:, 0].max() == cols.max() + 1
+        assert points[:, 1].min() == rows.min() and points[:, 1].max() == rows.max() + 1
+    # unplaced findings (no segmented structure) are no measurement group
+    unplaced = {(label.concept.scheme, label.concept.value) for label in template.labels if label.structure is None}
+    assert not unplaced & set(by_concept)
 
+    # structures: a TID 1411 group (segment, volume) and a TID 1410 group (outline, area) per
+    # structure present, both with the segment's tracking UID, so OHIF merges them
     volume_groups = sr.content.get_volumetric_roi_measurement_groups()
-    assert len(volume_groups) == len(KNEE_STRUCTURES)
+    present = [s for s in KNEE_STRUCTURES if volumes[s.key] > 0]
+    assert len(volume_groups) == len(present) and len(present) < len(KNEE_STRUCTURES) + 1
     segment_labels = {int(s.SegmentNumber): s.SegmentLabel for s in seg.SegmentSequence}
     tracking = {int(s.SegmentNumber): s.TrackingUID for s in seg.SegmentSequence}
-    for group, structure in zip(volume_groups, KNEE_STRUCTURES):
+    planar_by_uid = {g.tracking_uid: g for g in planar}
+    spacing = float(np.prod(ordered[0].PixelSpacing))
+    for group, structure in zip(volume_groups, present):
         ref = group.referenced_segment
         assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
         assert ref.referenced_segment_numbers == [structure.index]
@@ -125,6 +155,39 @@ def test_knee_report_round_trip(knee_case, tmp_path):
         assert group.tracking_uid == tracking[structure.index]
         (volume,) = group.get_measurements(name=codes.SCT.Volume)
         assert volume.value == pytest.approx(volumes[structure.key], abs=1e-4)
+        (area,) = planar_by_uid[group.tracking_uid].get_measurements(name=codes.SCT.Area)
+        largest = int((label_map == structure.index).sum(axis=(1, 2)).max())
+        assert area.value == pytest.approx(largest * spacing / 100.0, abs=1e-4)
+
+    raw = sr.ContentSequence
+    (measurements,) = _items(sr, "126010")
+    # OHIF reads coords[0] of every group (merged by tracking UID): each needs an SCOORD
+    groups = _items(measurements, "125007")
+    with_coords = {
+        _items(g, "112040")[0].UID for g in groups if _scoords(g)
+    }
+    assert all(_items(g, "112040")[0].UID in with_coords for g in groups)
+    # TID 4019 once for the container, with every threshold; none inside the groups
+    (name,) = _items(measurements, "111001")
+    assert name.TextValue == ALGORITHM.name
+    parameters = [i.TextValue for i in _items(measurements, "111002")]
+    assert parameters == [f"decision threshold {f.key} {f.threshold:.4f}" for f in
+                          sorted(findings, key=lambda f: label_keys("knee").index(f.key))]
+    assert not any(_items(g, "111001") for g in groups)
+    # PS3.16's spelling of (121232, DCM)
+    for g in groups:
+        for item in _items(g, "121232"):
+            assert item.ConceptNameCodeSequence[0].CodeMeaning == "Source series for segmentation"
+    # every label coded in the Qualitative Evaluations (TID 1500 row 13)
+    (evaluations,) = [i for i in raw if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    coded = {
+        (i.ConceptNameCodeSequence[0].CodingSchemeDesignator, i.ConceptNameCodeSequence[0].CodeValue):
+            i.ConceptCodeSequence[0].CodeValue
+        for i in evaluations.ContentSequence if i.ValueType == "CODE"
+    }
+    for finding in findings:
+        concept = template.label(finding.key).concept
+        assert coded[(concept.scheme, concept.value)] == ("121053" if finding.present else "121054")
 
     text = dsrdump_text(path)
     for finding in findings:
@@ -196,12 +259,16 @@ def test_other_joint_reports(joint, tmp_path):
     sr.save_as(path)
     assert dciodvfy_errors(path) == []
     read = hd.sr.srread(path)
-    groups = read.content.get_image_measurement_groups()
-    assert len(groups) == len(label_keys(joint))
-    assert read.content.get_volumetric_roi_measurement_groups() == []
-    for group, finding in zip(groups, findings):
-        (evaluation,) = group.get_qualitative_evaluations(name=codes.DCM.PresenceOfProperty)
-        assert evaluation.value == (codes.DCM.Present if finding.present else codes.DCM.Absent)
+    # nothing can be placed on the images: no Imaging Measurements (groups without coordinates
+    # break OHIF), every finding coded in the Qualitative Evaluations
+    assert not [i for i in read.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    (evaluations,) = [i for i in read.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    template = load_template(joint)
+    coded = {i.ConceptNameCodeSequence[0].CodeValue: i.ConceptCodeSequence[0] for i in evaluations.ContentSequence
+             if i.ValueType == "CODE"}
+    for finding in findings:
+        value = coded[template.label(finding.key).concept.value]
+        assert value.CodeValue == ("121053" if finding.present else "121054")
     text = dsrdump_text(path)
     assert all(f.name in text for f in findings)
     assert "Missing planes: coronal" in text
@@ -227,6 +294,8 @@ def test_single_segment_segmentation_is_referenced(tmp_path):
         volumes_ml={"femur": 42.0},
         series_number=301,
         node_info=NODE,
+        label_map=label_map,
+        segmented_series=series,
     )
     path = tmp_path / "single.dcm"
     sr.save_as(path)
@@ -244,7 +313,7 @@ def test_finding_must_agree_with_threshold():
 
 
 def test_rejects_inconsistent_inputs(knee_case):
-    study, series, seg, volumes = knee_case
+    study, series, seg, volumes, label_map = knee_case
     template = load_template("knee")
     findings = _findings("knee", seed=4)
     kwargs = dict(
@@ -274,3 +343,7 @@ def test_rejects_inconsistent_inputs(knee_case):
         write_report(**{**kwargs, "volumes_ml": {"menisci": 1.0}})
     with pytest.raises(ValueError, match="needs the segmentation"):
         write_report(**{**kwargs, "segmentation": None})
+    with pytest.raises(ValueError, match="label_map needs the segmentation and its segmented_series"):
+        write_report(**{**kwargs, "label_map": label_map})
+    with pytest.raises(ValueError, match="does not match the segmented series"):
+        write_report(**{**kwargs, "label_map": label_map[1:], "segmented_series": series["sagittal"]})
