@@ -209,3 +209,76 @@ def dsrdump_text(path: str | Path) -> str:
     if result.returncode != 0:
         raise RuntimeError(f"dsrdump failed on {path}: {result.stderr.strip()}")
     return result.stdout
+
+
+#: PixelMed's XSLT validators exceed JDK 17's default XPath limits
+PIXELMED_JVM_OPTIONS = (
+    "-Djdk.xml.xpathExprOpLimit=0",
+    "-Djdk.xml.xpathExprGrpLimit=0",
+    "-Djdk.xml.xpathTotalOpLimit=0",
+)
+#: where Debian's libpixelmed-java puts the library
+PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
+
+
+@dataclass(frozen=True)
+class ValidatorOutput:
+    """What one validator run printed, split into its error and warning lines."""
+
+    command: str
+    path: Path
+    output: str
+
+    @property
+    def errors(self) -> list[str]:
+        return [line for line in self.output.splitlines() if line.startswith("Error")]
+
+    @property
+    def warnings(self) -> list[str]:
+        return [line for line in self.output.splitlines() if line.startswith("Warning")]
+
+
+def pixelmed_command(validator: str, path: str | Path) -> list[str]:
+    """The java command line of ``com.pixelmed.validate.<validator>`` on ``path``."""
+    java = shutil.which("java")
+    if java is None or not PIXELMED_JAR.is_file():
+        raise RuntimeError(
+            "PixelMed is not installed (java and /usr/share/java/pixelmed.jar from the Debian packages "
+            "libpixelmed-java pixelmed-apps); it is a test requirement"
+        )
+    return [java, *PIXELMED_JVM_OPTIONS, "-cp", str(PIXELMED_JAR), f"com.pixelmed.validate.{validator}", str(path)]
+
+
+def run_pixelmed(jobs: Sequence[tuple[str, str | Path]], timeout: float = 600) -> list[ValidatorOutput]:
+    """Run PixelMed validators (``(validator, path)`` pairs) side by side; one output each.
+
+    A run that does not finish with "validation complete" (an unreadable file, an unknown
+    SOP class) raises, so a validator that checked nothing cannot pass a test.
+    """
+    started = [
+        (validator, Path(path), subprocess.Popen(
+            pixelmed_command(validator, path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ))
+        for validator, path in jobs
+    ]
+    results = []
+    for validator, path, process in started:
+        output, _ = process.communicate(timeout=timeout)
+        if "validation complete" not in output:
+            raise RuntimeError(f"PixelMed {validator} did not validate {path}: {output.strip()[-2000:]}")
+        results.append(ValidatorOutput(validator, path, output))
+    return results
+
+
+def dcentvfy_output(paths: Sequence[str | Path]) -> ValidatorOutput:
+    """``dcentvfy`` (dicom3tools) over ``paths``: attributes of one entity that differ between files."""
+    executable = shutil.which("dcentvfy")
+    if executable is None:
+        raise RuntimeError("dcentvfy (dicom3tools) is not installed; it is a test requirement")
+    result = subprocess.run(
+        [executable, *map(str, paths)], capture_output=True, text=True, timeout=120, check=False
+    )
+    output = result.stdout + result.stderr
+    if "Abort" in output:
+        raise RuntimeError(f"dcentvfy could not read its files: {output.strip()[-2000:]}")
+    return ValidatorOutput("dcentvfy", Path(paths[0]), output)
