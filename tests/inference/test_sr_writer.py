@@ -347,3 +347,24 @@ def test_rejects_inconsistent_inputs(knee_case):
         write_report(**{**kwargs, "label_map": label_map})
     with pytest.raises(ValueError, match="does not match the segmented series"):
         write_report(**{**kwargs, "label_map": label_map[1:], "segmented_series": series["sagittal"]})
+
+
+def test_key_slices_of_a_multiframe_source_name_the_frame():
+    """An Enhanced MR source: the key slice is a frame of the one dataset, in slice order."""
+    from inference.seg_writer import multiframe_sort_order
+    from inference.sr_writer import key_slices
+    from tests.inference.output_factory import enhanced_from
+
+    study = new_study()
+    series = make_series(study, "coronal", oblique=True, seed=9)
+    multiframe = enhanced_from(series)
+    label_map = knee_label_map((7, 24, 20), present=[10, 11], seed=6)
+    placed = key_slices([multiframe], label_map)
+    assert set(placed) == {"acl", "pcl"}
+    order = multiframe_sort_order(multiframe)
+    for key, index in (("acl", 10), ("pcl", 11)):
+        k = int(np.argmax((label_map == index).sum(axis=(1, 2))))
+        assert placed[key].source is multiframe
+        assert placed[key].frame == int(order[k]) + 1
+        region = placed[key].region()
+        assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedFrameNumber == int(order[k]) + 1
