@@ -633,6 +633,9 @@ def run_study(
                     [ds for p in sorted(set(used) | set(segs)) for ds in volumes[p].datasets]
                 ),
                 previous_versions=previous,
+                # findings and structures are placed on the key slices of the SEG's own series
+                label_map=label_maps.get(referenced) if referenced else None,
+                segmented_series=volumes[referenced].datasets if referenced else None,
             )
             result.report = out_dir / "sr.dcm"
             sr.save_as(result.report)

@@ -184,15 +184,24 @@ def test_complete_study_writes_valid_seg_per_series_and_sr(
     assert "Comprehensive 3D SR" in text or "Comprehensive3DSR" in text.replace(" ", "")
     sr = hd.sr.srread(result.report)
     template = load_template("knee")
-    groups = sr.content.get_image_measurement_groups()
-    assert len(groups) == len(bundle.card.labels)
-    concepts = {(g.finding_type.scheme_designator, g.finding_type.value) for g in groups}
-    assert concepts == {(template.label(k).concept.scheme, template.label(k).concept.value) for k in bundle.card.labels}
+    # every label is coded in the Qualitative Evaluations; findings tied to a structure that the
+    # sagittal label map holds are also TID 1410 groups on its key slice
+    (evaluations,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    coded = {(i.ConceptNameCodeSequence[0].CodingSchemeDesignator, i.ConceptNameCodeSequence[0].CodeValue)
+             for i in evaluations.ContentSequence if i.ValueType == "CODE"}
+    assert coded == {(template.label(k).concept.scheme, template.label(k).concept.value) for k in bundle.card.labels}
     for finding in result.findings:  # the text the PACS shows carries every finding line
         assert finding.name in text
-    # the SR measures the sagittal SEG (the segmenter's own plane), one volume group per structure
+    measured = {k for k, v in result.volumes_ml["sagittal"].items() if v > 0}
+    assert measured, "the segmenter found no structure"
+    planar = {(g.finding_type.scheme_designator, g.finding_type.value) for g in sr.content.get_planar_roi_measurement_groups()}
+    for key in bundle.card.labels:
+        label = template.label(key)
+        placed = (label.concept.scheme, label.concept.value) in planar
+        assert placed == (label.structure in measured), key
+    # the SR measures the sagittal SEG (the segmenter's own plane), one volume group per structure found
     volume_groups = sr.content.get_volumetric_roi_measurement_groups()
-    assert len(volume_groups) == len(KNEE_STRUCTURES)
+    assert len(volume_groups) == len(measured)
     evidence = {
         ref.ReferencedSOPInstanceUID
         for study_item in sr.CurrentRequestedProcedureEvidenceSequence

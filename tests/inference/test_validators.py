@@ -69,12 +69,15 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         segmented_series=sagittal.datasets,
     )
     out = tmp_path_factory.mktemp("validators_out")
-    seg_path, sr_path = out / "seg.dcm", out / "sr.dcm"
+    seg_path, sr_path, unplaced_path = out / "seg.dcm", out / "sr.dcm", out / "ankle_sr.dcm"
     seg.save_as(seg_path)
     sr.save_as(sr_path)
+    _ankle_report().save_as(unplaced_path)
     # DicomSRValidator checks the SR's IOD as well as its templates (PixelMed's
     # DicomInstanceValidator of Debian 12 does not know the Comprehensive 3D SR SOP class)
-    sr_template, seg_iod = run_pixelmed([("DicomSRValidator", sr_path), ("DicomInstanceValidator", seg_path)])
+    sr_template, seg_iod, unplaced = run_pixelmed(
+        [("DicomSRValidator", sr_path), ("DicomInstanceValidator", seg_path), ("DicomSRValidator", unplaced_path)]
+    )
     sources = sorted(p for p in (root / "knee_0001" / "dicom").rglob("*.dcm"))
     return {
         "seg": seg_path,
@@ -83,8 +86,24 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "laterality": record.laterality,
         "sr_template": sr_template,
         "seg_iod": seg_iod,
+        "unplaced": unplaced,
+        "unplaced_path": unplaced_path,
         "dcentvfy": dcentvfy_output([seg_path, sr_path, *sources]),
     }
+
+
+def _ankle_report():
+    """An ankle report: no segmentation, so no finding can be placed on the images."""
+    from tests.inference.output_factory import make_series, new_study
+
+    study = new_study(body_part="ANKLE")
+    sagittal = make_series(study, "sagittal", seed=5, description="ankle sag")
+    template = load_template("ankle")
+    findings = [Finding.at_threshold(label.key, label.name, 0.3 + 0.1 * i, 0.5) for i, label in enumerate(template.labels)]
+    return write_report(
+        template, [sagittal[0]], findings, {"sagittal": (sagittal[0].SeriesInstanceUID, "ankle sag")},
+        ["coronal", "axial"], "R", ALGORITHM, None, None, 301, NODE,
+    )
 
 
 def _report(result: ValidatorOutput) -> str:
@@ -106,6 +125,13 @@ def test_pixelmed_sr_templates_have_no_errors(outputs):
     # the warnings left: Presence of property in the TID 1410 finding groups, which PixelMed's
     # TID 1411 (it checks every group as 1411 once one references a segment) does not list
     assert all("Presence of property" in line for line in result.warnings), "\n".join(result.warnings)
+
+
+def test_pixelmed_report_without_placed_findings(outputs):
+    result = outputs["unplaced"]
+    assert "Found Root Template TID_1500" in result.output
+    assert (result.errors, result.warnings) == ([], []), "\n".join(result.errors + result.warnings)
+    assert dciodvfy_errors(outputs["unplaced_path"]) == []
 
 
 def test_pixelmed_iods_have_no_errors(outputs):
