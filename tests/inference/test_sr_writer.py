@@ -129,7 +129,8 @@ def test_knee_report_round_trip(knee_case, tmp_path):
         assert np.array_equal(points[0], points[-1]) and len(points) >= 5  # closed
         mask = label_map == index[label.structure]
         key = int(np.argmax(mask.sum(axis=(1, 2))))
-        assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ordered[key].SOPInstanceUID
+        (referenced,) = region.ContentSequence[0].ReferencedSOPSequence
+        assert referenced.ReferencedSOPInstanceUID == ordered[key].SOPInstanceUID
         rows, cols = np.nonzero(mask[key])
         # the outline encloses the structure's pixels (corners) and no more than its bounding box
         assert points[:, 0].min() == cols.min() and points[:, 0].max() == cols.max() + 1
@@ -142,11 +143,13 @@ def test_knee_report_round_trip(knee_case, tmp_path):
     # structure present, both with the segment's tracking UID, so OHIF merges them
     volume_groups = sr.content.get_volumetric_roi_measurement_groups()
     present = [s for s in KNEE_STRUCTURES if volumes[s.key] > 0]
-    assert len(volume_groups) == len(present) and len(present) < len(KNEE_STRUCTURES) + 1
+    assert len(volume_groups) == len(present)
     segment_labels = {int(s.SegmentNumber): s.SegmentLabel for s in seg.SegmentSequence}
     tracking = {int(s.SegmentNumber): s.TrackingUID for s in seg.SegmentSequence}
     planar_by_uid = {g.tracking_uid: g for g in planar}
     spacing = float(np.prod(ordered[0].PixelSpacing))
+    # a structure absent from the label map has no group (its volume 0 is in the text only)
+    assert {g.tracking_uid for g in volume_groups} == {tracking[s.index] for s in present}
     for group, structure in zip(volume_groups, present):
         ref = group.referenced_segment
         assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
@@ -300,8 +303,14 @@ def test_single_segment_segmentation_is_referenced(tmp_path):
     path = tmp_path / "single.dcm"
     sr.save_as(path)
     assert dciodvfy_errors(path) == []
-    (group,) = hd.sr.srread(path).content.get_volumetric_roi_measurement_groups()
+    read = hd.sr.srread(path)
+    (group,) = read.content.get_volumetric_roi_measurement_groups()
     assert group.referenced_segment.referenced_segment_numbers == [1]
+    # only the femur is in the label map: its outline is the one planar group; the findings
+    # about the cruciates and menisci have no structure to be placed on
+    (outline,) = read.content.get_planar_roi_measurement_groups()
+    assert outline.tracking_uid == group.tracking_uid
+    assert outline.finding_type.value == "71341001"
 
 
 def test_finding_must_agree_with_threshold():

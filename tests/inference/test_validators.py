@@ -99,7 +99,9 @@ def _ankle_report():
     study = new_study(body_part="ANKLE")
     sagittal = make_series(study, "sagittal", seed=5, description="ankle sag")
     template = load_template("ankle")
-    findings = [Finding.at_threshold(label.key, label.name, 0.3 + 0.1 * i, 0.5) for i, label in enumerate(template.labels)]
+    findings = [
+        Finding.at_threshold(label.key, label.name, 0.3 + 0.1 * i, 0.5) for i, label in enumerate(template.labels)
+    ]
     return write_report(
         template, [sagittal[0]], findings, {"sagittal": (sagittal[0].SeriesInstanceUID, "ankle sag")},
         ["coronal", "axial"], "R", ALGORITHM, None, None, 301, NODE,
