@@ -14,10 +14,12 @@ never leaves a half-written checkpoint under the final name.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import pickle
 import tempfile
+import time
 import zipfile
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -191,6 +193,14 @@ class ModelCard:
         return cls(**dict(d))
 
 
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision on CUDA (bf16 where supported); plain float32 elsewhere."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
 def pick_device(prefer: str = "auto") -> torch.device:
     """``"auto"``: CUDA when present, else CPU; ``"cuda"``/``"cuda:N"``: must exist; ``"cpu"``."""
     if prefer == "auto":
@@ -349,24 +359,31 @@ class ModelBundle:
         self,
         volumes: Mapping[str, np.ndarray],
         ehr: Mapping[str, Any] | None = None,
+        timings: dict[str, float] | None = None,
     ) -> dict[str, float]:
-        """Probability per label for one exam.
+        """Probability per label for one exam: the one prediction path of the node,
+        ``orthonode predict`` and ``orthonode train evaluate``.
 
-        ``volumes[plane]`` is the ``(S, R, C)`` series of each plane in ``card.planes``.
-        ``ehr`` has keys ``age``, ``sex``, ``height_m``, ``weight_kg`` (any may be None or
-        absent: it is then masked as missing); it is ignored by a model without EHR fusion.
+        ``volumes[plane]`` is the ``(S, R, C)`` series of a plane in ``card.planes``; a plane
+        may be missing (the classifier then decides from the others, see
+        :meth:`OrthoDiffusionClassifier.forward`), but not all of them.  ``ehr`` has keys
+        ``age``, ``sex``, ``height_m``, ``weight_kg`` (any may be None or absent: it is then
+        masked as missing); it is ignored by a model without EHR fusion.  ``timings``, when
+        given, accumulates the seconds spent under ``"preprocess"`` and ``"model"``.
         """
         if self.classifier is None:
             raise ValueError(f"model {self.card.name!r} has no classifier")
-        missing = [p for p in self.card.planes if p not in volumes]
-        if missing:
+        present = [p for p in self.card.planes if p in volumes]
+        if not present:
             raise ValueError(
-                f"predict_proba: volumes lacks plane(s) {missing}; model {self.card.name!r} needs {self.card.planes}"
+                f"predict_proba: volumes holds none of the planes {self.card.planes} that model "
+                f"{self.card.name!r} uses"
             )
+        started = time.perf_counter()
         self.classifier.eval()
         inputs = {
             plane: torch.from_numpy(preprocess_volume(volumes[plane], self.preprocess))[None].to(self.device)
-            for plane in self.card.planes
+            for plane in present
         }
         ehr_values = ehr_mask = None
         if self.card.use_ehr:
@@ -377,24 +394,48 @@ class ModelBundle:
             values, mask = encode_ehr(ehr.get("age"), ehr.get("sex"), ehr.get("height_m"), ehr.get("weight_kg"))
             ehr_values = torch.from_numpy(values)[None].to(self.device)
             ehr_mask = torch.from_numpy(mask)[None].to(self.device)
-        logits = self.classifier(inputs, ehr_values, ehr_mask)
+        prepared = time.perf_counter()
+        with autocast(self.device):
+            logits = self.classifier(inputs, ehr_values, ehr_mask)
         probs = torch.sigmoid(logits.float())[0].cpu().tolist()
+        if timings is not None:
+            timings["preprocess"] = timings.get("preprocess", 0.0) + prepared - started
+            timings["model"] = timings.get("model", 0.0) + time.perf_counter() - prepared
         return dict(zip(self.card.labels, probs))
 
     @torch.no_grad()
-    def segment(self, volume: np.ndarray, stride: int | None = None) -> np.ndarray:
+    def segment(
+        self, volume: np.ndarray, stride: int | None = None, timings: dict[str, float] | None = None
+    ) -> np.ndarray:
         """uint8 label map ``(S, R, C)`` on the series' own grid (0 = background,
-        ``i + 1`` = ``card.structures[i]``), from sliding windows over all slices."""
+        ``i + 1`` = ``card.structures[i]``), from sliding windows over all slices.
+
+        ``timings``, when given, accumulates the network's seconds under ``"model"`` and the
+        rest (tiling, scaling, resizing back) under ``"preprocess"``.
+        """
         if self.segmenter is None:
             raise ValueError(f"model {self.card.name!r} has no segmenter")
         self.segmenter.eval()
         segmenter = self.segmenter
+        model_seconds = 0.0
 
-        def predict(x: np.ndarray) -> np.ndarray:
-            logits = segmenter(torch.from_numpy(x)[None].to(self.device))
-            return logits[0].float().cpu().numpy()
+        def predict(x: np.ndarray) -> torch.Tensor:
+            nonlocal model_seconds
+            t = time.perf_counter()
+            with autocast(self.device):
+                logits = segmenter(torch.from_numpy(x)[None].to(self.device))
+            out = logits[0].float()  # stays on the device; segment_series averages and labels it there
+            if out.is_cuda:
+                torch.cuda.synchronize(out.device)  # the forward pass's time counts as model time
+            model_seconds += time.perf_counter() - t
+            return out
 
-        return segment_series(predict, volume, self.preprocess, stride)
+        started = time.perf_counter()
+        labels = segment_series(predict, volume, self.preprocess, stride)
+        if timings is not None:
+            timings["model"] = timings.get("model", 0.0) + model_seconds
+            timings["preprocess"] = timings.get("preprocess", 0.0) + time.perf_counter() - started - model_seconds
+        return labels
 
     @property
     def ehr_features(self) -> tuple[str, ...]:

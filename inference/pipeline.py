@@ -189,38 +189,10 @@ class StudyResult:
 
 
 def ehr_from_header(ds: Any) -> tuple[dict[str, Any], list[str]]:
-    """EHR inputs ``{age, sex, height_m, weight_kg}`` from a source header, and notes on masked values.
+    """EHR inputs from a source header: :func:`inference.model.ehr_from_dicom`, the one reader."""
+    from inference.model import ehr_from_dicom
 
-    DICOM gives PatientAge as an Age String (``045Y``), PatientSize in metres and PatientWeight
-    in kilograms.  An absent, empty or implausible value (e.g. a height written in centimetres)
-    becomes ``None`` (masked as missing by the model) and a note says why; nothing is converted
-    behind the reader's back.
-    """
-    from inference.model import encode_ehr
-
-    raw = {
-        "age": ("PatientAge", ds.get("PatientAge", None)),
-        "sex": ("PatientSex", ds.get("PatientSex", None)),
-        "height_m": ("PatientSize", ds.get("PatientSize", None)),
-        "weight_kg": ("PatientWeight", ds.get("PatientWeight", None)),
-    }
-    values: dict[str, Any] = {}
-    notes: list[str] = []
-    for key, (keyword, value) in raw.items():
-        if value is None or str(value).strip() == "":
-            values[key] = None
-            notes.append(f"EHR: {keyword} is absent; masked as missing")
-            continue
-        value = str(value).strip() if key in ("age", "sex") else value
-        one = {"age": None, "sex": None, "height_m": None, "weight_kg": None, key: value}
-        try:
-            encode_ehr(one["age"], one["sex"], one["height_m"], one["weight_kg"])
-        except (ValueError, TypeError) as err:
-            values[key] = None
-            notes.append(f"EHR: {keyword}={str(value)!r} not used ({err}); masked as missing")
-            continue
-        values[key] = value
-    return values, notes
+    return ehr_from_dicom(ds)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -242,16 +214,6 @@ class _Clock:
 
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] += seconds
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """Mixed precision on CUDA; plain float32 elsewhere."""
-    import torch
-
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
 
 
 def _card_structures(card: Any) -> tuple[Structure, ...]:
@@ -281,83 +243,6 @@ def _segmented_planes(bundle: ModelBundle, requested: Sequence[str] | None) -> t
         return tuple(requested)
     plane = bundle.card.segmenter_plane()
     return (plane,) if plane is not None else tuple(bundle.card.planes)
-
-
-def _classify(
-    bundle: ModelBundle,
-    volumes: Mapping[str, np.ndarray],
-    ehr: Mapping[str, Any],
-    clock: _Clock,
-) -> dict[str, float]:
-    """Probability per label from the planes present; a missing plane contributes zero features.
-
-    With every plane present this computes exactly ``OrthoDiffusionClassifier.forward`` (the
-    pipeline tests check it against :meth:`ModelBundle.predict_proba`); it is written out here
-    so that a missing plane can be replaced by zeros and preprocessing timed apart from the model.
-    """
-    import torch
-
-    from inference.model import encode_ehr
-    from inference.preprocess import preprocess_volume
-
-    classifier = bundle.classifier
-    assert classifier is not None
-    device = bundle.device
-    with clock.stage("preprocess"):
-        inputs = {
-            plane: torch.from_numpy(preprocess_volume(volumes[plane], bundle.preprocess))[None].to(device)
-            for plane in bundle.card.planes
-            if plane in volumes
-        }
-        ehr_values = ehr_mask = None
-        if bundle.card.use_ehr:
-            values, mask = encode_ehr(ehr.get("age"), ehr.get("sex"), ehr.get("height_m"), ehr.get("weight_kg"))
-            ehr_values = torch.from_numpy(values)[None].to(device)
-            ehr_mask = torch.from_numpy(mask)[None].to(device)
-    with clock.stage("model"), torch.no_grad(), _autocast(device):
-        classifier.eval()
-        features = []
-        for plane in classifier.planes:
-            encoder = classifier.encoders[plane]
-            if plane in inputs:
-                features.append(encoder(inputs[plane]).float())
-            else:
-                features.append(torch.zeros((1, encoder.out_features), device=device))
-        logits = classifier.head(torch.cat(features, dim=1)).float()
-        if classifier.ehr is not None:
-            assert ehr_values is not None and ehr_mask is not None
-            logits = classifier.ehr(logits, ehr_values, ehr_mask).float()
-        probabilities = torch.sigmoid(logits)[0].cpu().tolist()
-    return dict(zip(bundle.card.labels, probabilities))
-
-
-def _segment(bundle: ModelBundle, volume: np.ndarray, clock: _Clock) -> np.ndarray:
-    """Label map on the source grid; network time counts as ``model``, the rest as ``preprocess``."""
-    import torch
-
-    from inference.preprocess import segment_series
-
-    segmenter = bundle.segmenter
-    assert segmenter is not None
-    segmenter.eval()
-    model_seconds = 0.0
-
-    def predict(x: np.ndarray) -> torch.Tensor:
-        nonlocal model_seconds
-        started = time.perf_counter()
-        with torch.no_grad(), _autocast(bundle.device):
-            logits = segmenter(torch.from_numpy(x)[None].to(bundle.device))
-        out = logits[0].float()  # stays on the device; segment_series averages and labels it there
-        if out.is_cuda:
-            torch.cuda.synchronize(out.device)  # the forward pass's time counts as model time
-        model_seconds += time.perf_counter() - started
-        return out
-
-    started = time.perf_counter()
-    labels = segment_series(predict, volume, bundle.preprocess)
-    clock.add("model", model_seconds)
-    clock.add("preprocess", time.perf_counter() - started - model_seconds)
-    return labels
 
 
 def _read_previous_reports(paths: Sequence[Path], notes: list[str]) -> list[Any]:
@@ -543,7 +428,7 @@ def run_study(
                     )
     result.missing_planes = [p for p in bundle.card.planes if p not in volumes]
     for plane in result.missing_planes:
-        result.log.append(f"model: plane {plane} is missing; its features are zero and the report says so")
+        result.log.append(f"model: plane {plane} is missing; the fused head decides from the other planes (its standardised features are set to their mean) and the report says so")
     if bundle.classifier is not None and len(result.missing_planes) == len(bundle.card.planes):
         return finish(
             Outcome.UNSUPPORTED,
@@ -565,7 +450,7 @@ def run_study(
         if bundle.card.use_ehr:
             ehr, ehr_notes = ehr_from_header(first)
             result.log.extend(ehr_notes)
-        probabilities = _classify(bundle, {p: v.pixels for p, v in volumes.items()}, ehr, clock)
+        probabilities = bundle.predict_proba({p: v.pixels for p, v in volumes.items()}, ehr, timings=clock.seconds)
         names = dict(zip(bundle.card.labels, bundle.card.label_names))
         result.findings = [
             Finding.at_threshold(key, names[key], probabilities[key], bundle.card.thresholds[key])
@@ -592,7 +477,7 @@ def run_study(
                 "placed on it, no SEG for that plane"
             )
             continue
-        label_maps[plane] = _segment(bundle, volume.pixels, clock)
+        label_maps[plane] = bundle.segment(volume.pixels, timings=clock.seconds)
         with clock.stage("write"):
             seg = write_segmentation(
                 volume.datasets, label_maps[plane], algorithm, SEG_SERIES_NUMBER[plane], structures, node_info

@@ -88,8 +88,13 @@ class ClassifyConfig(_Section):
     """
 
     epochs: int = Field(5, ge=1)
+    steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
     batch_size: int = Field(4, ge=1)
     head_lr: float = Field(5e-4, gt=0)
+    pos_weight: Literal["auto", "none"] = Field(
+        "auto", description="auto: each label's positives weigh negatives/positives of the training "
+        "split (capped at max_pos_weight); none: plain BCE")
+    max_pos_weight: float = Field(10.0, ge=1)
     backbone_lr_factor: float = Field(0.05, ge=0, description="backbone lr = factor x head lr; 0 freezes it")
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -111,13 +116,15 @@ class SegmentConfig(_Section):
 
     plane: Literal["sagittal", "coronal", "axial"] = "sagittal"
     epochs: int = Field(30, ge=1)
+    steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
     batch_size: int = Field(2, ge=1)
     lr: float = Field(1e-3, gt=0, description="head (decoder) learning rate")
     backbone_lr_factor: float = Field(0.05, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     windows: Literal["central", "all"] = Field(
-        "central", description="central: the central depth slices of each series; all: every sliding window"
+        "all", description="all: every sliding window over the whole series, as the node segments it; "
+        "central: the central depth slices only (the reference's input)"
     )
     ce_weight: float = Field(0.2, ge=0)
     dice_weight: float = Field(1.0, ge=0)

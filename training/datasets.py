@@ -24,7 +24,6 @@ import hashlib
 import logging
 import os
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -399,46 +398,28 @@ def read_phantom_folder(root: str | Path, rules: Any = None, workers: int | None
     return records
 
 
-def _parse_dicom_age(value: Any) -> float | None:
-    """PatientAge is an Age String ``nnnD|W|M|Y``; convert to years."""
-    if value in (None, ""):
-        return None
-    match = re.fullmatch(r"(\d{3})([DWMY])", str(value).strip())
-    if not match:
-        raise DatasetError(f"PatientAge {value!r} is not a DICOM Age String (nnnD/W/M/Y)")
-    n, unit = int(match.group(1)), match.group(2)
-    return {"D": n / 365.25, "W": n * 7 / 365.25, "M": n / 12, "Y": float(n)}[unit]
-
-
 def _header_facts(path: Path) -> dict[str, Any]:
-    """EHR values and identifiers from one instance's header (what the node reads too)."""
+    """EHR values and identifiers from one instance's header.
+
+    The EHR values come from :func:`inference.model.ehr_from_dicom`, the reader the node
+    uses, so a model trains on exactly the values it is later served.  A malformed value is
+    logged and masked as missing (never guessed); it does not stop a data set from loading.
+    """
     import pydicom
+
+    from inference.model import EHR_DICOM_KEYWORDS, ehr_from_dicom
 
     ds = pydicom.dcmread(
         path,
         stop_before_pixels=True,
-        specific_tags=["PatientAge", "PatientSex", "PatientSize", "PatientWeight", "PatientID", "AccessionNumber"],
+        specific_tags=[*EHR_DICOM_KEYWORDS.values(), "PatientID", "AccessionNumber"],
     )
-
-    def num(keyword: str) -> float | None:
-        value = ds.get(keyword)
-        return None if value in (None, "") else float(value)
-
-    sex = str(ds.get("PatientSex", "") or "").upper() or None
-    try:
-        age = _parse_dicom_age(ds.get("PatientAge"))
-    except DatasetError as err:
-        # one malformed header value is reported and masked as missing (never guessed); it
-        # must not stop a whole data set from loading
-        log.warning("%s: %s; age treated as missing", path, err)
-        age = None
+    ehr, notes = ehr_from_dicom(ds)
+    for note in notes:
+        if "not used" in note:
+            log.warning("%s: %s", path, note)
     return {
-        "ehr": {
-            "age": age,
-            "sex": sex if sex in ("M", "F", "O") else None,
-            "height_m": num("PatientSize"),
-            "weight_kg": num("PatientWeight"),
-        },
+        "ehr": ehr,
         "patient_id": str(ds.get("PatientID", "") or "") or None,
         "accession": str(ds.get("AccessionNumber", "") or "") or None,
     }

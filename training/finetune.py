@@ -95,11 +95,17 @@ def make_optimizer(
 # --------------------------------------------------------------------------- losses
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor | None = None) -> torch.Tensor:
+def classification_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    label_mask: torch.Tensor | None = None,
+    pos_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """BCE with logits averaged over the known labels.
 
     A label is unknown where ``label_mask`` is 0 or, without a mask, where it is NaN;
     unknown labels do not count (and a batch without any known label gives exactly 0).
+    ``pos_weight`` (K,) weighs each label's positive term (see :func:`positive_weights`).
     """
     known = ~torch.isnan(labels)
     if label_mask is not None:
@@ -107,8 +113,30 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_mask: 
     if not known.any():
         return logits.sum() * 0.0
     target = torch.where(known, labels, torch.zeros_like(labels))
-    per = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+    weight = None if pos_weight is None else pos_weight.to(device=logits.device, dtype=torch.float32)
+    per = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none", pos_weight=weight)
     return (per * known).sum() / known.sum()
+
+
+def positive_weights(labels: np.ndarray, cap: float) -> np.ndarray:
+    """Per label, negatives / positives among the known training labels, within [1, cap].
+
+    A rare finding (PCL, LCL and patellar dislocation are about 5 % of knee phantoms) would
+    otherwise be learned as "always absent"; a label without positives gets weight 1.
+    """
+    labels = np.asarray(labels, dtype=np.float64)
+    pos = np.nansum(labels == 1, axis=0).astype(np.float64)
+    neg = np.nansum(labels == 0, axis=0).astype(np.float64)
+    ratio = np.where(pos > 0, neg / np.maximum(pos, 1.0), 1.0)
+    return np.clip(ratio, 1.0, cap).astype(np.float32)
+
+
+def _steps(epochs: int, steps: int | None, batches_per_epoch: int) -> tuple[int, int]:
+    """(total optimizer steps, epochs): ``steps`` when set, else ``epochs`` passes over the data."""
+    per = max(1, batches_per_epoch)
+    if steps is None:
+        return epochs * per, epochs
+    return steps, math.ceil(steps / per)
 
 
 def segmentation_loss(
@@ -305,14 +333,14 @@ def _tensor(value: Any) -> torch.Tensor:
     return torch.as_tensor(value)
 
 
-def _loader(dataset: Any, batch_size: int, shuffle: bool, seed: int, num_workers: int) -> DataLoader:
+def _loader(dataset: Any, batch_size: int, shuffle: bool, seed: int, num_workers: int, drop_last: bool = False) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
-        drop_last=False,
+        drop_last=drop_last,
     )
 
 
@@ -422,6 +450,9 @@ def finetune_classifier(
     label_keys = _common_label_keys(labelled)
     joint = _joint(labelled)
     backbones = resolve_pretrained(pretrained, planes, from_scratch)
+    # from scratch, every weight is trained at the full learning rate (a true baseline, not
+    # random frozen features under a head)
+    backbone_factor = 1.0 if from_scratch else ccfg.backbone_lr_factor
     train, val = split_labelled(labelled, label_fraction, ccfg.val_fraction, seed)
     log.info("classifier: %d train / %d val exams (label fraction %.2f, seed %d)", len(train), len(val), label_fraction, seed)
 
@@ -432,28 +463,39 @@ def finetune_classifier(
 
     torch.manual_seed(seed)
     model = build_classifier(cfg, planes, len(label_keys), use_ehr, backbones).to(device)
-    loader = _loader(train_ds, ccfg.batch_size, True, seed, ccfg.num_workers)
+    # the per-plane feature normalisation needs more than one exam per training batch
+    loader = _loader(train_ds, ccfg.batch_size, True, seed, ccfg.num_workers,
+                     drop_last=len(train_ds) > ccfg.batch_size and len(train_ds) % ccfg.batch_size == 1)
     val_loader = _loader(val_ds, ccfg.batch_size, False, seed, ccfg.num_workers) if val_ds is not None else None
-    total = ccfg.epochs * len(loader)
-    optimizer, scheduler = make_optimizer(model, ccfg.head_lr, ccfg.backbone_lr_factor, ccfg.weight_decay, ccfg.schedule, total)
+    total, epochs = _steps(ccfg.epochs, ccfg.steps, len(loader))
+    optimizer, scheduler = make_optimizer(model, ccfg.head_lr, backbone_factor, ccfg.weight_decay, ccfg.schedule, total)
+    train_labels = np.stack([np.where(np.isnan(r.labels), np.nan, r.labels) for r in train])
+    pos_weight = None
+    if ccfg.pos_weight == "auto":
+        pos_weight = torch.from_numpy(positive_weights(train_labels, ccfg.max_pos_weight))
+        log.info("classifier: positive weights %s", dict(zip(label_keys, np.round(pos_weight.numpy(), 2).tolist())))
 
     history: list[dict[str, float]] = []
-    for epoch in range(1, ccfg.epochs + 1):
+    step = 0
+    for epoch in range(1, epochs + 1):
         model.train()
         losses = []
-        for batch in _progress(loader, progress, f"classify epoch {epoch}/{ccfg.epochs}"):
+        for batch in _progress(loader, progress, f"classify epoch {epoch}/{epochs}"):
+            if step >= total:
+                break
             volumes, ehr, mask = _batch_inputs(batch, planes, use_ehr, device)
             labels = _tensor(batch["labels"]).float().to(device)
             label_mask = _tensor(batch["label_mask"]).float().to(device)
             with _autocast(device, ccfg.amp):
                 logits = model(volumes, ehr, mask)
-            loss = classification_loss(logits, labels, label_mask)
+            loss = classification_loss(logits, labels, label_mask, pos_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
+            step += 1
             losses.append(float(loss.detach()))
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses))}
+        row: dict[str, Any] = {"epoch": epoch, "steps": step, "train_loss": float(np.mean(losses))}
         if val_loader is not None:
             probs, labels_np, _ = predict_classifier(model, val_loader, planes, use_ehr, device)
             row["val_macro_auc"] = _classifier_metrics(probs, labels_np, label_keys)["val_macro_auc"]
@@ -502,26 +544,34 @@ def finetune_classifier(
 
 
 @torch.no_grad()
-def predict_segmenter(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def predict_segmenter(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(predicted labels, targets, exam id) per window of the loader."""
     model.eval()
-    preds, targets = [], []
+    preds, targets, ids = [], [], []
     for batch in loader:
         logits = model(_tensor(batch["image"]).float().to(device))
         preds.append(logits.argmax(1).cpu().numpy())
         targets.append(_tensor(batch["mask"]).long().numpy())
-    return np.concatenate(preds), np.concatenate(targets)
+        ids += list(batch["exam_id"])
+    return np.concatenate(preds), np.concatenate(targets), ids
 
 
-def _segmenter_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, Any]:
+def _segmenter_metrics(pred: np.ndarray, target: np.ndarray, exam_ids: Sequence[str]) -> dict[str, Any]:
+    """Dice per structure, each exam's windows pooled into one score per exam first."""
     from inference.labels import KNEE_STRUCTURES, NUM_SEG_CLASSES
 
-    per_case = [dice_per_class(p, t, NUM_SEG_CLASSES) for p, t in zip(pred, target)]
+    order = list(dict.fromkeys(exam_ids))
+    ids = np.asarray(exam_ids)
+    per_case = [
+        dice_per_class(pred[ids == e].reshape(-1), target[ids == e].reshape(-1), NUM_SEG_CLASSES) for e in order
+    ]
     per_structure: dict[str, float | None] = {}
     for s in KNEE_STRUCTURES:
         values = [case[s.index - 1] for case in per_case if case[s.index - 1] is not None]
         per_structure[s.key] = float(np.mean(values)) if values else None
     known = [v for v in per_structure.values() if v is not None]
-    return {"val_dice": per_structure, "val_mean_dice": float(np.mean(known)) if known else None, "val_exams": int(len(pred))}
+    return {"val_dice": per_structure, "val_mean_dice": float(np.mean(known)) if known else None,
+            "val_exams": len(order), "val_windows": int(len(pred))}
 
 
 def finetune_segmenter(
@@ -552,6 +602,7 @@ def finetune_segmenter(
     if not annotated:
         raise ValueError(f"no exam has a {plane} series with a mask ({len(records)} exams read)")
     backbones = resolve_pretrained(pretrained, (plane,), from_scratch)
+    backbone_factor = 1.0 if from_scratch else scfg.backbone_lr_factor
     train, val = split_labelled(annotated, label_fraction, scfg.val_fraction, seed)
     log.info("segmenter: %d train / %d val exams (label fraction %.2f, seed %d)", len(train), len(val), label_fraction, seed)
 
@@ -560,21 +611,25 @@ def finetune_segmenter(
     options = dict(dataset_options or {})
     options.setdefault("windows", scfg.windows)
     train_ds = segmentation_dataset(train, plane, pcfg, **cache, **options)
-    # validation on the central window: the input the method was specified for
-    val_ds = segmentation_dataset(val, plane, pcfg, windows="central", **cache) if val else None
+    # validation over every window of the series, as the node segments it
+    val_ds = segmentation_dataset(val, plane, pcfg, windows="all", **cache) if val else None
 
     torch.manual_seed(seed)
     model = build_segmenter(cfg, backbones.get(plane)).to(device)
     loader = _loader(train_ds, scfg.batch_size, True, seed, scfg.num_workers)
     val_loader = _loader(val_ds, scfg.batch_size, False, seed, scfg.num_workers) if val_ds is not None else None
-    total = scfg.epochs * len(loader)
-    optimizer, scheduler = make_optimizer(model, scfg.lr, scfg.backbone_lr_factor, scfg.weight_decay, scfg.schedule, total)
+    total, epochs = _steps(scfg.epochs, scfg.steps, len(loader))
+    optimizer, scheduler = make_optimizer(model, scfg.lr, backbone_factor, scfg.weight_decay, scfg.schedule, total)
 
     history: list[dict[str, float]] = []
-    for epoch in range(1, scfg.epochs + 1):
+    step = 0
+    for epoch in range(1, epochs + 1):
         model.train()
         losses = []
-        for batch in _progress(loader, progress, f"segment epoch {epoch}/{scfg.epochs}"):
+        for batch in _progress(loader, progress, f"segment epoch {epoch}/{epochs}"):
+            if step >= total:
+                break
+            step += 1
             image = _tensor(batch["image"]).float().to(device)
             mask = _tensor(batch["mask"]).long().to(device)
             with _autocast(device, scfg.amp):
@@ -585,14 +640,14 @@ def finetune_segmenter(
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.detach()))
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses))}
+        row: dict[str, Any] = {"epoch": epoch, "steps": step, "train_loss": float(np.mean(losses))}
         history.append(row)
         log.info("segment epoch %d: %s", epoch, row)
 
     metrics: dict[str, Any] = {"train_exams": len(train), "val_exams": len(val), "final_train_loss": history[-1]["train_loss"]}
     if val_loader is not None:
-        pred, target = predict_segmenter(model, val_loader, device)
-        metrics.update(_segmenter_metrics(pred, target))
+        pred, target, exam_ids = predict_segmenter(model, val_loader, device)
+        metrics.update(_segmenter_metrics(pred, target, exam_ids))
         history[-1]["val_mean_dice"] = metrics["val_mean_dice"]
     result = FinetuneResult(
         task="segment",

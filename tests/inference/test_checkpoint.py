@@ -91,8 +91,12 @@ def test_ehr_is_used_and_missing_values_are_accepted(bundle: ModelBundle) -> Non
     assert with_ehr != without
     with pytest.raises(ValueError, match="bmi"):
         bundle.predict_proba(_exam(), {"bmi": 22})
-    with pytest.raises(ValueError, match="axial|coronal"):
-        bundle.predict_proba({"sagittal": _exam()["sagittal"]})
+    # a study without some planes is still scored from the planes it has (as the node does) ...
+    partial = bundle.predict_proba({"sagittal": _exam()["sagittal"]})
+    assert set(partial) == set(without) and partial != without
+    # ... but not without any of them
+    with pytest.raises(ValueError, match="none of the planes"):
+        bundle.predict_proba({})
 
 
 def test_classifier_only_bundle(tmp_path: Path) -> None:

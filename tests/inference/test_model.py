@@ -230,8 +230,33 @@ def test_classifier_shapes(planes: tuple[str, ...]) -> None:
     assert tuple(logits.shape) == (2, 8)
     assert set(model.backbones) == set(planes)
     assert isinstance(model.backbones[planes[0]], DiffusionBackbone)
-    with pytest.raises(ValueError, match="lacks plane"):
+    with pytest.raises(ValueError, match="none of the model's planes"):
         model({})
+    if len(planes) > 1:
+        # in evaluation a missing plane is allowed (its standardised features are zero) ...
+        with torch.no_grad():
+            partial = model({planes[0]: _volume(seed=0)})
+        assert tuple(partial.shape) == (2, 8) and not torch.allclose(partial, logits)
+        # ... in training it is an error: the model must learn from every plane
+        with pytest.raises(ValueError, match="training needs"):
+            model.train()({planes[0]: _volume(seed=0)})
+
+
+def test_pooled_features_are_standardised_before_the_head() -> None:
+    """Per-plane BatchNorm: in training the features entering the head have zero mean and unit
+    variance across the batch, whatever the tiny spread of the raw pooled features."""
+    torch.manual_seed(0)
+    model = OrthoDiffusionClassifier(TINY, ("sagittal",), num_labels=2).train()
+    seen = {}
+    model.head.register_forward_hook(lambda mod, args, out: seen.setdefault("x", args[0].detach()))
+    batch = torch.cat([_volume(seed=i) for i in range(4)])
+    model({"sagittal": batch})
+    x = seen["x"]
+    raw = model.encoders["sagittal"](batch).detach()
+    assert float(raw.std(0).median()) < 0.5  # the raw pooled features hardly vary across exams
+    assert torch.allclose(x.mean(0), torch.zeros_like(x[0]), atol=1e-4)
+    # unit variance, less BatchNorm's epsilon where the raw spread is tiny
+    assert float(x.std(0, unbiased=False).median()) > 0.9
 
 
 def test_pretrained_backbone_loads_per_plane() -> None:

@@ -460,9 +460,27 @@ def test_ehr_from_header_masks_missing_and_implausible_values() -> None:
     ds.PatientSex = "F"
     ds.PatientSize = "175"  # centimetres where DICOM wants metres
     values, notes = ehr_from_header(ds)
-    assert values == {"age": "045Y", "sex": "F", "height_m": None, "weight_kg": None}
+    assert values == {"age": 45.0, "sex": "F", "height_m": None, "weight_kg": None}
     assert any("PatientSize='175'" in n and "masked" in n for n in notes)
     assert any("PatientWeight is absent" in n for n in notes)
+
+
+def test_the_trainer_reads_patient_values_as_the_node_does(tmp_path: Path) -> None:
+    """One reader of EHR values: the trainer's DICOM reader gets what the node parses."""
+    from training.datasets import _header_facts
+
+    ds = pydicom.Dataset()
+    ds.PatientAge, ds.PatientSex, ds.PatientSize, ds.PatientWeight = "006M", "m", "1.62", "abc"
+    ds.PatientID = "P1"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.MRImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    path = tmp_path / "one.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    node, _ = ehr_from_header(pydicom.dcmread(path))
+    assert node == {"age": 0.5, "sex": "M", "height_m": 1.62, "weight_kg": None}
+    assert _header_facts(path)["ehr"] == node
 
 
 def test_missing_study_folder_is_named(bundle: ModelBundle, tmp_path: Path) -> None:
@@ -472,22 +490,24 @@ def test_missing_study_folder_is_named(bundle: ModelBundle, tmp_path: Path) -> N
         run_study(tmp_path, bundle, tmp_path / "out", segment_planes=["oblique"])
 
 
-def test_missing_plane_contributes_zero_features(bundle: ModelBundle) -> None:
-    """The documented rule: the fused head sees zeros where a plane's pooled features would be."""
+def test_missing_plane_contributes_its_mean_standardised_features(bundle: ModelBundle) -> None:
+    """The documented rule: a missing plane's standardised features are zero (their mean over
+    exams), so the fused head decides from the planes present."""
     import torch
 
     from inference.model import encode_ehr
-    from inference.pipeline import _Clock, _classify
     from inference.preprocess import preprocess_volume
 
     rng = np.random.default_rng(3)
     volumes = {p: rng.random((12, 40, 40)).astype(np.float32) * 1000 for p in ("sagittal", "coronal")}
     ehr = {"age": "057Y", "sex": "M", "height_m": 1.72, "weight_kg": None}
-    got = _classify(bundle, volumes, ehr, _Clock())
+    timings: dict[str, float] = {}
+    got = bundle.predict_proba(volumes, ehr, timings=timings)
+    assert timings["model"] > 0 and timings["preprocess"] > 0
     classifier = bundle.classifier
     with torch.no_grad():
         feats = [
-            classifier.encoders[p](torch.from_numpy(preprocess_volume(volumes[p], bundle.preprocess))[None])
+            classifier.norms[p](classifier.encoders[p](torch.from_numpy(preprocess_volume(volumes[p], bundle.preprocess))[None]))
             if p in volumes else torch.zeros(1, classifier.encoders[p].out_features)
             for p in classifier.planes
         ]
@@ -497,8 +517,10 @@ def test_missing_plane_contributes_zero_features(bundle: ModelBundle) -> None:
     expected = dict(zip(bundle.card.labels, torch.sigmoid(logits)[0].tolist()))
     assert got == pytest.approx(expected, abs=1e-6)
     # the axial plane is not silently filled in from another plane
-    filled = _classify(bundle, {**volumes, "axial": volumes["coronal"]}, ehr, _Clock())
+    filled = bundle.predict_proba({**volumes, "axial": volumes["coronal"]}, ehr)
     assert filled != pytest.approx(got, abs=1e-6)
+    with pytest.raises(ValueError, match="none of the planes"):
+        bundle.predict_proba({}, ehr)
 
 
 def test_ehr_is_read_from_the_phantom_headers(complete_run: StudyResult) -> None:
