@@ -200,38 +200,54 @@ def send_with_storescu(folder: Path, port: int, called_ae: str = "ORTHANC") -> N
 
 
 def findings_from_sr(data: bytes) -> list[dict[str, Any]]:
-    """Findings of a TID 1500 SR written by the node: one per measurement group with a
-    Probability and a Presence of property."""
+    """Findings of a TID 1500 SR written by the node, in label order.
+
+    Every label is coded in the Qualitative Evaluations container (TID 1500 row 13), with one
+    TEXT line per finding, ``<name>: present|absent (probability p, threshold t)``; findings
+    placed on the images also carry the probability as a number in their measurement group,
+    which is used where present (it is not rounded).
+    """
+    import re
+
     from pydicom import dcmread
 
+    from inference.labels import JOINT_LABELS
+
     ds = dcmread(io.BytesIO(data))
+    by_name = {label.name: label.key for labels in JOINT_LABELS.values() for label in labels}
+    line = re.compile(r"^(?P<name>.+): (?P<state>present|absent) \(probability (?P<p>[0-9.]+), "
+                      r"threshold (?P<t>[0-9.]+)\)$")
     out: list[dict[str, Any]] = []
+    exact: dict[str, float] = {}
 
     def meaning(item: Any) -> str:
         return str(item.ConceptNameCodeSequence[0].CodeMeaning) if "ConceptNameCodeSequence" in item else ""
 
     def walk(items: Any) -> None:
         for item in items:
-            if meaning(item) == "Measurement Group":
-                group: dict[str, Any] = {}
+            name = meaning(item)
+            if name == "Qualitative Evaluations":
                 for child in getattr(item, "ContentSequence", []):
-                    name = meaning(child)
-                    if name == "Tracking Identifier":
-                        group["key"] = str(child.TextValue).split(":", 1)[0]
-                    elif name == "Finding":
-                        group["name"] = str(child.ConceptCodeSequence[0].CodeMeaning)
-                    elif name == "Probability":
-                        group["probability"] = float(child.MeasuredValueSequence[0].NumericValue)
-                    elif name == "Presence of property":
-                        group["present"] = str(child.ConceptCodeSequence[0].CodeValue) == "121053"
-                    elif name == "Algorithm Parameters" and str(child.TextValue).startswith("decision threshold"):
-                        group["threshold"] = float(str(child.TextValue).split()[-1])
-                if {"key", "probability", "present"} <= set(group):
-                    out.append(group)
-            elif "ContentSequence" in item:
+                    match = line.match(str(getattr(child, "TextValue", "")))
+                    if meaning(child) == "Finding" and match and match["name"] in by_name:
+                        out.append({"key": by_name[match["name"]], "name": match["name"],
+                                    "probability": float(match["p"]), "threshold": float(match["t"]),
+                                    "present": match["state"] == "present"})
+            elif name == "Measurement Group":
+                finding = probability = None
+                for child in getattr(item, "ContentSequence", []):
+                    if meaning(child) == "Finding" and "ConceptCodeSequence" in child:
+                        finding = str(child.ConceptCodeSequence[0].CodeMeaning)
+                    elif meaning(child) == "Probability" and "MeasuredValueSequence" in child:
+                        probability = float(child.MeasuredValueSequence[0].NumericValue)
+                if finding is not None and probability is not None:
+                    exact[finding] = probability
+            if "ContentSequence" in item and name != "Qualitative Evaluations":
                 walk(item.ContentSequence)
 
     walk(ds.ContentSequence)
+    for finding in out:
+        finding["probability"] = exact.get(finding["name"], finding["probability"])
     return out
 
 

@@ -719,7 +719,12 @@ def ehr_from_dicom(ds: Any) -> tuple[dict[str, Any], list[str]]:
     values: dict[str, Any] = {}
     notes: list[str] = []
     for key, keyword in EHR_DICOM_KEYWORDS.items():
-        raw = ds.get(keyword, None)
+        try:
+            raw = ds.get(keyword, None)
+        except (ValueError, TypeError) as err:  # pydicom converts a DS/IS value on access
+            values[key] = None
+            notes.append(f"EHR: {keyword} cannot be read ({err}); masked as missing")
+            continue
         if raw is None or str(raw).strip() == "":
             values[key] = None
             notes.append(f"EHR: {keyword} is absent; masked as missing")

@@ -470,7 +470,7 @@ def test_the_trainer_reads_patient_values_as_the_node_does(tmp_path: Path) -> No
     from training.datasets import _header_facts
 
     ds = pydicom.Dataset()
-    ds.PatientAge, ds.PatientSex, ds.PatientSize, ds.PatientWeight = "006M", "m", "1.62", "abc"
+    ds.PatientAge, ds.PatientSex, ds.PatientSize, ds.PatientWeight = "006M", "m", "1.62", "900"
     ds.PatientID = "P1"
     ds.file_meta = pydicom.dataset.FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
