@@ -17,7 +17,7 @@ from training.cli import read_records
 from training.config import load_config
 from training.demo import HELD_OUT_SITE, make_phantom_set, training_sites
 from training.evaluate import evaluate_bundle
-from training.finetune import finetune_classifier, finetune_segmenter, make_bundle, roc_auc
+from training.finetune import finetune_classifier, make_bundle, roc_auc
 
 PLANES = ["sagittal", "coronal", "axial"]
 
