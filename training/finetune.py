@@ -125,8 +125,8 @@ def positive_weights(labels: np.ndarray, cap: float) -> np.ndarray:
     otherwise be learned as "always absent"; a label without positives gets weight 1.
     """
     labels = np.asarray(labels, dtype=np.float64)
-    pos = np.nansum(labels == 1, axis=0).astype(np.float64)
-    neg = np.nansum(labels == 0, axis=0).astype(np.float64)
+    pos = (labels == 1).sum(axis=0).astype(np.float64)
+    neg = (labels == 0).sum(axis=0).astype(np.float64)
     ratio = np.where(pos > 0, neg / np.maximum(pos, 1.0), 1.0)
     return np.clip(ratio, 1.0, cap).astype(np.float32)
 
@@ -469,7 +469,7 @@ def finetune_classifier(
     val_loader = _loader(val_ds, ccfg.batch_size, False, seed, ccfg.num_workers) if val_ds is not None else None
     total, epochs = _steps(ccfg.epochs, ccfg.steps, len(loader))
     optimizer, scheduler = make_optimizer(model, ccfg.head_lr, backbone_factor, ccfg.weight_decay, ccfg.schedule, total)
-    train_labels = np.stack([np.where(np.isnan(r.labels), np.nan, r.labels) for r in train])
+    train_labels = np.stack([r.labels for r in train])
     pos_weight = None
     if ccfg.pos_weight == "auto":
         pos_weight = torch.from_numpy(positive_weights(train_labels, ccfg.max_pos_weight))
