@@ -552,11 +552,17 @@ class SeriesVolume:
         matrix[:3, 3] = self.positions[0]
         return matrix
 
-    def to_sitk(self) -> SimpleITK.Image:
-        """The volume as a SimpleITK image (x = column, y = row, z = slice) in LPS."""
+    def to_sitk(self, array: np.ndarray | None = None) -> SimpleITK.Image:
+        """The volume as a SimpleITK image (x = column, y = row, z = slice) in LPS.
+
+        ``array`` (same shape as ``pixels``, e.g. a label map on this series' grid) is put on
+        this volume's geometry instead of the pixels.
+        """
         import SimpleITK as sitk
 
-        image = sitk.GetImageFromArray(np.ascontiguousarray(self.pixels))
+        if array is not None and np.shape(array) != self.pixels.shape:
+            raise ValueError(f"array shape {np.shape(array)} differs from the volume's {self.pixels.shape}")
+        image = sitk.GetImageFromArray(np.ascontiguousarray(self.pixels if array is None else array))
         row_spacing, col_spacing, slice_spacing = self.spacing
         image.SetSpacing((float(col_spacing), float(row_spacing), float(slice_spacing)))
         image.SetOrigin(tuple(float(v) for v in self.positions[0]))
