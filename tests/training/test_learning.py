@@ -1,6 +1,7 @@
 """Tests that fail when learning breaks: short real trainings on phantoms, scored on unseen ones.
 
-These train the ``tiny`` preset from scratch for well under a minute and score it through
+These train the ``tiny`` preset from scratch (the classifier well under a minute, the segmenter
+about a minute with its UNet-decoder head) and score it through
 the node's own prediction path (:meth:`ModelBundle.predict_proba` / :meth:`ModelBundle.segment`,
 as ``orthonode train evaluate`` does).  Before the pooled features were standardised, the
 classifier gave every exam about the same probability.
@@ -17,7 +18,7 @@ from training.cli import read_records
 from training.config import load_config
 from training.demo import HELD_OUT_SITE, make_phantom_set, training_sites
 from training.evaluate import evaluate_bundle
-from training.finetune import finetune_classifier, make_bundle, roc_auc
+from training.finetune import finetune_classifier, finetune_segmenter, make_bundle, roc_auc
 
 PLANES = ["sagittal", "coronal", "axial"]
 
@@ -51,6 +52,34 @@ def test_classifier_separates_effusion_on_unseen_phantoms(phantoms: tuple[list, 
     assert auc is not None and auc >= 0.9, f"effusion AUC {auc} on {len(test)} unseen phantoms"
     # the probabilities differ between exams (the defect was one probability for all)
     assert float(np.std(probs_np)) > 0.05
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray, index: int) -> float:
+    a, b = pred == index, truth == index
+    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
+
+
+def test_segmenter_finds_femur_and_tibia_on_unseen_phantoms(phantoms: tuple[list, list]) -> None:
+    """Trained on every window of the series, as the node segments it (about a minute)."""
+    from inference.labels import KNEE_STRUCTURES
+
+    torch.manual_seed(0)
+    train, test = phantoms
+    cfg = _cfg(model={"seg_head": "unet"}, segment={"steps": 600, "batch_size": 2, "lr": 4e-3, "val_fraction": 0.0})
+    assert cfg.segment.windows == "all"
+    result = finetune_segmenter(cfg, train, plane="sagittal", pretrained=None, from_scratch=True, progress=False)
+    bundle = make_bundle(cfg, segmenter=result, name="learning-test", version="1")
+    index = {s.key: s.index for s in KNEE_STRUCTURES}
+    dice: dict[str, list[float]] = {"femur": [], "tibia": []}
+    for record in test[:8]:
+        source = record.planes["sagittal"]
+        pred = bundle.segment(source.load())  # the node's sliding windows over the whole series
+        truth = source.load_mask()
+        assert pred.shape == truth.shape
+        for key in dice:
+            dice[key].append(_dice(pred, truth, index[key]))
+    femur, tibia = float(np.mean(dice["femur"])), float(np.mean(dice["tibia"]))
+    assert (femur + tibia) / 2 >= 0.8 and min(femur, tibia) >= 0.7, f"femur {femur:.2f}, tibia {tibia:.2f}"
 
 
 def test_evaluation_scores_exactly_what_the_node_sends(phantoms: tuple[list, list], tmp_path: Path) -> None:
