@@ -2,7 +2,9 @@
 
 The model is ``--model`` or, without it, the checkpoint that node.yaml names (``model.checkpoint``
 of ``--config``, default ``./node.yaml``).  The findings and the files written are printed;
-``--preview`` also writes PNGs of key slices per plane with the segmentation overlaid.
+``--preview`` also writes PNGs of key slices per plane with the segmentation overlaid.  As in
+the node, every plane gets a SEG: the segmented ones, and the others with the segmented label
+map mapped onto their grids (``--overlay-planes`` narrows that, ``none`` turns it off).
 
 Exit status: 0 when the study was interpreted (complete or partial), 3 when it is not supported
 (wrong body part, no usable series, another joint than the model's: the reason is printed),
@@ -42,6 +44,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated planes to segment (default: those the segmenter was trained on)",
     )
+    parser.add_argument(
+        "--overlay-planes",
+        default=None,
+        help="comma-separated planes that get a SEG mapped from the segmented plane, or 'none' "
+        "(default: every plane not segmented)",
+    )
+
+
+def _planes(value: str | None, option: str) -> list[str] | None:
+    """A comma-separated plane list; None when not given, [] for 'none'."""
+    from inference.labels import PLANES
+
+    if value is None:
+        return None
+    planes = [p.strip() for p in value.split(",") if p.strip()]
+    if planes == ["none"]:
+        return []
+    bad = [p for p in planes if p not in PLANES]
+    if bad:
+        raise ValueError(f"{option}: unknown plane(s) {bad}; planes are {list(PLANES)}")
+    return planes
 
 
 def _settings(args: argparse.Namespace) -> tuple[Path, Any]:
@@ -63,21 +86,16 @@ def _settings(args: argparse.Namespace) -> tuple[Path, Any]:
 def run(args: argparse.Namespace) -> int:
     from dicom_node.config import ConfigError
     from inference.checkpoint import CheckpointError, ModelBundle
-    from inference.labels import PLANES
     from inference.pipeline import Outcome, run_study
 
     if getattr(args, "verbose", 0) < 2:  # highdicom logs every module it copies at INFO
         logging.getLogger("highdicom").setLevel(logging.WARNING)
-    planes = None
-    if args.segment_planes:
-        planes = [p.strip() for p in args.segment_planes.split(",") if p.strip()]
-        bad = [p for p in planes if p not in PLANES]
-        if bad:
-            print(
-                f"orthonode predict: --segment-planes: unknown plane(s) {bad}; planes are {list(PLANES)}",
-                file=sys.stderr,
-            )
-            return EXIT_USAGE
+    try:
+        planes = _planes(args.segment_planes or None, "--segment-planes")
+        overlays = _planes(getattr(args, "overlay_planes", None), "--overlay-planes")
+    except ValueError as err:
+        print(f"orthonode predict: {err}", file=sys.stderr)
+        return EXIT_USAGE
     if not args.study.is_dir():
         print(f"orthonode predict: --study {str(args.study)!r} is not a folder", file=sys.stderr)
         return EXIT_USAGE
@@ -91,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     rules = {} if config is None else {"rules": config.series_selection, "joint_rules": config.joints}
     try:
         result = run_study(
-            args.study, bundle, args.out, preview=args.preview, segment_planes=planes, device=args.device, **rules
+            args.study, bundle, args.out, preview=args.preview, segment_planes=planes, overlay_planes=overlays,
+            device=args.device, **rules,
         )
     except ValueError as err:  # e.g. an unusable --device; the message names it
         print(f"orthonode predict: {err}", file=sys.stderr)

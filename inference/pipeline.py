@@ -25,8 +25,15 @@ Steps, each timed and each decision written to the log that comes back with the 
    (:func:`inference.preprocess.segment_series`); the logits are resized back onto the source
    series' own rows and columns, and the slice axis never leaves the source grid (windows
    cover the source slices one to one), so the label map *is* on the source grid, oblique
-   series included.  No resampling between grids is needed.
-7. **write** one SEG per segmented source series and one SR (TID 1500) for the study.
+   series included.
+7. **map** the label map of the first segmented plane (the segmenter's own, sagittal) into
+   every other chosen series of the same Frame of Reference
+   (:func:`inference.plane_mapping.map_label_map`, SimpleITK resampling with that series'
+   geometry, the rule measured best against phantom masks), so the radiologist gets an overlay
+   on each plane read.  A plane without a series, or of another Frame of Reference, gets none.
+8. **write** one SEG per series (segmented or mapped, each on its own grid) and one SR (TID
+   1500) for the study.  The SR's structure volumes and outlines reference the SEG the
+   segmenter produced, never a mapped one.
 
 EHR values come from the headers (PatientAge, PatientSex, PatientSize, PatientWeight); a
 missing or implausible value is masked as missing, never guessed, and the log says which.
@@ -84,7 +91,7 @@ SEG_SERIES_NUMBER: dict[str, int] = {plane: 9101 + i for i, plane in enumerate(P
 SR_SERIES_NUMBER = 9200
 
 #: the stages reported in :attr:`StudyResult.timings`, in pipeline order
-STAGES: tuple[str, ...] = ("scan", "select", "load", "preprocess", "model", "write", "preview")
+STAGES: tuple[str, ...] = ("scan", "select", "load", "preprocess", "model", "map", "write", "preview")
 
 
 class Outcome(str, enum.Enum):
@@ -131,8 +138,9 @@ class StudyResult:
 
     ``log`` holds every choice and rejection in order (joint, each series chosen or not and
     why, EHR values masked, planes missing, objects written).  ``segmentations`` maps each
-    segmented plane to its SEG file; ``report`` is the SR file (None without a classifier or
-    when unsupported).  ``timings`` are seconds per stage of :data:`STAGES` plus ``total``.
+    plane with a SEG to its file (segmented, or mapped from the plane ``mapped_from`` names);
+    ``volumes_ml`` holds the volumes measured on the segmented planes; ``report`` is the SR
+    file (None without a classifier or when unsupported).  ``timings`` are seconds per stage of :data:`STAGES` plus ``total``.
     """
 
     study_dir: Path
@@ -146,6 +154,8 @@ class StudyResult:
     findings: list[Finding] = field(default_factory=list)
     volumes_ml: dict[str, dict[str, float]] = field(default_factory=dict)
     segmentations: dict[str, Path] = field(default_factory=dict)
+    #: planes whose SEG holds a label map mapped from another plane's series -> that plane
+    mapped_from: dict[str, str] = field(default_factory=dict)
     report: Path | None = None
     previews: list[Path] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -245,6 +255,18 @@ def _segmented_planes(bundle: ModelBundle, requested: Sequence[str] | None) -> t
     return (plane,) if plane is not None else tuple(bundle.card.planes)
 
 
+def _overlay_planes(segmented: Sequence[str], requested: Sequence[str] | None) -> tuple[str, ...]:
+    """Planes that get a SEG mapped from the segmented plane: as requested, else every other plane."""
+    if not segmented:
+        return ()
+    if requested is None:
+        return tuple(p for p in PLANES if p not in segmented)
+    bad = [p for p in requested if p not in PLANES]
+    if bad:
+        raise ValueError(f"overlay_planes: unknown plane(s) {bad}; planes are {PLANES}")
+    return tuple(p for p in PLANES if p in requested and p not in segmented)
+
+
 def _read_previous_reports(paths: Sequence[Path], notes: list[str]) -> list[Any]:
     """Headers of the earlier reports (see ``run_study(previous_reports=...)``)."""
     from pydicom import dcmread
@@ -311,6 +333,8 @@ def run_study(
     preview: bool = False,
     *,
     segment_planes: Sequence[str] | None = None,
+    overlay_planes: Sequence[str] | None = None,
+    mapping_rule: str | None = None,
     device: str = "auto",
     previous_reports: Sequence[Path] = (),
 ) -> StudyResult:
@@ -326,6 +350,12 @@ def run_study(
         preview: also write PNGs of key slices per plane with the masks and findings.
         segment_planes: planes whose chosen series are segmented; default: the planes the
             segmenter was trained on (``card.segmenter_plane()``).
+        overlay_planes: planes, besides the segmented ones, whose chosen series get a SEG
+            mapped from the first segmented plane's label map; default: every other plane;
+            ``()`` writes SEGs of the segmented planes only.
+        mapping_rule: the resampling rule of that mapping (see
+            :data:`inference.plane_mapping.RULES`); default
+            :data:`inference.plane_mapping.DEFAULT_RULE`.
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:N]"``.
         previous_reports: SR files of this study delivered earlier; the new report names those
             it replaces in its Predecessor Documents Sequence (see
@@ -346,6 +376,12 @@ def run_study(
     if bundle.device != target:
         bundle.to(target)
     to_segment = _segmented_planes(bundle, segment_planes)
+    to_map = _overlay_planes(to_segment, overlay_planes)
+    if mapping_rule is not None:
+        from inference.plane_mapping import RULES
+
+        if mapping_rule not in RULES:
+            raise ValueError(f"mapping_rule must be one of {RULES}, got {mapping_rule!r}")
     structures = _card_structures(bundle.card) if bundle.segmenter is not None else ()
     clock = _Clock()
     result = StudyResult(study_dir=study_dir, outcome=Outcome.UNSUPPORTED, reason="", device=str(target))
@@ -406,7 +442,7 @@ def run_study(
         result.log.extend(selection.log)
 
     # 4. load the series the model will use
-    wanted = set(bundle.card.planes) | set(to_segment)
+    wanted = set(bundle.card.planes) | set(to_segment) | set(to_map)
     volumes: dict[str, SeriesVolume] = {}
     with clock.stage("load"):
         for plane in PLANES:
@@ -457,14 +493,15 @@ def run_study(
             for key in bundle.card.labels
         ]
 
-    # 6. segmentation, 7. writing
-    from inference.seg_writer import structure_volumes_ml, write_segmentation
+    # 6. segmentation, 7. mapping, 8. writing
+    from inference.plane_mapping import DEFAULT_RULE, MappingError, map_label_map
+    from inference.seg_writer import MappedFrom, structure_volumes_ml, write_segmentation
     from inference.uids import AlgorithmInfo, default_node_info, instances_fingerprint
 
     node_info = node_info or default_node_info()
     algorithm = AlgorithmInfo(name=bundle.card.name, version=bundle.card.version)
     out_dir.mkdir(parents=True, exist_ok=True)
-    segs: dict[str, Any] = {}
+    segs: dict[str, Any] = {}  # the SEGs of the segmented planes (the SR references these)
     label_maps: dict[str, np.ndarray] = {}
     for plane in to_segment:
         if plane not in volumes:
@@ -480,7 +517,8 @@ def run_study(
         label_maps[plane] = bundle.segment(volume.pixels, timings=clock.seconds)
         with clock.stage("write"):
             seg = write_segmentation(
-                volume.datasets, label_maps[plane], algorithm, SEG_SERIES_NUMBER[plane], structures, node_info
+                volume.datasets, label_maps[plane], algorithm, SEG_SERIES_NUMBER[plane], structures, node_info,
+                plane=plane,
             )
             path = out_dir / f"seg_{plane}.dcm"
             seg.save_as(path)
@@ -488,6 +526,39 @@ def run_study(
         segs[plane] = seg
         result.segmentations[plane] = path
         result.log.append(f"segmentation: {plane} {volume.info.label()} -> {path.name}")
+
+    # the first segmented plane's label map, carried into the other series (overlays on every plane)
+    segmented = next((p for p in PLANES if p in label_maps), None)
+    overlays: dict[str, np.ndarray] = {}  # the mapped label maps, for the previews
+    for plane in to_map:
+        if plane in result.segmentations:
+            continue
+        if segmented is None:
+            if to_segment:
+                result.log.append(f"segmentation: nothing segmented to map into the {plane} series; no SEG for it")
+            continue
+        if plane not in volumes:
+            result.log.append(f"segmentation: no {plane} series; no SEG for that plane")
+            continue
+        source, target, rule = volumes[segmented], volumes[plane], mapping_rule or DEFAULT_RULE
+        try:
+            with clock.stage("map"):
+                overlays[plane] = map_label_map(label_maps[segmented], source, target, rule)
+        except MappingError as err:
+            result.log.append(f"segmentation: the {segmented} label map cannot be placed on {plane} "
+                              f"{target.info.label()} ({err}); no SEG for that plane")
+            continue
+        with clock.stage("write"):
+            seg = write_segmentation(
+                target.datasets, overlays[plane], algorithm, SEG_SERIES_NUMBER[plane], structures, node_info,
+                plane=plane, mapped_from=MappedFrom(segmented, source.datasets, rule),
+            )
+            path = out_dir / f"seg_{plane}.dcm"
+            seg.save_as(path)
+        result.segmentations[plane] = path
+        result.mapped_from[plane] = segmented
+        result.log.append(f"segmentation: {plane} {target.info.label()} -> {path.name} (the {segmented} label "
+                          f"map resampled onto its grid, rule {rule})")
 
     if bundle.classifier is not None:
         from inference.sr_writer import write_report
@@ -535,7 +606,7 @@ def run_study(
 
         with clock.stage("preview"):
             result.previews = write_previews(
-                out_dir / "preview", volumes, label_maps, result.findings, result.missing_planes
+                out_dir / "preview", volumes, {**overlays, **label_maps}, result.findings, result.missing_planes
             )
 
     if result.missing_planes:

@@ -21,6 +21,12 @@ What viewers need (OHIF, 3D Slicer; see docs/peers.md) and how this writer provi
 - Empty frames are kept (``omit_empty_frames=False``): peers report overlays shifting in
   viewers when empty frames are dropped, and a BINARY frame is a few hundred bytes.
 - Volumes for the SR: :func:`structure_volumes_ml` measures each structure on the same grid.
+- Planes.  The segmenter's label map is on its own series' grid; for the other series of the
+  study it is resampled through the Frame of Reference (:mod:`inference.plane_mapping`) and
+  written here like any label map, with :class:`MappedFrom` saying where it came from: the
+  Series Description names the plane and the series mapped from, each segment's Algorithm
+  Parameters name that series and the resampling rule, and that series' instances enter the
+  UIDs (new segmenter input, new SEG).
 - Laterality: the source series' side (a knee is a paired body part) is written as Frame
   Laterality in the shared Frame Anatomy, with the source's Body Part Examined.
 - Identity: Series/SOP Instance UIDs are derived from (study, source series, model version,
@@ -173,6 +179,27 @@ def multiframe_sort_order(ds: Dataset) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class MappedFrom:
+    """A label map carried over from another series of the study (see :mod:`inference.plane_mapping`).
+
+    ``plane`` and ``series`` are the series the segmenter ran on (its datasets), ``rule`` the
+    resampling rule that brought its label map onto this SEG's source grid.
+    """
+
+    plane: str
+    series: Sequence[Dataset]
+    rule: str
+
+    def parameters(self) -> dict[str, str]:
+        """Algorithm Parameters of each segment: where the label map was made and how it came here."""
+        return {
+            "mapped_from_series": str(self.series[0].SeriesInstanceUID),
+            "mapped_from_plane": self.plane,
+            "resampling": self.rule,
+        }
+
+
+@dataclass(frozen=True)
 class _Grid:
     """Sampling of a source series: sorted slice positions along the normal and pixel measures."""
 
@@ -246,7 +273,11 @@ def structure_tracking_uid(study_uid: str, source_series_uid: str, version: str,
 
 
 def _segment_descriptions(
-    structures: Sequence[Structure], algorithm: AlgorithmInfo, study_uid: str, series_uid: str
+    structures: Sequence[Structure],
+    algorithm: AlgorithmInfo,
+    study_uid: str,
+    series_uid: str,
+    parameters: dict[str, str] | None = None,
 ) -> tuple[list[hd.seg.SegmentDescription], set[str]]:
     """Segment descriptions from structures.yaml, and the private scheme designators they use."""
     from sr_templates import load_structures  # noqa: PLC0415 - YAML load only when writing
@@ -267,7 +298,7 @@ def _segment_descriptions(
             segmented_property_category=tpl.category.code(),
             segmented_property_type=tpl.type.code(),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm.seg_identification(),
+            algorithm_identification=algorithm.seg_identification(parameters),
             anatomic_regions=[tpl.anatomic_region.code()] if tpl.anatomic_region else None,
             display_color=hd.color.CIELabColor.from_rgb(*tpl.color_rgb),
             tracking_id=structure.key,
@@ -321,6 +352,9 @@ def write_segmentation(
     series_number: int,
     structures: Sequence[Structure] = KNEE_STRUCTURES,
     node_info: NodeInfo | None = None,
+    *,
+    plane: str | None = None,
+    mapped_from: MappedFrom | None = None,
 ) -> hd.seg.Segmentation:
     """Build the BINARY DICOM SEG of ``label_map`` on the grid of the ``source`` series.
 
@@ -334,6 +368,9 @@ def write_segmentation(
         series_number: Series Number of the new SEG series.
         structures: the structures described as segments, numbered 1..N without gaps.
         node_info: the writing node; defaults to the installed package.
+        plane: the source series' plane, named in the Series Description.
+        mapped_from: set when ``label_map`` was resampled from another series of the study
+            rather than segmented on this one.
 
     Returns:
         The Segmentation, a pydicom Dataset ready to be saved or sent.
@@ -363,8 +400,11 @@ def write_segmentation(
         raise SourceSeriesError("the source series has no Frame of Reference UID: a SEG cannot be placed on it")
     complete_type2_header(source_images)
     study_uid, series_uid = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
-    descriptions, schemes = _segment_descriptions(structures, algorithm, study_uid, series_uid)
-    inputs = instances_fingerprint(source_images)  # new inputs -> new UIDs; same inputs -> same UIDs
+    parameters = mapped_from.parameters() if mapped_from is not None else None
+    descriptions, schemes = _segment_descriptions(structures, algorithm, study_uid, series_uid, parameters)
+    # new inputs -> new UIDs; same inputs -> same UIDs.  A mapped label map also depends on the
+    # series it was segmented on.
+    inputs = instances_fingerprint([*source_images, *(mapped_from.series if mapped_from is not None else ())])
     seg = hd.seg.Segmentation(
         source_images=source_images,
         pixel_array=pixel_array,
@@ -378,16 +418,28 @@ def write_segmentation(
         manufacturer_model_name=node_info.model_name,
         software_versions=node_info.software_version,
         device_serial_number=node_info.device_serial_number,
-        content_description=f"{algorithm.name} {algorithm.version} knee structures",
+        content_description=f"{algorithm.name} {algorithm.version} knee structures"[:64],
         content_label="KNEE_STRUCTURES",
         omit_empty_frames=False,
         contributing_equipment=[node_info.contributing_equipment(), algorithm.contributing_equipment()],
     )
-    source_description = str(first.get("SeriesDescription", "")).strip()
-    seg.SeriesDescription = f"AI segmentation {source_description}".strip()[:64]
+    seg.SeriesDescription = seg_series_description(first, plane, mapped_from)
     _add_laterality(seg, first)
     _declare_private_schemes(seg, schemes)
     return seg
+
+
+def seg_series_description(source: Dataset, plane: str | None, mapped_from: MappedFrom | None = None) -> str:
+    """``AI segmentation <plane> [(from <plane>)] <source description>``, at most 64 characters
+    (LO): the plane comes first so that a long source description cannot push it out."""
+    source_description = " ".join(str(source.get("SeriesDescription", "") or "").split())
+    parts = ["AI segmentation"]
+    if plane:
+        parts.append(plane)
+    if mapped_from is not None:
+        parts.append(f"(from {mapped_from.plane})")
+    parts.append(source_description)
+    return " ".join(p for p in parts if p)[:64].strip()
 
 
 def _add_laterality(seg: Dataset, source: Dataset) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import highdicom as hd
@@ -111,10 +111,11 @@ class AlgorithmInfo:
         if not isinstance(self.family, Code):
             raise TypeError(f"AlgorithmInfo.family must be a pydicom Code, got {self.family!r}")
 
-    def seg_identification(self) -> hd.AlgorithmIdentificationSequence:
-        """The SEG segment's Algorithm Identification Sequence."""
+    def seg_identification(self, parameters: Mapping[str, str] | None = None) -> hd.AlgorithmIdentificationSequence:
+        """The SEG segment's Algorithm Identification Sequence, with optional Algorithm Parameters."""
         return hd.AlgorithmIdentificationSequence(
-            name=self.name, family=self.family, version=self.version, source=self.source
+            name=self.name, family=self.family, version=self.version, source=self.source,
+            parameters=dict(parameters) if parameters else None,
         )
 
     def sr_identification(self, parameters: Sequence[str] | None = None) -> hd.sr.AlgorithmIdentification:

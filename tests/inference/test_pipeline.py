@@ -1,5 +1,6 @@
-"""The inference pipeline on phantom studies: outputs valid and on the source grid, Dice, partial and
-unsupported studies, compressed and multi-frame inputs, determinism."""
+"""The inference pipeline on phantom studies: outputs valid and on the source grid (a SEG on every
+plane, the sagittal label map mapped into the others), Dice per plane, partial and unsupported
+studies, compressed and multi-frame inputs, determinism."""
 from __future__ import annotations
 
 import shutil
@@ -13,7 +14,7 @@ import pytest
 
 from inference.checkpoint import ModelBundle
 from inference.labels import KNEE_STRUCTURES, PLANES, STRUCTURE_INDEX
-from inference.pipeline import Outcome, StudyResult, ehr_from_header, run_study
+from inference.pipeline import SEG_SERIES_NUMBER, Outcome, StudyResult, ehr_from_header, run_study
 from sr_templates import load_template
 from tests.inference.output_factory import dciodvfy_errors, dsrdump_text
 
@@ -51,9 +52,10 @@ def other_case(knee_studies: Path, oblique_case: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def complete_run(bundle: ModelBundle, oblique_case: Path, tmp_path_factory: pytest.TempPathFactory) -> StudyResult:
-    """The oblique case with all three planes segmented."""
+    """The oblique case as the node runs it: the sagittal series segmented, its label map
+    mapped into the coronal and axial series."""
     out = tmp_path_factory.mktemp("complete")
-    return run_study(oblique_case, bundle, out, segment_planes=PLANES)
+    return run_study(oblique_case, bundle, out)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -162,22 +164,30 @@ def test_complete_study_writes_valid_seg_per_series_and_sr(
     assert result.outcome is Outcome.COMPLETE and result.supported, result.reason
     assert result.joint == "knee" and result.missing_planes == []
     assert set(result.chosen) == set(PLANES) and set(result.segmentations) == set(PLANES)
+    assert result.mapped_from == {"coronal": "sagittal", "axial": "sagittal"}
+    assert list(result.volumes_ml) == ["sagittal"]  # measured where the segmenter ran
     assert result.report is not None and result.files == [*(result.segmentations[p] for p in PLANES), result.report]
     # the decision log records the joint, each plane's choice and every object written
     assert any(line.startswith("joint: knee") for line in result.log)
     assert all(any(line.startswith(f"{plane}: chose ") for line in result.log) for plane in PLANES)
     assert {"scan", "select", "load", "preprocess", "model", "write", "total"} <= set(result.timings)
-    assert result.timings["model"] > 0 and result.timings["write"] > 0
+    assert result.timings["model"] > 0 and result.timings["write"] > 0 and result.timings["map"] > 0
 
     # oblique series are where geometry bugs hide: this case must have at least one
     tilts = {plane: chosen.obliquity_deg for plane, chosen in result.chosen.items()}
     assert max(tilts.values()) > 3.0, f"no oblique series among the chosen ones {tilts}; pick another phantom seed"
+    seg_uids = set()
     for plane, path in result.segmentations.items():
         assert dciodvfy_errors(path) == [], plane
         seg = hd.seg.segread(path)
         assert seg.StudyInstanceUID == result.study_instance_uid
         assert len(seg.SegmentSequence) == len(KNEE_STRUCTURES)
         assert_seg_on_source_grid(path, _series_files(study_dir, result.chosen[plane].series_instance_uid))
+        assert seg.SeriesNumber == SEG_SERIES_NUMBER[plane]
+        expected = f"AI segmentation {plane}" + (" (from sagittal)" if plane != "sagittal" else "")
+        assert seg.SeriesDescription.startswith(expected), seg.SeriesDescription
+        seg_uids |= {seg.SOPInstanceUID, seg.SeriesInstanceUID}
+    assert len(seg_uids) == 2 * len(PLANES)
 
     assert dciodvfy_errors(result.report) == []
     text = dsrdump_text(result.report)
@@ -209,20 +219,54 @@ def test_complete_study_writes_valid_seg_per_series_and_sr(
         for ref in series_item.ReferencedSOPSequence
     }
     assert pydicom.dcmread(result.segmentations["sagittal"]).SOPInstanceUID in evidence
+    # ... and no other SEG: every segment reference in the report is to the sagittal SEG
+    referenced = _referenced_instances(sr.ContentSequence)
+    mapped = {pydicom.dcmread(result.segmentations[p], stop_before_pixels=True).SOPInstanceUID for p in ("coronal", "axial")}
+    assert pydicom.dcmread(result.segmentations["sagittal"]).SOPInstanceUID in referenced
+    assert not (referenced | evidence) & mapped
 
 
+def _referenced_instances(items) -> set[str]:
+    """SOP Instance UIDs referenced anywhere in an SR content tree."""
+    found: set[str] = set()
+    for item in items:
+        for ref in item.get("ReferencedSOPSequence", []):
+            found.add(str(ref.ReferencedSOPInstanceUID))
+        found |= _referenced_instances(item.get("ContentSequence", []))
+    return found
+
+
+def test_mapped_segs_hold_the_sagittal_label_map_on_their_grids(complete_run: StudyResult, oblique_case: Path) -> None:
+    """Each mapped SEG read back is the sagittal SEG's label map resampled with the node's rule."""
+    from inference.plane_mapping import DEFAULT_RULE, map_label_map
+    from inference.series import load_series, scan_folder
+
+    by_uid = {s.series_instance_uid: s for s in scan_folder(oblique_case)}
+    volumes = {p: load_series(by_uid[c.series_instance_uid]) for p, c in complete_run.chosen.items()}
+    sagittal = _seg_label_map(
+        complete_run.segmentations["sagittal"], _series_files(oblique_case, complete_run.chosen["sagittal"].series_instance_uid)
+    )
+    for plane in ("coronal", "axial"):
+        files = _series_files(oblique_case, complete_run.chosen[plane].series_instance_uid)
+        expected = map_label_map(sagittal, volumes["sagittal"], volumes[plane], DEFAULT_RULE)
+        np.testing.assert_array_equal(_seg_label_map(complete_run.segmentations[plane], files), expected)
+        assert any(f"{plane} " in line and f"rule {DEFAULT_RULE}" in line for line in complete_run.log)
+
+
+@pytest.mark.parametrize("plane", PLANES)
 def test_predicted_masks_reach_the_stated_dice(
-    complete_run: StudyResult, knee_studies: Path, oblique_case: Path
+    complete_run: StudyResult, knee_studies: Path, oblique_case: Path, plane: str
 ) -> None:
-    """Sagittal SEG read back vs the phantom ground truth on the same grid, on an unseen case."""
+    """Each plane's SEG read back vs the phantom ground truth of that series, on an unseen case
+    (coronal and axial: the sagittal prediction mapped onto their grids)."""
     from training.datasets import read_source
 
     (record,) = [r for r in read_source(f"phantom:{knee_studies}") if r.exam_id == oblique_case.parent.name]
-    source = record.planes["sagittal"]
-    assert source.series.series_instance_uid == complete_run.chosen["sagittal"].series_instance_uid
+    source = record.planes[plane]
+    assert source.series.series_instance_uid == complete_run.chosen[plane].series_instance_uid
     truth = source.load_mask()
     files = _series_files(oblique_case, source.series.series_instance_uid)
-    predicted = _seg_label_map(complete_run.segmentations["sagittal"], files)
+    predicted = _seg_label_map(complete_run.segmentations[plane], files)
     assert predicted.shape == truth.shape
     dice = {key: _dice(predicted, truth, STRUCTURE_INDEX[key]) for key in ("femur", "tibia")}
     assert min(dice.values()) >= MIN_BONE_DICE, dice
@@ -234,7 +278,8 @@ def test_predicted_masks_reach_the_stated_dice(
 def test_same_study_twice_gives_the_same_uids(
     complete_run: StudyResult, bundle: ModelBundle, oblique_case: Path, tmp_path: Path
 ) -> None:
-    again = run_study(oblique_case, bundle, tmp_path, segment_planes=PLANES)
+    again = run_study(oblique_case, bundle, tmp_path)
+    assert len(again.files) == len(complete_run.files) == len(PLANES) + 1
     for first, second in zip(complete_run.files, again.files):
         a, b = pydicom.dcmread(first, stop_before_pixels=True), pydicom.dcmread(second, stop_before_pixels=True)
         assert (a.SeriesInstanceUID, a.SOPInstanceUID) == (b.SeriesInstanceUID, b.SOPInstanceUID)
@@ -281,7 +326,10 @@ def test_partial_study_is_reported_from_the_planes_present(
     # every series of the study appears in the decision log: chosen, not chosen or rejected, with why
     for info in remaining:
         assert any(info.label() in line for line in result.log), info.label()
-    assert list(result.segmentations) == ["sagittal"]  # the segmenter's trained plane
+    # the segmenter's trained plane, mapped into the coronal series; no axial series, no axial SEG
+    assert list(result.segmentations) == ["sagittal", "coronal"] and result.mapped_from == {"coronal": "sagittal"}
+    assert "segmentation: no axial series; no SEG for that plane" in result.log
+    assert len(result.files) == 3
     assert dciodvfy_errors(result.report) == []
     text = dsrdump_text(result.report)
     assert "axial" in text and "Limited assessment" in text
@@ -394,6 +442,28 @@ def test_series_without_frame_of_reference_gets_no_seg_but_a_report(
     assert result.outcome is Outcome.COMPLETE, result.reason
     assert result.segmentations == {} and result.report is not None and result.report.is_file()
     assert any("has no Frame of Reference UID; a SEG cannot be placed on it" in line for line in result.log)
+    assert any("nothing segmented to map into the coronal series" in line for line in result.log)
+
+
+def test_a_segmented_plane_is_not_overwritten_by_a_mapped_one(
+    bundle: ModelBundle, other_case: Path, tmp_path: Path
+) -> None:
+    """Planes the segmenter runs on keep their own label map; the others are mapped from the
+    first segmented plane (sagittal), and the SR still measures the sagittal SEG."""
+    result = run_study(other_case, bundle, tmp_path / "out", segment_planes=["coronal", "sagittal"])
+    assert result.outcome is Outcome.COMPLETE, result.reason
+    assert set(result.segmentations) == set(PLANES) and result.mapped_from == {"axial": "sagittal"}
+    assert set(result.volumes_ml) == {"sagittal", "coronal"}
+    assert hd.seg.segread(result.segmentations["coronal"]).SeriesDescription.startswith("AI segmentation coronal ")
+    assert "(from" not in hd.seg.segread(result.segmentations["coronal"]).SeriesDescription
+    sr = hd.sr.srread(result.report)
+    sagittal_uid = pydicom.dcmread(result.segmentations["sagittal"], stop_before_pixels=True).SOPInstanceUID
+    others = {pydicom.dcmread(result.segmentations[p], stop_before_pixels=True).SOPInstanceUID for p in ("coronal", "axial")}
+    referenced = _referenced_instances(sr.ContentSequence)
+    assert sagittal_uid in referenced and not referenced & others
+    # no mapping asked for: the segmented planes only
+    only = run_study(other_case, bundle, tmp_path / "only", overlay_planes=())
+    assert list(only.segmentations) == ["sagittal"] and only.mapped_from == {}
 
 
 # --------------------------------------------------------------------------- input encodings
@@ -488,6 +558,10 @@ def test_missing_study_folder_is_named(bundle: ModelBundle, tmp_path: Path) -> N
         run_study(tmp_path / "nope", bundle, tmp_path / "out")
     with pytest.raises(ValueError, match="segment_planes"):
         run_study(tmp_path, bundle, tmp_path / "out", segment_planes=["oblique"])
+    with pytest.raises(ValueError, match="overlay_planes"):
+        run_study(tmp_path, bundle, tmp_path / "out", overlay_planes=["oblique"])
+    with pytest.raises(ValueError, match="mapping_rule"):
+        run_study(tmp_path, bundle, tmp_path / "out", mapping_rule="cubic")
 
 
 def test_missing_plane_contributes_its_mean_standardised_features(bundle: ModelBundle) -> None:

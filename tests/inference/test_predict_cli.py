@@ -26,7 +26,8 @@ def test_predict_with_model_and_preview(
     assert rc == cli.EXIT_OK, printed
     assert "test-knee 0.1-test (knee)" in printed and ": complete:" in printed
     assert "Joint effusion:" in printed and "probability" in printed  # the findings
-    for name in ("seg_sagittal.dcm", "sr.dcm", "preview/sagittal.png", "preview/coronal.png", "preview/axial.png"):
+    for name in ("seg_sagittal.dcm", "seg_coronal.dcm", "seg_axial.dcm", "sr.dcm", "preview/sagittal.png",
+                 "preview/coronal.png", "preview/axial.png"):
         assert (out / name).is_file(), name
         assert str(out / name) in printed  # every file written is listed
     assert pydicom.dcmread(out / "sr.dcm").Modality == "SR"
@@ -40,11 +41,17 @@ def test_model_defaults_to_the_checkpoint_of_node_yaml(
     config = tmp_path / "node.yaml"
     config.write_text(f"model:\n  checkpoint: {trained_checkpoint}\n", encoding="utf-8")
     rc = _run(["--study", str(knee_studies / "knee_0002" / "dicom"), "--out", str(tmp_path / "out"),
-               "--config", str(config), "--segment-planes", "coronal"])
+               "--config", str(config), "--segment-planes", "coronal", "--overlay-planes", "none"])
     printed = capsys.readouterr().out
     assert rc == cli.EXIT_OK, printed
     assert f"from {trained_checkpoint}" in printed
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["seg_coronal.dcm", "sr.dcm"]
+    rc = _run(["--study", str(knee_studies / "knee_0002" / "dicom"), "--out", str(tmp_path / "b"),
+               "--config", str(config), "--overlay-planes", "axial"])
+    assert rc == cli.EXIT_OK
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["seg_axial.dcm", "seg_sagittal.dcm", "sr.dcm"]
+    assert _run(["--study", str(tmp_path), "--out", str(tmp_path / "c"), "--overlay-planes", "oblique"]) == cli.EXIT_USAGE
+    assert "--overlay-planes: unknown plane" in capsys.readouterr().err
 
 
 def test_unsupported_study_and_bad_arguments(

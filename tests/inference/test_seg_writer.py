@@ -9,7 +9,7 @@ import pytest
 import highdicom as hd
 
 from inference.labels import KNEE_STRUCTURES
-from inference.seg_writer import SourceSeriesError, structure_volumes_ml, write_segmentation
+from inference.seg_writer import MappedFrom, SourceSeriesError, structure_volumes_ml, write_segmentation
 from inference.uids import instances_fingerprint, AlgorithmInfo, NodeInfo, derived_uid
 from sr_templates import load_structures
 from tests.inference.output_factory import (
@@ -159,6 +159,44 @@ def test_uids_are_deterministic_per_model_version(study):
     replaced = write_segmentation(changed, label_map, ALGORITHM, 300, node_info=NODE)
     assert replaced.SeriesInstanceUID != first.SeriesInstanceUID
     assert replaced.SOPInstanceUID != first.SOPInstanceUID
+
+
+@pytest.mark.dicomtools
+def test_a_mapped_label_map_says_its_plane_and_where_it_came_from(study, tmp_path):
+    """A SEG of a label map mapped from another series names its plane and that series in the
+    Series Description and each segment's Algorithm Parameters; the series it was mapped from
+    enters its UIDs (a new sagittal series gives a new coronal SEG)."""
+    sagittal = make_series(study, "sagittal", seed=6, description="PD FS SAG")
+    coronal = make_series(study, "coronal", oblique=True, seed=7, description="T1 COR " + "x" * 50)
+    label_map = knee_label_map((len(coronal), 24, 20), seed=2)
+    mapped_from = MappedFrom("sagittal", sagittal, "linear_majority")
+    seg, errors = _roundtrip(
+        write_segmentation(coronal, label_map, ALGORITHM, 9102, node_info=NODE, plane="coronal",
+                           mapped_from=mapped_from), tmp_path, "mapped",
+    )
+    assert errors == []
+    assert seg.SeriesDescription.startswith("AI segmentation coronal (from sagittal) T1 COR")
+    assert len(seg.SeriesDescription) <= 64
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == coronal[0].SeriesInstanceUID
+    for segment in seg.SegmentSequence:
+        (algorithm,) = segment.SegmentationAlgorithmIdentificationSequence
+        assert algorithm.AlgorithmParameters == (
+            f"mapped_from_series={sagittal[0].SeriesInstanceUID},mapped_from_plane=sagittal,resampling=linear_majority"
+        )
+    own = write_segmentation(sagittal, knee_label_map((len(sagittal), 24, 20)), ALGORITHM, 9101, node_info=NODE,
+                             plane="sagittal")
+    assert own.SeriesDescription == "AI segmentation sagittal PD FS SAG"
+    assert "AlgorithmParameters" not in own.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    # the UIDs depend on both series
+    plain = write_segmentation(coronal, label_map, ALGORITHM, 9102, node_info=NODE, plane="coronal")
+    other_sagittal = MappedFrom("sagittal", make_series(study, "sagittal", seed=6), "linear_majority")
+    again = write_segmentation(coronal, label_map, ALGORITHM, 9102, node_info=NODE, plane="coronal",
+                               mapped_from=MappedFrom("sagittal", list(reversed(sagittal)), "linear_majority"))
+    newer = write_segmentation(coronal, label_map, ALGORITHM, 9102, node_info=NODE, plane="coronal",
+                               mapped_from=other_sagittal)
+    assert again.SOPInstanceUID == seg.SOPInstanceUID and again.SeriesInstanceUID == seg.SeriesInstanceUID
+    assert len({seg.SOPInstanceUID, plain.SOPInstanceUID, newer.SOPInstanceUID, own.SOPInstanceUID}) == 4
+    assert len({seg.SeriesInstanceUID, plain.SeriesInstanceUID, newer.SeriesInstanceUID}) == 3
 
 
 def test_derived_uid_properties():
