@@ -1,0 +1,41 @@
+/** OHIF configuration of `make viewer-check`: one DICOMweb data source, Orthanc behind the
+ * check's proxy on this page's own origin (no CORS), no dialogs that would hide the viewer. */
+window.config = {
+  name: 'orthonode viewer check',
+  routerBasename: '/',
+  extensions: [],
+  modes: [],
+  customizationService: {},
+  showStudyList: true,
+  maxNumberOfWebWorkers: 2,
+  showWarningMessageForCrossOrigin: false,
+  showCPUFallbackMessage: false,
+  showLoadingIndicator: true,
+  strictZSpacingForVolumeViewport: true,
+  investigationalUseDialog: { option: 'never' },
+  showErrorDetails: 'always',
+  defaultDataSourceName: 'orthanc',
+  dataSources: [
+    {
+      namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
+      sourceName: 'orthanc',
+      configuration: {
+        friendlyName: 'Orthanc (viewer check)',
+        name: 'orthanc',
+        qidoRoot: window.location.origin + '/dicom-web',
+        wadoRoot: window.location.origin + '/dicom-web',
+        wadoUriRoot: window.location.origin + '/dicom-web',
+        qidoSupportsIncludeField: true,
+        imageRendering: 'wadors',
+        thumbnailRendering: 'wadors',
+        enableStudyLazyLoad: true,
+        supportsFuzzyMatching: false,
+        supportsWildcard: true,
+        staticWado: false,
+        singlepart: 'bulkdata,video',
+        bulkDataURI: { enabled: true },
+        omitQuotationForMultipartRequest: true,
+      },
+    },
+  ],
+};

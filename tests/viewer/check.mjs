@@ -1,0 +1,242 @@
+// The browser half of `make viewer-check` (started by viewer_check.py, which serves OHIF and
+// Orthanc on VIEWER_URL and writes VIEWER_EXPECTED).  Headless Chromium through OHIF 3.13:
+//
+//   1. the study opens in the viewer; a grey-scale MR viewport has (almost) no coloured pixels;
+//   2. layout 1x2; the SEG is opened in the left viewport and OHIF's question whether to load the
+//      segmentation is answered Yes; the segmentation panel lists every segment label of the SEG,
+//      in order; after a click on the first segment (OHIF jumps to its slice) the viewport has
+//      coloured overlay pixels;
+//   3. the SR is opened in the right viewport; stepping through its measurements with the
+//      viewport's arrows, OHIF draws for every finding placed on a key slice its finding site
+//      and probability, and for every structure its area and volume (the values of the SR);
+//   4. nothing is written to the page's console as an error and no page error is thrown,
+//      from the first request to the end.
+//
+// Screenshots go to VIEWER_ARTIFACTS: 1-study.png, 2-seg.png, 3-seg-sr.png, and console.log.
+import fs from 'node:fs';
+import path from 'node:path';
+import puppeteer from 'puppeteer-core';
+
+const base = process.env.VIEWER_URL;
+const expected = JSON.parse(fs.readFileSync(process.env.VIEWER_EXPECTED, 'utf8'));
+const artifacts = process.env.VIEWER_ARTIFACTS || 'viewer-artifacts';
+const chromium = process.env.CHROMIUM || '/usr/bin/chromium';
+// software WebGL on few shared cores: every wait is generous
+const WAIT_MS = Number(process.env.VIEWER_WAIT_MS || 180000);
+fs.mkdirSync(artifacts, { recursive: true });
+
+const started = Date.now();
+const stamp = () => `${((Date.now() - started) / 1000).toFixed(1).padStart(6)} s`;
+const consoleLines = [];
+const errors = [];
+const passed = [];
+const say = (line) => console.log(`[viewer-check ${stamp()}] ${line}`);
+const pass = (line) => { passed.push(line); say(`ok: ${line}`); };
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+class CheckFailed extends Error {}
+function assert(condition, message) {
+  if (!condition) throw new CheckFailed(message);
+}
+
+const browser = await puppeteer.launch({
+  executablePath: chromium,
+  headless: true,
+  protocolTimeout: WAIT_MS * 2,
+  defaultViewport: { width: 1600, height: 1000 },
+  args: [
+    '--no-sandbox',
+    '--use-gl=angle',
+    '--use-angle=swiftshader',
+    '--enable-unsafe-swiftshader',
+    '--ignore-gpu-blocklist',
+    '--window-size=1600,1000',
+    '--disable-dev-shm-usage',
+    '--no-first-run',
+  ],
+});
+let code = 0;
+const page = await browser.newPage();
+page.setDefaultTimeout(WAIT_MS);
+page.on('console', (message) => {
+  const line = `${stamp()} ${message.type()}: ${message.text()}`;
+  consoleLines.push(line);
+  if (message.type() === 'error') {
+    const where = message.location()?.url ? ` (${message.location().url})` : '';
+    errors.push(`console error: ${message.text()}${where}`);
+  }
+});
+page.on('pageerror', (error) => {
+  consoleLines.push(`${stamp()} pageerror: ${error.message}`);
+  errors.push(`page error: ${error.message}`);
+});
+page.on('requestfailed', (request) => {
+  consoleLines.push(`${stamp()} request failed: ${request.url()} ${request.failure()?.errorText}`);
+});
+page.on('response', (response) => {
+  if (response.status() >= 400) consoleLines.push(`${stamp()} HTTP ${response.status()}: ${response.url()}`);
+});
+
+/** The first element whose own text is exactly `text` (buttons, list rows). */
+async function byText(text, selector = '*') {
+  const handle = await page.waitForFunction(
+    (wanted, sel) => [...document.querySelectorAll(sel)].find(
+      (e) => e.offsetParent !== null && (e.innerText || '').trim() === wanted),
+    { timeout: WAIT_MS }, text, selector);
+  return handle.asElement();
+}
+
+const panes = () => page.$$('[data-cy="viewport-pane"]');
+
+/** Fraction of clearly coloured pixels in a viewport (MR images are grey: colour is overlay). */
+async function colouredFraction(pane, file) {
+  const canvas = await pane.$('canvas');
+  const box = await (canvas || pane).boundingBox();
+  const clip = { x: box.x + 2, y: box.y + 2, width: box.width - 4, height: box.height - 4 };
+  const png = await page.screenshot({ clip, encoding: 'base64' });
+  if (file) fs.writeFileSync(file, Buffer.from(png, 'base64'));
+  return page.evaluate(async (data) => {
+    const bitmap = await createImageBitmap(await (await fetch(`data:image/png;base64,${data}`)).blob());
+    const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+    const context = canvas.getContext('2d');
+    context.drawImage(bitmap, 0, 0);
+    const pixels = context.getImageData(0, 0, bitmap.width, bitmap.height).data;
+    let coloured = 0;
+    for (let i = 0; i < pixels.length; i += 4) {
+      const r = pixels[i], g = pixels[i + 1], b = pixels[i + 2];
+      if (Math.max(r, g, b) - Math.min(r, g, b) > 30) coloured += 1;
+    }
+    return coloured / (pixels.length / 4);
+  }, png);
+}
+
+/** Let the viewer settle: no request for a while, then one more frame time for software GL. */
+async function settle(ms = 2000) {
+  await page.waitForNetworkIdle({ idleTime: 1000, timeout: WAIT_MS }).catch(() => {});
+  await sleep(ms);
+}
+
+async function svgLabels(pane) {
+  return pane.$$eval('svg text', (texts) => texts.map((t) => t.textContent || ''));
+}
+
+const near = (a, b) => Math.abs(a - b) <= 0.0051 + 1e-9;
+
+try {
+  // ---------------------------------------------------------------- 1. the study
+  const url = `${base}/viewer?StudyInstanceUIDs=${expected.study_instance_uid}`;
+  say(`opening ${url}`);
+  await page.goto(url, { waitUntil: 'networkidle0', timeout: WAIT_MS });
+  const tour = await page.waitForSelector('.shepherd-button-secondary', { timeout: 15000 }).catch(() => null);
+  if (tour) await tour.click(); // OHIF's first-visit tour ("Skip all")
+  await page.waitForSelector('[data-cy="study-browser-thumbnail"]');
+  await page.waitForSelector('[data-cy="viewport-pane"] canvas');
+  await settle();
+  await page.mouse.move(5, 995);
+  const baseline = await colouredFraction((await panes())[0], path.join(artifacts, '1-study.png'));
+  // the viewport's overlay text, icons and scroll bar are drawn in colour over the canvas
+  assert(baseline < 0.005, `the plain MR viewport already has ${(baseline * 100).toFixed(2)} % coloured pixels`);
+  pass(`study opened; MR viewport is grey-scale (${(baseline * 100).toFixed(3)} % coloured pixels)`);
+
+  // ---------------------------------------------------------------- 2. the SEG
+  await (await page.waitForSelector('[data-cy="Layout"]')).click();
+  await (await page.waitForSelector('[data-cy="Layout-1-0"]')).click(); // two columns, one row
+  await page.waitForFunction(() => document.querySelectorAll('[data-cy="viewport-pane"]').length === 2);
+  await settle();
+  await (await panes())[0].click();
+  const segThumb = `[data-cy="study-browser-thumbnail-no-image"][data-series="${expected.seg_series_number}"]`;
+  await (await page.waitForSelector(segThumb)).click({ count: 2 });
+  await page.waitForFunction(
+    () => document.body.innerText.includes('Do you want to open this Segmentation?'), { timeout: WAIT_MS });
+  pass('OHIF asks "Do you want to open this Segmentation?"');
+  await (await byText('Yes', 'button')).click();
+  await (await page.waitForSelector('[data-cy="panelSegmentation-btn"]')).click();
+  await page.waitForFunction(
+    (n) => document.querySelectorAll('[data-cy="data-row-title"]').length >= n, { timeout: WAIT_MS },
+    expected.segment_labels.length);
+  const rows = await page.$$eval('[data-cy="data-row-title"]', (els) => els.map((e) => e.innerText.trim()));
+  assert(JSON.stringify(rows) === JSON.stringify(expected.segment_labels),
+    `segment list ${JSON.stringify(rows)} is not the SEG's ${JSON.stringify(expected.segment_labels)}`);
+  pass(`segment list shows the SEG's ${rows.length} segments: ${rows.join(', ')}`);
+  const panelText = await page.evaluate(() => document.body.innerText);
+  assert(panelText.includes(expected.seg_series_description.slice(0, 20)),
+    `the segmentation panel does not name the SEG (${expected.seg_series_description})`);
+  await (await byText(expected.segment_labels[0], '[data-cy="data-row-title"]')).click();
+  await page.mouse.move(5, 995); // no hover card over the viewport
+  await settle(4000);
+  const overlay = await colouredFraction((await panes())[0], path.join(artifacts, '2-seg.png'));
+  assert(overlay > Math.max(0.02, baseline + 0.015), `after loading the SEG only ${(overlay * 100).toFixed(2)} % of the viewport is coloured`);
+  pass(`SEG overlay rendered: ${(overlay * 100).toFixed(1)} % of the viewport's pixels coloured (before: ${(baseline * 100).toFixed(3)} %)`);
+
+  // ---------------------------------------------------------------- 3. the SR
+  let right = (await panes())[1];
+  await right.click();
+  const srThumb = `[data-cy="study-browser-thumbnail-no-image"][data-series="${expected.sr_series_number}"]`;
+  await (await page.waitForSelector(srThumb)).click({ count: 2 });
+  await page.waitForFunction(() => {
+    const pane = document.querySelectorAll('[data-cy="viewport-pane"]')[1];
+    return pane && pane.querySelectorAll('svg text').length > 0;
+  }, { timeout: WAIT_MS });
+  await settle();
+  right = (await panes())[1];
+  const seen = new Set(await svgLabels(right));
+  const first = [...seen];
+  const arrow = await right.$('[data-cy="viewport-action-arrows-right"]');
+  assert(arrow, 'the SR viewport has no arrows to step through its measurements');
+  const groups = expected.placed_findings.length + expected.structures.length;
+  for (let step = 0; step < groups + 2; step += 1) {
+    await arrow.click();
+    await sleep(1200);
+    for (const label of await svgLabels(right)) seen.add(label);
+  }
+  const labels = [...seen];
+  fs.writeFileSync(path.join(artifacts, 'sr-labels.json'), JSON.stringify(labels, null, 2));
+  const numbers = (label, name, unit) => {
+    const match = label.match(new RegExp(`${name}: ([0-9.]+) ?${unit}`));
+    return match ? Number(match[1]) : null;
+  };
+  for (const finding of expected.placed_findings) {
+    const shown = labels.some((label) => label.includes(finding.site)
+      && numbers(label, 'Probability', '') !== null && near(numbers(label, 'Probability', ''), finding.probability));
+    assert(shown, `the SR viewport never shows ${finding.finding} (site ${finding.site}, probability ${finding.probability}); labels: ${JSON.stringify(labels)}`);
+  }
+  pass(`SR viewport shows every finding placed on a key slice with its site and probability: ${expected.placed_findings.map((f) => `${f.finding} (${f.site}, ${f.probability.toFixed(2)})`).join('; ')}`);
+  for (const structure of expected.structures) {
+    const shown = labels.some((label) => near(numbers(label, 'Area', 'cm2') ?? -1, structure.area_cm2)
+      && near(numbers(label, 'Volume', 'cm3') ?? -1, structure.volume_cm3));
+    assert(shown, `the SR viewport never shows ${structure.name}: area ${structure.area_cm2} cm2, volume ${structure.volume_cm3} cm3`);
+  }
+  pass(`SR viewport shows the area and volume of all ${expected.structures.length} structures`);
+  // back to the measurements first shown (the key slice with a finding) for the picture
+  for (let step = 0; step < groups + 2 && JSON.stringify(await svgLabels(right)) !== JSON.stringify(first); step += 1) {
+    await arrow.click();
+    await sleep(1200);
+  }
+  const badge = await right.$('[data-cy^="ModalityLoadBadge"]');
+  if (badge) await badge.hover();
+  await sleep(1500);
+  const incompatible = await page.evaluate(() => document.body.innerText.includes('not compatible with this application'));
+  // the SEG viewport active again, so that the segment list shows beside both viewports
+  await (await panes())[0].click();
+  await page.mouse.move(5, 995);
+  await settle(3000);
+  await page.screenshot({ path: path.join(artifacts, '3-seg-sr.png') });
+  if (incompatible) {
+    say('note: OHIF shows the SR read-only ("This structured report is not compatible with this application": '
+      + 'it only loads SRs written with its own tool names into the Measurements panel)');
+  }
+
+  // ---------------------------------------------------------------- 4. the console
+  assert(errors.length === 0, `the page reported errors:\n  ${errors.join('\n  ')}`);
+  pass('no console error and no page error');
+} catch (error) {
+  code = 1;
+  say(`FAILED: ${error instanceof CheckFailed ? error.message : error.stack}`);
+  if (errors.length) say(`errors in the page:\n  ${errors.join('\n  ')}`);
+  await page.screenshot({ path: path.join(artifacts, 'failure.png') }).catch(() => {});
+} finally {
+  fs.writeFileSync(path.join(artifacts, 'console.log'), consoleLines.join('\n') + '\n');
+  await browser.close();
+}
+say(code === 0 ? `all ${passed.length} checks passed` : `failed after ${passed.length} passed checks`);
+process.exit(code);
