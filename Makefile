@@ -9,11 +9,12 @@ STAMP := $(VENV)/.installed-stamp
 JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps test demo demo-model clean-demo
+.PHONY: help setup system-deps test viewer-check demo demo-model clean-demo
 
 help:
 	@echo "make demo   - set up and run the main job end to end on phantom data"
 	@echo "make test   - set up and run the test suite"
+	@echo "make viewer-check - show the node's SEG and SR in the OHIF viewer (headless Chromium) and check them"
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +27,12 @@ system-deps:
 	bash scripts/ensure-system-deps
 
 setup: $(STAMP) system-deps
+
+# The node's SEG and SR of a phantom knee in OHIF 3.13 (Orthanc + headless Chromium, all on
+# loopback); screenshots and logs in $(VIEWER_ARTIFACTS). See tests/viewer/viewer_check.py.
+VIEWER_ARTIFACTS ?= viewer-artifacts
+viewer-check: setup
+	$(PY) tests/viewer/viewer_check.py --artifacts $(VIEWER_ARTIFACTS)
 
 test: setup
 	$(VENV)/bin/pytest -n $(JOBS) --durations=15 $(PYTEST_ARGS)
