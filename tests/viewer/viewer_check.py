@@ -47,8 +47,8 @@ sys.path.insert(0, str(HERE))
 from dicom_node.orthanc import OrthancServer, free_port  # noqa: E402
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-#: the whole browser part (loading, two SEG renderings in software WebGL, the SR)
-BROWSER_TIMEOUT_S = int(os.environ.get("VIEWER_BROWSER_TIMEOUT", "420"))
+#: the whole browser part (about 75 s on 2 cores; software WebGL can be much slower on a busy machine)
+BROWSER_TIMEOUT_S = int(os.environ.get("VIEWER_BROWSER_TIMEOUT", "300"))
 HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "content-length",
