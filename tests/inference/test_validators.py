@@ -1,14 +1,20 @@
-"""The SEG and SR of a phantom knee study checked by independent validators.
+"""The node's outputs for a knee, an ankle and a shoulder study checked by independent validators.
 
 dciodvfy checks the IODs; PixelMed's ``DicomSRValidator`` also checks TID 1500 and its
 sub-templates (which dciodvfy does not), ``DicomInstanceValidator`` the SEG and SR IODs, and
 dcentvfy that the outputs agree with the source images on patient, study and equipment.
 
-The study is a phantom from ``orthonode phantom`` (generated here, small matrix); the SEG is
-written from the phantom's own sagittal label map, so every knee structure is present and
-the SR holds every kind of group it can write: findings placed on key slices, structure
-outlines and structure volumes.  PixelMed's SR validation takes tens of seconds, so all
-validators run once for the module, side by side.
+- Knee: a phantom from ``orthonode phantom`` (small matrix) planned oblique (its sagittal
+  series tilted along the knee).  The sagittal SEG is written from the phantom's own sagittal
+  label map, so every knee structure is present and the SR holds every kind of group it can
+  write: findings placed on key slices, structure outlines and structure volumes.  The
+  coronal and axial SEGs hold that label map mapped onto their grids, as the node writes them.
+- Ankle: a report with nothing to place (no segmentation of the ankle), one sagittal series.
+- Shoulder: a phantom shoulder, whose sagittal and coronal series are always oblique (the
+  scapular plane, 14-26 degrees); a report on three series, no segmentation.
+
+PixelMed's SR validation takes tens of seconds, so every validator runs once for the module,
+side by side.
 """
 from __future__ import annotations
 
@@ -18,7 +24,9 @@ import numpy as np
 import pytest
 
 from inference.labels import KNEE_STRUCTURES
-from inference.seg_writer import structure_volumes_ml, write_segmentation
+from inference.pipeline import SEG_SERIES_NUMBER
+from inference.plane_mapping import DEFAULT_RULE, map_label_map
+from inference.seg_writer import MappedFrom, structure_volumes_ml, write_segmentation
 from inference.series import load_series
 from inference.sr_writer import Finding, write_report
 from inference.uids import AlgorithmInfo, NodeInfo
@@ -33,63 +41,166 @@ NODE = NodeInfo(software_version="0.1.0")
 #: under the Series entity in images and SEG (the Request Attributes macro) and under the
 #: Study entity in SR; the values agree (a differing value is an Error line)
 ACCESSION_ENTITY_NOTE = "Different information entities for attribute - Element=<AccessionNumber>"
+SEG_PLANES = ("sagittal", "coronal", "axial")
 
 
-@pytest.fixture(scope="module")
-def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """SEG and SR of one phantom knee, and every validator's output on them."""
+def _phantom(root: Path, joint: str, seed: int, oblique: bool | None) -> tuple:
+    """One phantom case of ``joint``: its exam record, loaded series per plane and source files."""
     from training.datasets import read_phantom_folder
-    from training.phantoms.generate import generate_dataset
+    from training.phantoms.generate import generate_case, write_cases_csv
 
-    root = tmp_path_factory.mktemp("validators") / "knee"
-    generate_dataset(root, "knee", 1, seed=5, matrix=64)
+    case = generate_case(root, joint, 0, seed=seed, matrix=64, oblique=oblique)
+    write_cases_csv(root / "cases.csv", [case.spec])
     (record,) = read_phantom_folder(root)
     volumes = {plane: load_series(source.series) for plane, source in record.planes.items()}
+    sources = sorted((case.case_dir / "dicom").rglob("*.dcm"))
+    return record, volumes, sources
+
+
+def _findings(template, rng: np.random.Generator) -> list[Finding]:
+    return [Finding.at_threshold(label.key, label.name, float(rng.uniform()), 0.5) for label in template.labels]
+
+
+def _series_facts(volumes: dict) -> dict:
+    """What the tests check of each series: identity, grid and tilt."""
+    return {
+        plane: {
+            "series_uid": v.info.series_instance_uid,
+            "sop_uids": [str(ds.SOPInstanceUID) for ds in v.datasets],
+            "shape": list(v.pixels.shape),
+            "obliquity_deg": float(v.info.obliquity_deg or 0.0),
+        }
+        for plane, v in volumes.items()
+    }
+
+
+def _build(root: Path) -> dict:
+    """Write the SEGs and SRs of the three joints under ``root`` and run every validator on them;
+    returns what the tests read (JSON-serialisable)."""
+    record, volumes, sources = _phantom(root / "knee", "knee", 5, True)
     sagittal = volumes["sagittal"]
     label_map = record.planes["sagittal"].load_mask().astype(np.uint8)
-    seg = write_segmentation(sagittal.datasets, label_map, ALGORITHM, 300, node_info=NODE)
+    out = root / "out"
+    out.mkdir()
+    segs = {"sagittal": write_segmentation(sagittal.datasets, label_map, ALGORITHM, SEG_SERIES_NUMBER["sagittal"],
+                                           node_info=NODE, plane="sagittal")}
+    for plane in ("coronal", "axial"):  # as the node writes them: the sagittal map on their grids
+        mapped = map_label_map(label_map, sagittal, volumes[plane], DEFAULT_RULE)
+        segs[plane] = write_segmentation(
+            volumes[plane].datasets, mapped, ALGORITHM, SEG_SERIES_NUMBER[plane], node_info=NODE, plane=plane,
+            mapped_from=MappedFrom("sagittal", sagittal.datasets, DEFAULT_RULE),
+        )
     template = load_template("knee")
-    rng = np.random.default_rng(3)
-    findings = [
-        Finding.at_threshold(label.key, label.name, float(rng.uniform()), 0.5) for label in template.labels
-    ]
     sr = write_report(
         template,
         [volume.datasets[0] for volume in volumes.values()],
-        findings,
+        _findings(template, np.random.default_rng(3)),
         {plane: (v.info.series_instance_uid, v.info.series_description) for plane, v in volumes.items()},
         [],
         record.laterality,
         ALGORITHM,
-        seg,
+        segs["sagittal"],
         structure_volumes_ml(sagittal.datasets, label_map),
         301,
         NODE,
         label_map=label_map,
         segmented_series=sagittal.datasets,
     )
-    out = tmp_path_factory.mktemp("validators_out")
-    seg_path, sr_path, unplaced_path = out / "seg.dcm", out / "sr.dcm", out / "ankle_sr.dcm"
-    seg.save_as(seg_path)
+    seg_paths = {plane: out / f"seg_{plane}.dcm" for plane in SEG_PLANES}
+    for plane, seg in segs.items():
+        seg.save_as(seg_paths[plane])
+    sr_path, unplaced_path, shoulder_path = out / "sr.dcm", out / "ankle_sr.dcm", out / "shoulder_sr.dcm"
     sr.save_as(sr_path)
     _ankle_report().save_as(unplaced_path)
+    shoulder_record, shoulder_volumes, shoulder_sources = _phantom(root / "shoulder", "shoulder", 4, None)
+    _shoulder_report(shoulder_record, shoulder_volumes).save_as(shoulder_path)
     # DicomSRValidator checks the SR's IOD as well as its templates (PixelMed's
     # DicomInstanceValidator of Debian 12 does not know the Comprehensive 3D SR SOP class)
-    sr_template, seg_iod, unplaced = run_pixelmed(
-        [("DicomSRValidator", sr_path), ("DicomInstanceValidator", seg_path), ("DicomSRValidator", unplaced_path)]
+    validated = run_pixelmed(
+        [("DicomSRValidator", sr_path), ("DicomSRValidator", unplaced_path), ("DicomSRValidator", shoulder_path)]
+        + [("DicomInstanceValidator", seg_paths[plane]) for plane in SEG_PLANES]
     )
-    sources = sorted(p for p in (root / "knee_0001" / "dicom").rglob("*.dcm"))
+    validated += [
+        dcentvfy_output([*seg_paths.values(), sr_path, *sources]),
+        dcentvfy_output([shoulder_path, *shoulder_sources]),
+    ]
     return {
-        "seg": seg_path,
-        "sr": sr_path,
-        "sources": sources,
+        "segs": {plane: str(path) for plane, path in seg_paths.items()},
+        "sr": str(sr_path),
+        "unplaced_path": str(unplaced_path),
+        "shoulder_path": str(shoulder_path),
+        "sources": [str(path) for path in sources],
         "laterality": record.laterality,
-        "sr_template": sr_template,
-        "seg_iod": seg_iod,
-        "unplaced": unplaced,
-        "unplaced_path": unplaced_path,
-        "dcentvfy": dcentvfy_output([seg_path, sr_path, *sources]),
+        "series": _series_facts(volumes),
+        "shoulder_series": _series_facts(shoulder_volumes),
+        "validated": [(v.command, str(v.path), v.output) for v in validated],
     }
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The SEGs and SRs of the three joints, and every validator's output on them.
+
+    Built once per test run: under pytest-xdist the first worker that gets here builds them
+    holding a file lock and the other reads what it wrote, so PixelMed (a JVM per file, tens of
+    seconds each) does not run twice on the two cores.
+    """
+    import fcntl
+    import json
+    import os
+
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "validators"
+    shared.mkdir(parents=True, exist_ok=True)
+    with open(shared / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            done = shared / "outputs.json"
+            if not done.is_file():
+                built = _build(shared)
+                done.write_text(json.dumps(built), encoding="utf-8")
+            built = json.loads(done.read_text(encoding="utf-8"))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    results = [ValidatorOutput(command, Path(path), output) for command, path, output in built["validated"]]
+    sr_template, unplaced, shoulder, *seg_iods = results[:3 + len(SEG_PLANES)]
+    segs = {plane: Path(path) for plane, path in built["segs"].items()}
+    return {
+        "seg": segs["sagittal"],
+        "segs": segs,
+        "sr": Path(built["sr"]),
+        "sources": [Path(path) for path in built["sources"]],
+        "series": built["series"],
+        "laterality": built["laterality"],
+        "sr_template": sr_template,
+        "seg_iod": seg_iods[0],
+        "seg_iods": dict(zip(SEG_PLANES, seg_iods)),
+        "unplaced": unplaced,
+        "unplaced_path": Path(built["unplaced_path"]),
+        "shoulder": shoulder,
+        "shoulder_path": Path(built["shoulder_path"]),
+        "shoulder_series": built["shoulder_series"],
+        "dcentvfy": results[-2],
+        "shoulder_dcentvfy": results[-1],
+    }
+
+
+def _shoulder_report(record, volumes: dict):
+    """A shoulder report on its three series (oblique sagittal and coronal); nothing to place."""
+    template = load_template("shoulder")
+    return write_report(
+        template,
+        [volume.datasets[0] for volume in volumes.values()],
+        _findings(template, np.random.default_rng(4)),
+        {plane: (v.info.series_instance_uid, v.info.series_description) for plane, v in volumes.items()},
+        [],
+        record.laterality,
+        ALGORITHM,
+        None,
+        None,
+        301,
+        NODE,
+    )
 
 
 def _ankle_report():
@@ -145,8 +256,45 @@ def test_pixelmed_iods_have_no_errors(outputs):
 
 
 def test_dciodvfy_has_no_errors(outputs):
-    assert dciodvfy_errors(outputs["seg"]) == []
+    for path in outputs["segs"].values():
+        assert dciodvfy_errors(path) == [], path.name
     assert dciodvfy_errors(outputs["sr"]) == []
+
+
+def test_the_series_are_oblique(outputs):
+    """The oblique series are where geometry bugs hide: each study here has one."""
+    assert outputs["series"]["sagittal"]["obliquity_deg"] > 3.0
+    tilts = {p: v["obliquity_deg"] for p, v in outputs["shoulder_series"].items()}
+    assert tilts["sagittal"] > 10.0 and tilts["coronal"] > 10.0, tilts
+
+
+def test_pixelmed_seg_of_every_plane_has_no_errors(outputs):
+    """The coronal and axial SEGs (the sagittal label map mapped onto their grids) pass as the
+    sagittal one does, and read back in highdicom on their own series' grids."""
+    import highdicom as hd
+
+    for plane, result in outputs["seg_iods"].items():
+        assert "Found Segmentation IOD" in result.output, plane
+        assert result.errors == [], f"{plane}: {_report(result)}"
+        seg = hd.seg.segread(outputs["segs"][plane])
+        series = outputs["series"][plane]
+        n_slices, rows, columns = series["shape"]
+        assert seg.SeriesDescription.startswith(f"AI segmentation {plane}")
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series["series_uid"]
+        assert (seg.Rows, seg.Columns, seg.number_of_segments) == (rows, columns, len(KNEE_STRUCTURES))
+        assert int(seg.NumberOfFrames) == n_slices * len(KNEE_STRUCTURES)
+        labels = seg.get_pixels_by_source_instance(series["sop_uids"], combine_segments=True)
+        assert labels.shape == (n_slices, rows, columns) and labels.any(), plane
+
+
+def test_pixelmed_shoulder_report_on_oblique_series(outputs):
+    result = outputs["shoulder"]
+    assert "Found Root Template TID_1500" in result.output and "Found Comprehensive3DSR IOD" in result.output
+    assert (result.errors, result.warnings) == ([], []), "\n".join(result.errors + result.warnings)
+    assert dciodvfy_errors(outputs["shoulder_path"]) == []
+    check = outputs["shoulder_dcentvfy"]
+    assert check.errors == [], _report(check)
+    assert all(ACCESSION_ENTITY_NOTE in line for line in check.warnings), "\n".join(check.warnings)
 
 
 def test_outputs_agree_with_the_source_study(outputs):
@@ -158,11 +306,12 @@ def test_outputs_agree_with_the_source_study(outputs):
 def test_seg_states_the_source_side(outputs):
     import pydicom
 
-    seg = pydicom.dcmread(outputs["seg"])
-    (anatomy,) = seg.SharedFunctionalGroupsSequence[0].FrameAnatomySequence
     assert outputs["laterality"] in ("L", "R")
-    assert anatomy.FrameLaterality == outputs["laterality"]
-    assert "Laterality" not in seg  # dciodvfy rejects the series Laterality in a SEG
+    for path in outputs["segs"].values():
+        seg = pydicom.dcmread(path)
+        (anatomy,) = seg.SharedFunctionalGroupsSequence[0].FrameAnatomySequence
+        assert anatomy.FrameLaterality == outputs["laterality"]
+        assert "Laterality" not in seg  # dciodvfy rejects the series Laterality in a SEG
 
 
 def test_validators_catch_errors(outputs, tmp_path: Path):
