@@ -8,7 +8,7 @@
    folder: short quiet periods, results sent back to that Orthanc, preview PNGs on.
 4. Generate knee phantom studies and send them to Orthanc with dcmtk's ``storescu``, as a
    scanner would.
-5. Wait until a SEG and an SR are in Orthanc for every study, then read them back through
+5. Wait until every study's SEGs (one per plane) and SR are in Orthanc, then read them back through
    Orthanc's REST API and print, per study, the findings of the SR next to the phantom's true
    labels, the objects stored next to the source series, and where the preview PNGs are.
 
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = Path("models/demo-knee.pt")
 NODE_AE = "ORTHONODE"
 SCANNER_AE = "DEMO-SCANNER"
+#: SEGs the node sends per phantom study: one on each plane's series (sagittal, coronal, axial)
+SEGS_PER_STUDY = 3
 
 
 class DemoError(RuntimeError):
@@ -359,8 +361,8 @@ def run(args: argparse.Namespace) -> int:
             node.check_running()
             for uid in list(waiting):
                 counts = orthanc.modality_counts(uid)
-                if counts.get("SEG", 0) >= 1 and counts.get("SR", 0) >= 1:
-                    print(f"results: {waiting.pop(uid).case_id}: SEG and SR are in Orthanc "
+                if counts.get("SEG", 0) >= SEGS_PER_STUDY and counts.get("SR", 0) >= 1:
+                    print(f"results: {waiting.pop(uid).case_id}: SEGs and SR are in Orthanc "
                           f"({time.monotonic() - started:.0f} s since start)", flush=True)
             if not waiting:
                 break
