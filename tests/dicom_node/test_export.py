@@ -1,5 +1,6 @@
 """Export: routes, backoff, retries kept in the database across a restart, failed exports and
-``orthonode retry``, and real sends of a SEG and an SR to Orthanc over DIMSE and STOW-RS."""
+``orthonode retry``, and real sends of a study's results (a SEG per plane and an SR) to Orthanc over
+DIMSE and STOW-RS."""
 from __future__ import annotations
 
 import shutil
@@ -44,18 +45,19 @@ def test_backoff_doubles_up_to_the_limit() -> None:
 
 @pytest.fixture(scope="module")
 def result_objects(tmp_path_factory: pytest.TempPathFactory, node_checkpoint: Path, knee_phantoms: Path) -> list[Path]:
-    """The SEG and SR the pipeline writes for phantom knee_0002 (real objects to send)."""
+    """The SEGs (one per plane) and the SR the pipeline writes for phantom knee_0002 (real objects to send)."""
     from inference.checkpoint import ModelBundle
     from inference.pipeline import run_study
 
     out = tmp_path_factory.mktemp("export_objects")
     result = run_study(knee_phantoms / "knee_0002" / "dicom", ModelBundle.load(node_checkpoint), out, device="cpu")
-    assert len(result.files) == 2, result.summary()
+    assert len(result.files) == 4, result.summary()
+    assert [dcmread(p, stop_before_pixels=True).Modality for p in result.files] == ["SEG", "SEG", "SEG", "SR"]
     return result.files
 
 
 def _setup(tmp_path: Path, checkpoint: Path, objects: list[Path], destinations: dict, **options) -> tuple:
-    """A node database with one finished-job's exports (SEG + SR to every destination)."""
+    """A node database with one finished-job's exports (SEGs + SR to every destination)."""
     config = parse_config(make_node_config(tmp_path, checkpoint, destinations=destinations,
                                            routes=[{"match": {}, "destinations": list(destinations)}], **options),
                           base_dir=tmp_path)
@@ -88,11 +90,12 @@ def test_failed_sends_back_off_in_the_database_across_a_restart_then_fail_and_ar
     down = {"pacs": {"type": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": free_port()}}
     retry = {"max_attempts": 3, "initial_delay_seconds": 1.5, "max_delay_seconds": 2}
     parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects, down, retry=retry)
+    n = len(result_objects)
     exporter = Exporter(parts.config, parts.factory)
     before = utcnow()
     assert exporter.run_once()
     rows = _exports(parts.factory)
-    assert [(r.state, r.attempts) for r in rows] == [(ExportState.PENDING, 1)] * 2
+    assert [(r.state, r.attempts) for r in rows] == [(ExportState.PENDING, 1)] * n
     for row in rows:
         assert "ORTHANC@127.0.0.1" in row.last_error
         assert before + timedelta(seconds=1.5) <= row.next_attempt_at <= utcnow() + timedelta(seconds=1.5)
@@ -106,16 +109,16 @@ def test_failed_sends_back_off_in_the_database_across_a_restart_then_fail_and_ar
     assert [r.next_attempt_at for r in _exports(factory)] == [r.next_attempt_at for r in rows]
     wait_for(restarted.run_once, 5, "the second attempt once the backoff ran out")
     second = _exports(factory)
-    assert [r.attempts for r in second] == [2, 2]
+    assert [r.attempts for r in second] == [2] * n
     assert all(1.9 <= (r.next_attempt_at - r.updated_at).total_seconds() <= 2.1 for r in second), "backoff not capped"
     wait_for(restarted.run_once, 5, "the last attempt")
     failed = _exports(factory)
-    assert [(r.state, r.attempts) for r in failed] == [(ExportState.FAILED, 3)] * 2
+    assert [(r.state, r.attempts) for r in failed] == [(ExportState.FAILED, 3)] * n
     assert all(r.next_attempt_at is None and r.last_error for r in failed), "a failed export must stay visible"
 
     # `orthonode retry`, with the destination back up
     assert sorted(retry_failed(factory)) == [r.id for r in failed]
-    assert [(r.state, r.attempts) for r in _exports(factory)] == [(ExportState.PENDING, 0)] * 2
+    assert [(r.state, r.attempts) for r in _exports(factory)] == [(ExportState.PENDING, 0)] * n
     up = parse_config(make_node_config(tmp_path, node_checkpoint, retry=retry, destinations={
         "pacs": {"type": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}}),
         base_dir=tmp_path)
@@ -127,12 +130,12 @@ def test_failed_sends_back_off_in_the_database_across_a_restart_then_fail_and_ar
         sender.stop()
     stored = {i["sop_instance_uid"] for i in orthanc.instances_of_study(study_uid)}
     assert stored == sops
-    assert orthanc.modality_counts(study_uid) == {"SEG": 1, "SR": 1}
+    assert orthanc.modality_counts(study_uid) == {"SEG": 3, "SR": 1}
     # this Orthanc does not know the node's AE, so it refuses the C-FIND that guards a resend after an
     # unknown outcome: the answer is "could not tell", and the exporter falls back to resending
     files = [up.data_dir / r.object_path for r in _exports(factory)]
     answers = verify_held(up.export.destinations["pacs"], files, "ORTHONODE")
-    assert [p.held for p in answers] == [None, None], answers
+    assert [p.held for p in answers] == [None] * n, answers
 
 
 def test_orthanc_answers_the_c_find_of_a_node_it_knows(
@@ -150,10 +153,11 @@ def test_orthanc_answers_the_c_find_of_a_node_it_knows(
             "pacs": {"type": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": server.dicom_port}}),
             base_dir=tmp_path)
         pacs = config.export.destinations["pacs"]
-        assert [p.held for p in verify_held(pacs, result_objects, "ORTHONODE")] == [False, False]
+        others = [False] * (len(result_objects) - 1)
+        assert [p.held for p in verify_held(pacs, result_objects, "ORTHONODE")] == [False, *others]
         assert [o.ok for o in send_dimse(pacs, result_objects[:1], "ORTHONODE")] == [True]
         answers = verify_held(pacs, result_objects, "ORTHONODE")
-        assert [p.held for p in answers] == [True, False], answers
+        assert [p.held for p in answers] == [True, *others], answers
 
 
 def test_an_interrupted_send_is_sent_again_and_missing_files_are_reported(
@@ -162,17 +166,18 @@ def test_an_interrupted_send_is_sent_again_and_missing_files_are_reported(
     pacs = {"pacs": {"type": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}}
     parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects, pacs)
     rows = _exports(parts.factory)
-    with session_scope(parts.factory) as session:  # the node died in the middle of sending the SEG
+    with session_scope(parts.factory) as session:  # the node died in the middle of sending a SEG
         seg = session.get(Export, rows[0].id)
         seg.state, seg.attempts = ExportState.SENDING, 1
-    (parts.config.data_dir / rows[1].object_path).unlink()  # and the SR file was lost
+    (parts.config.data_dir / rows[-1].object_path).unlink()  # and the SR file was lost
     exporter = Exporter(parts.config, parts.factory)
     assert exporter.recover() == 1
     assert exporter.run_once()
-    seg_row, sr_row = _exports(parts.factory)
+    seg_row, *other_segs, sr_row = _exports(parts.factory)
     assert (seg_row.state, seg_row.attempts) == (ExportState.DONE, 2)
+    assert [(r.state, r.attempts) for r in other_segs] == [(ExportState.DONE, 1)] * 2
     assert sr_row.state is ExportState.PENDING and "missing" in sr_row.last_error
-    assert orthanc.modality_counts(study_uid).get("SEG") == 1
+    assert orthanc.modality_counts(study_uid).get("SEG") == 3
     with pytest.raises(ExportError, match="only failed exports"):
         retry_failed(parts.factory, [sr_row.id])
 
@@ -182,8 +187,9 @@ def test_stow_rs_to_orthanc(tmp_path: Path, node_checkpoint: Path, result_object
     orthanc.wipe()
     web = {"web": {"type": "stowrs", "url": orthanc.dicomweb_url}}
     parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects, web)
+    n = len(result_objects)
     assert Exporter(parts.config, parts.factory).run_once()
-    assert [r.state for r in _exports(parts.factory)] == [ExportState.DONE] * 2
+    assert [r.state for r in _exports(parts.factory)] == [ExportState.DONE] * n
     assert {i["sop_instance_uid"] for i in orthanc.instances_of_study(study_uid)} == sops
     # Orthanc files them under the source study
     for instance in orthanc.instances_of_study(study_uid):
@@ -192,12 +198,12 @@ def test_stow_rs_to_orthanc(tmp_path: Path, node_checkpoint: Path, result_object
     # QIDO-RS tells whether a resend is needed after an unknown outcome
     files = [parts.config.data_dir / r.object_path for r in _exports(parts.factory)]
     destination = parts.config.export.destinations["web"]
-    assert [p.held for p in verify_held(destination, files, "ORTHONODE")] == [True, True]
+    assert [p.held for p in verify_held(destination, files, "ORTHONODE")] == [True] * n
     orthanc.wipe()
-    assert [p.held for p in verify_held(destination, files, "ORTHONODE")] == [False, False]
+    assert [p.held for p in verify_held(destination, files, "ORTHONODE")] == [False] * n
     unreachable = destination.model_copy(update={"qido_url": f"http://127.0.0.1:{free_port()}/dicom-web"})
     answers = verify_held(unreachable, files, "ORTHONODE")
-    assert [p.held for p in answers] == [None, None] and "QIDO-RS" in answers[0].detail
+    assert [p.held for p in answers] == [None] * n and "QIDO-RS" in answers[0].detail
 
 
 # --------------------------------------------------------------------------- exactly once
@@ -286,20 +292,21 @@ def test_a_lost_c_store_answer_is_verified_and_not_resent(
     with FlakyPacs(lose=1) as pacs:
         parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects, pacs.destination(),
                                         retry=QUICK_RETRY)
+        n = len(result_objects)
         exporter = Exporter(parts.config, parts.factory)
         assert exporter.run_once()
         first = _exports(parts.factory)
         # the first object was stored but its answer never came; the association went with it
-        assert [(r.state, r.attempts) for r in first] == [(ExportState.PENDING, 1)] * 2
+        assert [(r.state, r.attempts) for r in first] == [(ExportState.PENDING, 1)] * n
         assert outcome_unknown(first[0].last_error) and "no C-STORE response" in first[0].last_error
-        assert not outcome_unknown(first[1].last_error), "the second object never went out"
+        assert not any(outcome_unknown(r.last_error) for r in first[1:]), "the other objects never went out"
         assert pacs.deliveries == [first[0].sop_instance_uid]
 
         done = _send_until_settled(exporter, parts.factory)
-        assert [(r.state, r.attempts, r.last_error) for r in done] == [(ExportState.DONE, 2, None)] * 2
+        assert [(r.state, r.attempts, r.last_error) for r in done] == [(ExportState.DONE, 2, None)] * n
         assert sorted(pacs.deliveries) == sorted(sops), "an object was delivered twice or not at all"
         assert pacs.queries == [first[0].sop_instance_uid], "only the object of unknown outcome is looked up"
-        assert pacs.store_requests == 2
+        assert pacs.store_requests == n
     with parts.factory() as session:
         messages = [e.message for e in session.scalars(select(EventRecord).where(EventRecord.kind == "export_done"))]
     assert any("already held by pacs from an earlier attempt, not resent" in m for m in messages), messages
@@ -313,7 +320,7 @@ def test_a_lost_request_is_looked_up_then_sent_once(
                                         retry=QUICK_RETRY)
         exporter = Exporter(parts.config, parts.factory)
         done = _send_until_settled(exporter, parts.factory)
-        assert [r.state for r in done] == [ExportState.DONE] * 2
+        assert [r.state for r in done] == [ExportState.DONE] * len(result_objects)
         assert sorted(pacs.deliveries) == sorted(sops)
         assert pacs.queries == [done[0].sop_instance_uid]  # asked, not held, sent again
 
@@ -329,7 +336,7 @@ def test_without_an_answer_to_the_query_the_object_is_resent_and_the_log_says_so
         exporter = Exporter(parts.config, parts.factory)
         with caplog.at_level("WARNING", logger="dicom_node.export"):
             done = _send_until_settled(exporter, parts.factory)
-        assert [r.state for r in done] == [ExportState.DONE] * 2
+        assert [r.state for r in done] == [ExportState.DONE] * len(result_objects)
         # the documented fallback: delivered, possibly twice, and said so
         assert pacs.deliveries.count(done[0].sop_instance_uid) == 2
         expected = "may now hold it twice" if verify else "may be delivered twice"
@@ -344,9 +351,9 @@ def test_a_refusal_is_retried_without_a_query(tmp_path: Path, node_checkpoint: P
                                         retry={"max_attempts": 2, "initial_delay_seconds": 0.1, "max_delay_seconds": 0.1})
         exporter = Exporter(parts.config, parts.factory)
         failed = _send_until_settled(exporter, parts.factory)
-        assert [(r.state, r.attempts) for r in failed] == [(ExportState.FAILED, 2)] * 2
+        assert [(r.state, r.attempts) for r in failed] == [(ExportState.FAILED, 2)] * len(result_objects)
         assert all("0xA700" in r.last_error and not outcome_unknown(r.last_error) for r in failed)
-        assert pacs.queries == [] and pacs.store_requests == 4
+        assert pacs.queries == [] and pacs.store_requests == 2 * len(result_objects)
 
 
 def test_an_export_interrupted_by_a_restart_is_not_resent_when_the_pacs_holds_it(
@@ -360,12 +367,13 @@ def test_an_export_interrupted_by_a_restart_is_not_resent_when_the_pacs_holds_it
         with session_scope(parts.factory) as session:
             for row in session.scalars(select(Export)):
                 row.state, row.attempts = ExportState.SENDING, 1
+        n = len(result_objects)
         exporter = Exporter(parts.config, parts.factory)
-        assert exporter.recover() == 2
+        assert exporter.recover() == n
         assert all(outcome_unknown(r.last_error) for r in _exports(parts.factory))
         assert exporter.run_once()
-        assert [r.state for r in _exports(parts.factory)] == [ExportState.DONE] * 2
-        assert sorted(pacs.deliveries) == sorted(sops) and pacs.store_requests == 1
+        assert [r.state for r in _exports(parts.factory)] == [ExportState.DONE] * n
+        assert sorted(pacs.deliveries) == sorted(sops) and pacs.store_requests == n - 1
         assert sorted(pacs.queries) == sorted(sops)
 
 
@@ -377,13 +385,13 @@ def test_a_failed_export_of_unknown_outcome_keeps_its_check_after_orthonode_retr
                                         retry={"max_attempts": 1, "initial_delay_seconds": 1, "max_delay_seconds": 1})
         exporter = Exporter(parts.config, parts.factory)
         assert exporter.run_once()
-        seg, sr = _exports(parts.factory)
+        seg, *others = _exports(parts.factory)
         assert seg.state is ExportState.FAILED and outcome_unknown(seg.last_error)
-        assert retry_failed(parts.factory) == [seg.id, sr.id]
+        assert retry_failed(parts.factory) == [seg.id, *(r.id for r in others)]
         requeued = _exports(parts.factory)
-        assert outcome_unknown(requeued[0].last_error) and requeued[1].last_error is None
+        assert outcome_unknown(requeued[0].last_error) and all(r.last_error is None for r in requeued[1:])
         done = _send_until_settled(exporter, parts.factory)
-        assert [r.state for r in done] == [ExportState.DONE] * 2
+        assert [r.state for r in done] == [ExportState.DONE] * len(result_objects)
         assert sorted(pacs.deliveries) == sorted(sops)
         assert pacs.queries == [seg.sop_instance_uid]
 

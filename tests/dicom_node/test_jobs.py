@@ -156,10 +156,13 @@ def bundle(node_checkpoint: Path):
     return ModelBundle.load(node_checkpoint)
 
 
-def _outputs(parts: NodeParts, job_id: int) -> dict[str, str]:
+def _outputs(parts: NodeParts, job_id: int) -> dict[str, set[str]]:
+    """SOP Instance UIDs of a job's results per kind (``seg``: one per plane, ``sr``: one)."""
     with session_scope(parts.factory) as session:
-        job = session.get(Job, job_id)
-        return {kind: sop for kind, sop in {(e.object_kind, e.sop_instance_uid) for e in job.exports}}
+        out: dict[str, set[str]] = {}
+        for export in session.get(Job, job_id).exports:
+            out.setdefault(export.object_kind, set()).add(export.sop_instance_uid)
+        return out
 
 
 @pytest.fixture()
@@ -196,8 +199,11 @@ def test_worker_runs_the_study_and_queues_each_result_once_per_routed_destinatio
         exports = [(e.destination, e.object_kind, e.state, e.object_path) for e in job.exports]
     assert summary["outcome"] == "complete" and summary["joint"] == "knee"
     assert set(summary["chosen"]) == {"sagittal", "coronal", "axial"} and summary["findings"]
-    # the knee route (second rule) matched a study sent by STORESCU: SEG + SR to pacs and research
-    assert sorted((d, k) for d, k, _, _ in exports) == [("pacs", "seg"), ("pacs", "sr"), ("research", "seg"), ("research", "sr")]
+    # the knee route (second rule) matched a study sent by STORESCU: a SEG per plane + SR to pacs and research
+    assert sorted((d, k) for d, k, _, _ in exports) == [
+        *[("pacs", "seg")] * 3, ("pacs", "sr"), *[("research", "seg")] * 3, ("research", "sr")
+    ]
+    assert len({relative for _, _, _, relative in exports}) == 4
     assert all(state is ExportState.PENDING for _, _, state, _ in exports)
     for _, kind, _, relative in exports:
         ds = dcmread(parts.config.data_dir / relative)
@@ -222,6 +228,7 @@ def test_worker_runs_the_study_and_queues_each_result_once_per_routed_destinatio
     assert new_exports == {("other-site", "seg"), ("other-site", "sr")}
     # the added localizer changes no input of the SEG or the SR: same objects, same UIDs
     assert _outputs(parts, second) == _outputs(parts, job_id)
+    assert {kind: len(sops) for kind, sops in _outputs(parts, job_id).items()} == {"seg": 3, "sr": 1}
 
 
 def test_a_job_taken_over_after_a_crash_is_finished_once(stored_knee: NodeParts, bundle) -> None:
@@ -249,7 +256,7 @@ def test_a_job_taken_over_after_a_crash_is_finished_once(stored_knee: NodeParts,
         job = session.get(Job, job_id)
         # the first worker died before processing the study: that start does not count
         assert job.state is JobState.DONE and job.worker_id == survivor.worker_id and job.attempts == 1
-        assert len(job.exports) == 4  # SEG + SR to pacs and research, once
+        assert len(job.exports) == 8  # 3 SEGs + SR to pacs and research, once
 
 
 def test_changed_inputs_give_new_output_uids(stored_knee: NodeParts, bundle, tmp_path: Path) -> None:
@@ -262,7 +269,9 @@ def test_changed_inputs_give_new_output_uids(stored_knee: NodeParts, bundle, tmp
     second = _queue_study(parts.factory, parts.study_uid)
     worker.run_job(worker.queue.claim())
     before, after = _outputs(parts, first), _outputs(parts, second)
-    assert before["seg"] != after["seg"] and before["sr"] != after["sr"]
+    # a new sagittal slice changes every SEG (the coronal and axial ones are mapped from the sagittal)
+    assert len(before["seg"]) == len(after["seg"]) == 3 and not before["seg"] & after["seg"]
+    assert before["sr"] != after["sr"]
     # the first report was never delivered (its exports were withdrawn): nothing to replace
     assert "PredecessorDocumentsSequence" not in _report(parts, second)
 
@@ -293,7 +302,7 @@ def test_a_new_report_names_the_delivered_one_it_replaces(stored_knee: NodeParts
     parts.receive([_extra_slice(sagittal, tmp_path / "extra.dcm")])
     second = _queue_study(parts.factory, parts.study_uid)
     worker.run_job(worker.queue.claim())
-    old_sr, new_sr = _outputs(parts, first)["sr"], _outputs(parts, second)["sr"]
+    (old_sr,), (new_sr,) = _outputs(parts, first)["sr"], _outputs(parts, second)["sr"]
     report = _report(parts, second)
     (item,) = report.PredecessorDocumentsSequence
     assert item.StudyInstanceUID == parts.study_uid

@@ -100,7 +100,7 @@ def test_kill_mid_study_and_mid_job(tmp_path: Path, node_checkpoint: Path, knee_
         node = serve_process(config)
         node.wait_healthy(http_port)
         wait_for(lambda: orthanc.modality_counts(study_uid).get("SR", 0) >= 1
-                 and orthanc.modality_counts(study_uid).get("SEG", 0) >= 1, 120, "SEG and SR in Orthanc")
+                 and orthanc.modality_counts(study_uid).get("SEG", 0) >= 3, 120, "the SEGs and the SR in Orthanc")
         wait_for(lambda: all(state is ExportState.DONE for state, _, _ in observer.exports()), 30, "exports done")
         node.terminate()
     finally:
@@ -116,8 +116,8 @@ def test_kill_mid_study_and_mid_job(tmp_path: Path, node_checkpoint: Path, knee_
     assert all(state in (JobState.DONE, JobState.SUPERSEDED) for _, state, _, _ in jobs), jobs
     final = {job_id: (state, attempts) for job_id, state, _, attempts in jobs}
     assert final[killed][0] in (JobState.DONE, JobState.SUPERSEDED), f"killed job {killed}: {jobs}"
-    assert orthanc.modality_counts(study_uid) == {"SEG": 1, "SR": 1}
-    assert len(observer.exports()) == 2
+    assert orthanc.modality_counts(study_uid) == {"SEG": 3, "SR": 1}  # a SEG per plane
+    assert len(observer.exports()) == 4
 
 
 def test_kill_mid_export_with_retries_kept_across_the_restart(tmp_path: Path, node_checkpoint: Path,
@@ -147,7 +147,7 @@ def test_kill_mid_export_with_retries_kept_across_the_restart(tmp_path: Path, no
             after = observer.exports()
             # the attempt count went on from where it was: the schedule survived the restart
             assert all(a_after > a_before for (_, a_after, _), (_, a_before, _) in zip(after, before))
-            assert pacs.modality_counts(study_uid) == {"SEG": 1, "SR": 1}
+            assert pacs.modality_counts(study_uid) == {"SEG": 3, "SR": 1}
             node.terminate()
         with session_scope(observer.factory) as session:
             assert session.scalar(select(func.count(Job.id))) == 1

@@ -56,8 +56,9 @@ def _jobs(node: Node, study_uid: str) -> list[tuple[int, JobState]]:
 
 
 def _results_in(orthanc: OrthancServer, study_uid: str) -> bool:
+    """Every result of a phantom study is in: a SEG per plane and the SR."""
     counts = orthanc.modality_counts(study_uid)
-    return counts.get("SEG", 0) >= 1 and counts.get("SR", 0) >= 1
+    return counts.get("SEG", 0) >= 3 and counts.get("SR", 0) >= 1
 
 
 def test_study_sent_to_orthanc_comes_back_with_seg_and_sr(pacs_and_node, knee_phantoms: Path) -> None:
@@ -79,6 +80,7 @@ def test_study_sent_to_orthanc_comes_back_with_seg_and_sr(pacs_and_node, knee_ph
     objects = {i["sop_instance_uid"]: i for i in orthanc.instances_of_study(study_uid) if i["modality"] in ("SEG", "SR")}
     assert set(objects) == set(exported)
 
+    segmented_series = []
     for uid, item in objects.items():
         ds = dcmread(BytesIO(orthanc.instance_file(item["id"])))
         assert ds.StudyInstanceUID == study_uid
@@ -88,6 +90,7 @@ def test_study_sent_to_orthanc_comes_back_with_seg_and_sr(pacs_and_node, knee_ph
             source_series = {str(dcmread(f, stop_before_pixels=True).SeriesInstanceUID) for f in files}
             assert referenced.SeriesInstanceUID in source_series
             assert seg.number_of_segments >= 1
+            segmented_series.append(referenced.SeriesInstanceUID)
         else:
             sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
             assert sr.StudyInstanceUID == study_uid and len(sr.ContentSequence) > 0
@@ -96,9 +99,11 @@ def test_study_sent_to_orthanc_comes_back_with_seg_and_sr(pacs_and_node, knee_ph
             assert [f["key"] for f in findings] == list(label_keys("knee"))
             assert all(0.0 <= f["probability"] <= 1.0 and isinstance(f["present"], bool) for f in findings)
 
+    assert len(set(segmented_series)) == 3  # one SEG on each plane's series
+
     # the results made the study unstable in Orthanc again; nothing must come of it
     time.sleep(2 + 2 + 2)  # StableAge + the node's quiet period + margin
-    assert orthanc.modality_counts(study_uid) == {"MR": len(files), "SEG": 1, "SR": 1}
+    assert orthanc.modality_counts(study_uid) == {"MR": len(files), "SEG": 3, "SR": 1}
     assert len(_jobs(node, study_uid)) == 1
 
 
@@ -109,7 +114,7 @@ def test_storescu_straight_to_the_node(pacs_and_node, knee_phantoms: Path) -> No
     run_storescu(node.config.listener.port, folder)
     wait_for(lambda: _results_in(orthanc, study_uid), 120, "SEG and SR in Orthanc")
     counts = orthanc.modality_counts(study_uid)
-    assert counts == {"SEG": 1, "SR": 1}  # Orthanc never saw the MR images: the node sent only its results
+    assert counts == {"SEG": 3, "SR": 1}  # Orthanc never saw the MR images: the node sent only its results
     with urllib.request.urlopen(node.http_url + "/metrics", timeout=10) as response:
         text = response.read().decode()
     assert 'orthonode_job_duration_seconds_count{outcome="complete",state="done"}' in text

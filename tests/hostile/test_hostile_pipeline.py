@@ -82,8 +82,9 @@ def test_localizer_only_study_is_unsupported(bundle: ModelBundle, source_study: 
 
 
 def test_different_frames_of_reference_per_plane(bundle: ModelBundle, source_study: Path, tmp_path: Path) -> None:
-    """Each plane is segmented on its own grid, so a Frame of Reference per plane (planes
-    acquired in separate sessions) is fine; each SEG carries its source series' Frame of Reference."""
+    """A Frame of Reference per plane (planes acquired in separate sessions): the sagittal SEG
+    carries its series' Frame of Reference, and the sagittal label map is not mapped into the
+    other series, whose patient coordinates are not comparable (the log says so)."""
     frames: dict[str, str] = {}
 
     def own_frame(ds: pydicom.Dataset, plane: str) -> None:
@@ -93,10 +94,13 @@ def test_different_frames_of_reference_per_plane(bundle: ModelBundle, source_stu
     assert len(set(frames.values())) == len(frames) >= 3
     result = _run(bundle, study, tmp_path / "out")
     assert result.outcome is Outcome.COMPLETE, result.reason
-    assert result.segmentations
+    assert list(result.segmentations) == ["sagittal"] and result.mapped_from == {}
     for plane, path in result.segmentations.items():
         seg = hd.seg.segread(path)
         assert seg.FrameOfReferenceUID == frames[result.chosen[plane].series_instance_uid], plane
+    for plane in ("coronal", "axial"):
+        assert any(line.startswith(f"segmentation: the sagittal label map cannot be placed on {plane}")
+                   and "different Frames of Reference" in line for line in result.log), plane
 
 
 def test_flipped_sagittal_series_keeps_its_geometry(bundle: ModelBundle, source_study: Path, tmp_path: Path) -> None:
