@@ -87,13 +87,36 @@ async function byText(text, selector = '*') {
 }
 
 const panes = () => page.$$('[data-cy="viewport-pane"]');
+const pane = async (index) => (await panes())[index];
+
+/** Click what `find` gives, finding it again when OHIF (React) re-rendered it in between. */
+async function clickOn(find, options = {}) {
+  for (let attempt = 1; ; attempt += 1) {
+    try {
+      const element = await find();
+      if (!element) throw new CheckFailed('nothing to click');
+      await element.click(options);
+      return;
+    } catch (error) {
+      if (attempt >= 5) throw error;
+      await sleep(1000);
+    }
+  }
+}
 
 /** Fraction of clearly coloured pixels in a viewport (MR images are grey: colour is overlay). */
-async function colouredFraction(pane, file) {
-  const canvas = await pane.$('canvas');
-  const box = await (canvas || pane).boundingBox();
+async function colouredFraction(viewport, file) {
+  // the pane's box (the canvas may briefly be larger while panels open or close), once stable
+  let box = await viewport.boundingBox();
+  for (let tries = 0; tries < 20; tries += 1) {
+    await sleep(500);
+    const again = await viewport.boundingBox();
+    if (JSON.stringify(again) === JSON.stringify(box)) break;
+    box = again;
+  }
   const clip = { x: box.x + 2, y: box.y + 2, width: box.width - 4, height: box.height - 4 };
-  const png = await page.screenshot({ clip, encoding: 'base64' });
+  // captureBeyondViewport would resize the page for the capture, and OHIF lays itself out again
+  const png = await page.screenshot({ clip, encoding: 'base64', captureBeyondViewport: false });
   if (file) fs.writeFileSync(file, Buffer.from(png, 'base64'));
   return page.evaluate(async (data) => {
     const bitmap = await createImageBitmap(await (await fetch(`data:image/png;base64,${data}`)).blob());
@@ -116,8 +139,8 @@ async function settle(ms = 2000) {
   await sleep(ms);
 }
 
-async function svgLabels(pane) {
-  return pane.$$eval('svg text', (texts) => texts.map((t) => t.textContent || ''));
+async function svgLabels(index) {
+  return (await pane(index)).$$eval('svg text', (texts) => texts.map((t) => t.textContent || ''));
 }
 
 const near = (a, b) => Math.abs(a - b) <= 0.0051 + 1e-9;
@@ -128,29 +151,29 @@ try {
   say(`opening ${url}`);
   await page.goto(url, { waitUntil: 'networkidle0', timeout: WAIT_MS });
   const tour = await page.waitForSelector('.shepherd-button-secondary', { timeout: 15000 }).catch(() => null);
-  if (tour) await tour.click(); // OHIF's first-visit tour ("Skip all")
+  if (tour) await clickOn(() => page.$('.shepherd-button-secondary')); // OHIF's first-visit tour ("Skip all")
   await page.waitForSelector('[data-cy="study-browser-thumbnail"]');
   await page.waitForSelector('[data-cy="viewport-pane"] canvas');
   await settle();
   await page.mouse.move(5, 995);
-  const baseline = await colouredFraction((await panes())[0], path.join(artifacts, '1-study.png'));
+  const baseline = await colouredFraction(await pane(0), path.join(artifacts, '1-study.png'));
   // the viewport's overlay text, icons and scroll bar are drawn in colour over the canvas
   assert(baseline < 0.005, `the plain MR viewport already has ${(baseline * 100).toFixed(2)} % coloured pixels`);
   pass(`study opened; MR viewport is grey-scale (${(baseline * 100).toFixed(3)} % coloured pixels)`);
 
   // ---------------------------------------------------------------- 2. the SEG
-  await (await page.waitForSelector('[data-cy="Layout"]')).click();
-  await (await page.waitForSelector('[data-cy="Layout-1-0"]')).click(); // two columns, one row
+  await clickOn(() => page.waitForSelector('[data-cy="Layout"]'));
+  await clickOn(() => page.waitForSelector('[data-cy="Layout-1-0"]')); // two columns, one row
   await page.waitForFunction(() => document.querySelectorAll('[data-cy="viewport-pane"]').length === 2);
   await settle();
-  await (await panes())[0].click();
+  await clickOn(() => pane(0));
   const segThumb = `[data-cy="study-browser-thumbnail-no-image"][data-series="${expected.seg_series_number}"]`;
-  await (await page.waitForSelector(segThumb)).click({ count: 2 });
+  await clickOn(() => page.waitForSelector(segThumb), { count: 2 });
   await page.waitForFunction(
     () => document.body.innerText.includes('Do you want to open this Segmentation?'), { timeout: WAIT_MS });
   pass('OHIF asks "Do you want to open this Segmentation?"');
-  await (await byText('Yes', 'button')).click();
-  await (await page.waitForSelector('[data-cy="panelSegmentation-btn"]')).click();
+  await clickOn(() => byText('Yes', 'button'));
+  await clickOn(() => page.waitForSelector('[data-cy="panelSegmentation-btn"]'));
   await page.waitForFunction(
     (n) => document.querySelectorAll('[data-cy="data-row-title"]').length >= n, { timeout: WAIT_MS },
     expected.segment_labels.length);
@@ -161,33 +184,31 @@ try {
   const panelText = await page.evaluate(() => document.body.innerText);
   assert(panelText.includes(expected.seg_series_description.slice(0, 20)),
     `the segmentation panel does not name the SEG (${expected.seg_series_description})`);
-  await (await byText(expected.segment_labels[0], '[data-cy="data-row-title"]')).click();
+  await clickOn(() => byText(expected.segment_labels[0], '[data-cy="data-row-title"]'));
   await page.mouse.move(5, 995); // no hover card over the viewport
   await settle(4000);
-  const overlay = await colouredFraction((await panes())[0], path.join(artifacts, '2-seg.png'));
+  const overlay = await colouredFraction(await pane(0), path.join(artifacts, '2-seg.png'));
   assert(overlay > Math.max(0.02, baseline + 0.015), `after loading the SEG only ${(overlay * 100).toFixed(2)} % of the viewport is coloured`);
   pass(`SEG overlay rendered: ${(overlay * 100).toFixed(1)} % of the viewport's pixels coloured (before: ${(baseline * 100).toFixed(3)} %)`);
 
   // ---------------------------------------------------------------- 3. the SR
-  let right = (await panes())[1];
-  await right.click();
+  await clickOn(() => pane(1));
   const srThumb = `[data-cy="study-browser-thumbnail-no-image"][data-series="${expected.sr_series_number}"]`;
-  await (await page.waitForSelector(srThumb)).click({ count: 2 });
+  await clickOn(() => page.waitForSelector(srThumb), { count: 2 });
   await page.waitForFunction(() => {
-    const pane = document.querySelectorAll('[data-cy="viewport-pane"]')[1];
-    return pane && pane.querySelectorAll('svg text').length > 0;
+    const right = document.querySelectorAll('[data-cy="viewport-pane"]')[1];
+    return right && right.querySelectorAll('svg text').length > 0;
   }, { timeout: WAIT_MS });
   await settle();
-  right = (await panes())[1];
-  const seen = new Set(await svgLabels(right));
+  const seen = new Set(await svgLabels(1));
   const first = [...seen];
-  const arrow = await right.$('[data-cy="viewport-action-arrows-right"]');
-  assert(arrow, 'the SR viewport has no arrows to step through its measurements');
+  const rightArrow = async () => (await pane(1)).$('[data-cy="viewport-action-arrows-right"]');
+  assert(await rightArrow(), 'the SR viewport has no arrows to step through its measurements');
   const groups = expected.placed_findings.length + expected.structures.length;
   for (let step = 0; step < groups + 2; step += 1) {
-    await arrow.click();
+    await clickOn(rightArrow);
     await sleep(1200);
-    for (const label of await svgLabels(right)) seen.add(label);
+    for (const label of await svgLabels(1)) seen.add(label);
   }
   const labels = [...seen];
   fs.writeFileSync(path.join(artifacts, 'sr-labels.json'), JSON.stringify(labels, null, 2));
@@ -208,19 +229,19 @@ try {
   }
   pass(`SR viewport shows the area and volume of all ${expected.structures.length} structures`);
   // back to the measurements first shown (the key slice with a finding) for the picture
-  for (let step = 0; step < groups + 2 && JSON.stringify(await svgLabels(right)) !== JSON.stringify(first); step += 1) {
-    await arrow.click();
+  for (let step = 0; step < groups + 2 && JSON.stringify(await svgLabels(1)) !== JSON.stringify(first); step += 1) {
+    await clickOn(rightArrow);
     await sleep(1200);
   }
-  const badge = await right.$('[data-cy^="ModalityLoadBadge"]');
+  const badge = await (await pane(1)).$('[data-cy^="ModalityLoadBadge"]');
   if (badge) await badge.hover();
   await sleep(1500);
   const incompatible = await page.evaluate(() => document.body.innerText.includes('not compatible with this application'));
   // the SEG viewport active again, so that the segment list shows beside both viewports
-  await (await panes())[0].click();
+  await clickOn(() => pane(0));
   await page.mouse.move(5, 995);
   await settle(3000);
-  await page.screenshot({ path: path.join(artifacts, '3-seg-sr.png') });
+  await page.screenshot({ path: path.join(artifacts, '3-seg-sr.png'), captureBeyondViewport: false });
   if (incompatible) {
     say('note: OHIF shows the SR read-only ("This structured report is not compatible with this application": '
       + 'it only loads SRs written with its own tool names into the Measurements panel)');

@@ -44,7 +44,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from dicom_node.orthanc import OrthancServer, free_port  # noqa: E402
+from dicom_node.orthanc import OrthancServer  # noqa: E402
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 #: the whole browser part (about 75 s on 2 cores; software WebGL can be much slower on a busy machine)
@@ -165,8 +165,9 @@ def make_proxy(dist: Path, app_config: Path, orthanc_port: int, access_log: Path
 
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
             with log_lock:
-                log_file.write(f"{time.strftime('%H:%M:%S')} {format % args}\n")
-                log_file.flush()
+                if not log_file.closed:  # a request still in flight while the check ends
+                    log_file.write(f"{time.strftime('%H:%M:%S')} {format % args}\n")
+                    log_file.flush()
 
         def do_GET(self) -> None:
             self.handle_any()
@@ -299,11 +300,19 @@ def main() -> int:
         env = dict(os.environ, VIEWER_URL=url, VIEWER_EXPECTED=str(work / "outputs" / "expected.json"),
                    VIEWER_ARTIFACTS=str(artifacts), CHROMIUM=CHROMIUM)
         log("browser check (headless Chromium, software WebGL: slow on few cores)")
+        # its own process group: on a timeout node and the Chromium it started go together
+        browser = subprocess.Popen(["node", str(HERE / "check.mjs")], env=env, cwd=HERE, start_new_session=True)
         try:
-            result = subprocess.run(["node", str(HERE / "check.mjs")], env=env, cwd=HERE, timeout=BROWSER_TIMEOUT_S)
-            code = result.returncode
+            code = browser.wait(timeout=BROWSER_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             log(f"FAILED: the browser check did not finish within {BROWSER_TIMEOUT_S} s")
+            # SIGTERM first: puppeteer then closes the Chromium it started (in a process group of its own)
+            os.killpg(browser.pid, signal.SIGTERM)
+            try:
+                browser.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(browser.pid, signal.SIGKILL)
+                browser.wait()
             code = 1
     finally:
         if proxy is not None:
