@@ -454,7 +454,7 @@ def _add_laterality(seg: Dataset, source: Dataset) -> None:
     body_part = str(source.get("BodyPartExamined", "") or "").strip()
     if body_part:
         seg.BodyPartExamined = body_part
-    laterality = str(source.get("Laterality", "") or source.get("ImageLaterality", "") or "").strip()
+    laterality = _source_laterality(source)
     if laterality not in ("L", "R"):
         return
     from pydicom.sr.codedict import codes  # noqa: PLC0415
@@ -463,6 +463,21 @@ def _add_laterality(seg: Dataset, source: Dataset) -> None:
     anatomy.AnatomicRegionSequence = DicomSequence([hd.sr.CodedConcept.from_code(codes.SCT.Knee)])
     anatomy.FrameLaterality = laterality
     seg.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = DicomSequence([anatomy])
+
+
+def _source_laterality(source: Dataset) -> str:
+    """Laterality, Image Laterality, or for an Enhanced (multi-frame) source the Frame
+    Laterality of its shared (else first per-frame) Frame Anatomy, which is where such an object
+    states the side."""
+    side = str(source.get("Laterality", "") or source.get("ImageLaterality", "") or "").strip()
+    if side:
+        return side
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        items = source.get(groups) or []
+        anatomy = items[0].get("FrameAnatomySequence") if items else None
+        if anatomy:
+            return str(anatomy[0].get("FrameLaterality", "") or "").strip()
+    return ""
 
 
 def _declare_private_schemes(dataset: Dataset, schemes: set[str]) -> None:

@@ -234,6 +234,10 @@ def test_enhanced_multiframe_source(study, tmp_path):
         k = next(i for i, p in enumerate(sorted_positions_mm) if np.allclose(p, position, atol=1e-4))
         segment = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         np.testing.assert_array_equal(pixels[f].astype(bool), label_map[k] == segment)
+    # an Enhanced MR object states its side as Frame Laterality only; the SEG carries it on
+    assert "Laterality" not in enhanced and study.laterality in ("L", "R")
+    (anatomy,) = seg.SharedFunctionalGroupsSequence[0].FrameAnatomySequence
+    assert anatomy.FrameLaterality == study.laterality
 
 
 def test_rejects_bad_inputs(study):
