@@ -253,7 +253,8 @@ def time_finetuning(preset_config: str, device: Any, steps: int, warmup: int) ->
 
     from inference.labels import JOINT_LABELS, NUM_SEG_CLASSES, PLANES
     from training.config import load_config
-    from training.finetune import (_autocast, build_classifier, build_segmenter, classification_loss, make_optimizer,
+    from inference.checkpoint import autocast as mixed_precision
+    from training.finetune import (build_classifier, build_segmenter, classification_loss, make_optimizer,
                                    segmentation_loss)
 
     cfg = load_config(preset_config)
@@ -266,7 +267,7 @@ def time_finetuning(preset_config: str, device: Any, steps: int, warmup: int) ->
         for i in range(steps + warmup):
             _sync(device)
             t0 = time.perf_counter()
-            with _autocast(device, amp):
+            with mixed_precision(device, amp, training=True):
                 loss = step_fn()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -193,12 +193,19 @@ class ModelCard:
         return cls(**dict(d))
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """Mixed precision on CUDA (bf16 where supported); plain float32 elsewhere."""
-    if device.type != "cuda":
+def autocast(device: torch.device, enabled: bool = True, training: bool = False) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision on CUDA (bf16 where supported); plain float32 elsewhere or when not ``enabled``.
+
+    Without bf16 support, inference runs in fp16; training (``training=True``) stays in
+    float32 there, because fp16 gradients would need a loss scaler the trainer does not use.
+    """
+    if not enabled or device.type != "cuda":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    if training:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=torch.float16)
 
 
 def pick_device(prefer: str = "auto") -> torch.device:

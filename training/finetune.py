@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from inference.checkpoint import autocast
 from training.config import TrainConfig
 from training.pretrain import (
     PretrainedBackbone,
@@ -389,10 +390,6 @@ def _progress(iterable: Iterable[Any], enabled: bool, desc: str, total: int | No
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
-def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
-
-
 def _batch_inputs(batch: Mapping[str, Any], planes: Sequence[str], use_ehr: bool, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
     volumes = {p: _tensor(batch[p]).float().to(device) for p in planes}
     if not use_ehr:
@@ -486,7 +483,7 @@ def finetune_classifier(
             volumes, ehr, mask = _batch_inputs(batch, planes, use_ehr, device)
             labels = _tensor(batch["labels"]).float().to(device)
             label_mask = _tensor(batch["label_mask"]).float().to(device)
-            with _autocast(device, ccfg.amp):
+            with autocast(device, ccfg.amp, training=True):
                 logits = model(volumes, ehr, mask)
             loss = classification_loss(logits, labels, label_mask, pos_weight)
             optimizer.zero_grad(set_to_none=True)
@@ -632,7 +629,7 @@ def finetune_segmenter(
             step += 1
             image = _tensor(batch["image"]).float().to(device)
             mask = _tensor(batch["mask"]).long().to(device)
-            with _autocast(device, scfg.amp):
+            with autocast(device, scfg.amp, training=True):
                 logits = model(image)
             loss = segmentation_loss(logits, mask, scfg.ce_weight, scfg.dice_weight)
             optimizer.zero_grad(set_to_none=True)

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from inference.checkpoint import autocast
 from training.config import TrainConfig
 from training.distributed import DistContext, barrier, init_distributed, mean_across_ranks, unwrap
 
@@ -476,7 +477,7 @@ def pretrain(
                 iterator = batches.epoch(epoch, 0)
                 continue
             x = x.to(ctx.device, non_blocking=True)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+            with autocast(ctx.device, use_amp, training=True):
                 loss = module(x, noise_gen)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"pretraining loss is {loss.item()} at step {step + 1}; lower base_lr")
