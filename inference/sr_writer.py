@@ -8,6 +8,13 @@ against their code: PixelMed's ``DicomSRValidator`` and OHIF 3.13's SR extension
   ``coords[0]`` of each: a group without an SCOORD/SCOORD3D (and without a group of the same
   Tracking UID that has one) raises a TypeError and the viewer shows "Something went wrong".
   Groups with the same Tracking Unique Identifier are merged into one measurement.
+- OHIF loads ("hydrates") a report into its Measurements panel only when a group's Tracking
+  Identifier names one of its tools, ``Cornerstone3DTools@^0.1.0:<tool>`` (or its region is a
+  point or a 4-5 point rectangle).  Its freehand ROI adapter then takes the outline and the
+  area from the group's *first* NUM, which must itself be INFERRED FROM the outline (else the
+  group is skipped), and names the measurement after the group's TEXT Comment (DCM 121106);
+  the Finding and Finding Site only show as details.  A group it cannot hydrate (a TID 1411
+  volume) is skipped with a console warning.
 - PixelMed chooses the sub-template of *all* groups from the whole Imaging Measurements
   container: once any group references a segment, every group is validated as TID 1411 and
   needs an Image Region, a Referenced Segment or a Volume Surface.  A TID 1501 group without
@@ -25,13 +32,21 @@ cannot be placed is reported where neither reader trips over it:
     segmented structure (knee: ACL, PCL, menisci) that the label map holds.  Its region is
     the outline (convex hull of the pixels) of that structure on its key slice, the source
     slice where the structure's cross-section is largest, as a closed POLYLINE on that source
-    image; finding type, finding site with laterality, the probability (DCM 122157, UCUM "1")
-    and the qualitative evaluation Presence of property (DCM 121052) = Present/Absent;
+    image; finding type, finding site with laterality, the area the outline encloses (SCT
+    42798000, mm2, the first NUM, INFERRED FROM the outline), the probability (DCM 122157,
+    UCUM "1"), the qualitative evaluation Presence of property (DCM 121052) = Present/Absent,
+    and a TEXT Comment, the label viewers list it under (``<finding>: present (p = 0.80)``);
   - one TID 1411 group per structure with a non-zero volume, referencing the structure's SEG
     segment (built explicitly, see the single-segment pitfall in docs/peers.md) with the
     volume (SCT 118565006) in cm3 (= mL) and the same tracking UID as the segment.  For OHIF
     the same tracking UID also gets a TID 1410 group with the structure's outline and area
-    on its key slice, so the viewer merges the two into one measurement it can place.
+    on its key slice (as for a finding), labelled ``<structure> (volume 12.34 mL)``;
+  - every TID 1410 group has the Tracking Identifier ``Cornerstone3DTools@^0.1.0:PlanarFreehandROI``
+    (free text in TID 4108), the TID 1411 groups the structure's name.  OHIF 3.13 then lists
+    each placed finding and structure outline in its Measurements panel and jumps to its key
+    slice.  PixelMed (its TID 1411 rows, by which it checks every group) reports the Comment,
+    the NUM's SCOORD and its image as "Content Item not in template" warnings: they extend
+    the extensible templates, no error.
 - Qualitative Evaluations (TID 1500 rows 12-14), which OHIF does not read: one CODE item per
   label (the finding's concept = Present/Absent), so findings without a location are still
   coded, and TEXT lines for PACS that show SR as text: one line per finding with probability
@@ -170,8 +185,8 @@ def _check_inputs(
 
 #: TID 1411 row 12 as PS3.16 spells it (highdicom 0.28 writes "Source Series for Segmentation")
 SOURCE_SERIES_FOR_SEGMENTATION = Code("121232", "DCM", "Source series for segmentation")
-#: unit of a key-slice area
-AREA_UNIT = codes.UCUM.SquareCentimeter
+#: unit of an outline's area: mm2, the unit OHIF (cornerstone3D) measures a freehand ROI in
+AREA_UNIT = codes.UCUM.SquareMillimeter
 
 
 @dataclass(frozen=True)
@@ -181,13 +196,14 @@ class KeySlice:
     ``source`` is the source dataset of that slice and ``frame`` its frame number (1-based)
     for a multi-frame source, else ``None``.  ``outline`` is a closed polygon (first point
     repeated last) of (column, row) image coordinates around the structure's pixels on that
-    slice (the convex hull of their corners); ``area_cm2`` the area of those pixels.
+    slice (the convex hull of their corners); ``area_mm2`` the area the outline encloses (the
+    region's area, as a viewer measures that polygon).
     """
 
     source: Dataset
     frame: int | None
     outline: np.ndarray
-    area_cm2: float
+    area_mm2: float
 
     def region(self) -> hd.sr.ImageRegion:
         """The TID 1410 Image Region: the outline as a closed POLYLINE on the key slice."""
@@ -197,6 +213,26 @@ class KeySlice:
         return hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=self.outline, source_image=source
         )
+
+    def area_measurement(self) -> hd.sr.Measurement:
+        """The Area of the region (TID 1419 row 5): what the outline encloses, in mm2."""
+        return hd.sr.Measurement(name=codes.SCT.Area, value=round(self.area_mm2, 3), unit=AREA_UNIT)
+
+    def inferred_from(self) -> hd.sr.ScoordContentItem:
+        """The outline again, as the SCOORD (TID 320 row 3) a measurement is INFERRED FROM,
+        with the key slice it is SELECTED FROM."""
+        item = hd.sr.ScoordContentItem(
+            name=codes.DCM.ImageRegion,
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=self.outline,
+            relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
+        )
+        item.ContentSequence = hd.sr.ContentSequence([
+            hd.sr.SourceImageForRegion.from_source_image(
+                self.source, referenced_frame_numbers=[self.frame] if self.frame else None
+            )
+        ])
+        return item
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -210,6 +246,12 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     corners = np.unique(corners, axis=0)
     vertices = corners[ConvexHull(corners).vertices]  # counter-clockwise, no repeats
     return np.vstack([vertices, vertices[:1]])
+
+
+def _enclosed_area(outline: np.ndarray) -> float:
+    """Area (in pixels) a closed polygon of (column, row) points encloses (shoelace formula)."""
+    x, y = outline[:-1, 0], outline[:-1, 1]
+    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0)
 
 
 def key_slices(segmented_series: Sequence[Dataset], label_map: np.ndarray) -> dict[str, KeySlice]:
@@ -246,13 +288,49 @@ def key_slices(segmented_series: Sequence[Dataset], label_map: np.ndarray) -> di
             continue
         k = int(np.argmax(areas))
         source, frame = slices[k]
+        outline = _outline(label_map[k] == structure.index)
         placed[structure.key] = KeySlice(
             source=source,
             frame=frame,
-            outline=_outline(label_map[k] == structure.index),
-            area_cm2=float(areas[k]) * row_mm * col_mm / 100.0,
+            outline=outline,
+            area_mm2=_enclosed_area(outline) * row_mm * col_mm,
         )
     return placed
+
+
+#: Tracking Identifier of every group placed on the images: the name the cornerstone3D adapters
+#: of OHIF 3.13 give their freehand ROI tool.  OHIF hydrates a TID 1500 group into its
+#: Measurements panel only when its Tracking Identifier names one of its tools (or its outline is
+#: a point or a 4-5 point rectangle); TID 4108 allows any text here, and the Tracking Unique
+#: Identifier is what identifies the finding or structure.
+VIEWER_TRACKING_IDENTIFIER = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+#: a group's free-text label, a TEXT qualitative evaluation; OHIF names the measurement with it
+COMMENT = Code("121106", "DCM", "Comment")
+
+
+def finding_label(finding: Finding) -> str:
+    """The name a viewer lists a placed finding under, e.g.
+    ``Anterior cruciate ligament tear: present (p = 0.80)`` (short: OHIF shows two lines)."""
+    return f"{finding.name}: {'present' if finding.present else 'absent'} (p = {finding.probability:.2f})"
+
+
+def structure_label(name: str, volume_ml: float) -> str:
+    """The name a viewer lists a structure outline under, e.g. ``Femur (volume 162.02 mL)``."""
+    return f"{name} (volume {volume_ml:.2f} mL)"
+
+
+def _make_viewable(group: Dataset, key_slice: KeySlice, label: str) -> None:
+    """Add to a TID 1410 group what OHIF 3.13 needs to list and draw it (its SR hydration, read
+    in the cornerstone3D adapters' MeasurementReport and PlanarFreehandROI): the group's first
+    NUM, the Area, INFERRED FROM the outline (the adapter takes the outline and the area from the
+    first NUM, and skips the group when that NUM has no SCOORD), and the label as a TEXT
+    Comment, which OHIF shows as the measurement's name."""
+    items = group[0].ContentSequence
+    first = next(item for item in items if item.ValueType == "NUM")
+    if first.ConceptNameCodeSequence[0].CodeValue != codes.SCT.Area.value:
+        raise ValueError("the first measurement of a group shown in viewers must be its Area")
+    first.ContentSequence = hd.sr.ContentSequence([key_slice.inferred_from()])
+    items.append(_text(COMMENT, label))
 
 
 def _finding_group(
@@ -268,16 +346,17 @@ def _finding_group(
     site = label.finding_site
     location = site.location.code() if site else template.finding_site.code()
     modifier = site.modifier.code() if site and site.modifier else None
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derived_uid(study_uid, version, "finding-tracking", template.joint, finding.key),
-            identifier=label.name[:64],
+            identifier=VIEWER_TRACKING_IDENTIFIER,
         ),
         referenced_region=key_slice.region(),
         finding_type=label.concept.code(),
         finding_sites=[hd.sr.FindingSite(location, laterality=laterality, topographical_modifier=modifier)],
         measurements=[
-            hd.sr.Measurement(name=codes.DCM.Probability, value=round(finding.probability, 6), unit=PROBABILITY_UNIT)
+            key_slice.area_measurement(),
+            hd.sr.Measurement(name=codes.DCM.Probability, value=round(finding.probability, 6), unit=PROBABILITY_UNIT),
         ],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(
@@ -286,6 +365,8 @@ def _finding_group(
             )
         ],
     )
+    _make_viewable(group, key_slice, finding_label(finding))
+    return group
 
 
 def _unplaced_group(
@@ -329,21 +410,19 @@ def _structure_groups(
         segment = next(
             item for item in segmentation.SegmentSequence if int(item.SegmentNumber) == structure.index
         )
-        tracking = hd.sr.TrackingIdentifier(uid=str(segment.TrackingUID), identifier=structure.name[:64])
         sites = [hd.sr.FindingSite(tpl.anatomic_region.code(), laterality=laterality)] if tpl.anatomic_region else None
-        groups.append(
-            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking,
-                referenced_region=placed[structure.key].region(),
-                finding_type=tpl.type.code(),
-                finding_sites=sites,
-                measurements=[
-                    hd.sr.Measurement(
-                        name=codes.SCT.Area, value=round(placed[structure.key].area_cm2, 4), unit=AREA_UNIT
-                    )
-                ],
-            )
+        outline = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=str(segment.TrackingUID), identifier=VIEWER_TRACKING_IDENTIFIER
+            ),
+            referenced_region=placed[structure.key].region(),
+            finding_type=tpl.type.code(),
+            finding_sites=sites,
+            measurements=[placed[structure.key].area_measurement()],
         )
+        _make_viewable(outline, placed[structure.key], structure_label(structure.name, volumes_ml[structure.key]))
+        groups.append(outline)
+        tracking = hd.sr.TrackingIdentifier(uid=str(segment.TrackingUID), identifier=structure.name[:64])
         # Built explicitly: ReferencedSegment.from_segmentation fails on single-segment SEGs.
         referenced = hd.sr.ReferencedSegment(
             sop_class_uid=str(segmentation.SOPClassUID),

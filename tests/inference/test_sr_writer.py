@@ -9,7 +9,7 @@ from pydicom.sr.codedict import codes
 
 from inference.labels import JOINTS, KNEE_STRUCTURES, label_keys
 from inference.seg_writer import structure_volumes_ml, write_segmentation
-from inference.sr_writer import Finding, write_report
+from inference.sr_writer import VIEWER_TRACKING_IDENTIFIER, Finding, write_report
 from inference.uids import AlgorithmInfo, NodeInfo
 from sr_templates import load_template
 from tests.inference.output_factory import (
@@ -81,6 +81,36 @@ def _scoords(group: Dataset) -> list[Dataset]:
     return [i for i in group.ContentSequence if i.ValueType in ("SCOORD", "SCOORD3D")]
 
 
+def _hull_area_mm2(mask: np.ndarray, spacing: tuple[float, float]) -> float:
+    """Area of the convex hull of a 2D mask's pixel corners (scipy's hull), in mm2."""
+    from scipy.spatial import ConvexHull
+
+    rows, cols = np.nonzero(mask)
+    corners = np.concatenate([np.stack([cols + dc, rows + dr], axis=1) for dr in (0, 1) for dc in (0, 1)])
+    return float(ConvexHull(corners.astype(float)).volume) * spacing[0] * spacing[1]
+
+
+def _assert_viewable(group: Dataset, label: str) -> None:
+    """What OHIF 3.13 needs to list a TID 1410 group as a measurement named ``label`` (see the
+    SR writer): its tool as Tracking Identifier, the Area as first NUM INFERRED FROM the
+    group's outline on the same image, and the label as a TEXT Comment."""
+    (tracking,) = _items(group, "112039")
+    assert tracking.TextValue == VIEWER_TRACKING_IDENTIFIER
+    (region,) = _scoords(group)
+    first = next(i for i in group.ContentSequence if i.ValueType == "NUM")
+    assert first.ConceptNameCodeSequence[0].CodeValue == codes.SCT.Area.value
+    assert first.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "mm2"
+    (inferred,) = first.ContentSequence
+    assert (inferred.ValueType, inferred.RelationshipType, inferred.GraphicType) == ("SCOORD", "INFERRED FROM", "POLYLINE")
+    assert list(inferred.GraphicData) == list(region.GraphicData)
+    (image,) = inferred.ContentSequence
+    assert image.RelationshipType == "SELECTED FROM"
+    assert (image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            == region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    (comment,) = _items(group, "121106")
+    assert (comment.ValueType, comment.TextValue) == ("TEXT", label)
+
+
 @pytest.mark.dicomtools
 def test_knee_report_round_trip(knee_case, tmp_path):
     study, series, seg, volumes, label_map = knee_case
@@ -109,6 +139,7 @@ def test_knee_report_round_trip(knee_case, tmp_path):
 
     template = load_template("knee")
     ordered = sorted_positions(series["sagittal"])
+    spacing = tuple(float(v) for v in ordered[0].PixelSpacing)
     index = {s.key: s.index for s in KNEE_STRUCTURES}
     # findings tied to a segmented structure: TID 1410 on the structure's largest cross-section
     planar = sr.content.get_planar_roi_measurement_groups()
@@ -120,6 +151,8 @@ def test_knee_report_round_trip(knee_case, tmp_path):
         group = by_concept[(label.concept.scheme, label.concept.value)]
         (probability,) = group.get_measurements(name=codes.DCM.Probability)
         assert probability.value == pytest.approx(finding.probability, abs=1e-6)
+        state = "present" if finding.present else "absent"
+        _assert_viewable(group[0], f"{finding.name}: {state} (p = {finding.probability:.2f})")
         (evaluation,) = group.get_qualitative_evaluations(name=codes.DCM.PresenceOfProperty)
         assert evaluation.value == (codes.DCM.Present if finding.present else codes.DCM.Absent)
         assert group.finding_sites[0].laterality == codes.SCT.Right
@@ -135,19 +168,23 @@ def test_knee_report_round_trip(knee_case, tmp_path):
         # the outline encloses the structure's pixels (corners) and no more than its bounding box
         assert points[:, 0].min() == cols.min() and points[:, 0].max() == cols.max() + 1
         assert points[:, 1].min() == rows.min() and points[:, 1].max() == rows.max() + 1
+        # its area is the area the outline encloses, as a viewer measures the polygon
+        (area,) = group.get_measurements(name=codes.SCT.Area)
+        assert area.value == pytest.approx(_hull_area_mm2(mask[key], spacing), abs=1e-3)
     # unplaced findings (no segmented structure) are no measurement group
     unplaced = {(label.concept.scheme, label.concept.value) for label in template.labels if label.structure is None}
     assert not unplaced & set(by_concept)
 
     # structures: a TID 1411 group (segment, volume) and a TID 1410 group (outline, area) per
-    # structure present, both with the segment's tracking UID, so OHIF merges them
+    # structure present, both with the segment's tracking UID, so OHIF merges them; the outline
+    # is listed in OHIF under the structure's name and volume, the volume group (which OHIF
+    # cannot load as a tool) keeps the structure's name as Tracking Identifier
     volume_groups = sr.content.get_volumetric_roi_measurement_groups()
     present = [s for s in KNEE_STRUCTURES if volumes[s.key] > 0]
     assert len(volume_groups) == len(present)
     segment_labels = {int(s.SegmentNumber): s.SegmentLabel for s in seg.SegmentSequence}
     tracking = {int(s.SegmentNumber): s.TrackingUID for s in seg.SegmentSequence}
     planar_by_uid = {g.tracking_uid: g for g in planar}
-    spacing = float(np.prod(ordered[0].PixelSpacing))
     # a structure absent from the label map has no group (its volume 0 is in the text only)
     assert {g.tracking_uid for g in volume_groups} == {tracking[s.index] for s in present}
     for group, structure in zip(volume_groups, present):
@@ -156,11 +193,15 @@ def test_knee_report_round_trip(knee_case, tmp_path):
         assert ref.referenced_segment_numbers == [structure.index]
         assert segment_labels[structure.index] == structure.name
         assert group.tracking_uid == tracking[structure.index]
+        assert group.tracking_identifier == structure.name
         (volume,) = group.get_measurements(name=codes.SCT.Volume)
         assert volume.value == pytest.approx(volumes[structure.key], abs=1e-4)
-        (area,) = planar_by_uid[group.tracking_uid].get_measurements(name=codes.SCT.Area)
-        largest = int((label_map == structure.index).sum(axis=(1, 2)).max())
-        assert area.value == pytest.approx(largest * spacing / 100.0, abs=1e-4)
+        outline = planar_by_uid[group.tracking_uid]
+        _assert_viewable(outline[0], f"{structure.name} (volume {volumes[structure.key]:.2f} mL)")
+        (area,) = outline.get_measurements(name=codes.SCT.Area)
+        mask = label_map == structure.index
+        key = int(np.argmax(mask.sum(axis=(1, 2))))
+        assert area.value == pytest.approx(_hull_area_mm2(mask[key], spacing), abs=1e-3)
 
     raw = sr.ContentSequence
     (measurements,) = _items(sr, "126010")

@@ -235,9 +235,27 @@ def test_report_has_every_kind_of_group(outputs):
 def test_pixelmed_sr_templates_have_no_errors(outputs):
     result = outputs["sr_template"]
     assert result.errors == [], _report(result)
-    # the warnings left: Presence of property in the TID 1410 finding groups, which PixelMed's
-    # TID 1411 (it checks every group as 1411 once one references a segment) does not list
-    assert all("Presence of property" in line for line in result.warnings), "\n".join(result.warnings)
+    # the warnings left, all "Content Item not in template": PixelMed checks every group by its
+    # TID 1411 rows (once one group references a segment), which list neither qualitative
+    # evaluations nor a measurement INFERRED FROM an outline.  Per finding group its Presence
+    # of property; per group OHIF lists (the 4 findings and every structure outline) its Comment
+    # (the label OHIF shows) and the Area's outline with its image (where OHIF reads the outline)
+    group = ('/CONTAINER (126000,DCM,"Imaging Measurement Report")/CONTAINER (126010,DCM,"Imaging Measurements")'
+             '/CONTAINER (125007,DCM,"Measurement Group")')
+    outline = f'{group}/NUM (42798000,SCT,"Area")/SCOORD (111030,DCM,"Image Region")'
+    listed = len(KNEE_STRUCTURES) + 4
+    expected = {
+        f'{group}/CODE (121052,DCM,"Presence of property")': 4,
+        f'{group}/TEXT (121106,DCM,"Comment")': listed,
+        outline: listed,
+        f'{outline}/IMAGE (260753009,SCT,"Source")': listed,
+    }
+    found: dict[str, int] = {}
+    for line in result.warnings:
+        where, _, message = line.split(": ", 2)[2].rpartition(": ")  # "Warning: <item>: <path>: <message>"
+        assert message == "Content Item not in template", line
+        found[where] = found.get(where, 0) + 1
+    assert found == expected, "\n".join(result.warnings)
 
 
 def test_pixelmed_report_without_placed_findings(outputs):
