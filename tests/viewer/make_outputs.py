@@ -2,7 +2,8 @@
 
 Writes ``OUT/study/`` (the phantom's source images, as ``orthonode phantom`` makes them),
 ``OUT/seg.dcm``, ``OUT/sr.dcm`` and ``OUT/expected.json`` (the Study Instance UID, the SEG's
-segment labels and the SR's finding names, which the browser check looks for).
+segment labels, and the SR's measurements as OHIF should list them: label, key slice and area,
+read back from the SR; the browser check looks for these).
 
 The SEG and SR come from the node's own writers (:mod:`inference.seg_writer`,
 :mod:`inference.sr_writer`) called as :func:`inference.pipeline.run_study` calls them, the
@@ -23,7 +24,7 @@ from inference.labels import PLANES
 from inference.pipeline import SEG_SERIES_NUMBER, SR_SERIES_NUMBER, _evidence
 from inference.seg_writer import structure_volumes_ml, write_segmentation
 from inference.series import load_series
-from inference.sr_writer import Finding, write_report
+from inference.sr_writer import VIEWER_TRACKING_IDENTIFIER, Finding, write_report
 from inference.uids import AlgorithmInfo, NodeInfo
 from sr_templates import load_template
 
@@ -70,7 +71,9 @@ def build(out: Path, matrix: int, seed: int) -> dict:
     seg.save_as(out / "seg.dcm")
     sr.save_as(out / "sr.dcm")
     present = {int(v) for v in np.unique(label_map)} - {0}
-    groups = sr_groups(sr)
+    instance_numbers = {str(ds.SOPInstanceUID): int(ds.InstanceNumber) for ds in sagittal.datasets}
+    groups = sr_groups(sr, instance_numbers)
+    placed_names = {g["finding"] for g in groups if g["probability"] is not None}
     expected = {
         "study_instance_uid": str(sagittal.datasets[0].StudyInstanceUID),
         "segmented_series_uid": sagittal.info.series_instance_uid,
@@ -80,9 +83,17 @@ def build(out: Path, matrix: int, seed: int) -> dict:
         "sr_series_description": str(sr.SeriesDescription),
         "segment_labels": [str(s.SegmentLabel) for s in seg.SegmentSequence if int(s.SegmentNumber) in present],
         "findings": [label.name for label in template.labels],
-        # what the viewer can draw: findings placed on a key slice, and per structure (outline and
-        # volume groups share one Tracking UID) its area and volume
+        # what OHIF lists in its Measurements panel once it loads the SR: every group with the
+        # viewer's tracking identifier (findings placed on a key slice, then structure outlines),
+        # by its label, in the SR's order, each on its key slice
+        "measurements": [
+            {key: g[key] for key in ("label", "finding", "probability", "instance_number", "area_mm2")}
+            for g in groups if g["tracking_id"] == VIEWER_TRACKING_IDENTIFIER
+        ],
         "placed_findings": [g for g in groups if g["probability"] is not None and g["scoord"]],
+        # findings without a location: only in the Qualitative Evaluations, no measurement
+        "unplaced_findings": [label.name for label in template.labels if label.concept.meaning not in placed_names],
+        # per structure (outline and volume groups share one Tracking UID): area and volume
         "structures": merge_structures([g for g in groups if g["probability"] is None]),
         "sources": sorted(str(p) for p in phantoms.glob("*/dicom/**/*.dcm")),
     }
@@ -95,15 +106,16 @@ def _code(item, keyword: str = "ConceptNameCodeSequence") -> tuple[str, str]:
     return str(code.CodeValue), str(code.CodeMeaning)
 
 
-def sr_groups(sr) -> list[dict]:
-    """The measurement groups of the SR's Imaging Measurements, read back from the dataset."""
+def sr_groups(sr, instance_numbers: dict[str, int]) -> list[dict]:
+    """The measurement groups of the SR's Imaging Measurements, read back from the dataset;
+    ``instance_numbers`` maps the SOP Instance UIDs of the source images to their numbers."""
     (measurements,) = [i for i in sr.ContentSequence if _code(i)[0] == "126010"]
     out = []
     for group in measurements.ContentSequence:
         if _code(group)[0] != "125007":
             continue
         entry = {"tracking_id": "", "tracking_uid": "", "finding": None, "site": None, "probability": None,
-                 "area_cm2": None, "volume_cm3": None, "scoord": False}
+                 "area_mm2": None, "volume_cm3": None, "scoord": False, "label": None, "instance_number": None}
         for item in group.ContentSequence:
             value, meaning = _code(item)
             if value == "112039":
@@ -114,11 +126,15 @@ def sr_groups(sr) -> list[dict]:
                 entry["finding"] = _code(item, "ConceptCodeSequence")[1]
             elif value == "363698007":
                 entry["site"] = _code(item, "ConceptCodeSequence")[1]
+            elif value == "121106" and item.ValueType == "TEXT":
+                entry["label"] = str(item.TextValue)
             elif item.ValueType == "SCOORD":
                 entry["scoord"] = True
+                (image,) = item.ContentSequence
+                entry["instance_number"] = instance_numbers[str(image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)]
             elif item.ValueType == "NUM":
                 number = float(item.MeasuredValueSequence[0].NumericValue)
-                key = {"Probability": "probability", "Area": "area_cm2", "Volume": "volume_cm3"}.get(meaning)
+                key = {"Probability": "probability", "Area": "area_mm2", "Volume": "volume_cm3"}.get(meaning)
                 if key:
                     entry[key] = number
         out.append(entry)
@@ -128,9 +144,10 @@ def sr_groups(sr) -> list[dict]:
 def merge_structures(groups: list[dict]) -> list[dict]:
     merged: dict[str, dict] = {}
     for g in groups:
-        m = merged.setdefault(g["tracking_uid"], {"name": g["tracking_id"], "site": None, "area_cm2": None,
-                                                  "volume_cm3": None})
-        for key in ("site", "area_cm2", "volume_cm3"):
+        m = merged.setdefault(g["tracking_uid"], {"name": None, "site": None, "area_mm2": None, "volume_cm3": None})
+        if g["tracking_id"] != VIEWER_TRACKING_IDENTIFIER:  # the volume group names the structure
+            m["name"] = g["tracking_id"]
+        for key in ("site", "area_mm2", "volume_cm3"):
             if g[key] is not None:
                 m[key] = g[key]
     return list(merged.values())
