@@ -261,8 +261,38 @@ def _short(path: Path) -> str:
         return str(path)
 
 
-def report_study(orthanc: Any, study: PhantomStudy, results_dir: Path) -> tuple[str, int, int]:
-    """Text block for one study, and (agreeing findings, findings) for the summary line."""
+def model_judgement(model: Path, decisions: list[tuple[str, bool, bool]]) -> str:
+    """How good the model is: its AUC per finding on the held-out phantom site (from its card),
+    and per finding how the sent studies' decisions matched their truth.
+
+    Most findings are absent in most studies, so one total of agreements would reward a model
+    that says "absent" everywhere; the AUC per finding on the held-out set does not.
+    """
+    from inference.checkpoint import ModelBundle
+    from training.demo import held_out_lines
+
+    lines = []
+    held = ModelBundle.load(model).card.metrics.get("held_out_site") or {}
+    if held:
+        auc, dice = held.get("macro_auc"), held.get("mean_dice")
+        lines.append(f"the model on {held.get('exams', '?')} phantoms of the held-out site {held.get('site', '?')} "
+                     f"(never seen in training): macro AUC {'n/a' if auc is None else f'{auc:.2f}'}, "
+                     f"mean Dice {'n/a' if dice is None else f'{dice:.2f}'}")
+        lines += held_out_lines(held, indent="  ")
+    if decisions:
+        keys = list(dict.fromkeys(k for k, _, _ in decisions))
+        parts = []
+        for key in keys:
+            rows = [(t, p) for k, t, p in decisions if k == key]
+            hits = sum(t == p for t, p in rows)
+            positives = sum(t for t, _ in rows)
+            parts.append(f"{key} {hits}/{len(rows)} ({positives} present)")
+        lines.append("these studies, decisions matching the phantom truth per finding: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def report_study(orthanc: Any, study: PhantomStudy, results_dir: Path) -> tuple[str, list[tuple[str, bool, bool]]]:
+    """Text block for one study, and ``(finding key, truth, node's decision)`` per finding with a truth."""
     series = orthanc.series_of_study(study.study_instance_uid)
     lines = [f"study {study.case_id}  ({study.site}, {'left' if study.laterality == 'L' else 'right'} knee)",
              f"  Study Instance UID {study.study_instance_uid}", "  in Orthanc:"]
@@ -278,7 +308,7 @@ def report_study(orthanc: Any, study: PhantomStudy, results_dir: Path) -> tuple[
                      f"{tags.get('SeriesDescription', ''):<32} {len(s['Instances']):>4} object(s)")
         if tags.get("Modality") == "SR" and s["Instances"]:
             sr_data = orthanc.instance_file(s["Instances"][0])
-    agree = total = 0
+    decisions: list[tuple[str, bool, bool]] = []
     if sr_data is not None:
         lines.append(f"  {'finding':<38} {'phantom truth':<14} node (probability, decision threshold)")
         for f in findings_from_sr(sr_data):
@@ -287,14 +317,11 @@ def report_study(orthanc: Any, study: PhantomStudy, results_dir: Path) -> tuple[
             truth_text = "?" if truth is None else ("present" if truth else "absent")
             mark = ""
             if truth is not None:
-                total += 1
-                if bool(truth) == f["present"]:
-                    agree += 1
-                else:
+                decisions.append((f["key"], bool(truth), bool(f["present"])))
+                if bool(truth) != f["present"]:
                     mark = "  <- differs"
             odds = f"p {f['probability']:.2f}" + (f", threshold {f['threshold']:.2f}" if "threshold" in f else "")
             lines.append(f"  {f.get('name', f['key']):<38} {truth_text:<14} {said:<8} ({odds}){mark}")
-        lines.append(f"  agreement with the phantom truth: {agree}/{total}")
     previews = sorted((results_dir / study.study_instance_uid).glob("job-*/**/*.png"))
     phantom_preview = study.folder.parent / "preview.png"
     if previews:
@@ -304,7 +331,7 @@ def report_study(orthanc: Any, study: PhantomStudy, results_dir: Path) -> tuple[
             lines.append(f"  node previews: {_short(folder)}/ ({names})")
     if phantom_preview.exists():
         lines.append(f"  phantom preview (ground truth): {_short(phantom_preview)}")
-    return "\n".join(lines), agree, total
+    return "\n".join(lines), decisions
 
 
 # --------------------------------------------------------------------------- run
@@ -374,13 +401,14 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(1.0)
 
         print()
-        agree = total = 0
+        decisions: list[tuple[str, bool, bool]] = []
         for study in studies:
-            text, a, t = report_study(orthanc, study, work / "node-data" / "results")
+            text, said = report_study(orthanc, study, work / "node-data" / "results")
             print(text + "\n")
-            agree, total = agree + a, total + t
-        print(f"all {len(studies)} studies: SEG + SR returned to Orthanc under their own studies; "
-              f"findings agree with the phantom truth in {agree}/{total} ({time.monotonic() - started:.0f} s in all).")
+            decisions += said
+        print(f"all {len(studies)} studies: SEG + SR returned to Orthanc under their own studies "
+              f"({time.monotonic() - started:.0f} s in all).")
+        print(model_judgement(model, decisions))
         print("The demo model was trained on synthetic phantoms only: research use, not for clinical use.")
         return 0
     except DemoError as exc:
