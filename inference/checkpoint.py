@@ -34,8 +34,8 @@ from inference.model import (
     EHR_FEATURES,
     ModelConfig,
     OrthoDiffusionClassifier,
-    OrthoDiffusionSegmenter,
     encode_ehr,
+    make_segmenter,
 )
 from inference.preprocess import PreprocessConfig, preprocess_volume, segment_series
 
@@ -233,8 +233,10 @@ class ModelBundle:
         self,
         card: ModelCard,
         classifier: OrthoDiffusionClassifier | None = None,
-        segmenter: OrthoDiffusionSegmenter | None = None,
+        segmenter: torch.nn.Module | None = None,
     ) -> None:
+        """``segmenter`` is an :class:`OrthoDiffusionSegmenter` or, for a supervised baseline, a
+        :class:`inference.model.MonaiSegmenter` (what ``card.model.segmenter_backbone`` names)."""
         if classifier is None and segmenter is None:
             raise ValueError("ModelBundle needs a classifier, a segmenter or both")
         cfg = card.model_config()
@@ -343,7 +345,7 @@ class ModelBundle:
             classifier = OrthoDiffusionClassifier(cfg, card.planes, len(card.labels), card.use_ehr)
             _load_state(classifier, state["classifier"], path, "classifier")
         if "segmenter" in state:
-            segmenter = OrthoDiffusionSegmenter(cfg, len(card.structures) + 1)
+            segmenter = make_segmenter(cfg, len(card.structures) + 1)
             _load_state(segmenter, state["segmenter"], path, "segmenter")
         try:
             bundle = cls(card, classifier, segmenter)

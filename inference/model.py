@@ -11,6 +11,12 @@ Three objects, kept apart as in MONAI (network, noise schedule, procedure):
 * Heads: :class:`AttentionPool` + linear head per plane or on the concatenation of planes
   (:class:`OrthoDiffusionClassifier`, with optional EHR late fusion in :class:`EHRFusion`), and
   a transposed-convolution decoder from the bottleneck (:class:`OrthoDiffusionSegmenter`).
+* Supervised baselines, for the label-efficiency benchmark and for anyone who wants to compare:
+  ``ModelConfig.classifier_backbone = "monai_resnet18"`` swaps each plane's diffusion encoder
+  for MONAI's 3D ResNet-18 (:class:`ResNetPlaneEncoder`) under the *same* fusion (per-plane
+  standardisation, concatenation, EHR late fusion); ``ModelConfig.segmenter_backbone =
+  "monai_unet" | "monai_segresnet"`` makes the segmenter MONAI's 3D ``UNet`` or ``SegResNet``
+  (:class:`MonaiSegmenter`).  They have no pretraining; every weight trains at the full rate.
 
 Reference hyper-parameters (``PRESETS["paper"]``) follow docs/method.md: input
 1 x 16 x 256 x 256, widths 64 x (1, 1, 2, 2, 4), one residual block per level, attention at
@@ -53,19 +59,35 @@ __all__ = [
     "DiffusionBackbone",
     "EHRFusion",
     "FeatureExtractor",
+    "CLASSIFIER_BACKBONES",
     "FeaturePoint",
     "ModelConfig",
+    "MonaiSegmenter",
     "OrthoDiffusionClassifier",
     "OrthoDiffusionSegmenter",
     "PlaneEncoder",
+    "ResNetPlaneEncoder",
+    "SEGMENTER_BACKBONES",
     "encode_ehr",
     "ehr_from_dicom",
+    "make_plane_encoder",
+    "make_segmenter",
     "model_config",
 ]
 
 #: segmentation heads (:class:`OrthoDiffusionSegmenter`): the reference's transposed-convolution
 #: decoder from the bottleneck, or the diffusion UNet's own decoder with its skip connections
 SEG_HEADS: tuple[str, ...] = ("bottleneck", "unet")
+
+#: per-plane feature extractors of :class:`OrthoDiffusionClassifier`: the diffusion UNet (the
+#: method), or MONAI's 3D ResNet-18 (a supervised baseline, :class:`ResNetPlaneEncoder`).
+#: MONAI's DenseNet121 is not offered: it halves the depth five times, so a 16-slice input
+#: (every preset's) is pooled to nothing before its last dense block.
+CLASSIFIER_BACKBONES: tuple[str, ...] = ("diffusion_unet", "monai_resnet18")
+
+#: segmentation networks: the diffusion UNet with a ``seg_head`` (the method), or MONAI's 3D
+#: ``UNet`` / ``SegResNet`` trained from scratch (supervised baselines, :class:`MonaiSegmenter`)
+SEGMENTER_BACKBONES: tuple[str, ...] = ("diffusion_unet", "monai_unet", "monai_segresnet")
 
 _BLOCK_RE = re.compile(r"^(mid)_([012])$|^(down|up)_(\d+)$")
 
@@ -111,6 +133,15 @@ class ModelConfig:
     clean; the bottleneck features of a diffusion UNet are trained on noised inputs only).
     ``feature_noise_seed`` seeds the fixed noise used for q_sample in evaluation mode, so
     that the same study always gives the same result, whatever batch it is part of.
+
+    ``classifier_backbone`` (:data:`CLASSIFIER_BACKBONES`) and ``segmenter_backbone``
+    (:data:`SEGMENTER_BACKBONES`) choose the networks; anything but ``"diffusion_unet"`` is a
+    supervised baseline without pretraining.  The baselines' widths follow ``channels``:
+    ResNet-18's four stages are ``channels[0]`` x (1, 2, 4, 8) (MONAI's ``widen_factor =
+    channels[0] / 64``, so the ``paper`` preset gets the standard ResNet-18), the MONAI
+    ``UNet`` has the diffusion UNet's ``channels`` with one stride-2 step per level after the
+    first and two residual units per level, and ``SegResNet`` starts at ``channels[0]``
+    filters with GroupNorm of ``norm_num_groups`` groups.
     """
 
     input_shape: tuple[int, int, int] = (16, 256, 256)
@@ -129,6 +160,8 @@ class ModelConfig:
     seg_head: str = "bottleneck"
     feature_noise_seed: int = 0
     flash_attention: bool = True
+    classifier_backbone: str = "diffusion_unet"
+    segmenter_backbone: str = "diffusion_unet"
 
     def __post_init__(self) -> None:
         _check_int_tuple("input_shape", self.input_shape, length=3)
@@ -147,6 +180,23 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be an int >= 0, got {value!r}")
         if self.seg_head not in SEG_HEADS:
             raise ValueError(f"ModelConfig.seg_head must be one of {list(SEG_HEADS)}, got {self.seg_head!r}")
+        if self.classifier_backbone not in CLASSIFIER_BACKBONES:
+            raise ValueError(
+                f"ModelConfig.classifier_backbone must be one of {list(CLASSIFIER_BACKBONES)}, "
+                f"got {self.classifier_backbone!r}"
+            )
+        if self.segmenter_backbone not in SEGMENTER_BACKBONES:
+            raise ValueError(
+                f"ModelConfig.segmenter_backbone must be one of {list(SEGMENTER_BACKBONES)}, "
+                f"got {self.segmenter_backbone!r}"
+            )
+        if self.segmenter_backbone == "monai_segresnet":
+            for axis, size in zip("DHW", self.input_shape):
+                if size % 8:  # SegResNet's three stride-2 stages
+                    raise ValueError(
+                        f"ModelConfig.segmenter_backbone='monai_segresnet' needs every input size divisible by 8; "
+                        f"input_shape {self.input_shape} has {axis}={size}"
+                    )
         if not isinstance(self.flash_attention, bool):
             raise TypeError(f"ModelConfig.flash_attention must be a bool, got {self.flash_attention!r}")
         levels = len(self.channels)
@@ -619,6 +669,52 @@ class PlaneEncoder(nn.Module):
     def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
         return self.pool(self.extractor(x, noise))
 
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """The diffusion UNet's layers on the feature path (fine-tuned at the backbone's rate)."""
+        return list(self.extractor.backbone_parameters())
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The attention pool."""
+        return list(self.pool.parameters())
+
+
+class ResNetPlaneEncoder(nn.Module):
+    """One plane of the supervised baseline: MONAI's 3D ResNet-18, global-average-pooled to a vector.
+
+    ``monai.networks.nets.resnet18(spatial_dims=3, n_input_channels=1)`` without its final
+    linear layer, widths ``channels[0]`` x (1, 2, 4, 8) (``widen_factor = channels[0] / 64``),
+    so it gives ``8 * channels[0]`` features per plane.  Random initialisation, no pretraining:
+    all its weights count as head parameters, trained at the head's (full) learning rate.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        from monai.networks.nets import resnet18
+
+        self.cfg = cfg
+        self.net = resnet18(
+            spatial_dims=3, n_input_channels=1, widen_factor=cfg.channels[0] / 64, feed_forward=False,
+            conv1_t_stride=1, shortcut_type="B",
+        )
+        self.out_features = 8 * cfg.channels[0]
+
+    def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
+        _check_volume(x, self.cfg, "x")
+        return self.net(x)
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.net.parameters())
+
+
+def make_plane_encoder(cfg: ModelConfig, plane: str) -> nn.Module:
+    """The per-plane feature extractor that ``cfg.classifier_backbone`` names."""
+    if cfg.classifier_backbone == "monai_resnet18":
+        return ResNetPlaneEncoder(cfg)
+    return PlaneEncoder(DiffusionBackbone(cfg), cfg.point(plane))
+
 
 # --------------------------------------------------------------------------- EHR
 
@@ -784,9 +880,14 @@ class EHRFusion(nn.Module):
 class OrthoDiffusionClassifier(nn.Module):
     """Multi-label classifier on one plane or on the concatenation of several planes.
 
-    ``encoders[plane]`` holds that plane's backbone, feature extractor and attention pool;
-    ``backbones`` exposes the backbones alone (plane -> DiffusionBackbone) so pre-trained
-    weights load per plane, without storing them twice in the state dict.
+    ``encoders[plane]`` holds that plane's feature extractor, chosen by
+    ``cfg.classifier_backbone``: the diffusion backbone, its feature point and attention pool
+    (:class:`PlaneEncoder`, the method), or MONAI's 3D ResNet-18 (:class:`ResNetPlaneEncoder`,
+    the supervised baseline).  Both feed the same fusion: per-plane standardisation,
+    concatenation, linear head, optional EHR late fusion with missing-value masking.
+    ``backbones`` exposes the diffusion backbones alone (plane -> DiffusionBackbone) so
+    pre-trained weights load per plane, without storing them twice in the state dict; a
+    baseline has none.
     """
 
     def __init__(self, cfg: ModelConfig, planes: Sequence[str], num_labels: int, use_ehr: bool = False) -> None:
@@ -805,9 +906,7 @@ class OrthoDiffusionClassifier(nn.Module):
         self.planes = planes
         self.num_labels = num_labels
         self.use_ehr = bool(use_ehr)
-        self.encoders = nn.ModuleDict(
-            {plane: PlaneEncoder(DiffusionBackbone(cfg), cfg.point(plane)) for plane in planes}
-        )
+        self.encoders = nn.ModuleDict({plane: make_plane_encoder(cfg, plane) for plane in planes})
         # The pooled diffusion features vary across exams by ~1 % of their magnitude; a linear
         # head on them barely moves between exams.  Each plane's features are standardised
         # across exams (running statistics at inference) before the concatenation.
@@ -820,7 +919,9 @@ class OrthoDiffusionClassifier(nn.Module):
 
     @property
     def backbones(self) -> nn.ModuleDict:
-        return nn.ModuleDict({plane: enc.backbone for plane, enc in self.encoders.items()})
+        return nn.ModuleDict(
+            {plane: enc.backbone for plane, enc in self.encoders.items() if isinstance(enc, PlaneEncoder)}
+        )
 
     def forward(
         self,
@@ -863,12 +964,14 @@ class OrthoDiffusionClassifier(nn.Module):
         return self.ehr(logits, ehr.to(logits.dtype), ehr_mask.to(logits.device))
 
     def backbone_parameters(self) -> list[nn.Parameter]:
-        """Backbone layers on the feature path (encoder + middle; decoder levels if configured)."""
-        return _unique(p for enc in self.encoders.values() for p in enc.extractor.backbone_parameters())
+        """Backbone layers on the feature path (encoder + middle; decoder levels if configured);
+        none for the supervised baseline."""
+        return _unique(p for enc in self.encoders.values() for p in enc.backbone_parameters())
 
     def head_parameters(self) -> list[nn.Parameter]:
-        """Attention pools, the linear head and the EHR branch."""
-        params = [p for enc in self.encoders.values() for p in enc.pool.parameters()]
+        """Attention pools (the baseline: its whole CNNs), the normalisation, the linear head and
+        the EHR branch."""
+        params = [p for enc in self.encoders.values() for p in enc.head_parameters()]
         params += list(self.norms.parameters())
         params += list(self.head.parameters())
         if self.ehr is not None:
@@ -943,6 +1046,56 @@ class OrthoDiffusionSegmenter(nn.Module):
         if self.head_kind == "unet":
             params = list(self.backbone.unet.up_blocks.parameters()) + params
         return _unique(params)
+
+
+class MonaiSegmenter(nn.Module):
+    """A supervised baseline segmenter: MONAI's 3D ``UNet`` or ``SegResNet`` (``cfg.segmenter_backbone``).
+
+    Same inputs and outputs as :class:`OrthoDiffusionSegmenter`: volumes (B, 1, D, H, W) in,
+    logits (B, num_classes, D, H, W) out, so the node, the evaluation and the fine-tuner's loss
+    treat both alike.  Random initialisation, no pretraining: every weight is a head
+    parameter, trained at the segmenter's full learning rate.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_classes: int = NUM_SEG_CLASSES) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"MonaiSegmenter: num_classes must be an int >= 2, got {num_classes!r}")
+        if cfg.segmenter_backbone not in ("monai_unet", "monai_segresnet"):
+            raise ValueError(f"MonaiSegmenter: cfg.segmenter_backbone is {cfg.segmenter_backbone!r}, not a MONAI network")
+        from monai.networks.nets import SegResNet, UNet
+
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.head_kind = cfg.segmenter_backbone
+        if cfg.segmenter_backbone == "monai_unet":
+            self.net: nn.Module = UNet(
+                spatial_dims=3, in_channels=1, out_channels=num_classes, channels=cfg.channels,
+                strides=(2,) * (cfg.num_levels - 1), num_res_units=2,
+            )
+        else:
+            self.net = SegResNet(
+                spatial_dims=3, in_channels=1, out_channels=num_classes, init_filters=cfg.channels[0],
+                norm=("GROUP", {"num_groups": cfg.norm_num_groups}),
+            )
+
+    def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
+        """Logits (B, num_classes, D, H, W) for volumes (B, 1, D, H, W); ``noise`` is not used."""
+        _check_volume(x, self.cfg, "x")
+        return self.net(x)
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.net.parameters())
+
+
+def make_segmenter(cfg: ModelConfig, num_classes: int = NUM_SEG_CLASSES) -> nn.Module:
+    """The segmentation network that ``cfg.segmenter_backbone`` names (what a checkpoint rebuilds)."""
+    if cfg.segmenter_backbone == "diffusion_unet":
+        return OrthoDiffusionSegmenter(cfg, num_classes)
+    return MonaiSegmenter(cfg, num_classes)
 
 
 def _unique(params: Iterator[nn.Parameter] | list[nn.Parameter]) -> list[nn.Parameter]:

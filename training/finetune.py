@@ -3,6 +3,9 @@
 Both tasks start from the pretrained backbones (the EMA weights of each plane's
 pretraining run) or, with ``from_scratch``, from the same architecture at random
 initialisation, which is the baseline the label-efficiency benchmark compares against.
+A configuration whose ``model.classifier_backbone`` / ``model.segmenter_backbone`` names a
+MONAI network (see :mod:`inference.model`) trains that supervised baseline instead, always
+from scratch and with every weight at the full learning rate.
 The backbone layers on the feature path (encoder + middle block) are fine-tuned at
 ``backbone_lr_factor`` x the head learning rate (0.05 in the reference); a factor of 0
 freezes them.  Both learning rates follow one cosine schedule over all optimizer steps.
@@ -282,6 +285,9 @@ def build_classifier(
     from inference.model import OrthoDiffusionClassifier
 
     model_cfg = cfg.model_cfg()
+    if pretrained and model_cfg.classifier_backbone != "diffusion_unet":
+        raise ValueError(f"classifier_backbone {model_cfg.classifier_backbone!r} is a supervised baseline "
+                         "without pretraining: train it with --from-scratch")
     model = OrthoDiffusionClassifier(model_cfg, list(planes), num_labels, use_ehr=use_ehr)
     for plane, backbone in pretrained.items():
         check_compatible(backbone, model_cfg)
@@ -291,10 +297,13 @@ def build_classifier(
 
 def build_segmenter(cfg: TrainConfig, pretrained: PretrainedBackbone | None) -> nn.Module:
     from inference.labels import NUM_SEG_CLASSES
-    from inference.model import OrthoDiffusionSegmenter
+    from inference.model import make_segmenter
 
     model_cfg = cfg.model_cfg()
-    model = OrthoDiffusionSegmenter(model_cfg, NUM_SEG_CLASSES)
+    if pretrained is not None and model_cfg.segmenter_backbone != "diffusion_unet":
+        raise ValueError(f"segmenter_backbone {model_cfg.segmenter_backbone!r} is a supervised baseline "
+                         "without pretraining: train it with --from-scratch")
+    model = make_segmenter(model_cfg, NUM_SEG_CLASSES)
     if pretrained is not None:
         check_compatible(pretrained, model_cfg)
         model.backbone.load_state_dict(pretrained.state_dict)
@@ -446,6 +455,8 @@ def finetune_classifier(
         raise ValueError(f"no labelled exam has all of the planes {list(planes)} ({len(records)} exams read)")
     label_keys = _common_label_keys(labelled)
     joint = _joint(labelled)
+    # a supervised baseline (classifier_backbone monai_*) has nothing to pretrain: it starts from scratch
+    from_scratch = from_scratch or (pretrained is None and cfg.model_cfg().classifier_backbone != "diffusion_unet")
     backbones = resolve_pretrained(pretrained, planes, from_scratch)
     # from scratch, every weight is trained at the full learning rate (a true baseline, not
     # random frozen features under a head)
@@ -598,6 +609,7 @@ def finetune_segmenter(
     annotated = [r for r in records if plane in r.planes and r.planes[plane].mask_path is not None]
     if not annotated:
         raise ValueError(f"no exam has a {plane} series with a mask ({len(records)} exams read)")
+    from_scratch = from_scratch or (pretrained is None and cfg.model_cfg().segmenter_backbone != "diffusion_unet")
     backbones = resolve_pretrained(pretrained, (plane,), from_scratch)
     backbone_factor = 1.0 if from_scratch else scfg.backbone_lr_factor
     train, val = split_labelled(annotated, label_fraction, scfg.val_fraction, seed)
