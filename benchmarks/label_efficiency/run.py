@@ -1193,7 +1193,7 @@ def render_report(results: dict[str, Any]) -> str:
             if scale.get("baseline_budget") == "time" else "the same optimiser steps as the method's cells.")
         + " They are trained from random weights at the full learning rate, with the same data, batches, loss, "
         "schedule and validation split.",
-        f"- Label fraction: a seeded, stratified subset of the pool; {cfg['classify']['val_fraction']:.0%} of it (by "
+        f"- Label fraction: a seeded, stratified subset of the pool; {cfg['classify']['val_fraction'] * 100:.0f} % of it (by "
         "patient) is the validation split that picks thresholds, so '10 %' means 10 % of the pool in total.",
         "- Test exams scored: " + ", ".join(
             f"{t.replace('_', ' ')} {n}" for t, n in sorted({(v['test'], v.get('n')) for v in variants}) if n) + ".",
