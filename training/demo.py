@@ -98,7 +98,7 @@ class DemoSummary:
     seconds: float
     cases: dict[str, int]
     held_out_site: str
-    pretrain_loss: dict[str, float]
+    pretrain_loss: dict[str, float | None]  # None: the plane's finished run was reused
     classifier_val: dict[str, Any]
     segmenter_val: dict[str, Any]
     held_out: dict[str, Any]
@@ -112,7 +112,8 @@ class DemoSummary:
             f"demo knee model written to {self.bundle} in {self.seconds / 60:.1f} min",
             f"  data: synthetic knee phantoms, {self.cases['train']} training cases on 4 sites, "
             f"{self.cases['held_out']} held-out cases from site {self.held_out_site}",
-            "  pretraining (last loss): " + ", ".join(f"{p} {v:.3f}" for p, v in self.pretrain_loss.items()),
+            "  pretraining (last loss): " + ", ".join(
+                f"{p} {'reused' if v is None else f'{v:.3f}'}" for p, v in self.pretrain_loss.items()),
             f"  validation: fused classifier macro AUC {fmt(self.classifier_val.get('val_macro_auc'))}, "
             f"segmenter mean Dice {fmt(self.segmenter_val.get('val_mean_dice'))}",
             f"  held-out site ({self.cases['held_out']} exams never seen in training): macro AUC "
@@ -202,13 +203,13 @@ def run_demo(
     timings["phantoms"] = time.monotonic() - t
 
     t = time.monotonic()
-    losses: dict[str, float] = {}
+    losses: dict[str, float | None] = {}
     pre_root = work / "pretrain"
     for plane in ("sagittal", "coronal", "axial"):
         usable = [r for r in train if plane in r.planes]
         dataset = pretrain_dataset(usable, plane, preprocess_config(cfg), **cache_kwargs(cfg, pre_root / plane))
         result = pretrain(cfg, dataset, plane, pre_root / plane, resume=True, ctx=DistContext(), progress=progress)
-        losses[plane] = result.losses[-1][1] if result.losses else float("nan")
+        losses[plane] = result.losses[-1][1] if result.losses else None  # None: a finished run reused
     timings["pretraining"] = time.monotonic() - t
 
     t = time.monotonic()
