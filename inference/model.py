@@ -678,7 +678,26 @@ class PlaneEncoder(nn.Module):
         return list(self.pool.parameters())
 
 
-class ResNetPlaneEncoder(nn.Module):
+class _MonaiBaseline(nn.Module):
+    """A supervised baseline around one MONAI network ``self.net``: checked volumes in, the
+    network's output out; no pretrained backbone, so every weight is a head parameter."""
+
+    cfg: ModelConfig
+    net: nn.Module
+
+    def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
+        """The network's output for volumes (B, 1, D, H, W); ``noise`` is not used."""
+        _check_volume(x, self.cfg, "x")
+        return self.net(x)
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.net.parameters())
+
+
+class ResNetPlaneEncoder(_MonaiBaseline):
     """One plane of the supervised baseline: MONAI's 3D ResNet-18, global-average-pooled to a vector.
 
     ``monai.networks.nets.resnet18(spatial_dims=3, n_input_channels=1)`` without its final
@@ -698,15 +717,6 @@ class ResNetPlaneEncoder(nn.Module):
         )
         self.out_features = 8 * cfg.channels[0]
 
-    def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
-        _check_volume(x, self.cfg, "x")
-        return self.net(x)
-
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        return []
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        return list(self.net.parameters())
 
 
 def make_plane_encoder(cfg: ModelConfig, plane: str) -> nn.Module:
@@ -1048,7 +1058,7 @@ class OrthoDiffusionSegmenter(nn.Module):
         return _unique(params)
 
 
-class MonaiSegmenter(nn.Module):
+class MonaiSegmenter(_MonaiBaseline):
     """A supervised baseline segmenter: MONAI's 3D ``UNet`` or ``SegResNet`` (``cfg.segmenter_backbone``).
 
     Same inputs and outputs as :class:`OrthoDiffusionSegmenter`: volumes (B, 1, D, H, W) in,
@@ -1079,16 +1089,6 @@ class MonaiSegmenter(nn.Module):
                 norm=("GROUP", {"num_groups": cfg.norm_num_groups}),
             )
 
-    def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
-        """Logits (B, num_classes, D, H, W) for volumes (B, 1, D, H, W); ``noise`` is not used."""
-        _check_volume(x, self.cfg, "x")
-        return self.net(x)
-
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        return []
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        return list(self.net.parameters())
 
 
 def make_segmenter(cfg: ModelConfig, num_classes: int = NUM_SEG_CLASSES) -> nn.Module:
