@@ -56,10 +56,12 @@ def run_serve(args: argparse.Namespace) -> int:
         # instance and object themselves, with the study and the reason
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
-    if not config.checkpoint.is_file():
-        print(f"orthonode serve: model.checkpoint {config.checkpoint} does not exist; build the demo model with "
-              f"`orthonode train demo --out {config.checkpoint}` or set model.checkpoint in {args.config}",
-              file=sys.stderr)
+    from dicom_node.check_config import model_problems
+
+    problems, _ = model_problems(config, args.config)
+    if problems:
+        for problem in problems:
+            print(f"orthonode serve: {problem}", file=sys.stderr)
         return 2
     from dicom_node.node import PRIVATE_UMASK, Node
 

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from inference.joint import DEFAULT_JOINT_RULES, JointRules
+from inference.labels import JOINTS
 from inference.selection import DEFAULT_RULES, SelectionRules
 
 _AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
@@ -139,8 +140,44 @@ class JobsSection(_Section):
     max_attempts: int = Field(3, ge=1)
 
 
+#: the single model of a node.yaml that names none
+DEFAULT_CHECKPOINT = Path("./models/demo-knee.pt")
+
+
 class ModelSection(_Section):
-    checkpoint: Path = Path("./models/demo-knee.pt")
+    """Which model reads which study.
+
+    Either one ``checkpoint`` (any joint: studies of the other joints are unsupported), or
+    ``checkpoints``, one per joint (``{knee: ..., ankle: ..., shoulder: ...}``): the joint the
+    headers name chooses the model, and a joint without an entry is unsupported.  Each card's
+    joint must be its key; ``orthonode serve`` and ``orthonode check-config`` check that.
+    """
+
+    checkpoint: Path | None = DEFAULT_CHECKPOINT
+    checkpoints: dict[str, Path] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_form(cls, value: object) -> object:
+        if isinstance(value, dict) and value.get("checkpoints"):
+            if value.get("checkpoint") is not None:
+                raise ValueError("give model.checkpoint (one model) or model.checkpoints (one per joint), not both")
+            value = {**value, "checkpoint": None}
+        return value
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _joints(cls, value: dict[str, Path]) -> dict[str, Path]:
+        unknown = sorted(set(value) - set(JOINTS))
+        if unknown:
+            raise ValueError(f"unknown joint(s) {unknown}; joints are {list(JOINTS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _some_model(self) -> "ModelSection":
+        if self.checkpoint is None and not self.checkpoints:
+            raise ValueError("name a model: model.checkpoint, or model.checkpoints with one entry per joint")
+        return self
 
 
 class QueryAE(_Section):
@@ -307,8 +344,18 @@ class NodeConfig(_Section):
         return self.resolve(self.node.data_dir)
 
     @property
-    def checkpoint(self) -> Path:
-        return self.resolve(self.model.checkpoint)
+    def checkpoint(self) -> Path | None:
+        """The single model's file, resolved; None when ``model.checkpoints`` names one per joint."""
+        return None if self.model.checkpoint is None else self.resolve(self.model.checkpoint)
+
+    @property
+    def checkpoints(self) -> dict[str, Path]:
+        """The per-joint models' files, resolved (empty with a single ``model.checkpoint``)."""
+        return {joint: self.resolve(path) for joint, path in self.model.checkpoints.items()}
+
+    def model_files(self) -> dict[str, Path]:
+        """Every configured model file by its key: the joint, or ``checkpoint`` for the single one."""
+        return self.checkpoints if self.model.checkpoints else {"checkpoint": self.checkpoint}
 
     @property
     def database_url(self) -> str:

@@ -39,7 +39,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -356,14 +356,21 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 class SharedModel:
-    """The model bundle of ``model.checkpoint``, loaded once on first use and shared by the
-    workers of a node (one copy in memory, on the GPU too)."""
+    """The node's models (``model.checkpoint``, or ``model.checkpoints`` one per joint), loaded
+    once on first use as one :class:`inference.model_set.ModelSet` and shared by the workers of
+    a node (one copy in memory, on the GPU too; identical backbones once across joints)."""
 
-    def __init__(self, path: Path, torch_threads: int | None = None) -> None:
-        self.path = path
+    def __init__(self, files: Path | Mapping[str, Path], torch_threads: int | None = None) -> None:
+        #: the per-joint files; a single path is the one model, for whichever joint its card names
+        self.files: dict[str, Path] | None = None if isinstance(files, (str, Path)) else dict(files)
+        self.path: Path | None = Path(files) if isinstance(files, (str, Path)) else None
         self.torch_threads = torch_threads
         self._bundle: Any = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: NodeConfig) -> SharedModel:
+        return cls(config.checkpoints or config.checkpoint, config.jobs.torch_threads)
 
     @property
     def loaded(self) -> bool:
@@ -403,19 +410,29 @@ class SharedModel:
         return thread
 
     def get(self) -> Any:
+        """The :class:`inference.model_set.ModelSet`, loaded at the first call."""
         with self._lock:
             if self._bundle is None:
                 from inference.checkpoint import ModelBundle
+                from inference.model_set import ModelSet
 
-                if not self.path.is_file():
+                if self.path is not None and not self.path.is_file():
                     raise FileNotFoundError(f"model.checkpoint {self.path} does not exist (node.yaml "
                                             f"model.checkpoint); `orthonode train demo` builds the demo model")
                 if self.torch_threads is not None:
                     import torch
 
                     torch.set_num_threads(self.torch_threads)
-                self._bundle = ModelBundle.load(self.path)
-                log.info("model %s %s loaded from %s", self._bundle.card.name, self._bundle.card.version, self.path)
+                if self.path is not None:
+                    models = ModelSet.single(ModelBundle.load(self.path))
+                else:
+                    models = ModelSet.load(self.files or {})
+                for joint, bundle in models:
+                    log.info("model for the %s: %s %s loaded", joint, bundle.card.name, bundle.card.version)
+                for joint, name, first_joint, first_name in models.shared:
+                    log.info("model for the %s: backbone %s shared with the %s model's %s", joint, name, first_joint,
+                             first_name)
+                self._bundle = models
             return self._bundle
 
 
@@ -444,7 +461,7 @@ class Worker:
     ) -> None:
         self.config = config
         #: where the model comes from when ``bundle`` is not given (a node shares one between workers)
-        self.model = model if model is not None else SharedModel(config.checkpoint, config.jobs.torch_threads)
+        self.model = model if model is not None else SharedModel.from_config(config)
         self.factory = factory
         self.resolve_instance = resolve_instance
         self.worker_id = worker_identity(index)
@@ -629,6 +646,7 @@ class Worker:
             "previews": [str(p) for p in result.previews],
             "timings": {k: round(float(v), 3) for k, v in result.timings.items()},
             "device": result.device,
+            "model": result.model,
             "log": list(result.log)[-200:],
             "out_dir": str(out_dir),
         }

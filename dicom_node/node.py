@@ -90,7 +90,7 @@ class Node:
         self.metrics.registry.register(DatabaseCollector(self.factory))
         self.exporter = Exporter(config, self.factory, poll_seconds=poll_seconds,
                                  on_result=self.metrics.export_finished)
-        model = SharedModel(config.checkpoint, config.jobs.torch_threads)
+        model = SharedModel.from_config(config)
         self.model = model
         self.workers = [
             Worker(config, self.factory, self.storage.resolve, index=i, poll_seconds=poll_seconds, preview=preview,
@@ -204,8 +204,9 @@ class Node:
             raise
         self.metrics.up.set(1)
         host, port = self.listener.address
-        log.info("node %s up: DICOM %s on %s:%d, data in %s, model %s", self.config.node.name,
-                 "/".join(self.config.listener.ae_titles), host, port, self.data_dir, self.config.checkpoint)
+        log.info("node %s up: DICOM %s on %s:%d, data in %s, models: %s", self.config.node.name,
+                 "/".join(self.config.listener.ae_titles), host, port, self.data_dir,
+                 ", ".join(f"{key} {path}" for key, path in self.config.model_files().items()))
         return self
 
     def stop(self) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import os
 import pickle
 import tempfile
@@ -39,7 +40,10 @@ from inference.model import (
 )
 from inference.preprocess import PreprocessConfig, preprocess_volume, segment_series
 
-__all__ = ["CHECKPOINT_FORMAT", "INTENDED_USE", "CheckpointError", "ModelBundle", "ModelCard", "pick_device"]
+__all__ = [
+    "CHECKPOINT_FORMAT", "INTENDED_USE", "CheckpointError", "ModelBundle", "ModelCard", "pick_device", "read_card",
+    "weights_fingerprint",
+]
 
 CHECKPOINT_FORMAT = "orthonode-checkpoint/1"
 INTENDED_USE = "Research use only; not a medical device"
@@ -97,6 +101,10 @@ class ModelCard:
     intended_use: str = INTENDED_USE
     #: the plane whose series the segmenter was trained on (and the node segments); None without one
     segmentation_plane: str | None = None
+    #: sha256 of each diffusion backbone's weights ("classifier.<plane>", "segmenter"), written
+    #: when the bundle is saved; bundles whose cards give the same fingerprint hold the same
+    #: weights, and a node serving both keeps one copy (:mod:`inference.model_set`)
+    backbones: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("name", "version", "joint", "created", "intended_use"):
@@ -140,6 +148,11 @@ class ModelCard:
             raise ValueError("ModelCard.segmentation_plane is set but the card lists no structures")
         if not isinstance(self.use_ehr, bool):
             raise ValueError(f"ModelCard.use_ehr must be a bool, got {self.use_ehr!r}")
+        if not isinstance(self.backbones, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in self.backbones.items()
+        ):
+            raise ValueError(f"ModelCard.backbones must map a backbone name to a sha256 hex digest, got {self.backbones!r}")
+        self.backbones = dict(self.backbones)
         for name in ("model", "preprocess", "training_data", "metrics", "framework"):
             if not isinstance(getattr(self, name), Mapping):
                 raise ValueError(f"ModelCard.{name} must be a mapping, got {getattr(self, name)!r}")
@@ -279,9 +292,31 @@ class ModelBundle:
 
     # -- persistence -------------------------------------------------------------------
 
+    def backbone_modules(self) -> dict[str, torch.nn.Module]:
+        """The diffusion backbones of this bundle by name: ``classifier.<plane>`` and ``segmenter``
+        (the MONAI baselines have none)."""
+        from inference.model import DiffusionBackbone
+
+        found: dict[str, torch.nn.Module] = {}
+        if self.classifier is not None:
+            for plane, encoder in self.classifier.encoders.items():
+                backbone = getattr(encoder, "backbone", None)
+                if isinstance(backbone, DiffusionBackbone):
+                    found[f"classifier.{plane}"] = backbone
+        backbone = getattr(self.segmenter, "backbone", None)
+        if isinstance(backbone, DiffusionBackbone):
+            found["segmenter"] = backbone
+        return found
+
+    def backbone_fingerprints(self) -> dict[str, str]:
+        """sha256 of each backbone's weights (names, dtypes, shapes and bytes), as the card records them."""
+        return {name: weights_fingerprint(module) for name, module in self.backbone_modules().items()}
+
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the bundle to ``path`` atomically (temporary file, fsync, rename)."""
+        """Write the bundle to ``path`` atomically (temporary file, fsync, rename); the card's
+        ``backbones`` fingerprints are refreshed from the weights written."""
         path = Path(path)
+        self.card.backbones = self.backbone_fingerprints()
         state: dict[str, Any] = {}
         if self.classifier is not None:
             state["classifier"] = {k: v.detach().cpu() for k, v in self.classifier.state_dict().items()}
@@ -305,32 +340,7 @@ class ModelBundle:
     def load(cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> ModelBundle:
         """Rebuild a bundle from its file alone; a foreign, corrupt or old file raises CheckpointError."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"model checkpoint {str(path)!r} does not exist or is not a file")
-        if not zipfile.is_zipfile(path):
-            raise CheckpointError(
-                f"{path}: not an orthonode checkpoint (not a PyTorch zip archive; truncated or foreign file)"
-            )
-        try:
-            payload = torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise CheckpointError(
-                f"{path}: not an orthonode checkpoint: it holds Python objects that a weights-only load refuses "
-                "(orthonode checkpoints hold only tensors and plain data)"
-            ) from err
-        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-            first = str(err).splitlines()[0] if str(err) else ""
-            raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {first})") from err
-        if not isinstance(payload, dict) or "format" not in payload:
-            raise CheckpointError(f"{path}: not an orthonode checkpoint (no 'format' entry)")
-        if payload["format"] != CHECKPOINT_FORMAT:
-            raise CheckpointError(
-                f"{path}: checkpoint format {payload['format']!r} is not supported; this version reads "
-                f"{CHECKPOINT_FORMAT!r}"
-            )
-        for key in ("card", "state"):
-            if not isinstance(payload.get(key), dict):
-                raise CheckpointError(f"{path}: the checkpoint has no {key!r} mapping")
+        payload = _read_payload(path, map_location=map_location)
         try:
             card = ModelCard.from_dict(payload["card"])
         except (TypeError, ValueError) as err:
@@ -449,6 +459,58 @@ class ModelBundle:
     @property
     def ehr_features(self) -> tuple[str, ...]:
         return EHR_FEATURES
+
+
+def _read_payload(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint's top-level mapping, checked for its format, ``card`` and ``state``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"model checkpoint {str(path)!r} does not exist or is not a file")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path}: not an orthonode checkpoint (not a PyTorch zip archive; truncated or foreign file)"
+        )
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: not an orthonode checkpoint: it holds Python objects that a weights-only load refuses "
+            "(orthonode checkpoints hold only tensors and plain data)"
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {first})") from err
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise CheckpointError(f"{path}: not an orthonode checkpoint (no 'format' entry)")
+    if payload["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path}: checkpoint format {payload['format']!r} is not supported; this version reads "
+            f"{CHECKPOINT_FORMAT!r}"
+        )
+    for key in ("card", "state"):
+        if not isinstance(payload.get(key), dict):
+            raise CheckpointError(f"{path}: the checkpoint has no {key!r} mapping")
+    return payload
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over a module's state: every entry's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def read_card(path: str | os.PathLike[str]) -> ModelCard:
+    """The model card of a checkpoint without building its networks (the tensors stay on disk,
+    memory-mapped); raises like :meth:`ModelBundle.load` for a missing, foreign or corrupt file."""
+    path = Path(path)
+    payload = _read_payload(path, mmap=True)
+    try:
+        return ModelCard.from_dict(payload["card"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: invalid model card: {err}") from None
 
 
 def _plain(value: Any, where: str) -> Any:

@@ -1,13 +1,14 @@
 """``orthonode predict``: run the model on one DICOM study folder and write its SEG(s) and SR.
 
-The model is ``--model`` or, without it, the checkpoint that node.yaml names (``model.checkpoint``
-of ``--config``, default ``./node.yaml``).  The findings and the files written are printed;
+The model is ``--model`` or, without it, what node.yaml names (``--config``, default
+``./node.yaml``): its ``model.checkpoint``, or with ``model.checkpoints`` the model of the joint
+the study's headers name, as the node chooses.  The findings and the files written are printed;
 ``--preview`` also writes PNGs of key slices per plane with the segmentation overlaid.  As in
 the node, every plane gets a SEG: the segmented ones, and the others with the segmented label
 map mapped onto their grids (``--overlay-planes`` narrows that, ``none`` turns it off).
 
 Exit status: 0 when the study was interpreted (complete or partial), 3 when it is not supported
-(wrong body part, no usable series, another joint than the model's: the reason is printed),
+(wrong body part, no usable series, a joint without a model: the reason is printed),
 2 for a bad argument, an unreadable checkpoint or configuration.
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study", required=True, type=Path, help="folder with the DICOM files of one study")
     parser.add_argument("--out", required=True, type=Path, help="folder for the SEG/SR files (created if needed)")
     parser.add_argument(
-        "--model", type=Path, default=None, help="model checkpoint (.pt); default: model.checkpoint of --config"
+        "--model", type=Path, default=None,
+        help="model checkpoint (.pt), used whatever the study's joint; default: the model(s) of --config"
     )
     parser.add_argument(
         "--config",
@@ -67,25 +69,30 @@ def _planes(value: str | None, option: str) -> list[str] | None:
     return planes
 
 
-def _settings(args: argparse.Namespace) -> tuple[Path, Any]:
-    """The checkpoint path and the node configuration (``None`` when there is no node.yaml).
+def _settings(args: argparse.Namespace) -> tuple[Any, dict[str, Path], Any]:
+    """The models (a :class:`inference.model_set.ModelSet`), their files by joint and the node
+    configuration (``None`` when there is no node.yaml).
 
-    ``--model`` wins over node.yaml's ``model.checkpoint``; the series-selection and joint rules
-    come from node.yaml when it exists, so ``predict`` chooses series as the node does.
+    ``--model`` wins over node.yaml's models; the series-selection and joint rules come from
+    node.yaml when it exists, so ``predict`` chooses series, and the model, as the node does.
     """
     from dicom_node.config import load_config
+    from inference.checkpoint import ModelBundle
+    from inference.model_set import ModelSet
 
     config = load_config(args.config) if args.config.is_file() else None
-    if args.model is not None:
-        return args.model, config
-    if config is None:
+    if args.model is None and config is None:
         raise ValueError(f"no --model given and the node configuration {str(args.config)!r} does not exist")
-    return config.checkpoint, config
+    if args.model is None and config.checkpoints:
+        return ModelSet.load(config.checkpoints), config.checkpoints, config
+    path = args.model if args.model is not None else config.checkpoint
+    models = ModelSet.single(ModelBundle.load(path))
+    return models, {joint: path for joint in models.joints}, config
 
 
 def run(args: argparse.Namespace) -> int:
     from dicom_node.config import ConfigError
-    from inference.checkpoint import CheckpointError, ModelBundle
+    from inference.checkpoint import CheckpointError
     from inference.pipeline import Outcome, run_study
 
     if getattr(args, "verbose", 0) < 2:  # highdicom logs every module it copies at INFO
@@ -100,16 +107,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"orthonode predict: --study {str(args.study)!r} is not a folder", file=sys.stderr)
         return EXIT_USAGE
     try:
-        model_path, config = _settings(args)
-        bundle = ModelBundle.load(model_path)
+        models, files, config = _settings(args)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"orthonode predict: {err}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"model: {bundle.card.name} {bundle.card.version} ({bundle.card.joint}) from {model_path}")
+    for joint, bundle in models:
+        print(f"model: {bundle.card.name} {bundle.card.version} ({joint}) from {files[joint]}")
     rules = {} if config is None else {"rules": config.series_selection, "joint_rules": config.joints}
     try:
         result = run_study(
-            args.study, bundle, args.out, preview=args.preview, segment_planes=planes, overlay_planes=overlays,
+            args.study, models, args.out, preview=args.preview, segment_planes=planes, overlay_planes=overlays,
             device=args.device, **rules,
         )
     except ValueError as err:  # e.g. an unusable --device; the message names it
@@ -120,5 +127,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_UNSUPPORTED
     timings = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items() if v > 0 or k == "total")
     print(f"device: {result.device}; timings: {timings}")
-    print(bundle.card.intended_use)
+    chosen = models.for_joint(result.joint) if result.joint else None
+    if chosen is not None:
+        print(chosen.card.intended_use)
     return EXIT_OK

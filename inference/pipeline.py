@@ -8,8 +8,9 @@ Steps, each timed and each decision written to the log that comes back with the 
 
 1. **scan** the folder (:func:`inference.series.scan_folder_report`); unreadable files are
    listed, never fatal.
-2. **joint**: :func:`inference.joint.detect_joint` on the headers.  A study whose headers name
-   no joint or another joint than the model's is *unsupported*: it gets a reason, no output.
+2. **joint**: :func:`inference.joint.detect_joint` on the headers chooses the model (one per
+   joint, :class:`inference.model_set.ModelSet`).  A study whose headers name no joint, or a
+   joint without a model, is *unsupported*: it gets a reason, no output.
 3. **select** one series per plane (:func:`inference.selection.select_series`).
 4. **load** the chosen series as volumes (decoding compressed pixel data).  A chosen series
    that cannot be read is reported and its plane treated as missing.
@@ -55,6 +56,7 @@ import numpy as np
 
 from inference.joint import DEFAULT_JOINT_RULES, JointRules, detect_joint
 from inference.labels import KNEE_STRUCTURES, PLANES, Structure
+from inference.model_set import ModelSet
 from inference.selection import DEFAULT_RULES, SelectionRules, select_series
 from inference.series import (
     SeriesError,
@@ -160,6 +162,8 @@ class StudyResult:
     previews: list[Path] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
+    #: the model that interpreted the study ("name version"), None when none was chosen
+    model: str | None = None
 
     @property
     def supported(self) -> bool:
@@ -175,7 +179,7 @@ class StudyResult:
         """Readable multi-line summary (what ``orthonode predict`` prints)."""
         lines = [f"study {self.study_instance_uid or '?'} in {self.study_dir}: {self.outcome.value}: {self.reason}"]
         if self.joint:
-            lines.append(f"joint: {self.joint}")
+            lines.append(f"joint: {self.joint}" + (f"; model {self.model}" if self.model else ""))
         for plane in PLANES:
             if plane in self.chosen:
                 chosen = self.chosen[plane]
@@ -325,7 +329,7 @@ def _laterality(chosen: Mapping[str, SeriesInfo], notes: list[str]) -> str | Non
 
 def run_study(
     study_dir: str | Path,
-    bundle: ModelBundle,
+    bundle: ModelBundle | ModelSet,
     out_dir: str | Path,
     rules: SelectionRules = DEFAULT_RULES,
     joint_rules: JointRules = DEFAULT_JOINT_RULES,
@@ -342,7 +346,9 @@ def run_study(
 
     Args:
         study_dir: folder holding the DICOM files of one study (any layout, any file names).
-        bundle: the model; it is moved to ``device``.
+        bundle: the model, or a :class:`inference.model_set.ModelSet` of one model per joint
+            (the study's joint chooses; a joint without a model is unsupported); moved to
+            ``device``.
         out_dir: where the SEG and SR files (and previews) are written; created if needed.
         rules: series selection per plane.
         joint_rules: how headers name the joint; the study's joint must be the model's.
@@ -373,16 +379,15 @@ def run_study(
     if not study_dir.is_dir():
         raise FileNotFoundError(f"study_dir {str(study_dir)!r} does not exist or is not a folder")
     target = pick_device(device)
-    if bundle.device != target:
-        bundle.to(target)
-    to_segment = _segmented_planes(bundle, segment_planes)
-    to_map = _overlay_planes(to_segment, overlay_planes)
+    models = bundle if isinstance(bundle, ModelSet) else ModelSet.single(bundle)
+    models.to(target)
+    for _, candidate in models:  # argument errors raise before any work, whichever model is chosen
+        _overlay_planes(_segmented_planes(candidate, segment_planes), overlay_planes)
     if mapping_rule is not None:
         from inference.plane_mapping import RULES
 
         if mapping_rule not in RULES:
             raise ValueError(f"mapping_rule must be one of {RULES}, got {mapping_rule!r}")
-    structures = _card_structures(bundle.card) if bundle.segmenter is not None else ()
     clock = _Clock()
     result = StudyResult(study_dir=study_dir, outcome=Outcome.UNSUPPORTED, reason="", device=str(target))
 
@@ -432,12 +437,16 @@ def run_study(
         result.joint = joint
         if joint is None:
             return finish(Outcome.UNSUPPORTED, f"the study's joint is not recognised: {why}")
-        if joint != bundle.card.joint:
-            return finish(
-                Outcome.UNSUPPORTED,
-                f"the study is of the {joint} but model {bundle.card.name!r} {bundle.card.version} is for the "
-                f"{bundle.card.joint}",
-            )
+        chosen_model = models.for_joint(joint)
+        if chosen_model is None:
+            return finish(Outcome.UNSUPPORTED, models.missing_reason(joint))
+        bundle = chosen_model
+        result.model = f"{bundle.card.name} {bundle.card.version}"
+        if len(models) > 1:
+            result.log.append(f"model: {result.model} (the {joint} model)")
+        to_segment = _segmented_planes(bundle, segment_planes)
+        to_map = _overlay_planes(to_segment, overlay_planes)
+        structures = _card_structures(bundle.card) if bundle.segmenter is not None else ()
         selection = select_series(scan.series, rules)
         result.log.extend(selection.log)
 
