@@ -666,8 +666,10 @@ class PlaneEncoder(nn.Module):
     def backbone(self) -> DiffusionBackbone:
         return self.extractor.backbone
 
-    def forward(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
-        return self.pool(self.extractor(x, noise))
+    def forward(self, x: Tensor, noise: Tensor | None = None, *, precomputed: bool = False) -> Tensor:
+        """Pooled features of volumes ``x``; with ``precomputed``, ``x`` already holds the
+        extractor's feature maps (a frozen backbone's, computed once per exam)."""
+        return self.pool(x if precomputed else self.extractor(x, noise))
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """The diffusion UNet's layers on the feature path (fine-tuned at the backbone's rate)."""
@@ -938,8 +940,11 @@ class OrthoDiffusionClassifier(nn.Module):
         volumes: Mapping[str, Tensor],
         ehr: Tensor | None = None,
         ehr_mask: Tensor | None = None,
+        *,
+        precomputed: bool = False,
     ) -> Tensor:
-        """Logits (B, num_labels).  ``volumes[plane]`` is (B, 1, D, H, W).
+        """Logits (B, num_labels).  ``volumes[plane]`` is (B, 1, D, H, W), or with
+        ``precomputed`` the plane's backbone feature maps (:meth:`backbone_features`).
 
         A plane absent from ``volumes`` (only in evaluation mode, where the node serves a study
         that lacks a series) contributes its standardised features' expected value, zero: the
@@ -953,11 +958,15 @@ class OrthoDiffusionClassifier(nn.Module):
         if len(present) < len(self.planes) and self.training:
             missing = [p for p in self.planes if p not in volumes]
             raise ValueError(f"volumes lacks plane(s) {missing}; training needs {list(self.planes)}")
+        if precomputed and not all(isinstance(self.encoders[p], PlaneEncoder) for p in present):
+            raise ValueError("precomputed features need diffusion backbones (not a supervised baseline)")
         batch = volumes[present[0]].shape[0]
         feats = []
         for plane in self.planes:
             if plane in volumes:
-                feats.append(self.norms[plane](self.encoders[plane](volumes[plane]).float()))
+                encoder = self.encoders[plane]
+                pooled = encoder(volumes[plane], precomputed=True) if precomputed else encoder(volumes[plane])
+                feats.append(self.norms[plane](pooled.float()))
             else:
                 ref = volumes[present[0]]
                 feats.append(ref.new_zeros((batch, self.encoders[plane].out_features), dtype=torch.float32))
@@ -972,6 +981,24 @@ class OrthoDiffusionClassifier(nn.Module):
         elif ehr_mask is None:
             ehr_mask = torch.isfinite(ehr).to(ehr.dtype)
         return self.ehr(logits, ehr.to(logits.dtype), ehr_mask.to(logits.device))
+
+    @torch.no_grad()
+    def backbone_features(self, volumes: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each plane's backbone feature maps as evaluation computes them (fixed noise): what
+        ``forward(..., precomputed=True)`` takes in place of the volumes when the backbones are
+        frozen."""
+        out = {}
+        for plane, x in volumes.items():
+            encoder = self.encoders[plane]
+            if not isinstance(encoder, PlaneEncoder):
+                raise ValueError(f"plane {plane}: a supervised baseline has no backbone features")
+            was_training = encoder.extractor.backbone.training
+            encoder.extractor.backbone.eval()
+            try:
+                out[plane] = encoder.extractor(x)
+            finally:
+                encoder.extractor.backbone.train(was_training)
+        return out
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Backbone layers on the feature path (encoder + middle; decoder levels if configured);

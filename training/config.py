@@ -96,6 +96,9 @@ class ClassifyConfig(_Section):
         "split (capped at max_pos_weight); none: plain BCE")
     max_pos_weight: float = Field(10.0, ge=1)
     backbone_lr_factor: float = Field(0.05, ge=0, description="backbone lr = factor x head lr; 0 freezes it")
+    cache_features: bool = Field(True, description="with frozen diffusion backbones (backbone_lr_factor 0), "
+                                 "compute each exam's backbone features once, with the fixed noise the node "
+                                 "uses, and train the pools and heads on them")
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     val_fraction: float = Field(0.2, ge=0, lt=1)

@@ -22,6 +22,7 @@ import csv
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,7 +254,7 @@ def check_compatible(pretrained: PretrainedBackbone, model_cfg: Any) -> None:
         )
 
 
-def resolve_pretrained(path: Path | None, planes: Sequence[str], from_scratch: bool) -> dict[str, PretrainedBackbone]:
+def resolve_pretrained(path: Path | Mapping[str, PretrainedBackbone] | None, planes: Sequence[str], from_scratch: bool) -> dict[str, PretrainedBackbone]:
     """EMA backbones for ``planes`` from ``path`` (a run folder or a folder of run folders).
 
     Exactly one of ``path`` and ``from_scratch`` must be given, so a baseline is never
@@ -265,6 +266,11 @@ def resolve_pretrained(path: Path | None, planes: Sequence[str], from_scratch: b
         return {}
     if path is None:
         raise ValueError("fine-tuning needs --pretrained RUN_DIR (or --from-scratch for the random-init baseline)")
+    if isinstance(path, Mapping):  # backbones given as weights (a transfer from another classifier)
+        missing = [p for p in planes if p not in path]
+        if missing:
+            raise ValueError(f"the given backbones lack plane(s) {missing} (have {sorted(path)})")
+        return {plane: path[plane] for plane in planes}
     runs = find_pretrained_runs(Path(path))
     missing = [p for p in planes if p not in runs]
     if missing:
@@ -275,6 +281,21 @@ def resolve_pretrained(path: Path | None, planes: Sequence[str], from_scratch: b
         if backbone.plane != plane:
             raise ValueError(f"{runs[plane]} holds a {backbone.plane} backbone, expected {plane}")
         out[plane] = backbone
+    return out
+
+
+def classifier_backbones(classifier: nn.Module, source: str | Path) -> dict[str, PretrainedBackbone]:
+    """A trained classifier's diffusion backbones as the starting weights of another fine-tuning
+    (the knee classifier's for the ankle and shoulder: a transfer between joints)."""
+    from inference.model import PlaneEncoder
+
+    out = {}
+    for plane, encoder in classifier.encoders.items():
+        if not isinstance(encoder, PlaneEncoder):
+            raise ValueError(f"plane {plane}: a supervised baseline has no diffusion backbone to transfer")
+        state = {k: v.detach().cpu().clone() for k, v in encoder.backbone.state_dict().items()}
+        out[plane] = PretrainedBackbone(plane=plane, state_dict=state, model_config=classifier.cfg.to_dict(), step=0,
+                                        source=Path(str(source)))
     return out
 
 
@@ -406,14 +427,45 @@ def _batch_inputs(batch: Mapping[str, Any], planes: Sequence[str], use_ehr: bool
     return volumes, _tensor(batch["ehr"]).float().to(device), _tensor(batch["ehr_mask"]).float().to(device)
 
 
+class FeatureSet(torch.utils.data.Dataset):
+    """Exams with each plane's frozen-backbone feature maps in place of its volume (the other
+    keys of :func:`training.data.classification_dataset` items unchanged)."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+
 @torch.no_grad()
-def predict_classifier(model: nn.Module, loader: DataLoader, planes: Sequence[str], use_ehr: bool, device: torch.device) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(probabilities, labels, exam ids) over a loader, in evaluation mode (fixed feature noise)."""
+def cache_features(model: nn.Module, dataset: Any, planes: Sequence[str], device: torch.device,
+                   batch_size: int) -> FeatureSet:
+    """One pass of frozen backbones over ``dataset`` (evaluation mode, fixed noise, as served)."""
+    items: list[dict[str, Any]] = []
+    for batch in _loader(dataset, batch_size, False, 0, 0):
+        volumes = {p: _tensor(batch[p]).float().to(device) for p in planes}
+        features = model.backbone_features(volumes)
+        for i in range(len(batch["exam_id"])):
+            item = {key: (value[i] if isinstance(value, (list, tuple)) else _tensor(value)[i])
+                    for key, value in batch.items() if key not in planes}
+            items.append({**item, **{p: features[p][i].float().cpu() for p in planes}})
+    return FeatureSet(items)
+
+
+@torch.no_grad()
+def predict_classifier(model: nn.Module, loader: DataLoader, planes: Sequence[str], use_ehr: bool, device: torch.device,
+                       precomputed: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(probabilities, labels, exam ids) over a loader, in evaluation mode (fixed feature noise);
+    ``precomputed``: the loader yields :class:`FeatureSet` items."""
     model.eval()
     probs, labels, ids = [], [], []
     for batch in loader:
         volumes, ehr, mask = _batch_inputs(batch, planes, use_ehr, device)
-        probs.append(torch.sigmoid(model(volumes, ehr, mask).float()).cpu().numpy())
+        probs.append(torch.sigmoid(model(volumes, ehr, mask, precomputed=precomputed).float()).cpu().numpy())
         known = _tensor(batch["label_mask"]).numpy() > 0
         labels.append(np.where(known, _tensor(batch["labels"]).float().numpy(), np.nan))
         ids += list(batch["exam_id"])
@@ -432,7 +484,7 @@ def finetune_classifier(
     planes: Sequence[str],
     *,
     use_ehr: bool,
-    pretrained: Path | None,
+    pretrained: Path | Mapping[str, PretrainedBackbone] | None,
     from_scratch: bool = False,
     label_fraction: float = 1.0,
     seed: int | None = None,
@@ -440,7 +492,14 @@ def finetune_classifier(
     progress: bool = True,
     run_dir: Path | None = None,
 ) -> FinetuneResult:
-    """Train a per-plane (one plane) or fused (several planes) classifier on labelled exams."""
+    """Train a per-plane (one plane) or fused (several planes) classifier on labelled exams.
+
+    ``pretrained`` is a pretraining run folder (or a folder of them), or backbones by plane
+    (:func:`classifier_backbones` of another classifier: a transfer between joints).  With
+    ``backbone_lr_factor`` 0 the backbones stay frozen, and with ``cache_features`` their
+    features are computed once per exam (:func:`cache_features`) and only the pools and heads
+    train on them.
+    """
     from training.data import classification_dataset
     from training.datasets import fingerprint
 
@@ -471,10 +530,19 @@ def finetune_classifier(
 
     torch.manual_seed(seed)
     model = build_classifier(cfg, planes, len(label_keys), use_ehr, backbones).to(device)
+    precomputed = (backbone_factor == 0 and ccfg.cache_features
+                   and cfg.model_cfg().classifier_backbone == "diffusion_unet")
+    if precomputed:
+        started = time.monotonic()
+        train_ds = cache_features(model, train_ds, planes, device, ccfg.batch_size)
+        val_ds = cache_features(model, val_ds, planes, device, ccfg.batch_size) if val_ds is not None else None
+        log.info("classifier: frozen backbones; features of %d exams computed once in %.0f s",
+                 len(train_ds) + (len(val_ds) if val_ds is not None else 0), time.monotonic() - started)
     # the per-plane feature normalisation needs more than one exam per training batch
-    loader = _loader(train_ds, ccfg.batch_size, True, seed, ccfg.num_workers,
+    loader = _loader(train_ds, ccfg.batch_size, True, seed, 0 if precomputed else ccfg.num_workers,
                      drop_last=len(train_ds) > ccfg.batch_size and len(train_ds) % ccfg.batch_size == 1)
-    val_loader = _loader(val_ds, ccfg.batch_size, False, seed, ccfg.num_workers) if val_ds is not None else None
+    val_loader = (_loader(val_ds, ccfg.batch_size, False, seed, 0 if precomputed else ccfg.num_workers)
+                  if val_ds is not None else None)
     total, epochs = _steps(ccfg.epochs, ccfg.steps, len(loader))
     optimizer, scheduler = make_optimizer(model, ccfg.head_lr, backbone_factor, ccfg.weight_decay, ccfg.schedule, total)
     train_labels = np.stack([r.labels for r in train])
@@ -495,7 +563,7 @@ def finetune_classifier(
             labels = _tensor(batch["labels"]).float().to(device)
             label_mask = _tensor(batch["label_mask"]).float().to(device)
             with autocast(device, ccfg.amp, training=True):
-                logits = model(volumes, ehr, mask)
+                logits = model(volumes, ehr, mask, precomputed=precomputed)
             loss = classification_loss(logits, labels, label_mask, pos_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -505,7 +573,7 @@ def finetune_classifier(
             losses.append(float(loss.detach()))
         row: dict[str, Any] = {"epoch": epoch, "steps": step, "train_loss": float(np.mean(losses))}
         if val_loader is not None:
-            probs, labels_np, _ = predict_classifier(model, val_loader, planes, use_ehr, device)
+            probs, labels_np, _ = predict_classifier(model, val_loader, planes, use_ehr, device, precomputed)
             row["val_macro_auc"] = _classifier_metrics(probs, labels_np, label_keys)["val_macro_auc"]
         history.append(row)
         log.info("classify epoch %d: %s", epoch, row)
@@ -516,7 +584,7 @@ def finetune_classifier(
                "or no threshold beats chance)" for k in label_keys}
     metrics: dict[str, Any] = {"train_exams": len(train), "val_exams": len(val), "final_train_loss": history[-1]["train_loss"]}
     if val_loader is not None:
-        probs, labels_np, _ = predict_classifier(model, val_loader, planes, use_ehr, device)
+        probs, labels_np, _ = predict_classifier(model, val_loader, planes, use_ehr, device, precomputed)
         metrics.update(_classifier_metrics(probs, labels_np, label_keys))
         if ccfg.threshold_policy == "youden":
             for i, key in enumerate(label_keys):

@@ -233,6 +233,52 @@ def test_transfer_to_ankle_labels_from_knee_backbones(pretrained_dir: Path, tmp_
     assert make_bundle(_tiny(), classifier=result).card.labels == list(label_keys("ankle"))
 
 
+def test_frozen_transfer_from_a_knee_classifier_trains_only_the_heads_on_features_computed_once(
+        knee_records: list, tmp_path: Path) -> None:
+    """The demo's ankle and shoulder models: the knee classifier's backbones, frozen, features
+    cached; the backbones stay bit for bit the knee's, so the node keeps one copy of them."""
+    from inference.checkpoint import ModelBundle
+    from inference.model_set import ModelSet
+    from training.datasets import read_source
+    from training.finetune import classifier_backbones
+
+    torch.manual_seed(0)
+    knee = finetune_classifier(_tiny(classify={"steps": 2}), knee_records, list(PLANES), use_ehr=True,
+                               pretrained=None, from_scratch=True, seed=0, progress=False)
+    source = classifier_backbones(knee.model, "knee classifier")
+    frozen = _tiny(classify={"steps": 6, "backbone_lr_factor": 0.0, "head_lr": 1e-2})
+    bundles = {"knee": make_bundle(_tiny(), classifier=knee)}
+    for joint in ("ankle", "shoulder"):
+        make_phantom_like_folder(tmp_path / joint, n_cases=5, joint=joint)
+        records = read_source(f"phantom:{tmp_path / joint}")
+        result = finetune_classifier(frozen, records, list(PLANES), use_ehr=True, pretrained=source, seed=0,
+                                     progress=False)
+        assert result.joint == joint and result.history[-1]["steps"] == 6
+        for plane in PLANES:
+            for key, value in knee.model.backbones[plane].state_dict().items():
+                assert torch.equal(result.model.backbones[plane].state_dict()[key], value), (joint, plane, key)
+        bundles[joint] = make_bundle(frozen, classifier=result, name=f"t-{joint}")
+
+    # the precomputed path is the served forward pass, not an approximation of it
+    model = bundles["ankle"].classifier.eval()
+    volumes = {p: torch.rand(2, 1, 8, 32, 32) * 2 - 1 for p in PLANES}
+    ehr = torch.zeros(2, 5)
+    with torch.no_grad():
+        served = model(volumes, ehr, torch.ones(2, 5))
+        cached = model(model.backbone_features(volumes), ehr, torch.ones(2, 5), precomputed=True)
+    torch.testing.assert_close(cached, served)
+
+    paths = {}
+    for joint, bundle in bundles.items():
+        bundle.save(tmp_path / f"{joint}.pt")
+        paths[joint] = tmp_path / f"{joint}.pt"
+    loaded = {joint: ModelBundle.load(path) for joint, path in paths.items()}
+    assert loaded["ankle"].card.backbones == loaded["knee"].card.backbones == loaded["shoulder"].card.backbones
+    models = ModelSet.load(paths)
+    assert len(models.shared) == 6  # ankle and shoulder hold the knee's three backbones
+    assert models.for_joint("shoulder").classifier.backbones["axial"] is models.for_joint("knee").classifier.backbones["axial"]
+
+
 def test_youden_threshold_needs_enough_cases_and_a_better_than_chance_split() -> None:
     from training.finetune import youden_threshold
 
