@@ -1,14 +1,18 @@
-"""``orthonode demo`` (what ``make demo`` runs): the whole node on phantom knees with a real PACS.
+"""``orthonode demo`` (what ``make demo`` runs): the whole node on phantom knee, ankle and
+shoulder studies with a real PACS.
 
-1. Make sure the demo model exists (``orthonode train demo`` builds it if it is missing).
+1. Make sure the demo models exist, one per joint (``orthonode train demo`` builds them if one
+   is missing).
 2. Start Orthanc (the Debian package) with a generated configuration in the work folder:
    AE ``ORTHANC``, DICOM port 4242 (or a free one), REST on loopback, the node registered as a
    modality and a Lua ``OnStableStudy`` hook that forwards stable MR studies to it.
 3. Start the node (``orthonode serve`` in a subprocess) with a node.yaml generated in the work
-   folder: short quiet periods, results sent back to that Orthanc, preview PNGs on.
-4. Generate knee phantom studies and send them to Orthanc with dcmtk's ``storescu``, as a
-   scanner would.
-5. Wait until every study's SEGs (one per plane) and SR are in Orthanc, then read them back through
+   folder: one model per joint (``model.checkpoints``), short quiet periods, results sent back
+   to that Orthanc, preview PNGs on.
+4. Generate phantom studies of each joint and send them to Orthanc with dcmtk's ``storescu``,
+   as a scanner would.
+5. Wait until every study's results are in Orthanc (a knee: SEGs, one per plane, and the SR;
+   an ankle or shoulder: the SR of its template), then read them back through
    Orthanc's REST API and print, per study, the findings of the SR next to the phantom's true
    labels, the objects stored next to the source series, and where the preview PNGs are.
 
@@ -51,7 +55,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "emptied at the start)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help=f"model bundle; built with `orthonode train demo` if missing (default {DEFAULT_MODEL})")
-    parser.add_argument("--cases", type=int, default=3, help="phantom knee studies to send (default 3)")
+    parser.add_argument("--cases", type=int, default=1, help="phantom studies to send per joint (default 1)")
+    parser.add_argument("--joints", default="knee,ankle,shoulder",
+                        help="comma-separated joints to send studies of (default knee,ankle,shoulder)")
     parser.add_argument("--matrix", type=int, default=128, help="phantom in-plane matrix (default 128)")
     parser.add_argument("--seed", type=int, default=2026, help="phantom seed (default 2026: not the training cases)")
     parser.add_argument("--timeout", type=float, default=600.0,
@@ -67,21 +73,27 @@ def _port(preferred: int) -> int:
     return preferred if port_is_free(preferred) else free_port()
 
 
-def ensure_model(path: Path) -> Path:
-    """The demo bundle at ``path``; trained with ``orthonode train demo`` when missing."""
-    if path.is_file():
-        print(f"model: {path} (exists)")
-        return path
-    print(f"model: {path} is missing; training the demo model now (`orthonode train demo`, a few minutes)", flush=True)
+def ensure_models(knee: Path) -> dict[str, Path]:
+    """The demo bundles, one per joint (the knee's at ``knee``, the others beside it); trained
+    with ``orthonode train demo`` when one is missing."""
+    from training.demo import demo_model_paths
+
+    paths = demo_model_paths(knee)
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if not missing:
+        print("models: " + ", ".join(f"{joint} {path}" for joint, path in paths.items()) + " (exist)")
+        return paths
+    print(f"models: {', '.join(missing)} missing; training the demo models now (`orthonode train demo`, "
+          "minutes)", flush=True)
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "train", "demo", "--out", str(path)])
-    if result.returncode != 0 or not path.is_file():
-        raise DemoError(f"`orthonode train demo --out {path}` failed with exit code {result.returncode}")
-    print(f"model: trained in {time.monotonic() - started:.0f} s")
-    return path
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "train", "demo", "--out", str(knee)])
+    if result.returncode != 0 or not all(p.is_file() for p in paths.values()):
+        raise DemoError(f"`orthonode train demo --out {knee}` failed with exit code {result.returncode}")
+    print(f"models: trained in {time.monotonic() - started:.0f} s")
+    return paths
 
 
-def node_yaml(work: Path, model: Path, node_port: int, http_port: int, orthanc_port: int) -> Path:
+def node_yaml(work: Path, models: dict[str, Path], node_port: int, http_port: int, orthanc_port: int) -> Path:
     """The demo node's configuration: short timers, results back to the demo Orthanc."""
     data = {
         "node": {"name": "orthonode-demo", "data_dir": "./node-data"},
@@ -93,7 +105,7 @@ def node_yaml(work: Path, model: Path, node_port: int, http_port: int, orthanc_p
         "storage": {"min_free_mb": 256},
         "study_assembly": {"series_quiet_seconds": 3, "study_quiet_seconds": 5, "forced_after_seconds": 120},
         "jobs": {"device": "auto", "workers": 1},
-        "model": {"checkpoint": str(model.resolve())},
+        "model": {"checkpoints": {joint: str(path.resolve()) for joint, path in models.items()}},
         "export": {
             "destinations": {
                 "pacs": {"type": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port},
@@ -159,6 +171,7 @@ class NodeProcess:
 
 @dataclass
 class PhantomStudy:
+    joint: str
     case_id: str
     folder: Path
     study_instance_uid: str
@@ -167,25 +180,27 @@ class PhantomStudy:
     laterality: str
 
 
-def make_phantoms(folder: Path, cases: int, seed: int, matrix: int) -> list[PhantomStudy]:
+def make_phantoms(folder: Path, cases: int, seed: int, matrix: int,
+                  joints: tuple[str, ...] = ("knee",)) -> list[PhantomStudy]:
     from pydicom import dcmread
 
     from inference.labels import label_keys
     from training.phantoms.generate import generate_dataset
 
     started = time.monotonic()
-    generate_dataset(folder, "knee", cases, seed=seed, matrix=matrix, preview=True)
-    keys = label_keys("knee")
     studies = []
-    with open(folder / "cases.csv", newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            case_dir = folder / row["case_id"] / "dicom"
-            first = next(iter(sorted(case_dir.rglob("*.dcm"))))
-            studies.append(PhantomStudy(
-                row["case_id"], case_dir, str(dcmread(first, stop_before_pixels=True).StudyInstanceUID),
-                {key: int(row[key]) for key in keys}, row["site"], row["laterality"],
-            ))
-    print(f"phantoms: {len(studies)} knee studies ({matrix}x{matrix}) in {folder} "
+    for joint in joints:
+        generate_dataset(folder / joint, joint, cases, seed=seed, matrix=matrix, preview=True)
+        keys = label_keys(joint)
+        with open(folder / joint / "cases.csv", newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                case_dir = folder / joint / row["case_id"] / "dicom"
+                first = next(iter(sorted(case_dir.rglob("*.dcm"))))
+                studies.append(PhantomStudy(
+                    joint, row["case_id"], case_dir, str(dcmread(first, stop_before_pixels=True).StudyInstanceUID),
+                    {key: int(row[key]) for key in keys}, row["site"], row["laterality"],
+                ))
+    print(f"phantoms: {len(studies)} studies ({', '.join(joints)}; {matrix}x{matrix}) in {folder} "
           f"({time.monotonic() - started:.0f} s)")
     return studies
 
@@ -261,7 +276,7 @@ def _short(path: Path) -> str:
         return str(path)
 
 
-def model_judgement(model: Path, decisions: list[tuple[str, bool, bool]]) -> str:
+def model_judgement(model: Path, decisions: list[tuple[str, bool, bool]], joint: str = "knee") -> str:
     """How good the model is: its AUC per finding on the held-out phantom site (from its card),
     and per finding how the sent studies' decisions matched their truth.
 
@@ -275,7 +290,7 @@ def model_judgement(model: Path, decisions: list[tuple[str, bool, bool]]) -> str
     held = ModelBundle.load(model).card.metrics.get("held_out_site") or {}
     if held:
         auc, dice = held.get("macro_auc"), held.get("mean_dice")
-        lines.append(f"the model on {held.get('exams', '?')} phantoms of the held-out site {held.get('site', '?')} "
+        lines.append(f"the {joint} model on {held.get('exams', '?')} phantoms of the held-out site {held.get('site', '?')} "
                      f"(never seen in training): macro AUC {'n/a' if auc is None else f'{auc:.2f}'}, "
                      f"mean Dice {'n/a' if dice is None else f'{dice:.2f}'}")
         lines += held_out_lines(held, indent="  ")
@@ -294,7 +309,7 @@ def model_judgement(model: Path, decisions: list[tuple[str, bool, bool]]) -> str
 def report_study(orthanc: Any, study: PhantomStudy, results_dir: Path) -> tuple[str, list[tuple[str, bool, bool]]]:
     """Text block for one study, and ``(finding key, truth, node's decision)`` per finding with a truth."""
     series = orthanc.series_of_study(study.study_instance_uid)
-    lines = [f"study {study.case_id}  ({study.site}, {'left' if study.laterality == 'L' else 'right'} knee)",
+    lines = [f"study {study.case_id}  ({study.site}, {'left' if study.laterality == 'L' else 'right'} {study.joint})",
              f"  Study Instance UID {study.study_instance_uid}", "  in Orthanc:"]
     sr_data: bytes | None = None
     def order(s: dict[str, Any]) -> tuple[str, int]:
@@ -364,23 +379,28 @@ def run(args: argparse.Namespace) -> int:
     # SIGINT is set explicitly because a shell starts background jobs with it ignored.
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        model = ensure_model(args.model)
+        joints = tuple(j.strip() for j in args.joints.split(",") if j.strip())
+        unknown = [j for j in joints if j not in ("knee", "ankle", "shoulder")]
+        if unknown or not joints:
+            raise DemoError(f"--joints: unknown or no joint(s) {unknown}; joints are knee, ankle, shoulder")
+        models = ensure_models(args.model)
         node_port, http_port = _port(11112), _port(8090)
         orthanc = OrthancServer(work / "orthanc", ae_title="ORTHANC", dicom_port=_port(4242),
                                 node=(NODE_AE, "127.0.0.1", node_port), stable_age_seconds=5)
         orthanc.start()
         print(f"orthanc: AE ORTHANC on DICOM port {orthanc.dicom_port}, REST {orthanc.http_url} "
               f"(log {orthanc.log_path})")
-        config = node_yaml(work, model, node_port, http_port, orthanc.dicom_port)
+        config = node_yaml(work, models, node_port, http_port, orthanc.dicom_port)
         node = NodeProcess(config, work / "node.log", http_port)
         node.start()
         print(f"node:    AE {NODE_AE} on DICOM port {node_port}, http://127.0.0.1:{http_port}/healthz and /metrics "
               f"(config {config}, log {node.log_path})")
-        studies = make_phantoms(work / "phantoms", args.cases, args.seed, args.matrix)
+        studies = make_phantoms(work / "phantoms", args.cases, args.seed, args.matrix, joints)
         for study in studies:
             send_with_storescu(study.folder, orthanc.dicom_port)
         print(f"sent:    {len(studies)} studies to Orthanc with storescu; Orthanc forwards each once it is stable "
-              f"(5 s), the node processes it after its quiet period and sends SEG + SR back", flush=True)
+              f"(5 s), the node processes it after its quiet period with the model of its joint and sends the "
+              f"results back (a knee: SEG + SR; an ankle or shoulder: SR)", flush=True)
 
         deadline = time.monotonic() + args.timeout
         waiting = {s.study_instance_uid: s for s in studies}
@@ -388,28 +408,31 @@ def run(args: argparse.Namespace) -> int:
             node.check_running()
             for uid in list(waiting):
                 counts = orthanc.modality_counts(uid)
-                if counts.get("SEG", 0) >= SEGS_PER_STUDY and counts.get("SR", 0) >= 1:
-                    print(f"results: {waiting.pop(uid).case_id}: SEGs and SR are in Orthanc "
+                segs = SEGS_PER_STUDY if waiting[uid].joint == "knee" else 0
+                if counts.get("SEG", 0) >= segs and counts.get("SR", 0) >= 1:
+                    done = waiting.pop(uid)
+                    print(f"results: {done.case_id}: {'SEGs and SR are' if segs else 'the SR is'} in Orthanc "
                           f"({time.monotonic() - started:.0f} s since start)", flush=True)
             if not waiting:
                 break
             if time.monotonic() > deadline:
                 missing = ", ".join(f"{s.case_id} ({orthanc.modality_counts(uid)})" for uid, s in waiting.items())
-                raise DemoError(f"timed out after {args.timeout:.0f} s waiting for SEG + SR of: {missing}; "
+                raise DemoError(f"timed out after {args.timeout:.0f} s waiting for the results of: {missing}; "
                                 f"see `orthonode status --config {config}` and the end of "
                                 f"{node.log_path}:\n{node.tail()}")
             time.sleep(1.0)
 
         print()
-        decisions: list[tuple[str, bool, bool]] = []
+        decisions: dict[str, list[tuple[str, bool, bool]]] = {joint: [] for joint in joints}
         for study in studies:
             text, said = report_study(orthanc, study, work / "node-data" / "results")
             print(text + "\n")
-            decisions += said
-        print(f"all {len(studies)} studies: SEG + SR returned to Orthanc under their own studies "
+            decisions[study.joint] += said
+        print(f"all {len(studies)} studies: results returned to Orthanc under their own studies "
               f"({time.monotonic() - started:.0f} s in all).")
-        print(model_judgement(model, decisions))
-        print("The demo model was trained on synthetic phantoms only: research use, not for clinical use.")
+        for joint in joints:
+            print(model_judgement(models[joint], decisions[joint], joint))
+        print("The demo models were trained on synthetic phantoms only: research use, not for clinical use.")
         return 0
     except DemoError as exc:
         print(f"orthonode demo: FAILED: {exc}", file=sys.stderr)

@@ -118,10 +118,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for confidence intervals (default 1000)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
-    p = sub.add_parser("demo", help="train the demo knee model on phantoms (minutes on a CPU)",
+    p = sub.add_parser("demo", help="train the demo knee, ankle and shoulder models on phantoms (minutes on a CPU)",
                        description="Generate knee phantoms, pretrain the three planes briefly, fine-tune a fused "
                        "classifier with EHR and a sagittal segmenter, evaluate on a held-out phantom site and save "
-                       "one bundle. Synthetic data only: the model is not for clinical use.")
+                       "one bundle; then transfer the classifier to ankle and shoulder phantoms on its frozen "
+                       "backbones. Synthetic data only: the models are not for clinical use.")
     p.add_argument("--out", type=Path, default=Path("models/demo-knee.pt"), help="bundle file (default models/demo-knee.pt)")
     p.add_argument("--work", type=Path,
                    help="working folder for phantoms, runs and held-out metrics (default data/<out name>-train); "
@@ -132,6 +133,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--held-out-cases", type=_positive_int, default=40, help="phantoms of the held-out site (default 40)")
     p.add_argument("--matrix", type=_positive_int, default=64, help="phantom acquisition matrix (default 64)")
     p.add_argument("--workers", type=_positive_int, default=2, help="processes generating phantoms (default 2)")
+    p.add_argument("--joints", default="knee,ankle,shoulder",
+                   help="comma-separated joints, the knee first: the ankle and shoulder classifiers transfer from "
+                   "the knee's backbones (default knee,ankle,shoulder); their files replace 'knee' in --out's name")
+    p.add_argument("--transfer-cases", type=_positive_int, default=64,
+                   help="training phantoms per transferred joint (default 64)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -290,6 +296,7 @@ def _demo(args: argparse.Namespace) -> int:
     summary = run_demo(
         out=args.out, work=args.work, seed=args.seed, config=args.config, progress=not args.no_progress,
         train_cases=args.train_cases, held_out_cases=args.held_out_cases, matrix=args.matrix, workers=args.workers,
+        joints=[j.strip() for j in args.joints.split(",") if j.strip()], transfer_cases=args.transfer_cases,
     )
     print(summary.text())
     return 0

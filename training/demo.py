@@ -1,7 +1,8 @@
-"""The demo model: a knee bundle trained end to end on synthetic phantoms in minutes on a CPU.
+"""The demo models: a knee bundle trained end to end on synthetic phantoms in minutes on a CPU,
+and ankle and shoulder classifiers transferred from it.
 
-``orthonode train demo`` runs the whole method at toy scale so the node has a model to
-serve out of the box and so a user can watch every stage once:
+``orthonode train demo`` runs the whole method at toy scale so the node has a model per joint
+to serve out of the box and so a user can watch every stage once:
 
 1. generate knee phantoms (small matrix): training cases spread over four sites, and a
    fifth, held-out site for an external test;
@@ -10,7 +11,12 @@ serve out of the box and so a user can watch every stage once:
    both from the pretrained EMA backbones;
 4. evaluate the bundle on the held-out site and save ONE bundle file (classifier +
    segmenter + card).  The card says the model was trained on synthetic phantoms and is
-   not for clinical use.
+   not for clinical use;
+5. for the ankle and the shoulder: phantoms of the same sites, and a fused classifier on the
+   knee classifier's backbones, frozen (:data:`TRANSFER`): the features are computed once
+   per exam and only the pools and heads learn the joint's labels.  The three classifiers
+   then hold the same backbone weights, which a node serving them keeps once
+   (:mod:`inference.model_set`).  Each is evaluated on its joint's held-out site.
 
 The phantom helpers are shared with ``benchmarks/label_efficiency``.
 """
@@ -29,6 +35,22 @@ log = logging.getLogger(__name__)
 
 #: the site left out of training in the demo and the benchmark (a 1.5 T scanner of another vendor)
 HELD_OUT_SITE = "siemens_1p5t_d"
+#: the joints the demo trains a model for; the first is trained end to end, the others transfer from it
+DEMO_JOINTS = ("knee", "ankle", "shoulder")
+#: classify settings of the transfer to the ankle and shoulder: frozen backbones (features
+#: computed once), so only the attention pools, normalisation and heads train
+TRANSFER = {"backbone_lr_factor": 0.0, "cache_features": True, "steps": 400, "head_lr": 2.0e-3}
+
+
+def demo_model_paths(knee: Path) -> dict[str, Path]:
+    """Where the demo writes each joint's model: next to the knee bundle, ``knee`` in its name
+    replaced by the joint (``models/demo-knee.pt`` -> ``models/demo-ankle.pt``)."""
+    knee = Path(knee)
+    out = {}
+    for joint in DEMO_JOINTS:
+        stem = knee.stem.replace("knee", joint) if "knee" in knee.stem else f"{knee.stem}-{joint}"
+        out[joint] = knee if joint == "knee" else knee.with_name(stem + knee.suffix)
+    return out
 
 
 def training_sites(held_out: str = HELD_OUT_SITE) -> list[str]:
@@ -103,13 +125,16 @@ class DemoSummary:
     segmenter_val: dict[str, Any]
     held_out: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    #: the transferred joints: bundle path, cases and held-out figures per joint
+    transfers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def text(self) -> str:
         def fmt(value: Any) -> str:
             return "n/a" if value is None else f"{value:.3f}"
 
         lines = [
-            f"demo knee model written to {self.bundle} in {self.seconds / 60:.1f} min",
+            f"demo knee model written to {self.bundle}; {1 + len(self.transfers)} model(s) in "
+            f"{self.seconds / 60:.1f} min",
             f"  data: synthetic knee phantoms, {self.cases['train']} training cases on 4 sites, "
             f"{self.cases['held_out']} held-out cases from site {self.held_out_site}",
             "  pretraining (last loss): " + ", ".join(
@@ -120,6 +145,11 @@ class DemoSummary:
             f"{fmt(self.held_out.get('macro_auc'))}, mean Dice {fmt(self.held_out.get('mean_dice'))} "
             f"(metrics in {self.held_out.get('out_dir')})",
             *held_out_lines(self.held_out),
+            *[line for joint, t in self.transfers.items() for line in (
+                f"demo {joint} model written to {t['bundle']}: the knee classifier's backbones (frozen), "
+                f"{t['cases']['train']} training phantoms; held-out site ({t['cases']['held_out']} exams): macro AUC "
+                f"{fmt(t['held_out'].get('macro_auc'))}",
+                *held_out_lines(t["held_out"]))],
             "  timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.timings.items()),
             "  trained on synthetic phantoms only: for demonstration, NOT for clinical use",
         ]
@@ -172,14 +202,17 @@ def run_demo(
     held_out_cases: int = 40,
     matrix: int = 64,
     workers: int = 2,
+    joints: Sequence[str] = DEMO_JOINTS,
+    transfer_cases: int = 64,
 ) -> DemoSummary:
-    """Build the demo bundle; see the module docstring for the stages."""
+    """Build the demo bundles (``out`` is the knee's, the others :func:`demo_model_paths`);
+    see the module docstring for the stages.  ``joints`` must start with the knee."""
     from training.cli import read_records
     from training.config import load_config
     from training.data import pretrain_dataset
     from training.distributed import DistContext
     from training.evaluate import evaluate_bundle
-    from training.finetune import finetune_classifier, finetune_segmenter, make_bundle
+    from training.finetune import classifier_backbones, finetune_classifier, finetune_segmenter, make_bundle
     from training.pretrain import cache_kwargs, preprocess_config, pretrain
 
     started = time.monotonic()
@@ -188,6 +221,8 @@ def run_demo(
     # default under data/ (git-ignored in a checkout), not next to the bundle in models/
     work = Path(work) if work is not None else Path("data") / f"{out.stem}-train"
     cfg = load_config(config)
+    if not joints or joints[0] != "knee" or any(j not in DEMO_JOINTS for j in joints):
+        raise ValueError(f"joints must start with the knee and name joints of {DEMO_JOINTS}, got {list(joints)}")
     if train_cases < 4 or held_out_cases < 1:
         raise ValueError(f"the demo needs >= 4 training and >= 1 held-out cases, got {train_cases} and {held_out_cases}")
 
@@ -233,6 +268,38 @@ def run_demo(
     bundle.card.metrics["held_out_site"] = {"site": HELD_OUT_SITE, "exams": len(held_out), "matrix": matrix,
                                            **{k: v for k, v in held.items() if k != "out_dir"}}
     bundle.save(out)
+
+    transfers: dict[str, dict[str, Any]] = {}
+    source = classifier_backbones(classifier.model, f"the knee classifier of {out.name}")
+    transfer_cfg = cfg.with_overrides(classify=TRANSFER)
+    for index, joint in enumerate(joints[1:], start=1):
+        t = time.monotonic()
+        first = train_cases + held_out_cases  # case ids never shared with the knee sets
+        joint_train = make_phantom_set(work / "phantoms" / f"{joint}_train", joint, range(first, first + transfer_cases),
+                                       sites, seed + index, matrix, workers)
+        joint_test = make_phantom_set(
+            work / "phantoms" / f"{joint}_held_out", joint,
+            range(first + transfer_cases, first + transfer_cases + held_out_cases), [HELD_OUT_SITE], seed + index,
+            matrix, workers,
+        )
+        records, test_records = read_records([f"phantom:{joint_train}"]), read_records([f"phantom:{joint_test}"])
+        timings[f"{joint} phantoms"] = time.monotonic() - t
+        t = time.monotonic()
+        result = finetune_classifier(
+            transfer_cfg, records, ["sagittal", "coronal", "axial"], use_ehr=True, pretrained=source, seed=seed,
+            progress=progress, run_dir=work / f"classify_{joint}",
+        )
+        joint_bundle = make_bundle(transfer_cfg, classifier=result, name=f"orthodiffusion-{joint}-demo")
+        joint_metrics = evaluate_bundle(joint_bundle, test_records, work / f"eval_held_out_{joint}", n_boot=200)
+        joint_held = held_out_summary(joint_metrics)
+        joint_bundle.card.metrics["held_out_site"] = {"site": HELD_OUT_SITE, "exams": len(test_records),
+                                                      "matrix": matrix, **joint_held}
+        path = demo_model_paths(out)[joint]
+        joint_bundle.save(path)
+        timings[f"{joint} classifier"] = time.monotonic() - t
+        transfers[joint] = {"bundle": str(path), "cases": {"train": len(records), "held_out": len(test_records)},
+                            "held_out": joint_held}
+
     summary = DemoSummary(
         bundle=out,
         seconds=time.monotonic() - started,
@@ -243,10 +310,11 @@ def run_demo(
         segmenter_val=segmenter.metrics,
         held_out=held,
         timings=timings,
+        transfers=transfers,
     )
     (work / "summary.json").write_text(json.dumps({
         "bundle": str(out), "seconds": summary.seconds, "cases": summary.cases, "held_out_site": HELD_OUT_SITE,
         "pretrain_loss": losses, "classifier_val": classifier.metrics, "segmenter_val": segmenter.metrics,
-        "held_out": held, "timings": timings,
+        "held_out": held, "timings": timings, "transfers": transfers,
     }, indent=2, default=str))
     return summary
