@@ -140,8 +140,8 @@ class JobsSection(_Section):
     max_attempts: int = Field(3, ge=1)
 
 
-#: the single model of a node.yaml that names none
-DEFAULT_CHECKPOINT = Path("./models/demo-knee.pt")
+#: the models of a node.yaml that names none: the demo model of each joint (`orthonode train demo`)
+DEFAULT_CHECKPOINTS = {joint: Path(f"./models/demo-{joint}.pt") for joint in JOINTS}
 
 
 class ModelSection(_Section):
@@ -153,16 +153,17 @@ class ModelSection(_Section):
     joint must be its key; ``orthonode serve`` and ``orthonode check-config`` check that.
     """
 
-    checkpoint: Path | None = DEFAULT_CHECKPOINT
-    checkpoints: dict[str, Path] = Field(default_factory=dict)
+    checkpoint: Path | None = None
+    checkpoints: dict[str, Path] = Field(default_factory=lambda: dict(DEFAULT_CHECKPOINTS))
 
     @model_validator(mode="before")
     @classmethod
     def _one_form(cls, value: object) -> object:
-        if isinstance(value, dict) and value.get("checkpoints"):
-            if value.get("checkpoint") is not None:
+        """``checkpoint`` alone replaces the per-joint default; both together are refused."""
+        if isinstance(value, dict) and value.get("checkpoint") is not None:
+            if value.get("checkpoints"):
                 raise ValueError("give model.checkpoint (one model) or model.checkpoints (one per joint), not both")
-            value = {**value, "checkpoint": None}
+            value = {**value, "checkpoints": {}}
         return value
 
     @field_validator("checkpoints")

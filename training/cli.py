@@ -129,7 +129,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    "a rerun reuses its phantoms and finished pretraining runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", default="demo", help="configuration (default: demo)")
-    p.add_argument("--train-cases", type=_positive_int, default=64, help="training phantoms on four sites (default 64)")
+    p.add_argument("--train-cases", type=_positive_int, default=128, help="knee training phantoms on four sites (default 128)")
     p.add_argument("--held-out-cases", type=_positive_int, default=40, help="phantoms of the held-out site (default 40)")
     p.add_argument("--matrix", type=_positive_int, default=64, help="phantom acquisition matrix (default 64)")
     p.add_argument("--workers", type=_positive_int, default=2, help="processes generating phantoms (default 2)")

@@ -7,14 +7,16 @@ to serve out of the box and so a user can watch every stage once:
 1. generate knee phantoms (small matrix): training cases spread over four sites, and a
    fifth, held-out site for an external test;
 2. pretrain the sagittal, coronal and axial diffusion backbones briefly (``demo`` config);
-3. fine-tune a fused three-plane classifier with EHR late fusion, and a sagittal segmenter,
-   both from the pretrained EMA backbones;
+3. fine-tune a fused three-plane classifier with EHR late fusion on the pretrained EMA
+   backbones, frozen (their features are computed once per exam, as the node computes them,
+   and only the pools and heads train: ``demo.yaml`` says what that measured), and a
+   sagittal segmenter from the same backbones, every weight trained;
 4. evaluate the bundle on the held-out site and save ONE bundle file (classifier +
    segmenter + card).  The card says the model was trained on synthetic phantoms and is
    not for clinical use;
 5. for the ankle and the shoulder: phantoms of the same sites, and a fused classifier on the
-   knee classifier's backbones, frozen (:data:`TRANSFER`): the features are computed once
-   per exam and only the pools and heads learn the joint's labels.  The three classifiers
+   knee classifier's backbones, frozen (:data:`TRANSFER`), so only the pools and heads learn
+   the joint's labels.  The three classifiers
    then hold the same backbone weights, which a node serving them keeps once
    (:mod:`inference.model_set`).  Each is evaluated on its joint's held-out site.
 
@@ -39,7 +41,7 @@ HELD_OUT_SITE = "siemens_1p5t_d"
 DEMO_JOINTS = ("knee", "ankle", "shoulder")
 #: classify settings of the transfer to the ankle and shoulder: frozen backbones (features
 #: computed once), so only the attention pools, normalisation and heads train
-TRANSFER = {"backbone_lr_factor": 0.0, "cache_features": True, "steps": 400, "head_lr": 2.0e-3}
+TRANSFER = {"backbone_lr_factor": 0.0, "cache_features": True, "steps": 1500, "head_lr": 2.0e-3}
 
 
 def demo_model_paths(knee: Path) -> dict[str, Path]:
@@ -198,7 +200,7 @@ def run_demo(
     seed: int = 0,
     config: str = "demo",
     progress: bool = True,
-    train_cases: int = 64,
+    train_cases: int = 128,
     held_out_cases: int = 40,
     matrix: int = 64,
     workers: int = 2,

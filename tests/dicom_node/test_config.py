@@ -16,7 +16,8 @@ def test_shipped_node_yaml_is_valid_and_matches_documented_defaults():
     assert (pacs.type, pacs.ae_title, pacs.host, pacs.port) == ("dimse", "ORTHANC", "127.0.0.1", 4242)
     assert cfg.export.routes[0].destinations == ("pacs",)
     assert cfg.database_url.startswith("sqlite:///") and cfg.database_url.endswith("orthonode.sqlite")
-    assert cfg.checkpoint == (REPO / "models" / "demo-knee.pt").resolve()
+    assert cfg.checkpoint is None and cfg.checkpoints == {
+        joint: (REPO / "models" / f"demo-{joint}.pt").resolve() for joint in ("knee", "ankle", "shoulder")}
     assert cfg.http.bind_address == "127.0.0.1"
     assert cfg.logging.log_phi is False
 
@@ -140,9 +141,15 @@ def test_check_config_command(tmp_path, capsys):
 
     parser = argparse.ArgumentParser()
     configure(parser)
-    assert run(parser.parse_args([str(REPO / "node.yaml"), "--show-rules"])) == 0
-    out = capsys.readouterr().out
-    assert "ORTHONODE on 127.0.0.1:11112" in out and "series_selection:" in out
+    # the shipped node.yaml, in a folder without the demo models its relative paths name
+    shipped = tmp_path / "shipped" / "node.yaml"
+    shipped.parent.mkdir()
+    shipped.write_text((REPO / "node.yaml").read_text())
+    assert run(parser.parse_args([str(shipped), "--show-rules"])) == 2
+    captured = capsys.readouterr()
+    assert "ORTHONODE on 127.0.0.1:11112" in captured.out and "series_selection:" in captured.out
+    for joint in ("knee", "ankle", "shoulder"):
+        assert f"model.checkpoints.{joint}: {shipped.parent / 'models' / f'demo-{joint}.pt'} does not exist" in captured.err
     bad = _write(tmp_path, {"listener": {"port": "x"}})
     assert run(parser.parse_args([str(bad)])) == 2
     assert "listener.port" in capsys.readouterr().err
