@@ -78,6 +78,7 @@ class ModelSet:
         self._bundles = {joint: bundles[joint] for joint in JOINTS if joint in bundles}
         #: ``(joint, backbone name)`` of each module replaced by an identical one of another model
         self.shared: list[tuple[str, str, str, str]] = self._share_backbones() if share else []
+        _release_freed_memory()
 
     @classmethod
     def single(cls, bundle: ModelBundle) -> ModelSet:
@@ -162,6 +163,29 @@ class ModelSet:
                 log.info("model for the %s: backbone %s shares the weights of the %s's %s", joint, name, first[0],
                          first[1])
         return shared
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory freed after loading back to the operating system.
+
+    Loading leaves freed buffers (the state dicts read from disk, and the replaced duplicate
+    backbones) in the C allocator's heap, where they stay as resident slack unless the heap is
+    trimmed (glibc's ``malloc_trim``); without this the resident memory would not show the
+    sharing.  A no-op where the C library has no ``malloc_trim``.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    except OSError:
+        trim = None
+    if trim is not None:
+        trim(0)
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
