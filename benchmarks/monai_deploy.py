@@ -106,6 +106,37 @@ def versions() -> dict[str, str]:
     return out
 
 
+def thread_check(threads: int) -> dict[str, str]:
+    """One fixed torch workload (3D convolutions and group norms) in the main thread and in a second
+    thread at ``threads`` torch threads: wall milliseconds and CPU over wall.  The SDK operator runs
+    in Holoscan's scheduler thread, orthonode in the main thread; this shows whether torch uses the
+    same number of cores in both."""
+    import threading
+
+    import torch
+
+    conv = torch.nn.Conv3d(16, 16, 3, padding=1)
+    norm = torch.nn.GroupNorm(4, 16)
+    x = torch.randn(1, 16, 16, 64, 64)
+    results: dict[str, str] = {}
+
+    def work(where: str) -> None:
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            norm(conv(x))  # warm
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(5):
+                norm(conv(x))
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        results[where] = f"{wall / 5 * 1000:.0f} ms, CPU/wall {cpu / wall:.2f}"
+
+    work("main thread")
+    worker = threading.Thread(target=work, args=("second thread",))
+    worker.start()
+    worker.join()
+    return results
+
+
 # --------------------------------------------------------------------------- model
 
 
@@ -489,7 +520,9 @@ def report(info: dict[str, Any], a_runs: list[Run], b_runs: list[Run], c_runs: l
         f"{info['load_b']:.2f} s (app side), each once, outside the per-study figures.",
         f"Studies: {n} phantom knees (`generate_dataset(..., 'knee', {n}, seed={info['seed']}, "
         f"matrix={info['matrix']})`); sagittal series of {info['slices']} slices.  Torch at {info['threads']} "
-        f"thread(s) on both sides (inside the SDK operator: {info['sdk_threads']}).",
+        f"thread(s) on both sides (inside the SDK operator: {info['sdk_threads']}); the same torch workload "
+        "(conv3d + group norm, 1x16x16x64x64) at that setting: "
+        + "; ".join(f"{k} {v}" for k, v in info["thread_check"].items()) + ".",
         "",
         "## SEG of the sagittal series, per stage (median and range over the studies)",
         "",
@@ -620,9 +653,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    checked = thread_check(args.threads)
     info: dict[str, Any] = {
         "cpu": cpu_model(), "cores": os.cpu_count(), "load_start": load_average(), "seed": args.seed,
         "matrix": args.matrix, "threads": args.threads, "versions": versions(),
+        "thread_check": checked,
         "command": " ".join(["python benchmarks/monai_deploy.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     try:
