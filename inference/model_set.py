@@ -70,7 +70,7 @@ def check_cards(paths: Mapping[str, str | os.PathLike[str]]) -> dict[str, ModelC
 class ModelSet:
     """Loaded model bundles by joint.  ``ModelSet({"knee": bundle, ...})``, :meth:`single` or :meth:`load`."""
 
-    def __init__(self, bundles: Mapping[str, ModelBundle], *, share: bool = True) -> None:
+    def __init__(self, bundles: Mapping[str, ModelBundle], *, share: bool = True, release_memory: bool = True) -> None:
         if not bundles:
             raise ModelSetError("a model set needs at least one model")
         for key, bundle in bundles.items():
@@ -78,12 +78,14 @@ class ModelSet:
         self._bundles = {joint: bundles[joint] for joint in JOINTS if joint in bundles}
         #: ``(joint, backbone name)`` of each module replaced by an identical one of another model
         self.shared: list[tuple[str, str, str, str]] = self._share_backbones() if share else []
-        _release_freed_memory()
+        if release_memory:  # after loading; a full garbage collection costs about 0.2 s
+            _release_freed_memory()
 
     @classmethod
-    def single(cls, bundle: ModelBundle) -> ModelSet:
-        """One model, for the joint its card names."""
-        return cls({bundle.card.joint: bundle})
+    def single(cls, bundle: ModelBundle, *, release_memory: bool = True) -> ModelSet:
+        """One model, for the joint its card names.  ``release_memory=False`` for a bundle that
+        is already held (no heap trim, which costs a garbage collection)."""
+        return cls({bundle.card.joint: bundle}, release_memory=release_memory)
 
     @classmethod
     def load(cls, paths: Mapping[str, str | os.PathLike[str]], map_location: str = "cpu") -> ModelSet:

@@ -379,7 +379,7 @@ def run_study(
     if not study_dir.is_dir():
         raise FileNotFoundError(f"study_dir {str(study_dir)!r} does not exist or is not a folder")
     target = pick_device(device)
-    models = bundle if isinstance(bundle, ModelSet) else ModelSet.single(bundle)
+    models = bundle if isinstance(bundle, ModelSet) else ModelSet.single(bundle, release_memory=False)
     models.to(target)
     for _, candidate in models:  # argument errors raise before any work, whichever model is chosen
         _overlay_planes(_segmented_planes(candidate, segment_planes), overlay_planes)

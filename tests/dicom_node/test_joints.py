@@ -104,6 +104,25 @@ def test_the_model_set_keeps_identical_backbones_once_and_predicts_as_the_separa
         assert bool(shared.segmentations) == (joint == "knee")
 
 
+def test_loading_trims_the_heap_once_and_a_study_run_does_not(
+        joint_models: dict[str, Path], joint_studies: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import inference.model_set as model_set
+    from inference.checkpoint import ModelBundle
+    from inference.pipeline import run_study
+
+    calls: list[int] = []
+    monkeypatch.setattr(model_set, "_release_freed_memory", lambda: calls.append(1))
+    model_set.ModelSet.load(joint_models)
+    assert calls == [1]  # after the three models are loaded and their backbones shared
+    bundle = ModelBundle.load(joint_models["ankle"])
+    calls.clear()
+    run_study(joint_studies["ankle"], bundle, tmp_path / "ankle", device="cpu")
+    assert calls == []  # a held bundle: no full garbage collection per study
+    model_set.ModelSet.single(bundle)
+    assert calls == [1]
+
+
 def test_a_joint_without_a_model_is_unsupported_with_its_reason(
         joint_models: dict[str, Path], joint_studies: dict[str, Path], tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
