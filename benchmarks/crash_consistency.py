@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
                         "loss dropping folder entries not yet fsynced)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=900.0)
-    parser.add_argument("--checkpoint", type=Path, default=None, help="model bundle (default: train the tiny test one)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="model bundle (default: the tiny preset with seeded random weights)")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="append the result to this markdown file")
     args = parser.parse_args(argv)
@@ -549,9 +549,11 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     checkpoint = args.checkpoint
     if checkpoint is None:
-        from tests.dicom_node.node_fixtures import build_small_checkpoint
+        # the node's plumbing is measured, not what the model says: seeded random weights
+        from benchmarks.predict import build_bundle
 
-        checkpoint = build_small_checkpoint(work / "model")
+        checkpoint = work / "model.pt"
+        build_bundle("tiny").save(checkpoint)
     run = scenario_kill if args.scenario == "kill" else scenario_outage
     report = run(args, work, checkpoint)
     write_report("crash_consistency.py", argv, report, args.out, heading=f"### scenario {args.scenario}")

@@ -2,7 +2,7 @@
 
 ``--senders`` threads (pynetdicom, one association per study, data sets sent byte for byte) send
 ``--studies`` phantom knee studies (three generated knees copied with fresh UIDs, about 80
-instances each at matrix 64) to one node that also assembles, processes (the tiny test model)
+instances each at matrix 64) to one node that also assembles, processes (the tiny preset with seeded random weights)
 and exports the studies to an in-process PACS while the load goes on.  Measured: instances
 acknowledged / refused / lost (acknowledged but not in the database), association failures and
 timeouts, the time to receive everything and to settle (every study processed and exported),
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=28, help="about 80 instances each")
     parser.add_argument("--quiet", type=float, default=5.0, help="series/study quiet seconds of the node")
     parser.add_argument("--timeout", type=float, default=1800.0)
-    parser.add_argument("--checkpoint", type=Path, default=None, help="model bundle (default: train the tiny test one)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="model bundle (default: the tiny preset with seeded random weights)")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="append the result to this markdown file")
     parser.add_argument("--lose-every", type=int, default=0,
@@ -174,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     sender_log.addHandler(handler)
     checkpoint = args.checkpoint
     if checkpoint is None:
-        from tests.dicom_node.node_fixtures import build_small_checkpoint
+        # the node's plumbing is measured, not what the model says: seeded random weights
+        from benchmarks.predict import build_bundle
 
-        checkpoint = build_small_checkpoint(work / "model")
+        checkpoint = work / "model.pt"
+        build_bundle("tiny").save(checkpoint)
     studies = make_studies(work, args.studies)
     instances = sum(len(s.files) for s in studies)
     pacs = QueryablePacs(free_port(), lose_every=args.lose_every)
