@@ -9,11 +9,12 @@ STAMP := $(VENV)/.installed-stamp
 JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps test viewer-check demo demo-model clean-demo
+.PHONY: help setup system-deps test test-fast viewer-check demo demo-model clean-demo
 
 help:
 	@echo "make demo   - set up and run the main job end to end on phantom data"
 	@echo "make test   - set up and run the test suite"
+	@echo "make test-fast - the tests without the trained model, real servers or PixelMed (edit-test loop)"
 	@echo "make viewer-check - show the node's SEG and SR in the OHIF viewer (headless Chromium) and check them"
 
 $(STAMP): setup.cfg pyproject.toml
@@ -36,6 +37,10 @@ viewer-check: setup
 
 test: setup
 	$(VENV)/bin/pytest -n $(JOBS) --durations=15 $(PYTEST_ARGS)
+
+# the edit-test loop: tests marked slow (tests/conftest.py) are left out; make test runs all
+test-fast: setup
+	$(VENV)/bin/pytest -n $(JOBS) -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/orthonode -v demo --work demo-output

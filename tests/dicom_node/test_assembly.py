@@ -17,7 +17,7 @@ from dicom_node.assembly import StudyAssembler, readiness
 from dicom_node.config import StudyAssemblySection
 from dicom_node.db import EventRecord, Job, JobState, Study, StudyState, session_scope, utcnow
 from dicom_node.jobs import enqueue_if_changed
-from tests.dicom_node.node_fixtures import *  # noqa: F403 - fixtures
+from tests.support.node import add_instance, wait_for
 
 STUDY = "1.2.3.100"
 

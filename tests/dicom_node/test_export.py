@@ -18,7 +18,7 @@ from dicom_node.export import (ExportError, Exporter, backoff_delay, outcome_unk
                                route_destinations, verify_held)
 from dicom_node.jobs import enqueue_if_changed
 from dicom_node.orthanc import DICOMWEB_PLUGIN
-from tests.dicom_node.node_fixtures import *  # noqa: F403 - fixtures
+from tests.support.node import NodeParts, add_instance, free_port, make_node_config, wait_for
 
 STUDY_ROUTES = [
     Route(match={"calling_ae_title": "CT_.*"}, destinations=("ct-archive",)),
@@ -44,13 +44,13 @@ def test_backoff_doubles_up_to_the_limit() -> None:
 
 
 @pytest.fixture(scope="module")
-def result_objects(tmp_path_factory: pytest.TempPathFactory, node_checkpoint: Path, knee_phantoms: Path) -> list[Path]:
+def result_objects(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, knee_phantoms: Path) -> list[Path]:
     """The SEGs (one per plane) and the SR the pipeline writes for phantom knee_0002 (real objects to send)."""
     from inference.checkpoint import ModelBundle
     from inference.pipeline import run_study
 
     out = tmp_path_factory.mktemp("export_objects")
-    result = run_study(knee_phantoms / "knee_0002" / "dicom", ModelBundle.load(node_checkpoint), out, device="cpu")
+    result = run_study(knee_phantoms / "knee_0002" / "dicom", ModelBundle.load(tiny_checkpoint), out, device="cpu")
     assert len(result.files) == 4, result.summary()
     assert [dcmread(p, stop_before_pixels=True).Modality for p in result.files] == ["SEG", "SEG", "SEG", "SR"]
     return result.files
@@ -85,11 +85,11 @@ def _exports(factory) -> list[Export]:
 
 
 def test_failed_sends_back_off_in_the_database_across_a_restart_then_fail_and_are_retried(
-    tmp_path: Path, node_checkpoint: Path, result_objects: list[Path], orthanc
+    tmp_path: Path, tiny_checkpoint: Path, result_objects: list[Path], orthanc
 ) -> None:
     down = {"pacs": {"type": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": free_port()}}
     retry = {"max_attempts": 3, "initial_delay_seconds": 1.5, "max_delay_seconds": 2}
-    parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects, down, retry=retry)
+    parts, study_uid, sops = _setup(tmp_path, tiny_checkpoint, result_objects, down, retry=retry)
     n = len(result_objects)
     exporter = Exporter(parts.config, parts.factory)
     before = utcnow()
@@ -119,7 +119,7 @@ def test_failed_sends_back_off_in_the_database_across_a_restart_then_fail_and_ar
     # `orthonode retry`, with the destination back up
     assert sorted(retry_failed(factory)) == [r.id for r in failed]
     assert [(r.state, r.attempts) for r in _exports(factory)] == [(ExportState.PENDING, 0)] * n
-    up = parse_config(make_node_config(tmp_path, node_checkpoint, retry=retry, destinations={
+    up = parse_config(make_node_config(tmp_path, tiny_checkpoint, retry=retry, destinations={
         "pacs": {"type": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}}),
         base_dir=tmp_path)
     sender = Exporter(up, factory, poll_seconds=0.2)
@@ -139,7 +139,7 @@ def test_failed_sends_back_off_in_the_database_across_a_restart_then_fail_and_ar
 
 
 def test_orthanc_answers_the_c_find_of_a_node_it_knows(
-    tmp_path: Path, node_checkpoint: Path, result_objects: list[Path]
+    tmp_path: Path, tiny_checkpoint: Path, result_objects: list[Path]
 ) -> None:
     from dicom_node.export import send_dimse
     from dicom_node.orthanc import OrthancServer, orthanc_available
@@ -149,7 +149,7 @@ def test_orthanc_answers_the_c_find_of_a_node_it_knows(
     # as `orthonode demo` configures it: the node is one of Orthanc's DICOM modalities
     with OrthancServer(tmp_path / "orthanc", dicom_port=free_port(), node=("ORTHONODE", "127.0.0.1", free_port()),
                        dicomweb=False) as server:
-        config = parse_config(make_node_config(tmp_path, node_checkpoint, destinations={
+        config = parse_config(make_node_config(tmp_path, tiny_checkpoint, destinations={
             "pacs": {"type": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": server.dicom_port}}),
             base_dir=tmp_path)
         pacs = config.export.destinations["pacs"]
@@ -161,10 +161,10 @@ def test_orthanc_answers_the_c_find_of_a_node_it_knows(
 
 
 def test_an_interrupted_send_is_sent_again_and_missing_files_are_reported(
-    tmp_path: Path, node_checkpoint: Path, result_objects: list[Path], orthanc
+    tmp_path: Path, tiny_checkpoint: Path, result_objects: list[Path], orthanc
 ) -> None:
     pacs = {"pacs": {"type": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}}
-    parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects, pacs)
+    parts, study_uid, sops = _setup(tmp_path, tiny_checkpoint, result_objects, pacs)
     rows = _exports(parts.factory)
     with session_scope(parts.factory) as session:  # the node died in the middle of sending a SEG
         seg = session.get(Export, rows[0].id)
@@ -183,10 +183,10 @@ def test_an_interrupted_send_is_sent_again_and_missing_files_are_reported(
 
 
 @pytest.mark.skipif(not DICOMWEB_PLUGIN.exists(), reason="Orthanc's DICOMweb plug-in is not installed")
-def test_stow_rs_to_orthanc(tmp_path: Path, node_checkpoint: Path, result_objects: list[Path], orthanc) -> None:
+def test_stow_rs_to_orthanc(tmp_path: Path, tiny_checkpoint: Path, result_objects: list[Path], orthanc) -> None:
     orthanc.wipe()
     web = {"web": {"type": "stowrs", "url": orthanc.dicomweb_url}}
-    parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects, web)
+    parts, study_uid, sops = _setup(tmp_path, tiny_checkpoint, result_objects, web)
     n = len(result_objects)
     assert Exporter(parts.config, parts.factory).run_once()
     assert [r.state for r in _exports(parts.factory)] == [ExportState.DONE] * n
@@ -287,10 +287,10 @@ def _send_until_settled(exporter: Exporter, factory, attempts: int = 3) -> list[
 
 
 def test_a_lost_c_store_answer_is_verified_and_not_resent(
-    tmp_path: Path, node_checkpoint: Path, result_objects: list[Path]
+    tmp_path: Path, tiny_checkpoint: Path, result_objects: list[Path]
 ) -> None:
     with FlakyPacs(lose=1) as pacs:
-        parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects, pacs.destination(),
+        parts, study_uid, sops = _setup(tmp_path, tiny_checkpoint, result_objects, pacs.destination(),
                                         retry=QUICK_RETRY)
         n = len(result_objects)
         exporter = Exporter(parts.config, parts.factory)
@@ -313,10 +313,10 @@ def test_a_lost_c_store_answer_is_verified_and_not_resent(
 
 
 def test_a_lost_request_is_looked_up_then_sent_once(
-    tmp_path: Path, node_checkpoint: Path, result_objects: list[Path]
+    tmp_path: Path, tiny_checkpoint: Path, result_objects: list[Path]
 ) -> None:
     with FlakyPacs(lose=1, store_then_abort=False) as pacs:
-        parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects, pacs.destination(),
+        parts, study_uid, sops = _setup(tmp_path, tiny_checkpoint, result_objects, pacs.destination(),
                                         retry=QUICK_RETRY)
         exporter = Exporter(parts.config, parts.factory)
         done = _send_until_settled(exporter, parts.factory)
@@ -327,11 +327,11 @@ def test_a_lost_request_is_looked_up_then_sent_once(
 
 @pytest.mark.parametrize("verify", [True, False], ids=["query-fails", "verification-off"])
 def test_without_an_answer_to_the_query_the_object_is_resent_and_the_log_says_so(
-    tmp_path: Path, node_checkpoint: Path, result_objects: list[Path], caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, tiny_checkpoint: Path, result_objects: list[Path], caplog: pytest.LogCaptureFixture,
     verify: bool
 ) -> None:
     with FlakyPacs(lose=1, find=False) as pacs:
-        parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects,
+        parts, study_uid, sops = _setup(tmp_path, tiny_checkpoint, result_objects,
                                         pacs.destination(verify_before_resend=verify), retry=QUICK_RETRY)
         exporter = Exporter(parts.config, parts.factory)
         with caplog.at_level("WARNING", logger="dicom_node.export"):
@@ -345,9 +345,9 @@ def test_without_an_answer_to_the_query_the_object_is_resent_and_the_log_says_so
             assert "does the peer accept Study Root C-FIND?" in caplog.text
 
 
-def test_a_refusal_is_retried_without_a_query(tmp_path: Path, node_checkpoint: Path, result_objects: list[Path]) -> None:
+def test_a_refusal_is_retried_without_a_query(tmp_path: Path, tiny_checkpoint: Path, result_objects: list[Path]) -> None:
     with FlakyPacs(refuse=0xA700) as pacs:
-        parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects, pacs.destination(),
+        parts, study_uid, sops = _setup(tmp_path, tiny_checkpoint, result_objects, pacs.destination(),
                                         retry={"max_attempts": 2, "initial_delay_seconds": 0.1, "max_delay_seconds": 0.1})
         exporter = Exporter(parts.config, parts.factory)
         failed = _send_until_settled(exporter, parts.factory)
@@ -357,10 +357,10 @@ def test_a_refusal_is_retried_without_a_query(tmp_path: Path, node_checkpoint: P
 
 
 def test_an_export_interrupted_by_a_restart_is_not_resent_when_the_pacs_holds_it(
-    tmp_path: Path, node_checkpoint: Path, result_objects: list[Path]
+    tmp_path: Path, tiny_checkpoint: Path, result_objects: list[Path]
 ) -> None:
     with FlakyPacs() as pacs:
-        parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects, pacs.destination(),
+        parts, study_uid, sops = _setup(tmp_path, tiny_checkpoint, result_objects, pacs.destination(),
                                         retry={"max_attempts": 1, "initial_delay_seconds": 1, "max_delay_seconds": 1})
         rows = _exports(parts.factory)
         pacs.deliveries.append(rows[0].sop_instance_uid)  # the node sent the SEG, then died before recording it
@@ -378,10 +378,10 @@ def test_an_export_interrupted_by_a_restart_is_not_resent_when_the_pacs_holds_it
 
 
 def test_a_failed_export_of_unknown_outcome_keeps_its_check_after_orthonode_retry(
-    tmp_path: Path, node_checkpoint: Path, result_objects: list[Path]
+    tmp_path: Path, tiny_checkpoint: Path, result_objects: list[Path]
 ) -> None:
     with FlakyPacs(lose=1) as pacs:
-        parts, study_uid, sops = _setup(tmp_path, node_checkpoint, result_objects, pacs.destination(),
+        parts, study_uid, sops = _setup(tmp_path, tiny_checkpoint, result_objects, pacs.destination(),
                                         retry={"max_attempts": 1, "initial_delay_seconds": 1, "max_delay_seconds": 1})
         exporter = Exporter(parts.config, parts.factory)
         assert exporter.run_once()

@@ -19,7 +19,7 @@ from dicom_node.export import queue_exports
 from dicom_node.health import check_disk
 from dicom_node.jobs import enqueue_if_changed
 from dicom_node.node import Node
-from tests.dicom_node.node_fixtures import *  # noqa: F403 - fixtures
+from tests.support.node import free_port, make_node_config, run_storescu, write_node_yaml
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -39,9 +39,9 @@ def _metric(text: str, sample: str) -> float | None:
 
 
 @pytest.fixture()
-def running_node(tmp_path: Path, node_checkpoint: Path):
+def running_node(tmp_path: Path, tiny_checkpoint: Path):
     """A node with long quiet periods (nothing gets processed while the test looks at it)."""
-    data = make_node_config(tmp_path, node_checkpoint, quiet=60, forced=600, extra_callers=("ORTHONODE",),
+    data = make_node_config(tmp_path, tiny_checkpoint, quiet=60, forced=600, extra_callers=("ORTHONODE",),
                             retry={"max_attempts": 10, "initial_delay_seconds": 5, "max_delay_seconds": 60})
     data["export"]["destinations"]["self"] = {"type": "dimse", "ae_title": "ORTHONODE", "host": "127.0.0.1",
                                               "port": data["listener"]["port"]}
@@ -174,7 +174,7 @@ def test_answers_healthy_is_true_only_for_a_200() -> None:
     from dicom_node.health import Check, HealthServer, answers_healthy
 
     state = {"ok": True}
-    port = free_port()  # noqa: F405 - from node_fixtures
+    port = free_port()
     server = HealthServer("127.0.0.1", port, {"probe": lambda: Check(state["ok"], "probe")}, lambda: b"")
     assert not answers_healthy(port)  # nothing listens yet
     server.start()

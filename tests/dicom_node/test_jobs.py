@@ -24,7 +24,7 @@ from dicom_node.jobs import (
     retry_failed_jobs,
     worker_identity,
 )
-from tests.dicom_node.node_fixtures import *  # noqa: F403 - fixtures
+from tests.support.node import NodeParts, add_instance, make_node_config, make_parts, wait_for
 
 STUDY = "1.2.3.300"
 
@@ -149,11 +149,11 @@ def _extra_slice(series_dir: Path, target: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bundle(node_checkpoint: Path):
+def bundle(tiny_checkpoint: Path):
     """The test model, loaded once for the module's workers."""
     from inference.checkpoint import ModelBundle
 
-    return ModelBundle.load(node_checkpoint)
+    return ModelBundle.load(tiny_checkpoint)
 
 
 def _outputs(parts: NodeParts, job_id: int) -> dict[str, set[str]]:
@@ -166,10 +166,10 @@ def _outputs(parts: NodeParts, job_id: int) -> dict[str, set[str]]:
 
 
 @pytest.fixture()
-def stored_knee(tmp_path: Path, node_checkpoint: Path, knee_phantoms: Path):
+def stored_knee(tmp_path: Path, tiny_checkpoint: Path, knee_phantoms: Path):
     """A node's database and storage holding phantom knee_0001 as received from STORESCU."""
     parts = make_parts(
-        tmp_path, node_checkpoint,
+        tmp_path, tiny_checkpoint,
         destinations={"pacs": {"type": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 104},
                       "research": {"type": "stowrs", "url": "http://127.0.0.1:9/dicom-web"},
                       "other-site": {"type": "dimse", "ae_title": "OTHER", "host": "127.0.0.1", "port": 105}},
@@ -315,13 +315,13 @@ def test_a_new_report_names_the_delivered_one_it_replaces(stored_knee: NodeParts
     assert f"report: replaces the earlier report {old_sr}" in log
 
 
-def test_a_failing_study_fails_its_job_with_the_reason(node_db, tmp_path: Path, node_checkpoint: Path) -> None:
+def test_a_failing_study_fails_its_job_with_the_reason(node_db, tmp_path: Path, tiny_checkpoint: Path) -> None:
     from dicom_node.config import parse_config
 
     # rows whose files are not on disk: the database and the disk disagree, the job must say so
     add_instance(node_db, STUDY, "1.2.3.300.1", "1.2.3.300.1.1")
     job_id = _queue_study(node_db)
-    config = parse_config(make_node_config(tmp_path, node_checkpoint), base_dir=tmp_path)
+    config = parse_config(make_node_config(tmp_path, tiny_checkpoint), base_dir=tmp_path)
     worker = Worker(config, node_db, lambda relative: tmp_path / "instances" / relative, bundle=object())
     outcome = worker.run_job(worker.queue.claim())
     assert outcome.state == "failed"
@@ -333,14 +333,14 @@ def test_a_failing_study_fails_its_job_with_the_reason(node_db, tmp_path: Path, 
 
 
 def test_shared_model_preloads_in_the_background_and_a_missing_file_fails_the_job_not_the_node(
-        tmp_path: Path, node_checkpoint: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture) -> None:
     import torch
 
     from dicom_node.jobs import SharedModel
 
     threads = torch.get_num_threads()
     try:
-        model = SharedModel(node_checkpoint, torch_threads=1)
+        model = SharedModel(tiny_checkpoint, torch_threads=1)
         assert not model.loaded
         model.preload().join(timeout=120)
         assert model.loaded and torch.get_num_threads() == 1
@@ -350,7 +350,7 @@ def test_shared_model_preloads_in_the_background_and_a_missing_file_fails_the_jo
 
     # with a busy listener the load waits until it has been quiet for quiet_seconds
     busy = [True]
-    waiting = SharedModel(node_checkpoint)
+    waiting = SharedModel(tiny_checkpoint)
     thread = waiting.preload(busy=lambda: busy[0], quiet_seconds=0.5, poll_seconds=0.05)
     time.sleep(1.0)
     assert thread.is_alive() and not waiting.loaded, "the model was loaded while the listener was busy"
@@ -358,7 +358,7 @@ def test_shared_model_preloads_in_the_background_and_a_missing_file_fails_the_jo
     thread.join(timeout=120)
     assert waiting.loaded
     stop = threading.Event()
-    never = SharedModel(node_checkpoint)
+    never = SharedModel(tiny_checkpoint)
     thread = never.preload(busy=lambda: True, poll_seconds=0.05, stop=stop)
     stop.set()  # the node stops before the listener was ever quiet
     thread.join(timeout=5)

@@ -21,9 +21,7 @@ from dicom_node.demo import findings_from_sr
 from dicom_node.node import Node
 from dicom_node.orthanc import OrthancServer, orthanc_available
 from inference.labels import JOINT_LABELS, label_keys
-from tests.dicom_node.node_fixtures import (  # noqa: F401 - node_checkpoint is a fixture
-    MATRIX, free_port, make_node_config, node_checkpoint, run_storescu, wait_for, write_node_yaml,
-)
+from tests.support.node import MATRIX, free_port, make_node_config, run_storescu, wait_for, write_node_yaml
 
 
 def transfer_bundle(knee_path: Path, joint: str):
@@ -36,7 +34,7 @@ def transfer_bundle(knee_path: Path, joint: str):
     knee = ModelBundle.load(knee_path)
     keys = list(label_keys(joint))
     card = dataclasses.replace(
-        knee.card, name=f"node-test-{joint}", joint=joint, labels=keys,
+        knee.card, name=f"test-{joint}", joint=joint, labels=keys,
         label_names=[label.name for label in JOINT_LABELS[joint]], structures=[],
         thresholds={k: 0.5 for k in keys}, segmentation_plane=None, metrics={}, backbones={},
     )
@@ -48,12 +46,12 @@ def transfer_bundle(knee_path: Path, joint: str):
 
 
 @pytest.fixture(scope="module")
-def joint_models(tmp_path_factory: pytest.TempPathFactory, node_checkpoint: Path) -> dict[str, Path]:
+def joint_models(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("joint_models")
-    paths = {"knee": node_checkpoint}
+    paths = {"knee": tiny_checkpoint}
     for joint in ("ankle", "shoulder"):
         paths[joint] = folder / f"{joint}.pt"
-        transfer_bundle(node_checkpoint, joint).save(paths[joint])
+        transfer_bundle(tiny_checkpoint, joint).save(paths[joint])
     return paths
 
 
@@ -98,7 +96,7 @@ def test_the_model_set_keeps_identical_backbones_once_and_predicts_as_the_separa
         shared = run_study(joint_studies[joint], models, tmp_path / f"{joint}_set", device="cpu")
         alone = run_study(joint_studies[joint], ModelBundle.load(joint_models[joint]), tmp_path / f"{joint}_alone",
                           device="cpu")
-        assert shared.joint == joint and shared.model.startswith(f"node-test-{joint}")
+        assert shared.joint == joint and shared.model.startswith(f"test-{joint}")
         assert [(f.key, f.probability) for f in shared.findings] == [(f.key, f.probability) for f in alone.findings]
         assert [f.key for f in shared.findings] == list(label_keys(joint))
         assert bool(shared.segmentations) == (joint == "knee")
@@ -142,7 +140,7 @@ def test_a_joint_without_a_model_is_unsupported_with_its_reason(
     rc = run(parser.parse_args(["--study", str(joint_studies["ankle"]), "--out", str(tmp_path / "a"),
                                 "--config", str(config)]))
     out = capsys.readouterr().out
-    assert rc == EXIT_OK and "joint: ankle; model node-test-ankle" in out
+    assert rc == EXIT_OK and "joint: ankle; model test-ankle" in out
     assert [p.name for p in (tmp_path / "a").glob("*.dcm")] == ["sr.dcm"]
     # ... and --model still forces one: the knee model refuses the ankle, naming itself
     rc = run(parser.parse_args(["--study", str(joint_studies["ankle"]), "--out", str(tmp_path / "k"),
@@ -161,7 +159,7 @@ def test_a_card_of_another_joint_a_missing_file_or_both_forms_fail_the_configura
     good["model"] = {"checkpoints": {k: str(v) for k, v in joint_models.items()}}
     assert run(parser.parse_args([str(write_node_yaml(tmp_path, good))])) == 0
     out = capsys.readouterr().out
-    assert "model      ankle: node-test-ankle" in out and "model      shoulder: node-test-shoulder" in out
+    assert "model      ankle: test-ankle" in out and "model      shoulder: test-shoulder" in out
 
     swapped = {**good, "model": {"checkpoints": {"knee": str(joint_models["knee"]), "ankle": str(joint_models["shoulder"])}}}
     path = write_node_yaml(tmp_path, swapped)
@@ -210,7 +208,7 @@ def test_a_node_with_three_models_answers_each_joint_with_its_own_outputs(
                 data_sr = orthanc.instance_file(sr["id"])
                 assert [f["key"] for f in findings_from_sr(data_sr)] == list(label_keys(joint))
                 # the report names the model that read it
-                assert f"node-test-{joint}" in str(dcmread(BytesIO(data_sr)))
+                assert f"test-{joint}" in str(dcmread(BytesIO(data_sr)))
         finally:
             node.stop()
     finally:

@@ -30,7 +30,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.health import ASSOCIATION_REJECTED_PREFIX
 from dicom_node.listener import AssociationHolds, CallerPolicy, GroupRecorder, Listener, StoreReceiver, StoreStatus
 from dicom_node.storage import Storage
-from tests.dicom_node.node_fixtures import receive_file, wait_for
+from tests.support.node import receive_file, wait_for
 from tests.inference.dicom_factory import (
     Geometry,
     SeriesHeader,
@@ -455,7 +455,7 @@ def test_unexpected_error_answers_processing_failure_and_keeps_nothing(
 
 
 def test_unreachable_database(make_config: Callable[..., NodeConfig], tmp_path: Path) -> None:
-    from tests.dicom_node.conftest import free_port
+    from tests.support.node import free_port
 
     config = make_config()
     # nothing listens on that port: every connection attempt fails at once
@@ -537,29 +537,6 @@ def test_stop_closes_the_port(start_node: Callable[..., Node]) -> None:
 
 
 # --------------------------------------------------------------------------- TLS
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A test CA, a server certificate for 127.0.0.1 and a client certificate (EC P-256)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    d = tmp_path_factory.mktemp("tls")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=orthonode test CA", cwd=d)
-    for name in ("server", "client"):
-        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-        _openssl(
-            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d,
-        )  # fmt: skip
-    return {name: d / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
 
 
 def test_tls(start_node: Callable[..., Node], tls_files: dict[str, Path]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from sqlalchemy import inspect
 
 from dicom_node import db
-from tests.dicom_node.test_db import (
+from tests.support.db_checks import (
     check_concurrent_receivers,
     check_constraints,
     check_migrations_match_models,
@@ -59,7 +59,7 @@ def test_receiver_on_postgres(postgres_url: str, tmp_path) -> None:
 
     from dicom_node.listener import StoreReceiver, StoreStatus
     from dicom_node.storage import Storage
-    from tests.dicom_node.node_fixtures import receive_file
+    from tests.support.node import receive_file
     from tests.inference.dicom_factory import Geometry, pattern_volume, write_classic_series
 
     db.upgrade_database(postgres_url)

@@ -28,7 +28,7 @@ from dicom_node.db import (
 )
 from dicom_node.node import INSTANCES_DIR
 from dicom_node.orthanc import OrthancServer, orthanc_available
-from tests.dicom_node.node_fixtures import *  # noqa: F403 - fixtures
+from tests.support.node import free_port, make_node_config, run_storescu, wait_for, write_node_yaml
 
 pytestmark = pytest.mark.skipif(not orthanc_available(), reason="Orthanc is not installed")
 
@@ -70,12 +70,12 @@ def _config(tmp_path: Path, checkpoint: Path, pacs_port: int, **options) -> tupl
     return write_node_yaml(tmp_path, data), config.http.port
 
 
-def test_kill_mid_study_and_mid_job(tmp_path: Path, node_checkpoint: Path, knee_phantoms: Path, orthanc,
+def test_kill_mid_study_and_mid_job(tmp_path: Path, tiny_checkpoint: Path, knee_phantoms: Path, orthanc,
                                     serve_process) -> None:
     folder = knee_phantoms / "knee_0003" / "dicom"
     files = sorted(folder.rglob("*.dcm"))
     study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    config, http_port = _config(tmp_path, node_checkpoint, orthanc.dicom_port, quiet=3.0)
+    config, http_port = _config(tmp_path, tiny_checkpoint, orthanc.dicom_port, quiet=3.0)
     observer = Observer(config)
     first, second = files[: len(files) // 2], files[len(files) // 2:]
     try:
@@ -120,12 +120,12 @@ def test_kill_mid_study_and_mid_job(tmp_path: Path, node_checkpoint: Path, knee_
     assert len(observer.exports()) == 4
 
 
-def test_kill_mid_export_with_retries_kept_across_the_restart(tmp_path: Path, node_checkpoint: Path,
+def test_kill_mid_export_with_retries_kept_across_the_restart(tmp_path: Path, tiny_checkpoint: Path,
                                                               knee_phantoms: Path, serve_process) -> None:
     pacs = OrthancServer(tmp_path / "orthanc", dicom_port=free_port(), stable_age_seconds=2)  # not started: down
     folder = knee_phantoms / "knee_0002" / "dicom"
     study_uid = str(dcmread(next(folder.rglob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
-    config, http_port = _config(tmp_path, node_checkpoint, pacs.dicom_port, quiet=1.0,
+    config, http_port = _config(tmp_path, tiny_checkpoint, pacs.dicom_port, quiet=1.0,
                                 retry={"max_attempts": 20, "initial_delay_seconds": 1, "max_delay_seconds": 2})
     observer = Observer(config)
     try:

@@ -48,7 +48,7 @@ from dicom_node.retention import (
     StudyGuard,
     assess,
 )
-from tests.dicom_node.node_fixtures import add_instance, wait_for
+from tests.support.node import add_instance, wait_for
 
 ROOT = "1.2.826.0.1.3680043.10.999"
 INSTANCE_BYTES = 1000
@@ -390,7 +390,7 @@ def test_the_receiver_stores_a_study_again_after_its_purge(site: Site, tmp_path:
 
     from dicom_node.listener import StoreReceiver, StoreStatus
     from dicom_node.storage import Storage
-    from tests.dicom_node.node_fixtures import receive_file
+    from tests.support.node import receive_file
     from tests.inference.dicom_factory import Geometry, pattern_volume, write_classic_series
 
     files = write_classic_series(tmp_path / "in", pattern_volume(2, 16, 16), Geometry())

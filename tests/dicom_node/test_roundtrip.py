@@ -21,20 +21,20 @@ from dicom_node.demo import findings_from_sr
 from dicom_node.node import Node
 from dicom_node.orthanc import OrthancServer, orthanc_available
 from inference.labels import label_keys
-from tests.dicom_node.node_fixtures import *  # noqa: F403 - fixtures
+from tests.support.node import free_port, make_node_config, run_storescu, wait_for
 
 pytestmark = pytest.mark.skipif(not orthanc_available(), reason="Orthanc is not installed")
 
 
 @pytest.fixture(scope="module")
-def pacs_and_node(tmp_path_factory: pytest.TempPathFactory, node_checkpoint: Path):
+def pacs_and_node(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
     """Orthanc forwarding stable MR studies to a running node, which sends its results back."""
     tmp = tmp_path_factory.mktemp("roundtrip")
     node_port = free_port()
     orthanc = OrthancServer(tmp / "orthanc", dicom_port=free_port(), node=("ORTHONODE", "127.0.0.1", node_port),
                             stable_age_seconds=2)
     orthanc.start()
-    data = make_node_config(tmp, node_checkpoint, port=node_port, quiet=2.0, destinations={
+    data = make_node_config(tmp, tiny_checkpoint, port=node_port, quiet=2.0, destinations={
         "pacs": {"type": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}})
     node = Node(parse_config(data, base_dir=tmp), poll_seconds=0.2)
     try:

@@ -13,21 +13,19 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import struct
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicom_node import db
 from dicom_node.listener import StoreStatus
 from tests.hostile.corpus import (
+    mutated_body,
     VALID_STATUSES,
     body_of,
     echo,
@@ -36,7 +34,7 @@ from tests.hostile.corpus import (
     mr_dataset,
     send_files,
 )
-from tests.hostile.test_hostile_listener import hostile_config, start_listener
+from tests.support.hostile import hostile_config, start_listener
 
 #: seconds of fuzzing (ORTHONODE_FUZZ_SECONDS for a longer run) and the seed (ORTHONODE_FUZZ_SEED)
 FUZZ_SECONDS = float(os.environ.get("ORTHONODE_FUZZ_SECONDS", "15"))
@@ -44,61 +42,6 @@ FUZZ_SEED = int(os.environ.get("ORTHONODE_FUZZ_SEED", "20261128"))
 #: files per association: several, so a damaged file is followed by more on the same association
 BATCH = 8
 
-_JUNK_VALUES: list[Any] = ["", "\\".join(["1"] * 40), "x" * 300, "../..", "\x00\x01\x02", "1.2.3", -1, 2**31, "é" * 9]
-
-
-def _delete_tags(ds: Dataset, rng: random.Random) -> None:
-    keywords = [e.keyword for e in ds if e.keyword and e.keyword != "PixelData"]
-    for keyword in rng.sample(keywords, k=rng.randint(1, 4)):
-        delattr(ds, keyword)
-
-
-def _corrupt_value(ds: Dataset, rng: random.Random) -> None:
-    element = rng.choice([e for e in ds if e.keyword != "PixelData"])
-    if rng.random() < 0.5:
-        element.VR = rng.choice(["US", "UL", "FD", "OB", "SQ", "AT", "DA", "UN"])
-    value = rng.choice(_JUNK_VALUES)
-    try:
-        element.value = value
-    except (TypeError, ValueError, OverflowError, AttributeError):
-        # the VR cannot hold it (e.g. AT): the element becomes raw junk bytes instead
-        element.VR = "UN"
-        element.value = bytes(rng.randrange(256) for _ in range(rng.choice([1, 2, 7, 64])))
-
-
-def _mutate_dataset(ds: Dataset, rng: random.Random) -> bytes:
-    for _ in range(rng.randint(1, 3)):
-        (_delete_tags if rng.random() < 0.4 else _corrupt_value)(ds, rng)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return body_of(encode(ds))
-        except (TypeError, ValueError, OverflowError, OSError, struct.error, AttributeError):
-            return b""  # pydicom cannot encode this mutation; the caller sends the original
-
-
-def _flip_bytes(body: bytes, rng: random.Random) -> bytes:
-    data = bytearray(body)
-    for _ in range(rng.randint(1, 12)):
-        data[rng.randrange(len(data))] = rng.randrange(256)
-    return bytes(data)
-
-
-def _cut_or_extend(body: bytes, rng: random.Random) -> bytes:
-    if rng.random() < 0.5:
-        return body[: rng.randrange(len(body))]
-    return body + bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
-
-
-def mutated_body(ds: Dataset, original: bytes, rng: random.Random) -> bytes:
-    """The encoded data set ``original`` (of ``ds``, which may be changed) damaged one of three
-    ways: attributes deleted or given junk values, bytes flipped, cut short or extended."""
-    kind = rng.random()
-    if kind < 0.4:
-        return _mutate_dataset(ds, rng) or original
-    if kind < 0.8:
-        return _flip_bytes(original, rng)
-    return _cut_or_extend(original, rng)
 
 
 def fuzz_file(rng: random.Random, again: tuple[str, str, str] | None = None) -> bytes:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +17,6 @@ import pytest
 from sqlalchemy import select
 
 from dicom_node import db
-from dicom_node.config import NodeConfig, parse_config
-from dicom_node.listener import Listener
-from dicom_node.storage import Storage
-from tests.dicom_node.conftest import free_port, postgres_server_url, postgres_url  # noqa: F401 - fixtures
-from tests.dicom_node.node_fixtures import node_checkpoint  # noqa: F401 - fixture
 from tests.hostile.corpus import (
     KNOWN_GAPS,
     OK,
@@ -33,63 +27,9 @@ from tests.hostile.corpus import (
     echo,
     send_files,
 )
+from tests.support.hostile import RunningListener, hostile_config, start_listener
 
 CASES = build_cases()
-
-
-@dataclass
-class RunningListener:
-    config: NodeConfig
-    listener: Listener
-    storage: Storage
-    factory: Any
-    engine: Any
-
-    @property
-    def port(self) -> int:
-        return self.config.listener.port
-
-    def row(self, sop_uid: str) -> db.Instance | None:
-        with db.session_scope(self.factory) as s:
-            return s.execute(select(db.Instance).where(db.Instance.sop_instance_uid == sop_uid)).scalar_one_or_none()
-
-    def files_named(self, sop_uid: str) -> list[Path]:
-        return [p for p in self.storage.root.rglob("*") if p.is_file() and sop_uid in p.name]
-
-    def temporaries(self) -> list[Path]:
-        return [p for p in self.storage.root.rglob(".*") if p.is_file()]
-
-    def stop(self) -> None:
-        self.listener.stop(timeout=2)
-        self.engine.dispose()
-
-
-def start_listener(config: NodeConfig) -> RunningListener:
-    """A migrated database, storage under ``config.data_dir`` and a started listener."""
-    db.upgrade_database(config.database_url)
-    engine = db.make_engine(config.database_url)
-    factory = db.make_session_factory(engine)
-    storage = Storage(config.data_dir / "instances", config.storage.min_free_mb)
-    listener = Listener(config, storage, factory)
-    listener.start()
-    return RunningListener(config, listener, storage, factory, engine)
-
-
-def hostile_config(root: Path, **listener: Any) -> NodeConfig:
-    """A node configuration on a free loopback port with data under ``root`` (defaults otherwise)."""
-    return parse_config(
-        {
-            "node": {"data_dir": str(root / "data")},
-            "listener": {
-                "port": free_port(),
-                "allowed_callers": [{"ae_title": "TESTSCU", "hosts": ["127.0.0.1"]}],
-                **listener,
-            },
-            "storage": {"min_free_mb": 0},
-        },
-        source="hostile test",
-        base_dir=root,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +176,7 @@ def test_database_unavailable_refuses_with_a702_and_recovers_by_itself(
 
 
 def test_sigkill_while_storing_keeps_every_acknowledged_instance(
-    tmp_path: Path, node_checkpoint: Path  # noqa: F811
+    tmp_path: Path, tiny_checkpoint: Path  # noqa: F811
 ) -> None:
     """Two senders store while ``orthonode serve`` is SIGKILLed three times at random moments
     (seeded); after each kill every acknowledged instance is on disk, byte for byte, with its row,
@@ -246,10 +186,10 @@ def test_sigkill_while_storing_keeps_every_acknowledged_instance(
     import threading
     import time
 
-    from tests.dicom_node.node_fixtures import ServeProcess, make_node_config, write_node_yaml
+    from tests.support.node import ServeProcess, make_node_config, write_node_yaml
     from tests.hostile.corpus import body_of, encode, mr_dataset
 
-    options = make_node_config(tmp_path, node_checkpoint, quiet=600, forced=1200)
+    options = make_node_config(tmp_path, tiny_checkpoint, quiet=600, forced=1200)
     config_path = write_node_yaml(tmp_path, options)
     port, http_port = options["listener"]["port"], options["http"]["port"]
     bodies: dict[str, bytes] = {}

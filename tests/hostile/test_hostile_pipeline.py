@@ -3,7 +3,7 @@ gets when a PACS sends odd studies.  Each gives its documented outcome (complete
 the missing planes named, or unsupported with a reason), never an exception.
 
 The studies are copies of a phantom knee (``knee_phantoms``) changed with pydicom; the model is
-the node tests' tiny bundle (``node_checkpoint``), whose findings do not matter here.
+the node tests' tiny bundle (``tiny_checkpoint``), whose findings do not matter here.
 """
 from __future__ import annotations
 
@@ -22,12 +22,11 @@ from pydicom.uid import generate_uid
 from inference.checkpoint import ModelBundle
 from inference.pipeline import Outcome, StudyResult, run_study
 from inference.series import scan_folder
-from tests.dicom_node.node_fixtures import knee_phantoms, node_checkpoint  # noqa: F401 - fixtures used by name
 
 
 @pytest.fixture(scope="module")
-def bundle(node_checkpoint: Path) -> ModelBundle:  # noqa: F811
-    return ModelBundle.load(node_checkpoint)
+def bundle(tiny_checkpoint: Path) -> ModelBundle:  # noqa: F811
+    return ModelBundle.load(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")

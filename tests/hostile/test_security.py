@@ -22,14 +22,9 @@ from sqlalchemy import select
 from dicom_node import db
 from dicom_node.listener import Listener
 from dicom_node.storage import Storage
-from tests.dicom_node.node_fixtures import (  # noqa: F401 - fixtures used by name
-    knee_phantoms,
-    node_checkpoint,
-    wait_for,
-)
-from tests.dicom_node.test_listener import tls_files  # noqa: F401 - fixture used by name
+from tests.support.node import wait_for
 from tests.hostile.corpus import echo, encode, mr_dataset, send_files
-from tests.hostile.test_hostile_listener import hostile_config
+from tests.support.hostile import hostile_config
 
 PHI_NAME = "Geheim^Patientin"
 PHI_ID = "PHI-4711-SECRET"
@@ -199,16 +194,16 @@ class ServedRun:
 
 @pytest.fixture(scope="module")
 def served_run(
-    tmp_path_factory: pytest.TempPathFactory, node_checkpoint: Path, knee_phantoms: Path  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, knee_phantoms: Path  # noqa: F811
 ) -> ServedRun:
     """``orthonode serve`` with the default logging and bind settings, started under umask 022
     (what a service usually gets): one study with a recognisable patient received and
     processed, then stopped."""
     from dicom_node.config import load_config
-    from tests.dicom_node.node_fixtures import ServeProcess, make_node_config, run_storescu, write_node_yaml
+    from tests.support.node import ServeProcess, make_node_config, run_storescu, write_node_yaml
 
     tmp = tmp_path_factory.mktemp("served")
-    config_path = write_node_yaml(tmp, make_node_config(tmp, node_checkpoint))
+    config_path = write_node_yaml(tmp, make_node_config(tmp, tiny_checkpoint))
     config = load_config(config_path)
     files = _rewrite_patient(sorted(knee_phantoms.glob("knee_*"))[0] / "dicom", tmp / "study")
     old_umask = os.umask(0o022)

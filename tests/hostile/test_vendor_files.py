@@ -30,9 +30,8 @@ from dicom_node.listener import StoreStatus
 from inference.checkpoint import ModelBundle
 from inference.pipeline import Outcome, run_study
 from inference.series import SeriesError, load_series, scan_folder_report
-from tests.dicom_node.node_fixtures import node_checkpoint  # noqa: F401 - fixture used by name
 from tests.hostile.corpus import body_of, echo, send_files
-from tests.hostile.test_hostile_listener import RunningListener, hostile_config, start_listener
+from tests.support.hostile import RunningListener, hostile_config, start_listener
 
 ENHANCED = "emri_small.dcm"
 #: the same Enhanced MR instance in other encodings, all lossless
@@ -144,7 +143,7 @@ def test_philips_lossless_and_lossy_copies(node: RunningListener) -> None:
 
 
 def test_the_real_enhanced_mr_without_geometry_is_read_and_reported_unsupported(
-    node_checkpoint: Path, tmp_path: Path  # noqa: F811
+    tiny_checkpoint: Path, tmp_path: Path  # noqa: F811
 ) -> None:
     """The real Enhanced MR object lost its functional groups in de-identification, so its frames
     have no orientation or position: the scan reads it as one 10-frame multi-frame series, the
@@ -166,7 +165,7 @@ def test_the_real_enhanced_mr_without_geometry_is_read_and_reported_unsupported(
         np.testing.assert_array_equal(siemens.pixels[0], pydicom.dcmread(study / "siemens.dcm").pixel_array)
 
         # the two files are different studies; each alone goes through run_study
-        bundle = ModelBundle.load(node_checkpoint)
+        bundle = ModelBundle.load(tiny_checkpoint)
         (tmp_path / "alone").mkdir()
         shutil.move(study / "enhanced.dcm", tmp_path / "alone" / "enhanced.dcm")
         result = run_study(tmp_path / "alone", bundle, tmp_path / "out", device="cpu")

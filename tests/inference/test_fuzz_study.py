@@ -21,8 +21,7 @@ import pytest
 
 from inference.checkpoint import ModelBundle
 from inference.pipeline import Outcome, run_study
-from tests.hostile.corpus import body_of
-from tests.hostile.test_fuzz_store import mutated_body
+from tests.hostile.corpus import body_of, mutated_body
 
 #: seconds of fuzzing (ORTHONODE_STUDY_FUZZ_SECONDS for a longer run) and the seed
 FUZZ_SECONDS = float(os.environ.get("ORTHONODE_STUDY_FUZZ_SECONDS", "20"))
@@ -40,9 +39,9 @@ def _damage(path: Path, rng: random.Random) -> None:
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_damaged_studies_get_an_outcome_never_an_exception(
-    trained_checkpoint: Path, knee_studies: Path, tmp_path: Path
+    tiny_checkpoint: Path, knee_studies: Path, tmp_path: Path
 ) -> None:
-    bundle = ModelBundle.load(trained_checkpoint)
+    bundle = ModelBundle.load(tiny_checkpoint)
     source = sorted(knee_studies.glob("knee_*"))[0] / "dicom"
     files = sorted(p.relative_to(source) for p in source.rglob("*") if p.is_file())
     rng = random.Random(FUZZ_SEED)

@@ -15,7 +15,8 @@ import pytest
 
 from inference.checkpoint import ModelBundle
 from inference.pipeline import Outcome, run_study
-from tests.inference.conftest import MATRIX, TEST_SEED
+from tests.support.tiny_model import MATRIX, TEST_SEED
+
 from tests.inference.output_factory import dciodvfy_errors
 
 #: the top-level attributes of a phantom MR image (the generator writes these for every site)
@@ -40,8 +41,8 @@ _ATTRIBUTES = (
 
 
 @pytest.fixture(scope="module")
-def bundle(trained_checkpoint: Path) -> ModelBundle:
-    return ModelBundle.load(trained_checkpoint)
+def bundle(tiny_checkpoint: Path) -> ModelBundle:
+    return ModelBundle.load(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")

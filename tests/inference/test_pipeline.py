@@ -26,8 +26,8 @@ MIN_BONE_DICE = 0.4
 
 
 @pytest.fixture(scope="module")
-def bundle(trained_checkpoint: Path) -> ModelBundle:
-    return ModelBundle.load(trained_checkpoint)
+def bundle(tiny_checkpoint: Path) -> ModelBundle:
+    return ModelBundle.load(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")

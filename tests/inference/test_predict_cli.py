@@ -17,11 +17,11 @@ def _run(argv: list[str]) -> int:
 
 
 def test_predict_with_model_and_preview(
-    trained_checkpoint: Path, knee_studies: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_checkpoint: Path, knee_studies: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
     rc = _run(["--study", str(knee_studies / "knee_0002" / "dicom"), "--out", str(out), "--model",
-               str(trained_checkpoint), "--preview", "--config", str(tmp_path / "absent.yaml")])
+               str(tiny_checkpoint), "--preview", "--config", str(tmp_path / "absent.yaml")])
     printed = capsys.readouterr().out
     assert rc == cli.EXIT_OK, printed
     assert "test-knee 0.1-test (knee)" in printed and ": complete:" in printed
@@ -36,15 +36,15 @@ def test_predict_with_model_and_preview(
 
 
 def test_model_defaults_to_the_checkpoint_of_node_yaml(
-    trained_checkpoint: Path, knee_studies: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_checkpoint: Path, knee_studies: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = tmp_path / "node.yaml"
-    config.write_text(f"model:\n  checkpoint: {trained_checkpoint}\n", encoding="utf-8")
+    config.write_text(f"model:\n  checkpoint: {tiny_checkpoint}\n", encoding="utf-8")
     rc = _run(["--study", str(knee_studies / "knee_0002" / "dicom"), "--out", str(tmp_path / "out"),
                "--config", str(config), "--segment-planes", "coronal", "--overlay-planes", "none"])
     printed = capsys.readouterr().out
     assert rc == cli.EXIT_OK, printed
-    assert f"from {trained_checkpoint}" in printed
+    assert f"from {tiny_checkpoint}" in printed
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["seg_coronal.dcm", "sr.dcm"]
     rc = _run(["--study", str(knee_studies / "knee_0002" / "dicom"), "--out", str(tmp_path / "b"),
                "--config", str(config), "--overlay-planes", "axial"])
@@ -55,10 +55,10 @@ def test_model_defaults_to_the_checkpoint_of_node_yaml(
 
 
 def test_unsupported_study_and_bad_arguments(
-    trained_checkpoint: Path, ankle_study: Path, knee_studies: Path, tmp_path: Path,
+    tiny_checkpoint: Path, ankle_study: Path, knee_studies: Path, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    rc = _run(["--study", str(ankle_study), "--out", str(tmp_path / "a"), "--model", str(trained_checkpoint)])
+    rc = _run(["--study", str(ankle_study), "--out", str(tmp_path / "a"), "--model", str(tiny_checkpoint)])
     assert rc == cli.EXIT_UNSUPPORTED
     assert "unsupported" in capsys.readouterr().out
     study = str(knee_studies / "knee_0002" / "dicom")
@@ -67,10 +67,10 @@ def test_unsupported_study_and_bad_arguments(
     assert rc == cli.EXIT_USAGE and "none.yaml" in capsys.readouterr().err
     rc = _run(["--study", study, "--out", str(tmp_path / "c"), "--model", str(tmp_path / "missing.pt")])
     assert rc == cli.EXIT_USAGE and "missing.pt" in capsys.readouterr().err
-    rc = _run(["--study", study, "--out", str(tmp_path / "d"), "--model", str(trained_checkpoint),
+    rc = _run(["--study", study, "--out", str(tmp_path / "d"), "--model", str(tiny_checkpoint),
                "--segment-planes", "sagittal,oblique"])
     assert rc == cli.EXIT_USAGE and "oblique" in capsys.readouterr().err
-    rc = _run(["--study", str(tmp_path / "nowhere"), "--out", str(tmp_path / "e"), "--model", str(trained_checkpoint)])
+    rc = _run(["--study", str(tmp_path / "nowhere"), "--out", str(tmp_path / "e"), "--model", str(tiny_checkpoint)])
     assert rc == cli.EXIT_USAGE and "nowhere" in capsys.readouterr().err
 
 

@@ -32,6 +32,7 @@ from inference.sr_writer import Finding, write_report
 from inference.uids import AlgorithmInfo, NodeInfo
 from sr_templates import load_template
 from tests.inference.output_factory import ValidatorOutput, dciodvfy_errors, dcentvfy_output, run_pixelmed
+from tests.support.shared import built_once
 
 pytestmark = [pytest.mark.dicomtools, pytest.mark.slow]
 
@@ -141,27 +142,17 @@ def _build(root: Path) -> dict:
 def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The SEGs and SRs of the three joints, and every validator's output on them.
 
-    Built once per test run: under pytest-xdist the first worker that gets here builds them
-    holding a file lock and the other reads what it wrote, so PixelMed (a JVM per file, tens of
-    seconds each) does not run twice on the two cores.
+    Built once per test run (:func:`tests.support.shared.built_once`), so PixelMed (a JVM per
+    file, tens of seconds each) does not run twice on the two cores.
     """
-    import fcntl
     import json
-    import os
 
-    base = tmp_path_factory.getbasetemp()
-    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "validators"
-    shared.mkdir(parents=True, exist_ok=True)
-    with open(shared / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            done = shared / "outputs.json"
-            if not done.is_file():
-                built = _build(shared)
-                done.write_text(json.dumps(built), encoding="utf-8")
-            built = json.loads(done.read_text(encoding="utf-8"))
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    def build(folder: Path) -> Path:
+        done = folder / "outputs.json"
+        done.write_text(json.dumps(_build(folder)), encoding="utf-8")
+        return done
+
+    built = json.loads(built_once(tmp_path_factory, "validators", build).read_text(encoding="utf-8"))
     results = [ValidatorOutput(command, Path(path), output) for command, path, output in built["validated"]]
     sr_template, unplaced, shoulder, *seg_iods = results[:3 + len(SEG_PLANES)]
     segs = {plane: Path(path) for plane, path in built["segs"].items()}

@@ -1,13 +1,6 @@
-"""Fixtures and helpers for the node's processing-side tests (assembly, jobs, export, round trips).
-
-Import the fixtures into a test module with ``from tests.dicom_node.node_fixtures import *``
-(names listed in ``__all__``).
-
-The round trips need a model.  It is trained once per test session (per xdist worker) with the
-trainer's own functions at the tiny size on a few phantom knees: a sagittal segmenter and a
-fused three-plane classifier, each for a handful of steps.  Its findings are not meant to be
-right; the tests check the node's plumbing (what arrives where, how often, after what), and
-the pipeline's own tests check what the model says.
+"""Helpers of the node tests and the hostile-input tests: ports, polling, node configurations,
+instance rows, the receiver without a network, dcmtk's storescu and ``orthonode serve`` in a
+subprocess.  Imported by name; the fixtures built on them are in :mod:`tests.support.fixtures`.
 """
 from __future__ import annotations
 
@@ -16,41 +9,20 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from dicom_node.health import answers_healthy
+from tests.support.tiny_model import MATRIX  # noqa: F401 - the phantom matrix of the node tests
 
 REPO = Path(__file__).resolve().parents[2]
-#: phantom matrix for node tests: small files, quick to send and to run the tiny model on
-MATRIX = 64
-
-__all__ = [
-    "MATRIX",
-    "REPO",
-    "NodeParts",
-    "add_instance",
-    "make_parts",
-    "node_db",
-    "build_small_checkpoint",
-    "free_port",
-    "knee_phantoms",
-    "node_checkpoint",
-    "node_yaml",
-    "orthanc",
-    "make_node_config",
-    "run_storescu",
-    "serve_process",
-    "wait_for",
-    "write_node_yaml",
-]
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -66,72 +38,6 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last value {last!r})")
-
-
-def build_small_checkpoint(root: Path, seg_epochs: int = 2) -> Path:
-    """Train the tiny knee bundle used by the node tests into ``root/model.pt``."""
-    import torch
-
-    from training.config import load_config
-    from training.datasets import read_source
-    from training.finetune import finetune_classifier, finetune_segmenter, make_bundle
-    from training.phantoms.generate import generate_dataset
-
-    generate_dataset(root / "train", "knee", 3, seed=21, matrix=MATRIX)
-    records = read_source(f"phantom:{root / 'train'}")
-    cfg = load_config("tiny").with_overrides(
-        segment={"epochs": seg_epochs, "batch_size": 4, "lr": 1e-2, "backbone_lr_factor": 1.0, "ce_weight": 1.0},
-        classify={"epochs": 1},
-    )
-    torch.manual_seed(0)
-    seg = finetune_segmenter(cfg, records, plane="sagittal", pretrained=None, from_scratch=True, seed=0, progress=False)
-    cls = finetune_classifier(cfg, records, ["sagittal", "coronal", "axial"], use_ehr=True, pretrained=None,
-                              from_scratch=True, seed=0, progress=False)
-    bundle = make_bundle(cfg, classifier=cls, segmenter=seg, name="node-test-knee", version="0.1-nodetest")
-    path = root / "model.pt"
-    bundle.save(path)
-    return path
-
-
-def _built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]) -> Path:
-    """``build(folder)`` once per test run: under pytest-xdist the workers share the result
-    through the run's common temporary folder, the first one building it under a file lock."""
-    import fcntl
-
-    base = tmp_path_factory.getbasetemp()
-    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / f"node_{name}"
-    shared.mkdir(parents=True, exist_ok=True)
-    with open(shared / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        done = shared / ".done"
-        if not done.exists():
-            result = build(shared)
-            done.write_text(str(result))
-        return Path(done.read_text())
-
-
-@pytest.fixture(scope="session")
-def node_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny trained knee bundle (see the module docstring), built once per test run;
-    ``ORTHONODE_TEST_NODE_CHECKPOINT`` names an existing one instead."""
-    given = os.environ.get("ORTHONODE_TEST_NODE_CHECKPOINT")
-    if given:
-        return Path(given)
-    return _built_once(tmp_path_factory, "model", build_small_checkpoint)
-
-
-def _generate_knees(folder: Path) -> Path:
-    from training.phantoms.generate import generate_dataset
-
-    generate_dataset(folder / "knee", "knee", 3, seed=31, matrix=MATRIX)
-    return folder / "knee"
-
-
-@pytest.fixture(scope="session")
-def knee_phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three phantom knee studies ``ROOT/knee_000N/dicom/<series>/*.dcm`` and ``ROOT/cases.csv``
-    (read-only: tests copy what they change)."""
-    return _built_once(tmp_path_factory, "knees", _generate_knees)
 
 
 def add_instance(
@@ -214,18 +120,6 @@ def make_parts(tmp: Path, checkpoint: Path, **options: Any) -> NodeParts:
     return NodeParts(parse_config(make_node_config(tmp, checkpoint, **options), base_dir=tmp))
 
 
-@pytest.fixture()
-def node_db(tmp_path: Path) -> Iterator[Any]:
-    """A migrated SQLite database in ``tmp_path``; yields its session factory."""
-    from dicom_node.db import make_engine, make_session_factory, upgrade_database
-
-    url = f"sqlite:///{tmp_path / 'node.sqlite'}"
-    upgrade_database(url)
-    engine = make_engine(url)
-    yield make_session_factory(engine)
-    engine.dispose()
-
-
 def make_node_config(
     tmp: Path,
     checkpoint: Path,
@@ -265,28 +159,6 @@ def write_node_yaml(tmp: Path, data: dict[str, Any]) -> Path:
     path = tmp / "node.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
-
-
-@pytest.fixture()
-def node_yaml(tmp_path: Path, node_checkpoint: Path) -> Callable[..., Path]:
-    """Factory: ``node_yaml(**make_node_config options) -> path of a written node.yaml``."""
-
-    def make(**options: Any) -> Path:
-        return write_node_yaml(tmp_path, make_node_config(tmp_path, node_checkpoint, **options))
-
-    return make
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A real Orthanc on loopback (skipped when the package is not installed); no forwarding."""
-    from dicom_node.orthanc import OrthancServer, orthanc_available
-
-    if not orthanc_available():
-        pytest.skip("Orthanc is not installed (/usr/sbin/Orthanc)")
-    server = OrthancServer(tmp_path_factory.mktemp("orthanc"), dicom_port=free_port(), stable_age_seconds=2)
-    with server:
-        yield server
 
 
 def run_storescu(port: int, files: list[Path] | Path, calling_ae: str = "STORESCU", called_ae: str = "ORTHONODE",
@@ -352,18 +224,3 @@ class ServeProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
-
-
-@pytest.fixture()
-def serve_process(tmp_path: Path) -> Iterator[Callable[[Path], ServeProcess]]:
-    """Factory for ``orthonode serve`` subprocesses; every one started is killed at the end."""
-    started: list[ServeProcess] = []
-
-    def make(config_path: Path) -> ServeProcess:
-        proc = ServeProcess(config_path, tmp_path / f"serve-{len(started)}.log").start()
-        started.append(proc)
-        return proc
-
-    yield make
-    for proc in started:
-        proc.kill()
