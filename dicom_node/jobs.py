@@ -480,11 +480,11 @@ class Worker:
 
     @property
     def results_root(self) -> Path:
-        return self.config.data_dir / "results"
+        return self.config.layout.results
 
     @property
     def work_root(self) -> Path:
-        return self.config.data_dir / "work"
+        return self.config.layout.work
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -536,7 +536,7 @@ class Worker:
 
     def _snapshot(self, claimed: ClaimedJob) -> Path:
         """Hard links to exactly the job's instances in ``work/job-<id>`` (fresh each attempt)."""
-        folder = self.work_root / f"job-{claimed.job_id}"
+        folder = self.config.layout.job_work(claimed.job_id)
         if folder.exists():
             shutil.rmtree(folder)
         for relative in claimed.instance_paths:
@@ -555,7 +555,7 @@ class Worker:
                                 name=f"orthonode-heartbeat-{claimed.job_id}")
         beat.start()
         study_uid = claimed.study_instance_uid
-        out_dir = self.results_root / study_uid / f"job-{claimed.job_id}"
+        out_dir = self.config.layout.job_results(study_uid, claimed.job_id)
         snapshot: Path | None = None
         try:
             log.info("study %s: job %d started (attempt %d, %d instances)", study_uid, claimed.job_id, claimed.attempt,

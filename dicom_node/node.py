@@ -40,12 +40,11 @@ from dicom_node.health import (
     check_loop,
 )
 from dicom_node.jobs import JobOutcome, SharedModel, Worker
-from dicom_node.retention import DataDirLock, PurgedStudy, Purger, RetentionRunner, StudyGuard
+from dicom_node.layout import DataDirLock, DataLayout
+from dicom_node.retention import PurgedStudy, Purger, RetentionRunner, StudyGuard
 
 log = logging.getLogger(__name__)
 
-#: the storage root inside ``node.data_dir``
-INSTANCES_DIR = "instances"
 #: umask of ``orthonode serve``: files 0640, folders 0750 (patient data stays with the node's group)
 PRIVATE_UMASK = 0o027
 
@@ -76,6 +75,7 @@ class Node:
         self.config = config
         self.poll_seconds = poll_seconds
         self.data_dir = config.data_dir
+        self.layout = DataLayout(self.data_dir)
         self.data_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         _private(self.data_dir)
         upgrade_database(config.database_url)
@@ -85,7 +85,7 @@ class Node:
                 _private(path)
         self.engine = make_engine(config.database_url)
         self.factory = make_session_factory(self.engine)
-        self.storage = Storage(self.data_dir / INSTANCES_DIR, config.storage.min_free_mb)
+        self.storage = Storage(self.layout.instances, config.storage.min_free_mb)
         self.metrics = NodeMetrics()
         self.metrics.registry.register(DatabaseCollector(self.factory))
         self.exporter = Exporter(config, self.factory, poll_seconds=poll_seconds,
@@ -242,4 +242,4 @@ class Node:
 
     @property
     def results_dir(self) -> Path:
-        return self.data_dir / "results"
+        return self.layout.results

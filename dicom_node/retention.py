@@ -39,16 +39,15 @@ instance after its mark (possible only when a listener does not hold the guard):
 study's next job reports the missing files) rather than an acknowledged instance vanishing.
 
 One node per ``data_dir``: the running node holds an exclusive lock on
-``data_dir/orthonode.lock`` (:class:`DataDirLock`, ``flock``, released by the kernel when the
-process dies however it dies); ``orthonode purge`` takes the same lock and refuses to delete
-while a node holds it.  Several nodes sharing one database are not covered: each one's guard
-only sees its own listener.
+``data_dir/orthonode.lock`` (:class:`dicom_node.layout.DataDirLock`, ``flock``, released by the
+kernel when the process dies however it dies); ``orthonode purge`` takes the same lock and
+refuses to delete while a node holds it.  Several nodes sharing one database are not covered:
+each one's guard only sees its own listener.
 """
 from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import logging
 import os
 import re
@@ -81,6 +80,7 @@ from dicom_node.db import (
     session_scope,
     utcnow,
 )
+from dicom_node.layout import DataDirLock, DataDirLockedError, DataLayout
 from dicom_node.storage import fsync_directory
 
 log = logging.getLogger(__name__)
@@ -91,12 +91,6 @@ PURGED = "study_purged"
 PURGE_ABANDONED = "study_purge_abandoned"
 _PURGE_KINDS = (PURGE_STARTED, PURGED, PURGE_ABANDONED)
 
-#: the lock file a running node holds in its data directory
-LOCK_FILE = "orthonode.lock"
-#: folders of ``data_dir`` the purge deletes from (instances: see ``dicom_node.node.INSTANCES_DIR``;
-#: results and work: see :class:`dicom_node.jobs.Worker`)
-RESULTS_DIR = "results"
-WORK_DIR = "work"
 #: how long a scheduled purge waits for a study's receivers before leaving it for the next run
 GUARD_TIMEOUT_SECONDS = 30.0
 
@@ -188,84 +182,6 @@ class StudyGuard:
     def is_purging(self, study_uid: str) -> bool:
         with self._cond:
             return study_uid in self._purging
-
-
-# --------------------------------------------------------------------------- the data-dir lock
-
-
-class DataDirLockedError(OSError):
-    """Another process (a running node, or ``orthonode purge``) holds the data directory's lock."""
-
-
-class DataDirLock:
-    """An exclusive ``flock`` on ``data_dir/orthonode.lock`` held while a node serves the folder.
-
-    The kernel drops the lock when its process ends, also on SIGKILL, so a stale file never
-    blocks anyone; the pid written into it is only there to name the holder in messages.
-    """
-
-    def __init__(self, data_dir: Path) -> None:
-        self.path = Path(data_dir) / LOCK_FILE
-        self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        """Whether this object holds the lock."""
-        return self._fd is not None
-
-    def acquire(self, purpose: str = "serving") -> None:
-        """Take the lock or raise :class:`DataDirLockedError` naming the holder."""
-        if self._fd is not None:
-            raise RuntimeError(f"{self.path} is already held by this object")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise DataDirLockedError(exc.errno, f"{self.path} is locked by {self.holder()}: another node "
-                                                    f"or `orthonode purge` is using {self.path.parent}") from None
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {purpose}\n".encode("ascii"))
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)  # closing the descriptor drops the flock
-
-    def locked_by_other(self) -> bool:
-        """Whether another process holds the lock now (this one does not take it)."""
-        if self._fd is not None or not self.path.exists():
-            return False
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return True
-            raise
-        finally:
-            os.close(fd)
-        return False
-
-    def holder(self) -> str:
-        """``pid N (serving)`` as written by the holder, or ``another process`` when unreadable."""
-        try:
-            text = self.path.read_text(encoding="ascii").split()
-        except (OSError, UnicodeDecodeError):
-            return "another process"
-        if len(text) >= 2 and text[0].isdigit():
-            return f"pid {text[0]} ({' '.join(text[1:])})"
-        return "another process"
-
-    def __enter__(self) -> DataDirLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 # --------------------------------------------------------------------------- eligibility
@@ -479,8 +395,6 @@ class Purger:
         on_purged: Callable[[PurgedStudy], None] | None = None,
         guard_timeout: float | None = GUARD_TIMEOUT_SECONDS,
     ) -> None:
-        from dicom_node.node import INSTANCES_DIR  # node imports this module
-
         self.policy = config.retention
         self.factory = factory
         self.guard = guard if guard is not None else StudyGuard()
@@ -488,9 +402,9 @@ class Purger:
         self.on_purged = on_purged
         self.guard_timeout = guard_timeout
         self.data_dir = config.data_dir
-        self.instances_root = self.data_dir / INSTANCES_DIR
-        self.results_root = self.data_dir / RESULTS_DIR
-        self.work_root = self.data_dir / WORK_DIR
+        self.layout = DataLayout(self.data_dir)
+        self.instances_root = self.layout.instances
+        self.results_root = self.layout.results
         self._run_lock = threading.Lock()
 
     # ------------------------------------------------------------------ what is there
@@ -500,8 +414,8 @@ class Purger:
         from dicom_node.storage import validate_uid
 
         validate_uid("StudyInstanceUID", study_uid)
-        return [self.results_root / study_uid, *(self.work_root / f"job-{i}" for i in job_ids),
-                self.instances_root / study_uid]
+        return [self.layout.study_results(study_uid), *(self.layout.job_work(i) for i in job_ids),
+                self.layout.study_instances(study_uid)]
 
     def _stray_exports(self, session: Session, study_id: int, study_uid: str) -> list[Path]:
         """Result objects of the study's exports outside its own result folder (normally none);

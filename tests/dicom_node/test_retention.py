@@ -36,12 +36,11 @@ from dicom_node.db import (
     upgrade_database,
     utcnow,
 )
+from dicom_node.layout import DataDirLock, DataDirLockedError
 from dicom_node.retention import (
     PURGE_ABANDONED,
     PURGE_STARTED,
     PURGED,
-    DataDirLock,
-    DataDirLockedError,
     PurgedStudy,
     Purger,
     StudyBusyError,
