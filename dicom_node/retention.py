@@ -67,6 +67,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig, RetentionSection
 from dicom_node.db import (
+    PURGE_EVENT_KINDS,
+    EventKind,
     EventRecord,
     Export,
     ExportState,
@@ -84,12 +86,6 @@ from dicom_node.layout import DataDirLock, DataDirLockedError, DataLayout
 from dicom_node.storage import fsync_directory
 
 log = logging.getLogger(__name__)
-
-#: event kinds of the purge (see the module docstring): the mark, the end, and a purge given up
-PURGE_STARTED = "study_purge_started"
-PURGED = "study_purged"
-PURGE_ABANDONED = "study_purge_abandoned"
-_PURGE_KINDS = (PURGE_STARTED, PURGED, PURGE_ABANDONED)
 
 #: how long a scheduled purge waits for a study's receivers before leaving it for the next run
 GUARD_TIMEOUT_SECONDS = 30.0
@@ -474,7 +470,7 @@ class Purger:
                 select(EventRecord.kind, EventRecord.time, EventRecord.message, Study.id, Study.study_instance_uid,
                        Study.first_received_at)
                 .join(Study, Study.study_instance_uid == EventRecord.study_instance_uid)
-                .where(EventRecord.kind.in_(_PURGE_KINDS))
+                .where(EventRecord.kind.in_(PURGE_EVENT_KINDS))
                 .order_by(EventRecord.id)
             ).all()
         latest: dict[str, Any] = {}
@@ -483,7 +479,7 @@ class Purger:
         marks = []
         for row in latest.values():
             # a study first received after the mark is a new one under the same UID, not the one marked
-            if row.kind == PURGE_STARTED and row.first_received_at <= row.time:
+            if row.kind == EventKind.PURGE_STARTED and row.first_received_at <= row.time:
                 found = _MARK_MESSAGE.match(row.message)
                 reason, age = (found["reason"], float(found["age"])) if found else (row.message, 0.0)
                 marks.append(_Mark(row.id, row.study_instance_uid, row.time, reason, age))
@@ -503,7 +499,7 @@ class Purger:
                 if verdict.keep_until is None:
                     return verdict.reason
                 return f"{verdict.reason}, kept until {verdict.keep_until:%Y-%m-%d %H:%M} UTC"
-            event = add_event(session, PURGE_STARTED,
+            event = add_event(session, EventKind.PURGE_STARTED,
                               f"{verdict.reason}; {verdict.age_days:.2f} days since the last activity "
                               f"({verdict.last_activity:%Y-%m-%d %H:%M:%S} UTC); deleting files, then rows",
                               study_instance_uid=study_uid)
@@ -526,7 +522,8 @@ class Purger:
         with session_scope(self.factory) as session:
             study = session.scalars(select(Study).where(Study.id == mark.study_id).with_for_update()).first()
             if study is None or study.study_instance_uid != mark.study_instance_uid:
-                add_event(session, PURGED, f"{mark.reason}; rows already gone; {files} file(s), {size} bytes deleted",
+                add_event(session, EventKind.PURGED,
+                          f"{mark.reason}; rows already gone; {files} file(s), {size} bytes deleted",
                           study_instance_uid=mark.study_instance_uid)
                 return PurgedStudy(mark.study_instance_uid, mark.reason, mark.age_days, files, size, 0, 0, 0, resumed)
             if study.last_received_at > mark.time:
@@ -535,7 +532,7 @@ class Purger:
                            f"UTC): the study is kept with the instances received since; {forgotten} row(s) of "
                            f"instances whose files were already deleted removed (is the listener holding the "
                            f"study guard?)")
-                add_event(session, PURGE_ABANDONED, message, study_instance_uid=mark.study_instance_uid)
+                add_event(session, EventKind.PURGE_ABANDONED, message, study_instance_uid=mark.study_instance_uid)
                 log.error("study %s: purge abandoned: %s", mark.study_instance_uid, message)
                 return None
             job_ids = select(Job.id).where(Job.study_id == study.id)
@@ -548,7 +545,7 @@ class Purger:
             session.execute(delete(Instance).where(Instance.series_id.in_(series_ids)))
             series = session.execute(delete(Series).where(Series.study_id == study.id)).rowcount
             session.execute(delete(Study).where(Study.id == study.id))
-            add_event(session, PURGED,
+            add_event(session, EventKind.PURGED,
                       f"{mark.reason}; {mark.age_days:.2f} days since the last activity; {instances} instance(s) in "
                       f"{series} series, {jobs} job(s), {exports} export(s); {files} file(s), {size} bytes deleted"
                       + ("; finished after an interruption" if resumed else ""),
