@@ -58,7 +58,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -90,6 +90,7 @@ from dicom_node.db import (
     session_scope,
     utcnow,
 )
+from dicom_node.retention import StudyGuard
 from dicom_node.storage import (
     DuplicateConflictError,
     InsufficientStorageError,
@@ -99,9 +100,6 @@ from dicom_node.storage import (
     sync_directories,
     validate_uid,
 )
-
-if TYPE_CHECKING:
-    from dicom_node.retention import StudyGuard
 
 log = logging.getLogger(__name__)
 
@@ -1128,7 +1126,6 @@ def make_ssl_context(config: NodeConfig) -> ssl.SSLContext | None:
     tls = config.listener.tls
     if not tls.enabled:
         return None
-    from pathlib import Path
 
     def path(key: str) -> str:
         value = getattr(tls, key)

@@ -41,7 +41,9 @@ from dicom_node.health import (
 )
 from dicom_node.jobs import JobOutcome, SharedModel, Worker
 from dicom_node.layout import DataDirLock, DataLayout
+from dicom_node.listener import AssociationHolds, Listener
 from dicom_node.retention import PurgedStudy, Purger, RetentionRunner, StudyGuard
+from dicom_node.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +71,6 @@ class Node:
     """
 
     def __init__(self, config: NodeConfig, *, preview: bool = False, poll_seconds: float = 1.0) -> None:
-        from dicom_node.listener import AssociationHolds, Listener
-        from dicom_node.storage import Storage
-
         self.config = config
         self.poll_seconds = poll_seconds
         self.data_dir = config.data_dir

@@ -65,7 +65,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.config import NodeConfig, RetentionSection
+from dicom_node.config import ConfigError, NodeConfig, RetentionSection, load_config
 from dicom_node.db import (
     PURGE_EVENT_KINDS,
     EventKind,
@@ -79,11 +79,14 @@ from dicom_node.db import (
     Study,
     StudyState,
     add_event,
+    make_engine,
+    make_session_factory,
     session_scope,
+    upgrade_database,
     utcnow,
 )
 from dicom_node.layout import DataDirLock, DataDirLockedError, DataLayout
-from dicom_node.storage import fsync_directory
+from dicom_node.storage import fsync_directory, validate_uid
 
 log = logging.getLogger(__name__)
 
@@ -407,8 +410,6 @@ class Purger:
     def _study_paths(self, study_uid: str, job_ids: list[int]) -> list[Path]:
         """The study's folders, instances last (the results name them).  The UID is checked
         against the UID grammar before it becomes a path component."""
-        from dicom_node.storage import validate_uid
-
         validate_uid("StudyInstanceUID", study_uid)
         return [self.layout.study_results(study_uid), *(self.layout.job_work(i) for i in job_ids),
                 self.layout.study_instances(study_uid)]
@@ -728,9 +729,6 @@ def _table(rows: list[tuple[str, str, float, int]]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """``orthonode purge``: list (``--dry-run``) or delete the studies the retention policy allows."""
-    from dicom_node.config import ConfigError, load_config
-    from dicom_node.db import make_engine, make_session_factory, upgrade_database
-
     try:
         config = load_config(args.config)
     except ConfigError as exc:
