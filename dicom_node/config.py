@@ -13,6 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dicom_node.layout import DataLayout
 from inference.joint import DEFAULT_JOINT_RULES, JointRules
 from inference.labels import JOINTS
 from inference.selection import DEFAULT_RULES, SelectionRules
@@ -359,8 +360,13 @@ class NodeConfig(_Section):
         return self.checkpoints if self.model.checkpoints else {"checkpoint": self.checkpoint}
 
     @property
+    def layout(self) -> DataLayout:
+        """The data folder's paths (:mod:`dicom_node.layout`)."""
+        return DataLayout(self.data_dir)
+
+    @property
     def database_url(self) -> str:
-        return self.database.url or f"sqlite:///{self.data_dir / 'orthonode.sqlite'}"
+        return self.database.url or f"sqlite:///{self.layout.database}"
 
 
 def _deep_merge(base: dict, override: dict) -> dict:

@@ -139,6 +139,64 @@ class ExportState(str, enum.Enum):
     FAILED = "failed"
 
 
+#: prefix of the events the listener writes for an association rejected at negotiation, followed
+#: by the reason: ``called_ae_title``, ``calling_ae_title``, ``host`` or ``too_many_associations``
+ASSOCIATION_REJECTED_PREFIX = "association_rejected_"
+
+
+class EventKind(str, enum.Enum):
+    """The kinds of the audit trail's events (``events.kind``; the values are what is stored).
+
+    A ``str`` enum: a kind read back from the database is a plain string and compares equal to
+    its member, and ``str()`` / formatting give the value.  The column stays a plain string, so
+    a kind added later needs no migration.
+    """
+
+    # the listener and :func:`record_received`
+    INSTANCE_STORED = "instance_stored"
+    INSTANCE_REPLACED = "instance_replaced"
+    INSTANCE_RESENT = "instance_resent"
+    #: an instance row removed because its file is not there (see :func:`forget_instances`)
+    INSTANCE_FORGOTTEN = "instance_forgotten"
+    DUPLICATE_OTHER_ENCODING = "duplicate_other_encoding"
+    DUPLICATE_REFUSED = "duplicate_refused"
+    DUPLICATE_KEPT_FIRST = "duplicate_kept_first"
+    SERIES_IN_OTHER_STUDY = "series_in_other_study"
+    #: associations rejected at negotiation, by reason (:meth:`association_rejected`)
+    ASSOCIATION_REJECTED_CALLED_AE_TITLE = ASSOCIATION_REJECTED_PREFIX + "called_ae_title"
+    ASSOCIATION_REJECTED_CALLING_AE_TITLE = ASSOCIATION_REJECTED_PREFIX + "calling_ae_title"
+    ASSOCIATION_REJECTED_HOST = ASSOCIATION_REJECTED_PREFIX + "host"
+    ASSOCIATION_REJECTED_TOO_MANY_ASSOCIATIONS = ASSOCIATION_REJECTED_PREFIX + "too_many_associations"
+    # jobs (:mod:`dicom_node.jobs`)
+    JOB_QUEUED = "job_queued"
+    JOB_REQUEUED = "job_requeued"
+    JOB_STARTED = "job_started"
+    JOB_DONE = "job_done"
+    JOB_FAILED = "job_failed"
+    # exports (:mod:`dicom_node.export`)
+    EXPORT_REQUEUED = "export_requeued"
+    EXPORT_RECOVERED = "export_recovered"
+    EXPORT_DONE = "export_done"
+    EXPORT_FAILED = "export_failed"
+    EXPORT_RETRY = "export_retry"
+    # retention (:mod:`dicom_node.retention`): the mark, the end, and a purge given up
+    PURGE_STARTED = "study_purge_started"
+    PURGED = "study_purged"
+    PURGE_ABANDONED = "study_purge_abandoned"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def association_rejected(cls, reason: str) -> EventKind:
+        """The kind of an association rejected at negotiation for ``reason`` (``host`` ...)."""
+        return cls(ASSOCIATION_REJECTED_PREFIX + reason)
+
+
+#: the retention purge's event kinds: a study's latest one tells whether its purge is unfinished
+PURGE_EVENT_KINDS = (EventKind.PURGE_STARTED, EventKind.PURGED, EventKind.PURGE_ABANDONED)
+
+
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
     # Stored as VARCHAR + CHECK (not a native PostgreSQL enum) so adding a state is a plain
     # migration on both databases; the values, not the Python names, go into the column.
@@ -312,7 +370,7 @@ class EventRecord(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     time: Mapped[datetime] = mapped_column(default=utcnow)
-    #: short machine-readable kind, e.g. ``instance_stored``, ``duplicate_refused``, ``job_failed``
+    #: short machine-readable kind (:class:`EventKind`), e.g. ``instance_stored``, ``job_failed``
     kind: Mapped[str] = mapped_column(String(64))
     study_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
     series_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
@@ -689,7 +747,8 @@ def record_received(
         _INSERT_EVENT,
         dict(
             time=now,
-            kind="instance_stored" if inserted else ("instance_replaced" if changed else "instance_resent"),
+            kind=(EventKind.INSTANCE_STORED if inserted
+                  else EventKind.INSTANCE_REPLACED if changed else EventKind.INSTANCE_RESENT),
             study_instance_uid=info.study_instance_uid,
             series_instance_uid=info.series_instance_uid,
             sop_instance_uid=info.sop_instance_uid,
@@ -710,7 +769,7 @@ def record_instance(session: Session, info: ReceivedInstance, *, content_changed
     return record_received(session.connection(), info, content_changed=content_changed, move=True)
 
 
-def add_event(session: Session, kind: str, message: str = "", **refs: Any) -> EventRecord:
+def add_event(session: Session, kind: EventKind, message: str = "", **refs: Any) -> EventRecord:
     """Append an audit event; ``refs``: study_instance_uid, series_instance_uid, sop_instance_uid, job_id."""
     record = EventRecord(time=utcnow(), kind=kind, message=message, **refs)
     session.add(record)
@@ -725,9 +784,6 @@ def add_event(session: Session, kind: str, message: str = "", **refs: Any) -> Ev
 #: at most one per open association (``listener.max_associations``), so this leaves a wide
 #: margin at the cost of a thousand ``stat`` calls at start-up
 RECENT_INSTANCES_CHECKED = 1024
-
-#: event kind of an instance row removed because its file is not there (see :func:`forget_instances`)
-INSTANCE_FORGOTTEN = "instance_forgotten"
 
 
 @dataclass(frozen=True)
@@ -766,8 +822,8 @@ def forget_instances(connection: Connection, instances: Iterable[RecordedFile], 
     The series' ``instance_count`` is set to the rows it still has; a series left without
     instances is deleted, and so is a study left without series and without jobs (both were
     created for the forgotten instances).  Each forgotten instance gets an
-    :data:`INSTANCE_FORGOTTEN` event with ``reason``; its earlier ``instance_stored`` event stays
-    in the audit trail.  A row already gone is skipped.
+    :attr:`EventKind.INSTANCE_FORGOTTEN` event with ``reason``; its earlier ``instance_stored``
+    event stays in the audit trail.  A row already gone is skipped.
     """
     deleted = 0
     for item in instances:
@@ -799,7 +855,7 @@ def forget_instances(connection: Connection, instances: Iterable[RecordedFile], 
             _INSERT_EVENT,
             dict(
                 time=utcnow(),
-                kind=INSTANCE_FORGOTTEN,
+                kind=EventKind.INSTANCE_FORGOTTEN,
                 study_instance_uid=item.study_instance_uid,
                 series_instance_uid=item.series_instance_uid,
                 sop_instance_uid=item.sop_instance_uid,

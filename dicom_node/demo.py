@@ -36,6 +36,8 @@ from typing import Any
 
 import yaml
 
+from dicom_node.layout import DataLayout
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = Path("models/demo-knee.pt")
@@ -425,7 +427,7 @@ def run(args: argparse.Namespace) -> int:
         print()
         decisions: dict[str, list[tuple[str, bool, bool]]] = {joint: [] for joint in joints}
         for study in studies:
-            text, said = report_study(orthanc, study, work / "node-data" / "results")
+            text, said = report_study(orthanc, study, DataLayout(work / "node-data").results)
             print(text + "\n")
             decisions[study.joint] += said
         print(f"all {len(studies)} studies: results returned to Orthanc under their own studies "

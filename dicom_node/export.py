@@ -40,7 +40,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Destination, ExportSection, NodeConfig, RetrySection, Route
-from dicom_node.db import EventRecord, Export, ExportState, Job, JobState, session_scope, utcnow
+from dicom_node.db import EventKind, EventRecord, Export, ExportState, Job, JobState, session_scope, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -437,7 +437,7 @@ def retry_failed(
             export.next_attempt_at = utcnow()
             if not outcome_unknown(export.last_error):  # an unknown outcome still needs its check
                 export.last_error = None
-            session.add(EventRecord(kind="export_requeued", job_id=export.job_id,
+            session.add(EventRecord(kind=EventKind.EXPORT_REQUEUED, job_id=export.job_id,
                                     study_instance_uid=export.job.study.study_instance_uid,
                                     message=f"export {export.id} ({export.object_kind}) to "
                                             f"{export.destination} queued again"))
@@ -489,7 +489,7 @@ class Exporter:
                 row.next_attempt_at = utcnow()
                 # the stopped node may have sent it before it could record the answer
                 row.last_error = f"{OUTCOME_UNKNOWN}interrupted while being sent (node stopped)"
-                session.add(EventRecord(kind="export_recovered", job_id=row.job_id,
+                session.add(EventRecord(kind=EventKind.EXPORT_RECOVERED, job_id=row.job_id,
                                         message=f"export {row.id} to {row.destination} was being sent when the node "
                                                 f"stopped; it is sent again unless the destination already holds it"))
             if rows:
@@ -637,8 +637,8 @@ class Exporter:
                              name, row.attempts, outcome.detail)
                     what = (f"{kind} already held by {name} from an earlier attempt, not resent" if outcome.already_held
                             else f"{kind} sent to {name}")
-                    session.add(EventRecord(kind="export_done", job_id=row.job_id, study_instance_uid=study_uid,
-                                            sop_instance_uid=row.sop_instance_uid,
+                    session.add(EventRecord(kind=EventKind.EXPORT_DONE, job_id=row.job_id,
+                                            study_instance_uid=study_uid, sop_instance_uid=row.sop_instance_uid,
                                             message=f"{what} (attempt {row.attempts})"))
                 elif row.attempts >= retry.max_attempts:
                     row.state = ExportState.FAILED
@@ -647,8 +647,8 @@ class Exporter:
                     log.error("study %s: %s %s to %s failed for good after %d attempts: %s "
                               "(orthonode retry re-queues it)",
                               study_uid, kind, row.sop_instance_uid, name, row.attempts, outcome.detail)
-                    session.add(EventRecord(kind="export_failed", job_id=row.job_id, study_instance_uid=study_uid,
-                                            sop_instance_uid=row.sop_instance_uid,
+                    session.add(EventRecord(kind=EventKind.EXPORT_FAILED, job_id=row.job_id,
+                                            study_instance_uid=study_uid, sop_instance_uid=row.sop_instance_uid,
                                             message=f"{kind} to {name}: {outcome.detail}"))
                 else:
                     delay = backoff_delay(row.attempts, retry)
@@ -658,8 +658,8 @@ class Exporter:
                     log.warning("study %s: %s %s to %s failed (attempt %d of %d): %s; next attempt in %.0f s",
                                 study_uid, kind, row.sop_instance_uid, name, row.attempts, retry.max_attempts,
                                 outcome.detail, delay)
-                    session.add(EventRecord(kind="export_retry", job_id=row.job_id, study_instance_uid=study_uid,
-                                            sop_instance_uid=row.sop_instance_uid,
+                    session.add(EventRecord(kind=EventKind.EXPORT_RETRY, job_id=row.job_id,
+                                            study_instance_uid=study_uid, sop_instance_uid=row.sop_instance_uid,
                                             message=f"{kind} to {name}: {outcome.detail}; retry in {delay:.0f} s"))
                 if self.on_result is not None:
                     self.on_result(name, kind, outcome.ok, seconds)

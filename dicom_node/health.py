@@ -38,7 +38,18 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db import EventRecord, Export, ExportState, Instance, Job, JobState, Study, StudyState, session_scope
+from dicom_node.db import (
+    EventKind,
+    EventRecord,
+    Export,
+    ExportState,
+    Instance,
+    Job,
+    JobState,
+    Study,
+    StudyState,
+    session_scope,
+)
 
 log = logging.getLogger(__name__)
 # No ``*_created`` timestamp series next to every counter: they double the output and no
@@ -47,11 +58,11 @@ disable_created_metrics()
 
 #: audit-trail event kinds that record a refused or dropped input (the listener's kinds, plus
 #: any kind that says so in its name), reported as ``orthonode_rejections_total{reason=kind}``
-REJECTION_EVENT_KINDS = frozenset({"duplicate_refused", "duplicate_kept_first", "series_in_other_study"})
-#: prefix of the events the listener writes for an association rejected at negotiation, followed
-#: by the reason: ``called_ae_title``, ``calling_ae_title``, ``host`` or ``too_many_associations``
+REJECTION_EVENT_KINDS = frozenset({EventKind.DUPLICATE_REFUSED, EventKind.DUPLICATE_KEPT_FIRST,
+                                   EventKind.SERIES_IN_OTHER_STUDY})
+#: the events of an association rejected at negotiation (``association_rejected_<reason>``, see
+#: :data:`dicom_node.db.ASSOCIATION_REJECTED_PREFIX`) count by the word "rejected"
 #: (e.g. ``orthonode_rejections_total{reason="association_rejected_host"}``)
-ASSOCIATION_REJECTED_PREFIX = "association_rejected_"
 _REJECTION_WORDS = ("rejected", "refused", "ignored")
 
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)

@@ -50,6 +50,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
 from dicom_node.db import (
+    EventKind,
     EventRecord,
     Export,
     ExportState,
@@ -165,7 +166,7 @@ def enqueue_if_changed(session: Session, study: Study, reason: str) -> Job | Non
                  study.study_instance_uid, open_job.id, job.id)
     study.state = StudyState.COMPLETE
     study.state_changed_at = utcnow()
-    session.add(EventRecord(kind="job_queued", study_instance_uid=study.study_instance_uid, job_id=job.id,
+    session.add(EventRecord(kind=EventKind.JOB_QUEUED, study_instance_uid=study.study_instance_uid, job_id=job.id,
                             message=f"{reason}; {count} instances"))
     log.info("study %s: %s; job %d queued for %d instances", study.study_instance_uid, reason, job.id, count)
     return job
@@ -211,7 +212,7 @@ def retry_failed_jobs(factory: sessionmaker[Session], job_ids: Iterable[int] = (
             job.step = "queued"
             job.study.state = StudyState.COMPLETE
             job.study.state_changed_at = utcnow()
-            session.add(EventRecord(kind="job_requeued", study_instance_uid=job.study.study_instance_uid,
+            session.add(EventRecord(kind=EventKind.JOB_REQUEUED, study_instance_uid=job.study.study_instance_uid,
                                     job_id=job.id, message="failed job queued again by the operator"))
         return [job.id for job in jobs]
 
@@ -266,11 +267,11 @@ class JobQueue:
                     job.finished_at = utcnow()
                     job.error = f"interrupted {job.attempts} times (last in step {job.step!r}); not started again"
                     study.state = StudyState.FAILED
-                    kind, verb = "job_failed", "failed after repeated interruptions"
+                    kind, verb = EventKind.JOB_FAILED, "failed after repeated interruptions"
                 else:
                     job.state = JobState.QUEUED
                     study.state = StudyState.COMPLETE
-                    kind, verb = "job_requeued", "queued again"
+                    kind, verb = EventKind.JOB_REQUEUED, "queued again"
                 study.state_changed_at = utcnow()
                 message = (f"job {job.id} of worker {job.worker_id} was interrupted in step {job.step!r} "
                            f"(attempt {job.attempts}); {verb}")
@@ -308,7 +309,8 @@ class JobQueue:
                 job.input_fingerprint = fingerprint
             study.state = StudyState.PROCESSING
             study.state_changed_at = now
-            session.add(EventRecord(kind="job_started", study_instance_uid=study.study_instance_uid, job_id=job.id,
+            session.add(EventRecord(kind=EventKind.JOB_STARTED, study_instance_uid=study.study_instance_uid,
+                                    job_id=job.id,
                                     message=f"worker {self.worker_id}, attempt {job.attempts}, {len(rows)} instances"))
             return ClaimedJob(job.id, study.id, study.study_instance_uid, study.calling_ae_title, job.attempts,
                               tuple(sorted(path for _, path, _ in rows)), fingerprint)
@@ -480,11 +482,11 @@ class Worker:
 
     @property
     def results_root(self) -> Path:
-        return self.config.data_dir / "results"
+        return self.config.layout.results
 
     @property
     def work_root(self) -> Path:
-        return self.config.data_dir / "work"
+        return self.config.layout.work
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -536,7 +538,7 @@ class Worker:
 
     def _snapshot(self, claimed: ClaimedJob) -> Path:
         """Hard links to exactly the job's instances in ``work/job-<id>`` (fresh each attempt)."""
-        folder = self.work_root / f"job-{claimed.job_id}"
+        folder = self.config.layout.job_work(claimed.job_id)
         if folder.exists():
             shutil.rmtree(folder)
         for relative in claimed.instance_paths:
@@ -555,7 +557,7 @@ class Worker:
                                 name=f"orthonode-heartbeat-{claimed.job_id}")
         beat.start()
         study_uid = claimed.study_instance_uid
-        out_dir = self.results_root / study_uid / f"job-{claimed.job_id}"
+        out_dir = self.config.layout.job_results(study_uid, claimed.job_id)
         snapshot: Path | None = None
         try:
             log.info("study %s: job %d started (attempt %d, %d instances)", study_uid, claimed.job_id, claimed.attempt,
@@ -692,7 +694,7 @@ class Worker:
                                 study_uid, claimed.calling_ae_title, result.joint, out_dir)
             self._supersede_older(session, job)
             session.add(EventRecord(
-                kind="job_done", study_instance_uid=study_uid, job_id=job.id,
+                kind=EventKind.JOB_DONE, study_instance_uid=study_uid, job_id=job.id,
                 message=f"{result.outcome.value}: {result.reason}; {len(objects)} object(s) to "
                         f"{', '.join(destinations) or 'no destination'} in {seconds:.1f} s",
             ))
@@ -730,6 +732,6 @@ class Worker:
             job.error = f"{type(exc).__name__}: {exc}"
             job.study.state = StudyState.FAILED
             job.study.state_changed_at = utcnow()
-            session.add(EventRecord(kind="job_failed", study_instance_uid=study_uid, job_id=job.id,
+            session.add(EventRecord(kind=EventKind.JOB_FAILED, study_instance_uid=study_uid, job_id=job.id,
                                     message=f"in step {job.step!r}: {type(exc).__name__}: {exc}"))
         return JobOutcome(claimed.job_id, study_uid, "failed", "error", seconds)

@@ -58,7 +58,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -74,7 +74,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import ListenerSection, NodeConfig
 from dicom_node.db import (
+    PURGE_EVENT_KINDS,
     RECENT_INSTANCES_CHECKED,
+    EventKind,
     EventRecord,
     ReceivedInstance,
     RecordedFile,
@@ -88,7 +90,7 @@ from dicom_node.db import (
     session_scope,
     utcnow,
 )
-from dicom_node.health import ASSOCIATION_REJECTED_PREFIX
+from dicom_node.retention import StudyGuard
 from dicom_node.storage import (
     DuplicateConflictError,
     InsufficientStorageError,
@@ -98,9 +100,6 @@ from dicom_node.storage import (
     sync_directories,
     validate_uid,
 )
-
-if TYPE_CHECKING:
-    from dicom_node.retention import StudyGuard
 
 log = logging.getLogger(__name__)
 
@@ -599,17 +598,15 @@ def _studies_being_purged(connection: Connection, study_uids: set[str]) -> set[s
     end (see :mod:`dicom_node.retention`): their files may be half deleted on purpose."""
     if not study_uids:
         return set()
-    from dicom_node.retention import PURGE_ABANDONED, PURGE_STARTED, PURGED
-
     events = EventRecord.__table__
     latest: dict[str, str] = {}
     for uid, kind in connection.execute(
         select(events.c.study_instance_uid, events.c.kind)
-        .where(events.c.kind.in_([PURGE_STARTED, PURGED, PURGE_ABANDONED]), events.c.study_instance_uid.in_(study_uids))
+        .where(events.c.kind.in_(PURGE_EVENT_KINDS), events.c.study_instance_uid.in_(study_uids))
         .order_by(events.c.id)
     ):
         latest[uid] = kind
-    return {uid for uid, kind in latest.items() if kind == PURGE_STARTED}
+    return {uid for uid, kind in latest.items() if kind == EventKind.PURGE_STARTED}
 
 
 def _may_commit_before_folder_sync(
@@ -726,7 +723,7 @@ class StoreReceiver:
             log_phi=config.logging.log_phi,
         )
 
-    def _event(self, kind: str, message: str, incoming: _Incoming) -> None:
+    def _event(self, kind: EventKind, message: str, incoming: _Incoming) -> None:
         """Audit a refusal; a database failure here is logged, the status is already decided."""
         try:
             with session_scope(self.session_factory) as session:
@@ -877,10 +874,10 @@ class StoreReceiver:
                     "%s from %s: already stored in another encoding with the same header and pixels; "
                     "kept the first copy (%s)", incoming.where, who, exc.path.name,
                 )
-                self._event("duplicate_other_encoding", f"from {who}; same header and pixels, kept", incoming)
+                self._event(EventKind.DUPLICATE_OTHER_ENCODING, f"from {who}; same header and pixels, kept", incoming)
                 return StoreStatus.SUCCESS
             log.warning("refused %s from %s: %s", incoming.where, who, exc)
-            self._event("duplicate_refused", f"from {who}; different content", incoming)
+            self._event(EventKind.DUPLICATE_REFUSED, f"from {who}; different content", incoming)
             return StoreStatus.DUPLICATE_SOP_INSTANCE
         except OSError as exc:
             log.error("refused %s from %s: writing the file failed: %s", incoming.where, who, exc)
@@ -971,10 +968,10 @@ class StoreReceiver:
         moved = f"it is stored under study {study_uid}, series {series_uid}"
         if self.duplicate_policy == "keep_first":
             log.info("kept the first copy of %s from %s (duplicate_policy keep_first): %s", where, who, moved)
-            self._event("duplicate_kept_first", f"from {who}; {moved}", incoming)
+            self._event(EventKind.DUPLICATE_KEPT_FIRST, f"from {who}; {moved}", incoming)
             return StoreStatus.SUCCESS
         log.warning("refused %s from %s (duplicate_policy reject_if_different): %s", where, who, moved)
-        self._event("duplicate_refused", f"from {who}; {moved}", incoming)
+        self._event(EventKind.DUPLICATE_REFUSED, f"from {who}; {moved}", incoming)
         return StoreStatus.DUPLICATE_SOP_INSTANCE
 
     def _record(self, stored: StoredInstance, incoming: _Incoming) -> int:
@@ -1006,7 +1003,7 @@ class StoreReceiver:
         except SeriesStudyMismatchError as exc:
             stored.undo()
             log.warning("refused %s from %s: %s", where, who, exc)
-            self._event("series_in_other_study", f"from {who}; {exc}", incoming)
+            self._event(EventKind.SERIES_IN_OTHER_STUDY, f"from {who}; {exc}", incoming)
             return StoreStatus.SERIES_IN_OTHER_STUDY
         except SQLAlchemyError as exc:
             stored.undo()
@@ -1129,7 +1126,6 @@ def make_ssl_context(config: NodeConfig) -> ssl.SSLContext | None:
     tls = config.listener.tls
     if not tls.enabled:
         return None
-    from pathlib import Path
 
     def path(key: str) -> str:
         value = getattr(tls, key)
@@ -1211,7 +1207,7 @@ class Listener:
         failure is logged; the rejection itself is already decided."""
         try:
             with session_scope(self.receiver.session_factory) as session:
-                add_event(session, f"{ASSOCIATION_REJECTED_PREFIX}{reason}", message)
+                add_event(session, EventKind.association_rejected(reason), message)
         except SQLAlchemyError as exc:
             log.error("could not record the rejection of an association (%s): %s", message, exc)
 

@@ -40,12 +40,13 @@ from dicom_node.health import (
     check_loop,
 )
 from dicom_node.jobs import JobOutcome, SharedModel, Worker
-from dicom_node.retention import DataDirLock, PurgedStudy, Purger, RetentionRunner, StudyGuard
+from dicom_node.layout import DataDirLock, DataLayout
+from dicom_node.listener import AssociationHolds, Listener
+from dicom_node.retention import PurgedStudy, Purger, RetentionRunner, StudyGuard
+from dicom_node.storage import Storage
 
 log = logging.getLogger(__name__)
 
-#: the storage root inside ``node.data_dir``
-INSTANCES_DIR = "instances"
 #: umask of ``orthonode serve``: files 0640, folders 0750 (patient data stays with the node's group)
 PRIVATE_UMASK = 0o027
 
@@ -70,12 +71,10 @@ class Node:
     """
 
     def __init__(self, config: NodeConfig, *, preview: bool = False, poll_seconds: float = 1.0) -> None:
-        from dicom_node.listener import AssociationHolds, Listener
-        from dicom_node.storage import Storage
-
         self.config = config
         self.poll_seconds = poll_seconds
         self.data_dir = config.data_dir
+        self.layout = DataLayout(self.data_dir)
         self.data_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         _private(self.data_dir)
         upgrade_database(config.database_url)
@@ -85,7 +84,7 @@ class Node:
                 _private(path)
         self.engine = make_engine(config.database_url)
         self.factory = make_session_factory(self.engine)
-        self.storage = Storage(self.data_dir / INSTANCES_DIR, config.storage.min_free_mb)
+        self.storage = Storage(self.layout.instances, config.storage.min_free_mb)
         self.metrics = NodeMetrics()
         self.metrics.registry.register(DatabaseCollector(self.factory))
         self.exporter = Exporter(config, self.factory, poll_seconds=poll_seconds,
@@ -242,4 +241,4 @@ class Node:
 
     @property
     def results_dir(self) -> Path:
-        return self.data_dir / "results"
+        return self.layout.results

@@ -39,16 +39,15 @@ instance after its mark (possible only when a listener does not hold the guard):
 study's next job reports the missing files) rather than an acknowledged instance vanishing.
 
 One node per ``data_dir``: the running node holds an exclusive lock on
-``data_dir/orthonode.lock`` (:class:`DataDirLock`, ``flock``, released by the kernel when the
-process dies however it dies); ``orthonode purge`` takes the same lock and refuses to delete
-while a node holds it.  Several nodes sharing one database are not covered: each one's guard
-only sees its own listener.
+``data_dir/orthonode.lock`` (:class:`dicom_node.layout.DataDirLock`, ``flock``, released by the
+kernel when the process dies however it dies); ``orthonode purge`` takes the same lock and
+refuses to delete while a node holds it.  Several nodes sharing one database are not covered:
+each one's guard only sees its own listener.
 """
 from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import logging
 import os
 import re
@@ -66,8 +65,10 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.config import NodeConfig, RetentionSection
+from dicom_node.config import ConfigError, NodeConfig, RetentionSection, load_config
 from dicom_node.db import (
+    PURGE_EVENT_KINDS,
+    EventKind,
     EventRecord,
     Export,
     ExportState,
@@ -78,25 +79,17 @@ from dicom_node.db import (
     Study,
     StudyState,
     add_event,
+    make_engine,
+    make_session_factory,
     session_scope,
+    upgrade_database,
     utcnow,
 )
-from dicom_node.storage import fsync_directory
+from dicom_node.layout import DataDirLock, DataDirLockedError, DataLayout
+from dicom_node.storage import fsync_directory, validate_uid
 
 log = logging.getLogger(__name__)
 
-#: event kinds of the purge (see the module docstring): the mark, the end, and a purge given up
-PURGE_STARTED = "study_purge_started"
-PURGED = "study_purged"
-PURGE_ABANDONED = "study_purge_abandoned"
-_PURGE_KINDS = (PURGE_STARTED, PURGED, PURGE_ABANDONED)
-
-#: the lock file a running node holds in its data directory
-LOCK_FILE = "orthonode.lock"
-#: folders of ``data_dir`` the purge deletes from (instances: see ``dicom_node.node.INSTANCES_DIR``;
-#: results and work: see :class:`dicom_node.jobs.Worker`)
-RESULTS_DIR = "results"
-WORK_DIR = "work"
 #: how long a scheduled purge waits for a study's receivers before leaving it for the next run
 GUARD_TIMEOUT_SECONDS = 30.0
 
@@ -188,84 +181,6 @@ class StudyGuard:
     def is_purging(self, study_uid: str) -> bool:
         with self._cond:
             return study_uid in self._purging
-
-
-# --------------------------------------------------------------------------- the data-dir lock
-
-
-class DataDirLockedError(OSError):
-    """Another process (a running node, or ``orthonode purge``) holds the data directory's lock."""
-
-
-class DataDirLock:
-    """An exclusive ``flock`` on ``data_dir/orthonode.lock`` held while a node serves the folder.
-
-    The kernel drops the lock when its process ends, also on SIGKILL, so a stale file never
-    blocks anyone; the pid written into it is only there to name the holder in messages.
-    """
-
-    def __init__(self, data_dir: Path) -> None:
-        self.path = Path(data_dir) / LOCK_FILE
-        self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        """Whether this object holds the lock."""
-        return self._fd is not None
-
-    def acquire(self, purpose: str = "serving") -> None:
-        """Take the lock or raise :class:`DataDirLockedError` naming the holder."""
-        if self._fd is not None:
-            raise RuntimeError(f"{self.path} is already held by this object")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise DataDirLockedError(exc.errno, f"{self.path} is locked by {self.holder()}: another node "
-                                                    f"or `orthonode purge` is using {self.path.parent}") from None
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {purpose}\n".encode("ascii"))
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)  # closing the descriptor drops the flock
-
-    def locked_by_other(self) -> bool:
-        """Whether another process holds the lock now (this one does not take it)."""
-        if self._fd is not None or not self.path.exists():
-            return False
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return True
-            raise
-        finally:
-            os.close(fd)
-        return False
-
-    def holder(self) -> str:
-        """``pid N (serving)`` as written by the holder, or ``another process`` when unreadable."""
-        try:
-            text = self.path.read_text(encoding="ascii").split()
-        except (OSError, UnicodeDecodeError):
-            return "another process"
-        if len(text) >= 2 and text[0].isdigit():
-            return f"pid {text[0]} ({' '.join(text[1:])})"
-        return "another process"
-
-    def __enter__(self) -> DataDirLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 # --------------------------------------------------------------------------- eligibility
@@ -479,8 +394,6 @@ class Purger:
         on_purged: Callable[[PurgedStudy], None] | None = None,
         guard_timeout: float | None = GUARD_TIMEOUT_SECONDS,
     ) -> None:
-        from dicom_node.node import INSTANCES_DIR  # node imports this module
-
         self.policy = config.retention
         self.factory = factory
         self.guard = guard if guard is not None else StudyGuard()
@@ -488,20 +401,18 @@ class Purger:
         self.on_purged = on_purged
         self.guard_timeout = guard_timeout
         self.data_dir = config.data_dir
-        self.instances_root = self.data_dir / INSTANCES_DIR
-        self.results_root = self.data_dir / RESULTS_DIR
-        self.work_root = self.data_dir / WORK_DIR
+        self.layout = DataLayout(self.data_dir)
+        self.instances_root = self.layout.instances
+        self.results_root = self.layout.results
         self._run_lock = threading.Lock()
 
     # ------------------------------------------------------------------ what is there
     def _study_paths(self, study_uid: str, job_ids: list[int]) -> list[Path]:
         """The study's folders, instances last (the results name them).  The UID is checked
         against the UID grammar before it becomes a path component."""
-        from dicom_node.storage import validate_uid
-
         validate_uid("StudyInstanceUID", study_uid)
-        return [self.results_root / study_uid, *(self.work_root / f"job-{i}" for i in job_ids),
-                self.instances_root / study_uid]
+        return [self.layout.study_results(study_uid), *(self.layout.job_work(i) for i in job_ids),
+                self.layout.study_instances(study_uid)]
 
     def _stray_exports(self, session: Session, study_id: int, study_uid: str) -> list[Path]:
         """Result objects of the study's exports outside its own result folder (normally none);
@@ -560,7 +471,7 @@ class Purger:
                 select(EventRecord.kind, EventRecord.time, EventRecord.message, Study.id, Study.study_instance_uid,
                        Study.first_received_at)
                 .join(Study, Study.study_instance_uid == EventRecord.study_instance_uid)
-                .where(EventRecord.kind.in_(_PURGE_KINDS))
+                .where(EventRecord.kind.in_(PURGE_EVENT_KINDS))
                 .order_by(EventRecord.id)
             ).all()
         latest: dict[str, Any] = {}
@@ -569,7 +480,7 @@ class Purger:
         marks = []
         for row in latest.values():
             # a study first received after the mark is a new one under the same UID, not the one marked
-            if row.kind == PURGE_STARTED and row.first_received_at <= row.time:
+            if row.kind == EventKind.PURGE_STARTED and row.first_received_at <= row.time:
                 found = _MARK_MESSAGE.match(row.message)
                 reason, age = (found["reason"], float(found["age"])) if found else (row.message, 0.0)
                 marks.append(_Mark(row.id, row.study_instance_uid, row.time, reason, age))
@@ -589,7 +500,7 @@ class Purger:
                 if verdict.keep_until is None:
                     return verdict.reason
                 return f"{verdict.reason}, kept until {verdict.keep_until:%Y-%m-%d %H:%M} UTC"
-            event = add_event(session, PURGE_STARTED,
+            event = add_event(session, EventKind.PURGE_STARTED,
                               f"{verdict.reason}; {verdict.age_days:.2f} days since the last activity "
                               f"({verdict.last_activity:%Y-%m-%d %H:%M:%S} UTC); deleting files, then rows",
                               study_instance_uid=study_uid)
@@ -612,7 +523,8 @@ class Purger:
         with session_scope(self.factory) as session:
             study = session.scalars(select(Study).where(Study.id == mark.study_id).with_for_update()).first()
             if study is None or study.study_instance_uid != mark.study_instance_uid:
-                add_event(session, PURGED, f"{mark.reason}; rows already gone; {files} file(s), {size} bytes deleted",
+                add_event(session, EventKind.PURGED,
+                          f"{mark.reason}; rows already gone; {files} file(s), {size} bytes deleted",
                           study_instance_uid=mark.study_instance_uid)
                 return PurgedStudy(mark.study_instance_uid, mark.reason, mark.age_days, files, size, 0, 0, 0, resumed)
             if study.last_received_at > mark.time:
@@ -621,7 +533,7 @@ class Purger:
                            f"UTC): the study is kept with the instances received since; {forgotten} row(s) of "
                            f"instances whose files were already deleted removed (is the listener holding the "
                            f"study guard?)")
-                add_event(session, PURGE_ABANDONED, message, study_instance_uid=mark.study_instance_uid)
+                add_event(session, EventKind.PURGE_ABANDONED, message, study_instance_uid=mark.study_instance_uid)
                 log.error("study %s: purge abandoned: %s", mark.study_instance_uid, message)
                 return None
             job_ids = select(Job.id).where(Job.study_id == study.id)
@@ -634,7 +546,7 @@ class Purger:
             session.execute(delete(Instance).where(Instance.series_id.in_(series_ids)))
             series = session.execute(delete(Series).where(Series.study_id == study.id)).rowcount
             session.execute(delete(Study).where(Study.id == study.id))
-            add_event(session, PURGED,
+            add_event(session, EventKind.PURGED,
                       f"{mark.reason}; {mark.age_days:.2f} days since the last activity; {instances} instance(s) in "
                       f"{series} series, {jobs} job(s), {exports} export(s); {files} file(s), {size} bytes deleted"
                       + ("; finished after an interruption" if resumed else ""),
@@ -817,9 +729,6 @@ def _table(rows: list[tuple[str, str, float, int]]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """``orthonode purge``: list (``--dry-run``) or delete the studies the retention policy allows."""
-    from dicom_node.config import ConfigError, load_config
-    from dicom_node.db import make_engine, make_session_factory, upgrade_database
-
     try:
         config = load_config(args.config)
     except ConfigError as exc:

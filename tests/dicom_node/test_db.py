@@ -101,7 +101,7 @@ def test_newest_instances_and_forget_instances(sqlite_url: str) -> None:
             assert studies == {"1.6", "1.7"}  # 1.8 was left empty; 1.7 keeps its job
             events = s.execute(
                 select(db.EventRecord.sop_instance_uid, db.EventRecord.message)
-                .where(db.EventRecord.kind == db.INSTANCE_FORGOTTEN)
+                .where(db.EventRecord.kind == db.EventKind.INSTANCE_FORGOTTEN)
             ).all()
             assert sorted(e[0] for e in events) == ["1.6.1.2", "1.7.1.1", "1.8.1.1"]
             assert all(e[1].endswith(": its file is missing") for e in events)

@@ -27,7 +27,7 @@ from sqlalchemy import func, select, text
 
 from dicom_node import db
 from dicom_node.config import NodeConfig
-from dicom_node.health import ASSOCIATION_REJECTED_PREFIX
+from dicom_node.db import ASSOCIATION_REJECTED_PREFIX
 from dicom_node.listener import AssociationHolds, CallerPolicy, GroupRecorder, Listener, StoreReceiver, StoreStatus
 from dicom_node.storage import Storage
 from tests.support.node import receive_file, wait_for
@@ -951,7 +951,7 @@ def test_failed_folder_fsync_after_the_commit_removes_the_rows(
             assert s.execute(select(func.count()).select_from(db.Study)).scalar_one() == 0
             assert s.execute(select(func.count()).select_from(db.Series)).scalar_one() == 0
             kinds = s.execute(select(db.EventRecord.kind).order_by(db.EventRecord.id)).scalars().all()
-        assert kinds == ["instance_stored", db.INSTANCE_FORGOTTEN]
+        assert kinds == ["instance_stored", db.EventKind.INSTANCE_FORGOTTEN]
         # the sender's retry stores it (with a working fsync)
         monkeypatch.undo()
         assert receive_file(receiver, file) == StoreStatus.SUCCESS
@@ -994,7 +994,7 @@ def test_start_up_forgets_rows_whose_file_name_was_lost(
             assert s.execute(select(db.Series.instance_count)).scalars().all() == [2]
             assert s.execute(select(func.count()).select_from(db.Study)).scalar_one() == 1
             forgotten = s.execute(
-                select(db.EventRecord.sop_instance_uid).where(db.EventRecord.kind == db.INSTANCE_FORGOTTEN)
+                select(db.EventRecord.sop_instance_uid).where(db.EventRecord.kind == db.EventKind.INSTANCE_FORGOTTEN)
             ).scalars().all()
         assert set(forgotten) == lost_uids
         assert listener.receiver.forget_rows_without_files() == 0  # nothing left to remove
@@ -1044,7 +1044,7 @@ def test_start_up_check_leaves_what_a_crash_cannot_explain(
     the study's retention purge was interrupted (the purge finishes it)."""
     import shutil
 
-    from dicom_node.retention import PURGE_STARTED
+    from dicom_node.db import EventKind
 
     receiver, factory, engine, storage = _receiver_parts(make_config, tmp_path)
     studies = [_series(tmp_path / f"s{i}", slices=2) for i in range(3)]
@@ -1058,7 +1058,7 @@ def test_start_up_check_leaves_what_a_crash_cannot_explain(
         for path in (storage.root / uids[1]).rglob("*.dcm"):
             path.unlink()
         with db.session_scope(factory) as s:
-            db.add_event(s, PURGE_STARTED, "delivered; 31.00 days since the last activity", study_instance_uid=uids[1])
+            db.add_event(s, EventKind.PURGE_STARTED, "delivered; 31.00 days since the last activity", study_instance_uid=uids[1])
         with caplog.at_level(logging.WARNING, logger="dicom_node.listener"):
             assert receiver.forget_rows_without_files() == 0
         assert len(_instances_in_db(factory)) == 6

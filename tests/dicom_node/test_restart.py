@@ -26,7 +26,7 @@ from dicom_node.db import (
     make_session_factory,
     session_scope,
 )
-from dicom_node.node import INSTANCES_DIR
+from dicom_node.layout import INSTANCES_DIR
 from dicom_node.orthanc import OrthancServer, orthanc_available
 from tests.support.node import free_port, make_node_config, run_storescu, wait_for, write_node_yaml
 

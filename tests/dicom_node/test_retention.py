@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from dicom_node.cli import main
 from dicom_node.config import NodeConfig
 from dicom_node.db import (
+    EventKind,
     EventRecord,
     Export,
     ExportState,
@@ -36,12 +37,8 @@ from dicom_node.db import (
     upgrade_database,
     utcnow,
 )
+from dicom_node.layout import DataDirLock, DataDirLockedError
 from dicom_node.retention import (
-    PURGE_ABANDONED,
-    PURGE_STARTED,
-    PURGED,
-    DataDirLock,
-    DataDirLockedError,
     PurgedStudy,
     Purger,
     StudyBusyError,
@@ -264,7 +261,7 @@ def test_purge_deletes_files_results_and_rows_and_leaves_an_event(site: Site) ->
         assert len(list(site.instance_dir(uid).rglob("*.dcm"))) == 2 and site.results_dir(uid).is_dir()
     # the audit trail: the mark, then the end with what was deleted; the earlier history stays
     trail = site.events(_uid(1))
-    assert [e.kind for e in trail][-2:] == [PURGE_STARTED, PURGED]
+    assert [e.kind for e in trail][-2:] == [EventKind.PURGE_STARTED, EventKind.PURGED]
     assert [e.kind for e in trail].count("instance_stored") == 2
     assert trail[-1].message.startswith("delivered; 40.0")
     assert f"2 instance(s) in 1 series, 1 job(s), 2 export(s); 5 file(s), {expected_bytes} bytes" in trail[-1].message
@@ -301,7 +298,7 @@ def test_purge_on_postgres(make_config: Callable[..., NodeConfig], postgres_url:
         assert [(p.study_instance_uid, p.resumed) for p in report.purged] == [(_uid(2), True), (_uid(1), False)]
         for uid in (_uid(1), _uid(2)):
             assert site.rows(uid)["studies"] == 0 and not site.instance_dir(uid).exists()
-            assert site.events(uid)[-1].kind == PURGED
+            assert site.events(uid)[-1].kind == EventKind.PURGED
         assert site.rows(_uid(3)) == {"studies": 1, "series": 1, "instances": 2, "jobs": 1, "exports": 1}
     finally:
         site.close()
@@ -334,12 +331,12 @@ def test_a_receive_in_progress_holds_the_purge_which_then_keeps_the_study(site: 
         thread.start()
         time.sleep(0.3)
         assert thread.is_alive() and outcome == [], "the purge did not wait for the receive"
-        assert site.events(uid, PURGE_STARTED) == []
+        assert site.events(uid, EventKind.PURGE_STARTED) == []
         late = site.receive(uid, "late")  # the instance being received commits under the guard
     thread.join(10)
     assert outcome and isinstance(outcome[0], str) and outcome[0].startswith("work pending: study receiving")
     assert late.is_file() and len(list(site.instance_dir(uid).rglob("*.dcm"))) == 3
-    assert site.rows(uid)["instances"] == 3 and site.events(uid, PURGE_STARTED) == []
+    assert site.rows(uid)["instances"] == 3 and site.events(uid, EventKind.PURGE_STARTED) == []
 
 
 def test_a_purge_in_progress_holds_a_receive_which_then_stores_the_study_afresh(site: Site) -> None:
@@ -373,7 +370,7 @@ def test_a_purge_in_progress_holds_a_receive_which_then_stores_the_study_afresh(
     # a new study under the same UID: new rows, its own folder with only the new instance
     assert site.rows(uid) == {"studies": 1, "series": 1, "instances": 1, "jobs": 0, "exports": 0}
     assert [p.name for p in site.instance_dir(uid).rglob("*.dcm")] == [stored[0].name]
-    mark = site.events(uid, PURGE_STARTED)[-1]
+    mark = site.events(uid, EventKind.PURGE_STARTED)[-1]
     with session_scope(site.factory) as session:
         study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
         assert study.first_received_at > mark.time and study.state is StudyState.RECEIVING
@@ -464,7 +461,7 @@ def test_a_purge_cut_short_is_finished_at_the_next_start(site: Site, monkeypatch
     crashed = _uid(2)
     assert site.rows(crashed)["instances"] == 2 and site.instance_dir(crashed).is_dir()
     assert not site.results_dir(crashed).exists()
-    assert [e.kind for e in site.events(crashed, PURGE_STARTED, PURGED)] == [PURGE_STARTED]
+    assert [e.kind for e in site.events(crashed, EventKind.PURGE_STARTED, EventKind.PURGED)] == [EventKind.PURGE_STARTED]
 
     restarted = Purger(site.config, site.factory)  # a new process
     assert [m.study_instance_uid for m in restarted.interrupted()] == [crashed]
@@ -522,8 +519,8 @@ def test_an_instance_committed_past_the_guard_makes_the_purge_give_up(site: Site
     assert late[0].is_file() and site.rows(uid)["instances"] == 1 and site.rows(uid)["series"] == 1
     with session_scope(site.factory) as session:
         assert session.scalars(select(Instance.path)).all() == [str(late[0].relative_to(site.data_dir / "instances"))]
-    assert [e.kind for e in site.events(uid, PURGE_STARTED, PURGED, PURGE_ABANDONED)] == [PURGE_STARTED,
-                                                                                          PURGE_ABANDONED]
+    assert [e.kind for e in site.events(uid, EventKind.PURGE_STARTED, EventKind.PURGED, EventKind.PURGE_ABANDONED)] == [EventKind.PURGE_STARTED,
+                                                                                          EventKind.PURGE_ABANDONED]
     assert Purger(site.config, site.factory).interrupted() == []  # given up, not resumed at the next start
 
 
@@ -546,7 +543,7 @@ def test_a_resumed_purge_keeps_what_arrived_after_its_mark(site: Site, monkeypat
     assert Purger(site.config, site.factory).finish_interrupted() == []
     assert late.is_file() and [p.name for p in site.instance_dir(uid).rglob("*.dcm")] == [late.name]
     assert site.rows(uid)["instances"] == 1 and not site.results_dir(uid).exists()
-    assert site.events(uid)[-1].kind == PURGE_ABANDONED
+    assert site.events(uid)[-1].kind == EventKind.PURGE_ABANDONED
 
 
 # --------------------------------------------------------------------------- the node
@@ -630,7 +627,7 @@ def test_purge_command_dry_run_lists_and_deletes_nothing_then_deletes(
     assert listed[1][1] == "delivered" and listed[1][-2] == "40.0"
     assert "would delete 2 study(ies)" in out and "nothing deleted" in out
     assert all(site.rows(_uid(n))["studies"] == 1 for n in (1, 2, 3))
-    assert site.instance_dir(_uid(1)).is_dir() and site.events(_uid(1), PURGE_STARTED) == []
+    assert site.instance_dir(_uid(1)).is_dir() and site.events(_uid(1), EventKind.PURGE_STARTED) == []
 
     assert main(["purge", "--config", str(config)]) == 0
     out = capsys.readouterr().out
