@@ -100,6 +100,7 @@ from dicom_node.storage import (
     sync_directories,
     validate_uid,
 )
+from inference.series import expected_pixel_bytes
 
 log = logging.getLogger(__name__)
 
@@ -352,13 +353,9 @@ def pixel_data_problem(ds: Any, data: bytes) -> str | None:
         if delimiter not in data[-4096:]:
             return "the encapsulated Pixel Data ends without its sequence delimiter (the data set is cut short)"
         return None
-    try:
-        expected = (
-            int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
-            * int(ds.BitsAllocated) * int(ds.get("NumberOfFrames", 1) or 1) // 8
-        )
-    except (AttributeError, TypeError, ValueError) as exc:
-        return f"the image size attributes cannot be read: {exc}"
+    expected = expected_pixel_bytes(ds)
+    if expected is None:
+        return "the image size attributes (Rows, Columns, Bits Allocated, Samples per Pixel, Number of Frames) cannot be read"
     found = len(element.value or b"")
     if found < expected:
         return f"Pixel Data holds {found} bytes where the image size needs {expected} (the data set is cut short)"

@@ -17,21 +17,11 @@ from collections.abc import Callable
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from inference.labels import JOINTS
+from inference.selection import check_patterns
 from inference.series import SeriesInfo
 
 _B = r"(?<![a-z0-9])"
 _E = r"(?![a-z0-9])"
-
-
-def _check_patterns(patterns: list[str], key: str) -> list[str]:
-    for index, pattern in enumerate(patterns):
-        try:
-            re.compile(pattern, re.IGNORECASE)
-        except re.error as exc:
-            raise ValueError(
-                f"{key}[{index}] is not a valid regular expression ({pattern!r}): {exc}"
-            ) from None
-    return patterns
 
 
 class JointPatterns(BaseModel):
@@ -47,7 +37,7 @@ class JointPatterns(BaseModel):
     @field_validator("body_part", "study_description", "series_description", "protocol_name")
     @classmethod
     def _valid(cls, value: list[str], info: object) -> list[str]:
-        return _check_patterns(value, getattr(info, "field_name", "pattern"))
+        return check_patterns(value, getattr(info, "field_name", "pattern"))
 
     def matches(self, field_name: str, text: str) -> bool:
         """True when any pattern of ``field_name`` is found in ``text``."""

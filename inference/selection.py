@@ -21,7 +21,9 @@ from inference.planes import is_localizer, nearest_plane
 from inference.series import SeriesInfo
 
 
-def _compile_all(patterns: Sequence[str], key: str) -> list[str]:
+def check_patterns(patterns: Sequence[str], key: str) -> list[str]:
+    """``patterns`` as a list when each compiles as a case-insensitive regular expression;
+    otherwise a ``ValueError`` naming ``key[index]`` (a configuration error)."""
     for index, pattern in enumerate(patterns):
         try:
             re.compile(pattern, re.IGNORECASE)
@@ -53,12 +55,12 @@ class PlaneRule(BaseModel):
     @field_validator("prefer")
     @classmethod
     def _check_prefer(cls, value: list[str]) -> list[str]:
-        return _compile_all(value, "prefer")
+        return check_patterns(value, "prefer")
 
     @field_validator("avoid")
     @classmethod
     def _check_avoid(cls, value: list[str]) -> list[str]:
-        return _compile_all(value, "avoid")
+        return check_patterns(value, "avoid")
 
 
 class SelectionRules(BaseModel):

@@ -279,8 +279,10 @@ def _distinct_orientations(orientations: Iterable[tuple[float, ...] | None]) -> 
     return distinct
 
 
-def _expected_pixel_bytes(ds: Dataset) -> int | None:
-    """Bytes of native (uncompressed) pixel data the header promises, or None if unknown."""
+def expected_pixel_bytes(ds: Any) -> int | None:
+    """Bytes of native (uncompressed) pixel data the header promises (Rows x Columns x Frames x
+    Samples x Bits Allocated, rounded up to whole bytes), or None if those attributes cannot be read.
+    The receiver and the series reader both judge a file cut short by this."""
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         bits = int(ds.BitsAllocated)
@@ -335,7 +337,7 @@ def _read_header(path: Path) -> tuple[Dataset | None, str | None]:
     if header_end >= size:
         return None, f"truncated: the file ends at byte {size} before any pixel data"
     if syntax is not None and not syntax.is_compressed:
-        expected = _expected_pixel_bytes(ds)
+        expected = expected_pixel_bytes(ds)
         if expected is not None and size < header_end + expected:
             return None, (
                 f"truncated: {size} bytes on disk, header and pixel data need at least "

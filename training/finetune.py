@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from inference.checkpoint import autocast
 from training.config import TrainConfig
+from training.metrics import dice_of_labels
 from training.pretrain import (
     PretrainedBackbone,
     cache_kwargs,
@@ -220,14 +221,7 @@ def youden_threshold(y: np.ndarray, p: np.ndarray, min_cases: int = 1) -> float 
 
 def dice_per_class(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int = -1) -> list[float | None]:
     """Hard Dice of classes 1..num_classes-1 over annotated voxels; None where a class is absent from both."""
-    valid = target != ignore_index
-    out: list[float | None] = []
-    for c in range(1, num_classes):
-        p = (pred == c) & valid
-        t = (target == c) & valid
-        denom = int(p.sum()) + int(t.sum())
-        out.append(None if denom == 0 else 2.0 * int((p & t).sum()) / denom)
-    return out
+    return dice_of_labels(pred, target, range(1, num_classes), ignore_index)
 
 
 # --------------------------------------------------------------------------- models

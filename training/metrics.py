@@ -225,25 +225,32 @@ def _bootstrap(result: dict, truth: np.ndarray, prob: np.ndarray, keys: list[str
     result["n_boot_macro_used"] = len(macro_auc)
 
 
-def dice_per_structure(pred: Any, true: Any, structures: Sequence[Structure] = KNEE_STRUCTURES) -> dict[str, float | None]:
-    """Dice per structure of two label maps of the same shape.
+def dice_of_labels(pred: Any, true: Any, labels: Sequence[int], ignore_index: int = -1) -> list[float | None]:
+    """Hard Dice of each label value in ``labels`` between two label maps of one shape.
 
-    ``true`` may hold -1 for voxels that were not annotated; they are left out.  A structure
-    absent from both maps has Dice ``None`` (undefined: averaging it as 1 or 0 would bias
-    the mean); absent from the truth but predicted gives 0.
+    Voxels where ``true`` is ``ignore_index`` (not annotated) are left out of both maps.  A
+    label absent from both has Dice ``None`` (undefined: averaging it as 1 or 0 would bias the
+    mean); absent from the truth but predicted gives 0.
     """
     pred = np.asarray(pred)
     true = np.asarray(true)
     if pred.shape != true.shape:
         raise ValueError(f"pred shape {pred.shape} differs from true shape {true.shape}")
-    annotated = true >= 0
-    out: dict[str, float | None] = {}
-    for s in structures:
-        p = (pred == s.index) & annotated
-        t = true == s.index
+    annotated = true != ignore_index
+    out: list[float | None] = []
+    for label in labels:
+        p = (pred == label) & annotated
+        t = (true == label) & annotated
         denominator = int(p.sum()) + int(t.sum())
-        out[s.key] = None if denominator == 0 else 2.0 * int((p & t).sum()) / denominator
+        out.append(None if denominator == 0 else 2.0 * int((p & t).sum()) / denominator)
     return out
+
+
+def dice_per_structure(pred: Any, true: Any, structures: Sequence[Structure] = KNEE_STRUCTURES) -> dict[str, float | None]:
+    """Dice per structure (:func:`dice_of_labels` of each structure's index), by structure key;
+    ``true`` may hold -1 for voxels that were not annotated."""
+    scores = dice_of_labels(pred, true, [s.index for s in structures])
+    return {s.key: score for s, score in zip(structures, scores)}
 
 
 def per_site(metrics_fn: Callable[..., dict], sites: Sequence[str], *arrays: Any, **kwargs: Any) -> dict[str, dict]:
