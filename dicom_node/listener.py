@@ -1,46 +1,9 @@
 """The node's DICOM listener: C-ECHO and C-STORE on one pynetdicom AE.
 
-What happens to an association:
-
-* **Called AE title** must be one of ``listener.ae_titles``; otherwise A-ASSOCIATE-RJ
-  (rejected-permanent, service-user, *called AE title not recognised*).  The association is
-  answered under the title it called.
-* **Caller**: unless ``listener.allow_any_caller``, the calling AE title must be listed in
-  ``listener.allowed_callers`` and, when that entry lists ``hosts`` (IP addresses or
-  networks such as ``10.1.0.0/16``), the peer address must be one of them; otherwise
-  A-ASSOCIATE-RJ (rejected-permanent, service-user, *calling AE title not recognised*; a
-  wrong host is reported the same way, since the AE title and host together identify the
-  caller).  The log line says which of the two failed.
-* ``listener.max_associations``: one more is rejected by pynetdicom (rejected-transient,
-  *local limit exceeded*).
-* **Presentation contexts**: Verification, the ``accept_sop_classes`` and the
-  ``ignore_sop_classes``, each with every transfer syntax pynetdicom knows, compressed ones
-  included, because the node stores what it receives without decoding it.  **Any other SOP
-  class is refused at negotiation** (its presentation context gets *abstract syntax not
-  supported*), so a sender learns it before sending.  Instances of an ignored class are
-  acknowledged with success and dropped with a log line.
-
-Every rejection at negotiation (called title, calling title, host, too many associations)
-is logged and written to the audit trail as an ``association_rejected_<reason>`` event, which
-``/metrics`` reports as ``orthonode_rejections_total{reason=...}`` (see :mod:`dicom_node.health`).
-
-The C-STORE handler (:func:`handle_store`, bound with its :class:`StoreReceiver`) maps every
-failure to a specific DIMSE status (:class:`StoreStatus`) and logs the reason with the study,
-series and SOP instance UIDs.  It answers success only after the file is fsynced, its folder
-entry fsynced and its database row committed; then it calls
-``on_instance_stored(study_uid, series_uid)``, which must return quickly (the study assembler
-only restarts a timer there).
-
-Throughput: instances that arrive on several associations at the same moment share one
-database transaction and one fsync per folder (:class:`GroupRecorder`, group commit), each
-handler still waiting for its own row to be committed; new rows commit while their folders
-are fsynced rather than after (the two syncs overlap; a row whose file name was lost to a crash
-in between was never acknowledged and is removed at the next start, see
-:meth:`StoreReceiver.forget_rows_without_files`); the handler parses only the header
-and the image size attributes and writes the received bytes unchanged; the database work is
-plain SQLAlchemy Core (:func:`dicom_node.db.record_received`), one transaction per batch.
-The listener also offers a large maximum PDU (:data:`MAXIMUM_PDU_SIZE`) so a 256x256 image
-arrives in one P-DATA PDU instead of eight.
+The association policy (called and calling AE titles, hosts, the association limit), the
+C-STORE checks and their DIMSE statuses, durable storage with group commit, and start-up
+recovery of rows without files.  What happens to an association and an instance, and why, is
+in ``docs/ingest.md``.
 """
 from __future__ import annotations
 

@@ -1,48 +1,9 @@
 """Retention: deleting old studies (instance files, result files, rows) so ``data_dir`` stays bounded.
 
-A study is kept for ``retention.delivered_days`` after its results were delivered, and for
-``retention.failed_days`` (longer) when something needs a person to look: its processing
-failed, it was unsupported (``skipped``), an export failed for good, or its results had no
-export route.  The age counts from the study's *last activity*: its last instance, its last
-state change, the end of its last job and the last change of any of its exports.  A study with
-work still open (receiving, queued, processing, a job queued or running, an export pending,
-retrying or being sent, held by an open association or with an armed assembly timer) is never
-purged, whatever its age (:func:`assess`).
-
-Purging one study (:meth:`Purger.purge_study`) runs under the study's exclusive
-:class:`StudyGuard` and in three steps, each of which a crash may interrupt:
-
-1. **mark**: one transaction re-checks the study's eligibility and adds a
-   ``study_purge_started`` event (the mark).  The schema has no ``purging`` study state; the
-   audit trail carries the mark instead, in the same transaction as the check.
-2. **files**: the study's result folder (``results/<study>``), its jobs' leftover work folders
-   (``work/job-<id>``) and its instance folder (``instances/<study>``) are deleted, every
-   folder fsynced after the entries in it are gone.  Deleting is idempotent.
-3. **rows**: one transaction deletes the exports, jobs, instances, series and the study row
-   and adds a ``study_purged`` event (counts and bytes, no patient data).
-
-A mark without a later ``study_purged`` event is an interrupted purge: the node (and
-``orthonode purge``) finish it at start-up, before the listener accepts anything
-(:meth:`Purger.finish_interrupted`), by running steps 2 and 3 again.  Until then the rows of a
-half-deleted study still exist, so nothing is ever left that names files that are gone without
-a mark that says so.  The audit trail itself is kept: the events of a purged study stay (they
-hold no patient data; :mod:`dicom_node.db` keeps references by value so they can).
-
-The race with the listener.  An instance of the study may arrive while it is being purged.
-The listener holds :meth:`StudyGuard.receiving` (shared) around writing one instance's file
-and committing its row; the purge holds :meth:`StudyGuard.purging` (exclusive).  So a receive
-waits until the purge is over and then creates the study afresh (new folder, new rows), and a
-purge that had to wait for a receive re-checks eligibility after taking the guard and finds
-the new instance.  As a second line, step 3 refuses to delete rows of a study that received an
-instance after its mark (possible only when a listener does not hold the guard): it records a
-``study_purge_abandoned`` event instead and keeps the rows, so the failure is visible (the
-study's next job reports the missing files) rather than an acknowledged instance vanishing.
-
-One node per ``data_dir``: the running node holds an exclusive lock on
-``data_dir/orthonode.lock`` (:class:`dicom_node.layout.DataDirLock`, ``flock``, released by the
-kernel when the process dies however it dies); ``orthonode purge`` takes the same lock and
-refuses to delete while a node holds it.  Several nodes sharing one database are not covered:
-each one's guard only sees its own listener.
+The policy (:func:`assess`), the purge of one study in three crash-safe steps
+(:class:`Purger`), the guard between purge and listener (:class:`StudyGuard`), the scheduled
+runner and ``orthonode purge``.  The rules, the steps and the race are described in
+``docs/retention.md``.
 """
 from __future__ import annotations
 
