@@ -4,7 +4,9 @@
 model bundle, the rules, the node identity): the same inputs give the same outputs, byte for
 byte up to the creation timestamps, and the same UIDs (see :mod:`inference.uids`).
 
-Steps, each timed and each decision written to the log that comes back with the result:
+Steps, each a function of the stages section below (``_scan``, ``_choose``, ``_load``,
+``_classify``, ``_segment``, ``_map``, ``_report``, ``_preview``) that reads and extends one
+``_Run``; each is timed and each decision written to the log that comes back with the result:
 
 1. **scan** the folder (:func:`inference.series.scan_folder_report`); unreadable files are
    listed, never fatal.
@@ -15,13 +17,10 @@ Steps, each timed and each decision written to the log that comes back with the 
 4. **load** the chosen series as volumes (decoding compressed pixel data).  A chosen series
    that cannot be read is reported and its plane treated as missing.
 5. **classify** on the planes the model has.  *Missing planes*: the fused classifier
-   concatenates one pooled feature vector per plane.  A plane without a series contributes
-   a zero vector (its attention-pool output is replaced by zeros) and the result is flagged
-   ``PARTIAL``; the SR states the missing planes in its text and impression.  Zero features
-   are the neutral input of the linear head (they add nothing to any logit), so the logits
-   are those of the planes that are present plus the head's bias; the estimate is less
-   reliable, which is exactly what the PARTIAL outcome and the SR say.  A study with none of
-   the model's planes is unsupported.
+   concatenates one standardised pooled feature vector per plane.  A plane without a series
+   contributes its standardised features' expected value (zero: the neutral input of
+   the linear head) and the result is flagged ``PARTIAL``; the SR states the missing planes in
+   its text and impression.  A study with none of the model's planes is unsupported.
 6. **segment** every slice of each segmented source series with sliding windows
    (:func:`inference.preprocess.segment_series`); the logits are resized back onto the source
    series' own rows and columns, and the slice axis never leaves the source grid (windows
@@ -68,8 +67,6 @@ from inference.series import (
 )
 
 if TYPE_CHECKING:  # heavy imports stay inside functions
-    import torch
-
     from inference.checkpoint import ModelBundle
     from inference.sr_writer import Finding
     from inference.uids import NodeInfo
@@ -324,6 +321,303 @@ def _laterality(chosen: Mapping[str, SeriesInfo], notes: list[str]) -> str | Non
     return None
 
 
+# --------------------------------------------------------------------------- the stages
+
+
+class _Unsupported(Exception):
+    """A stage found the study uninterpretable: :func:`run_study` reports ``reason``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class _Run:
+    """One :func:`run_study` call as the stages see it: its inputs, then what each stage adds.
+
+    Stages run in order, each reading what earlier stages set: scan -> choose (joint, model,
+    series) -> load -> classify -> segment -> map -> report -> preview.  A stage that finds the
+    study uninterpretable raises :class:`_Unsupported`.
+    """
+
+    # inputs
+    study_dir: Path
+    out_dir: Path
+    models: ModelSet
+    rules: SelectionRules
+    joint_rules: JointRules
+    node_info: NodeInfo
+    segment_planes: Sequence[str] | None
+    overlay_planes: Sequence[str] | None
+    mapping_rule: str | None
+    previous_reports: Sequence[Path]
+    result: StudyResult
+    clock: _Clock
+    # scan
+    series: list[SeriesInfo] = field(default_factory=list)
+    # choose
+    bundle: Any = None  # ModelBundle (heavy import kept out of module level)
+    to_segment: tuple[str, ...] = ()
+    to_map: tuple[str, ...] = ()
+    structures: tuple[Structure, ...] = ()
+    chosen: dict[str, SeriesInfo] = field(default_factory=dict)
+    # load
+    volumes: dict[str, SeriesVolume] = field(default_factory=dict)
+    laterality: str | None = None
+    # segment, map
+    segs: dict[str, Any] = field(default_factory=dict)  # the SEGs of the segmented planes (the SR references these)
+    label_maps: dict[str, np.ndarray] = field(default_factory=dict)
+    overlays: dict[str, np.ndarray] = field(default_factory=dict)  # the mapped label maps, for the previews
+
+    @property
+    def algorithm(self) -> Any:
+        from inference.uids import AlgorithmInfo
+
+        return AlgorithmInfo(name=self.bundle.card.name, version=self.bundle.card.version)
+
+
+def _scan(run: _Run) -> None:
+    """Read every file's header; one study of one patient, or unsupported."""
+    result, study_dir = run.result, run.study_dir
+    with run.clock.stage("scan"):
+        scan = scan_folder_report(study_dir)
+    for skipped in scan.skipped:
+        result.log.append(f"file {skipped.path.name}: skipped: {skipped.reason}")
+    if not scan.series:
+        raise _Unsupported(f"no readable DICOM image series in {study_dir}")
+    studies = sorted({uid for info in scan.series for uid in (info.study_instance_uids or (info.study_instance_uid,))})
+    if len(studies) > 1:
+        mixed = [info.label() for info in scan.series if len(info.study_instance_uids) > 1]
+        within = f"; {', '.join(mixed)} mixes instances of several studies" if mixed else ""
+        raise _Unsupported(f"the folder holds {len(studies)} studies ({', '.join(studies)}){within}; one expected")
+    result.study_instance_uid = studies[0]
+    patients = {pid for info in scan.series for pid in (info.patient_ids or (info.patient_id,))}
+    if len(patients) > 1:
+        # A study UID reused for two patients: reporting it would attach one patient's findings
+        # to another's images.  The IDs themselves stay out of the reason (it is logged).
+        raise _Unsupported(
+            f"the study's series belong to {len(patients)} different patients (Patient ID differs between "
+            "series); one patient per study expected"
+        )
+    run.series = scan.series
+
+
+def _choose(run: _Run) -> None:
+    """The study's joint, the model of that joint, the planes to segment and map, a series per plane."""
+    result, rules = run.result, run.rules
+    with run.clock.stage("select"):
+        mr_series = [s for s in run.series if s.modality.upper() in {m.upper() for m in rules.modalities}]
+        if not mr_series:
+            modalities = sorted({s.modality or "missing" for s in run.series})
+            raise _Unsupported(f"no series of modality {sorted(rules.modalities)} (the study has {modalities})")
+        joint, why = detect_joint(mr_series, run.joint_rules)
+        result.log.append(f"joint: {joint or 'unknown'}: {why}")
+        result.joint = joint
+        if joint is None:
+            raise _Unsupported(f"the study's joint is not recognised: {why}")
+        bundle = run.models.for_joint(joint)
+        if bundle is None:
+            raise _Unsupported(run.models.missing_reason(joint))
+        run.bundle = bundle
+        result.model = f"{bundle.card.name} {bundle.card.version}"
+        if len(run.models) > 1:
+            result.log.append(f"model: {result.model} (the {joint} model)")
+        run.to_segment = _segmented_planes(bundle, run.segment_planes)
+        run.to_map = _overlay_planes(run.to_segment, run.overlay_planes)
+        run.structures = _card_structures(bundle.card) if bundle.segmenter is not None else ()
+        selection = select_series(run.series, rules)
+        result.log.extend(selection.log)
+        run.chosen = dict(selection.chosen)
+
+
+def _load(run: _Run) -> None:
+    """Decode the chosen series the model uses into volumes; a plane that cannot be read is missing."""
+    result, bundle, volumes = run.result, run.bundle, run.volumes
+    wanted = set(bundle.card.planes) | set(run.to_segment) | set(run.to_map)
+    with run.clock.stage("load"):
+        for plane in PLANES:
+            info = run.chosen.get(plane)
+            if info is None or plane not in wanted:
+                continue
+            try:
+                volumes[plane] = load_series(info)
+            except SeriesError as err:
+                result.log.append(f"{plane}: {info.label()} cannot be read ({err.reason}); this plane is missing")
+                continue
+            result.chosen[plane] = ChosenSeries.from_info(plane, info)
+            if not info.is_multiframe:
+                stand_in = complete_slice_thickness(volumes[plane].datasets)
+                if stand_in is not None:
+                    result.log.append(
+                        f"{plane}: {info.label()} has no Slice Thickness; the distance between its slices "
+                        f"({stand_in:g} mm) stands in for it in the SEG and SR"
+                    )
+    result.missing_planes = [p for p in bundle.card.planes if p not in volumes]
+    for plane in result.missing_planes:
+        result.log.append(f"model: plane {plane} is missing; the fused head decides from the other planes (its standardised features are set to their mean) and the report says so")
+    if bundle.classifier is not None and len(result.missing_planes) == len(bundle.card.planes):
+        raise _Unsupported(f"no usable series for any plane the model uses ({', '.join(bundle.card.planes)})")
+    if bundle.classifier is None and not any(p in volumes for p in run.to_segment):
+        raise _Unsupported(f"no usable series for the segmented plane(s) {list(run.to_segment)}")
+    notes: list[str] = []
+    run.laterality = _laterality(run.chosen, notes)
+    result.log.extend(notes)
+
+
+def _classify(run: _Run) -> None:
+    """The fused classifier's probability and decision per finding (with the header's EHR values)."""
+    bundle, result = run.bundle, run.result
+    if bundle.classifier is None:
+        return
+    from inference.sr_writer import Finding
+
+    ehr: dict[str, Any] = {}
+    if bundle.card.use_ehr:
+        first = next(iter(run.volumes.values())).datasets[0]
+        ehr, ehr_notes = ehr_from_header(first)
+        result.log.extend(ehr_notes)
+    probabilities = bundle.predict_proba({p: v.pixels for p, v in run.volumes.items()}, ehr, timings=run.clock.seconds)
+    names = dict(zip(bundle.card.labels, bundle.card.label_names))
+    result.findings = [
+        Finding.at_threshold(key, names[key], probabilities[key], bundle.card.thresholds[key])
+        for key in bundle.card.labels
+    ]
+
+
+def _segment(run: _Run) -> None:
+    """Segment each plane to segment and write its SEG on the series' own grid."""
+    from inference.seg_writer import structure_volumes_ml, write_segmentation
+
+    result, bundle = run.result, run.bundle
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    for plane in run.to_segment:
+        if plane not in run.volumes:
+            result.log.append(f"segmentation: no {plane} series; no SEG for that plane")
+            continue
+        volume = run.volumes[plane]
+        if not volume.info.frame_of_reference_uid:
+            result.log.append(
+                f"segmentation: {plane} {volume.info.label()} has no Frame of Reference UID; a SEG cannot be "
+                "placed on it, no SEG for that plane"
+            )
+            continue
+        run.label_maps[plane] = bundle.segment(volume.pixels, timings=run.clock.seconds)
+        with run.clock.stage("write"):
+            seg = write_segmentation(
+                volume.datasets, run.label_maps[plane], run.algorithm, SEG_SERIES_NUMBER[plane], run.structures,
+                run.node_info, plane=plane,
+            )
+            path = run.out_dir / f"seg_{plane}.dcm"
+            seg.save_as(path)
+            result.volumes_ml[plane] = structure_volumes_ml(volume.datasets, run.label_maps[plane], run.structures)
+        run.segs[plane] = seg
+        result.segmentations[plane] = path
+        result.log.append(f"segmentation: {plane} {volume.info.label()} -> {path.name}")
+
+
+def _map(run: _Run) -> None:
+    """Carry the first segmented plane's label map into the other planes' series and write their SEGs."""
+    from inference.plane_mapping import DEFAULT_RULE, MappingError, map_label_map
+    from inference.seg_writer import MappedFrom, write_segmentation
+
+    result = run.result
+    segmented = next((p for p in PLANES if p in run.label_maps), None)
+    for plane in run.to_map:
+        if plane in result.segmentations:
+            continue
+        if segmented is None:
+            if run.to_segment:
+                result.log.append(f"segmentation: nothing segmented to map into the {plane} series; no SEG for it")
+            continue
+        if plane not in run.volumes:
+            result.log.append(f"segmentation: no {plane} series; no SEG for that plane")
+            continue
+        source, target, rule = run.volumes[segmented], run.volumes[plane], run.mapping_rule or DEFAULT_RULE
+        try:
+            with run.clock.stage("map"):
+                run.overlays[plane] = map_label_map(run.label_maps[segmented], source, target, rule)
+        except MappingError as err:
+            result.log.append(f"segmentation: the {segmented} label map cannot be placed on {plane} "
+                              f"{target.info.label()} ({err}); no SEG for that plane")
+            continue
+        with run.clock.stage("write"):
+            seg = write_segmentation(
+                target.datasets, run.overlays[plane], run.algorithm, SEG_SERIES_NUMBER[plane], run.structures,
+                run.node_info, plane=plane, mapped_from=MappedFrom(segmented, source.datasets, rule),
+            )
+            path = run.out_dir / f"seg_{plane}.dcm"
+            seg.save_as(path)
+        result.segmentations[plane] = path
+        result.mapped_from[plane] = segmented
+        result.log.append(f"segmentation: {plane} {target.info.label()} -> {path.name} (the {segmented} label "
+                          f"map resampled onto its grid, rule {rule})")
+
+
+def _report(run: _Run) -> None:
+    """Write the SR (TID 1500) of the findings, referencing the first segmented plane's SEG."""
+    bundle, result, volumes = run.bundle, run.result, run.volumes
+    if bundle.classifier is None:
+        return
+    from inference.sr_writer import write_report
+    from inference.uids import instances_fingerprint
+    from sr_templates import load_template
+
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    with run.clock.stage("write"):
+        # the SR's volume groups measure the first segmented plane (sagittal before coronal, axial)
+        referenced = next((p for p in PLANES if p in run.segs), None)
+        used = {p: (v.info.series_instance_uid, v.info.series_description) for p, v in volumes.items()
+                if p in bundle.card.planes}
+        evidence = [_evidence(volumes[p]) for p in PLANES if p in used]
+        if referenced is not None and referenced not in used:
+            evidence.append(_evidence(volumes[referenced]))
+        previous = _read_previous_reports(run.previous_reports, result.log)
+        sr = write_report(
+            load_template(bundle.card.joint),
+            evidence,
+            list(result.findings),
+            used,
+            list(result.missing_planes),
+            run.laterality,
+            run.algorithm,
+            run.segs.get(referenced) if referenced else None,
+            result.volumes_ml.get(referenced) if referenced else None,
+            SR_SERIES_NUMBER,
+            run.node_info,
+            input_fingerprint=instances_fingerprint(
+                [ds for p in sorted(set(used) | set(run.segs)) for ds in volumes[p].datasets]
+            ),
+            previous_versions=previous,
+            # findings and structures are placed on the key slices of the SEG's own series
+            label_map=run.label_maps.get(referenced) if referenced else None,
+            segmented_series=volumes[referenced].datasets if referenced else None,
+        )
+        result.report = run.out_dir / "sr.dcm"
+        sr.save_as(result.report)
+    result.log.append(f"report: {result.report.name}")
+    for item in sr.get("PredecessorDocumentsSequence", []):
+        for series in item.ReferencedSeriesSequence:
+            for instance in series.ReferencedSOPSequence:
+                result.log.append(f"report: replaces the earlier report {instance.ReferencedSOPInstanceUID}")
+
+
+def _preview(run: _Run) -> None:
+    """PNGs of key slices per plane with the masks and findings."""
+    from inference.preview import write_previews
+
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    with run.clock.stage("preview"):
+        run.result.previews = write_previews(
+            run.out_dir / "preview", run.volumes, {**run.overlays, **run.label_maps}, run.result.findings,
+            run.result.missing_planes,
+        )
+
+
+#: the stages of :func:`run_study`, in order (``_preview`` runs after them when asked for)
+_STAGE_FUNCTIONS = (_scan, _choose, _load, _classify, _segment, _map, _report)
+
+
 # --------------------------------------------------------------------------- the pipeline
 
 
@@ -373,6 +667,7 @@ def run_study(
         reason, not an exception; errors in the arguments or bugs still raise.
     """
     from inference.checkpoint import pick_device
+    from inference.uids import default_node_info
 
     started = time.perf_counter()
     study_dir, out_dir = Path(study_dir), Path(out_dir)
@@ -388,240 +683,33 @@ def run_study(
 
         if mapping_rule not in RULES:
             raise ValueError(f"mapping_rule must be one of {RULES}, got {mapping_rule!r}")
-    clock = _Clock()
-    result = StudyResult(study_dir=study_dir, outcome=Outcome.UNSUPPORTED, reason="", device=str(target))
+    run = _Run(
+        study_dir=study_dir, out_dir=out_dir, models=models, rules=rules, joint_rules=joint_rules,
+        node_info=node_info or default_node_info(), segment_planes=segment_planes, overlay_planes=overlay_planes,
+        mapping_rule=mapping_rule, previous_reports=previous_reports,
+        result=StudyResult(study_dir=study_dir, outcome=Outcome.UNSUPPORTED, reason="", device=str(target)),
+        clock=_Clock(),
+    )
+    result = run.result
 
     def finish(outcome: Outcome, reason: str) -> StudyResult:
         result.outcome, result.reason = outcome, reason
-        result.timings = {**clock.seconds, "total": time.perf_counter() - started}
+        result.timings = {**run.clock.seconds, "total": time.perf_counter() - started}
         log_fn = log.warning if outcome is Outcome.UNSUPPORTED else log.info
         log_fn("%s: %s: %s", study_dir, outcome.value, reason)
         return result
 
-    # 1. scan
-    with clock.stage("scan"):
-        scan = scan_folder_report(study_dir)
-    for skipped in scan.skipped:
-        result.log.append(f"file {skipped.path.name}: skipped: {skipped.reason}")
-    if not scan.series:
-        return finish(Outcome.UNSUPPORTED, f"no readable DICOM image series in {study_dir}")
-    studies = sorted({uid for info in scan.series for uid in (info.study_instance_uids or (info.study_instance_uid,))})
-    if len(studies) > 1:
-        mixed = [info.label() for info in scan.series if len(info.study_instance_uids) > 1]
-        within = f"; {', '.join(mixed)} mixes instances of several studies" if mixed else ""
-        return finish(
-            Outcome.UNSUPPORTED, f"the folder holds {len(studies)} studies ({', '.join(studies)}){within}; one expected"
-        )
-    result.study_instance_uid = studies[0]
-    patients = {pid for info in scan.series for pid in (info.patient_ids or (info.patient_id,))}
-    if len(patients) > 1:
-        # A study UID reused for two patients: reporting it would attach one patient's findings
-        # to another's images.  The IDs themselves stay out of the reason (it is logged).
-        return finish(
-            Outcome.UNSUPPORTED,
-            f"the study's series belong to {len(patients)} different patients (Patient ID differs between "
-            "series); one patient per study expected",
-        )
-
-    # 2. joint, 3. selection
-    with clock.stage("select"):
-        mr_series = [s for s in scan.series if s.modality.upper() in {m.upper() for m in rules.modalities}]
-        if not mr_series:
-            modalities = sorted({s.modality or "missing" for s in scan.series})
-            return finish(
-                Outcome.UNSUPPORTED,
-                f"no series of modality {sorted(rules.modalities)} (the study has {modalities})",
-            )
-        joint, why = detect_joint(mr_series, joint_rules)
-        result.log.append(f"joint: {joint or 'unknown'}: {why}")
-        result.joint = joint
-        if joint is None:
-            return finish(Outcome.UNSUPPORTED, f"the study's joint is not recognised: {why}")
-        chosen_model = models.for_joint(joint)
-        if chosen_model is None:
-            return finish(Outcome.UNSUPPORTED, models.missing_reason(joint))
-        bundle = chosen_model
-        result.model = f"{bundle.card.name} {bundle.card.version}"
-        if len(models) > 1:
-            result.log.append(f"model: {result.model} (the {joint} model)")
-        to_segment = _segmented_planes(bundle, segment_planes)
-        to_map = _overlay_planes(to_segment, overlay_planes)
-        structures = _card_structures(bundle.card) if bundle.segmenter is not None else ()
-        selection = select_series(scan.series, rules)
-        result.log.extend(selection.log)
-
-    # 4. load the series the model will use
-    wanted = set(bundle.card.planes) | set(to_segment) | set(to_map)
-    volumes: dict[str, SeriesVolume] = {}
-    with clock.stage("load"):
-        for plane in PLANES:
-            info = selection.chosen.get(plane)
-            if info is None or plane not in wanted:
-                continue
-            try:
-                volumes[plane] = load_series(info)
-            except SeriesError as err:
-                result.log.append(f"{plane}: {info.label()} cannot be read ({err.reason}); this plane is missing")
-                continue
-            result.chosen[plane] = ChosenSeries.from_info(plane, selection.chosen[plane])
-            if not info.is_multiframe:
-                stand_in = complete_slice_thickness(volumes[plane].datasets)
-                if stand_in is not None:
-                    result.log.append(
-                        f"{plane}: {info.label()} has no Slice Thickness; the distance between its slices "
-                        f"({stand_in:g} mm) stands in for it in the SEG and SR"
-                    )
-    result.missing_planes = [p for p in bundle.card.planes if p not in volumes]
-    for plane in result.missing_planes:
-        result.log.append(f"model: plane {plane} is missing; the fused head decides from the other planes (its standardised features are set to their mean) and the report says so")
-    if bundle.classifier is not None and len(result.missing_planes) == len(bundle.card.planes):
-        return finish(
-            Outcome.UNSUPPORTED,
-            f"no usable series for any plane the model uses ({', '.join(bundle.card.planes)})",
-        )
-    if bundle.classifier is None and not any(p in volumes for p in to_segment):
-        return finish(Outcome.UNSUPPORTED, f"no usable series for the segmented plane(s) {list(to_segment)}")
-
-    first = next(iter(volumes.values())).datasets[0]
-    notes: list[str] = []
-    laterality = _laterality(selection.chosen, notes)
-    result.log.extend(notes)
-
-    # 5. classification
-    if bundle.classifier is not None:
-        from inference.sr_writer import Finding
-
-        ehr: dict[str, Any] = {}
-        if bundle.card.use_ehr:
-            ehr, ehr_notes = ehr_from_header(first)
-            result.log.extend(ehr_notes)
-        probabilities = bundle.predict_proba({p: v.pixels for p, v in volumes.items()}, ehr, timings=clock.seconds)
-        names = dict(zip(bundle.card.labels, bundle.card.label_names))
-        result.findings = [
-            Finding.at_threshold(key, names[key], probabilities[key], bundle.card.thresholds[key])
-            for key in bundle.card.labels
-        ]
-
-    # 6. segmentation, 7. mapping, 8. writing
-    from inference.plane_mapping import DEFAULT_RULE, MappingError, map_label_map
-    from inference.seg_writer import MappedFrom, structure_volumes_ml, write_segmentation
-    from inference.uids import AlgorithmInfo, default_node_info, instances_fingerprint
-
-    node_info = node_info or default_node_info()
-    algorithm = AlgorithmInfo(name=bundle.card.name, version=bundle.card.version)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    segs: dict[str, Any] = {}  # the SEGs of the segmented planes (the SR references these)
-    label_maps: dict[str, np.ndarray] = {}
-    for plane in to_segment:
-        if plane not in volumes:
-            result.log.append(f"segmentation: no {plane} series; no SEG for that plane")
-            continue
-        volume = volumes[plane]
-        if not volume.info.frame_of_reference_uid:
-            result.log.append(
-                f"segmentation: {plane} {volume.info.label()} has no Frame of Reference UID; a SEG cannot be "
-                "placed on it, no SEG for that plane"
-            )
-            continue
-        label_maps[plane] = bundle.segment(volume.pixels, timings=clock.seconds)
-        with clock.stage("write"):
-            seg = write_segmentation(
-                volume.datasets, label_maps[plane], algorithm, SEG_SERIES_NUMBER[plane], structures, node_info,
-                plane=plane,
-            )
-            path = out_dir / f"seg_{plane}.dcm"
-            seg.save_as(path)
-            result.volumes_ml[plane] = structure_volumes_ml(volume.datasets, label_maps[plane], structures)
-        segs[plane] = seg
-        result.segmentations[plane] = path
-        result.log.append(f"segmentation: {plane} {volume.info.label()} -> {path.name}")
-
-    # the first segmented plane's label map, carried into the other series (overlays on every plane)
-    segmented = next((p for p in PLANES if p in label_maps), None)
-    overlays: dict[str, np.ndarray] = {}  # the mapped label maps, for the previews
-    for plane in to_map:
-        if plane in result.segmentations:
-            continue
-        if segmented is None:
-            if to_segment:
-                result.log.append(f"segmentation: nothing segmented to map into the {plane} series; no SEG for it")
-            continue
-        if plane not in volumes:
-            result.log.append(f"segmentation: no {plane} series; no SEG for that plane")
-            continue
-        source, target, rule = volumes[segmented], volumes[plane], mapping_rule or DEFAULT_RULE
-        try:
-            with clock.stage("map"):
-                overlays[plane] = map_label_map(label_maps[segmented], source, target, rule)
-        except MappingError as err:
-            result.log.append(f"segmentation: the {segmented} label map cannot be placed on {plane} "
-                              f"{target.info.label()} ({err}); no SEG for that plane")
-            continue
-        with clock.stage("write"):
-            seg = write_segmentation(
-                target.datasets, overlays[plane], algorithm, SEG_SERIES_NUMBER[plane], structures, node_info,
-                plane=plane, mapped_from=MappedFrom(segmented, source.datasets, rule),
-            )
-            path = out_dir / f"seg_{plane}.dcm"
-            seg.save_as(path)
-        result.segmentations[plane] = path
-        result.mapped_from[plane] = segmented
-        result.log.append(f"segmentation: {plane} {target.info.label()} -> {path.name} (the {segmented} label "
-                          f"map resampled onto its grid, rule {rule})")
-
-    if bundle.classifier is not None:
-        from inference.sr_writer import write_report
-        from sr_templates import load_template
-
-        with clock.stage("write"):
-            # the SR's volume groups measure the first segmented plane (sagittal before coronal, axial)
-            referenced = next((p for p in PLANES if p in segs), None)
-            used = {p: (v.info.series_instance_uid, v.info.series_description) for p, v in volumes.items()
-                    if p in bundle.card.planes}
-            evidence = [_evidence(volumes[p]) for p in PLANES if p in used]
-            if referenced is not None and referenced not in used:
-                evidence.append(_evidence(volumes[referenced]))
-            previous = _read_previous_reports(previous_reports, result.log)
-            sr = write_report(
-                load_template(bundle.card.joint),
-                evidence,
-                list(result.findings),
-                used,
-                list(result.missing_planes),
-                laterality,
-                algorithm,
-                segs.get(referenced) if referenced else None,
-                result.volumes_ml.get(referenced) if referenced else None,
-                SR_SERIES_NUMBER,
-                node_info,
-                input_fingerprint=instances_fingerprint(
-                    [ds for p in sorted(set(used) | set(segs)) for ds in volumes[p].datasets]
-                ),
-                previous_versions=previous,
-                # findings and structures are placed on the key slices of the SEG's own series
-                label_map=label_maps.get(referenced) if referenced else None,
-                segmented_series=volumes[referenced].datasets if referenced else None,
-            )
-            result.report = out_dir / "sr.dcm"
-            sr.save_as(result.report)
-        result.log.append(f"report: {result.report.name}")
-        for item in sr.get("PredecessorDocumentsSequence", []):
-            for series in item.ReferencedSeriesSequence:
-                for instance in series.ReferencedSOPSequence:
-                    result.log.append(f"report: replaces the earlier report {instance.ReferencedSOPInstanceUID}")
-
+    try:
+        for stage in _STAGE_FUNCTIONS:
+            stage(run)
+    except _Unsupported as unsupported:
+        return finish(Outcome.UNSUPPORTED, unsupported.reason)
     if preview:
-        from inference.preview import write_previews
-
-        with clock.stage("preview"):
-            result.previews = write_previews(
-                out_dir / "preview", volumes, {**overlays, **label_maps}, result.findings, result.missing_planes
-            )
-
+        _preview(run)
+    planes = run.bundle.card.planes
     if result.missing_planes:
         return finish(
             Outcome.PARTIAL,
-            f"reported from {', '.join(p for p in bundle.card.planes if p in volumes)}; "
-            f"missing {', '.join(result.missing_planes)}",
+            f"reported from {', '.join(p for p in planes if p in run.volumes)}; missing {', '.join(result.missing_planes)}",
         )
-    return finish(Outcome.COMPLETE, f"all planes present ({', '.join(bundle.card.planes)})")
+    return finish(Outcome.COMPLETE, f"all planes present ({', '.join(planes)})")
