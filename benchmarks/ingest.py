@@ -35,6 +35,7 @@ import argparse
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -148,6 +149,8 @@ class Receiver:
     ae_title: str
     #: returns how many instances the receiver holds (files or index rows) once the run is over
     count: Callable[[], int]
+    #: the receiving process, for ``--py-spy`` (orthonode receivers only)
+    pid: int | None = None
 
 
 def _count_files(folder: Path, pattern: str = "*") -> int:
@@ -204,7 +207,8 @@ def orthonode_receiver(work: Path, file_fsync: bool = True, root: Path = ROOT,
             finally:
                 engine.dispose()
 
-        yield Receiver(name or ("orthonode" if file_fsync else DIAGNOSTIC_RECEIVERS[0]), port, "ORTHONODE", count)
+        yield Receiver(name or ("orthonode" if file_fsync else DIAGNOSTIC_RECEIVERS[0]), port, "ORTHONODE", count,
+                       pid=proc.pid)
     finally:
         stop_process(proc)
 
@@ -284,6 +288,77 @@ def storescu_load(receiver: Receiver, folders: list[Path]) -> float:
     return elapsed
 
 
+# --------------------------------------------------------------------------- profile
+
+
+#: innermost frames of a thread that waits rather than works (py-spy counts some of them)
+WAIT_BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("waiting: pynetdicom's reactor polling sleeps (1 ms each)", ("dul.py:403)", "dul.py:503)", "association.py:714)")),
+    ("waiting: a lock, condition, selector or idle thread pool", ("Condition.wait", "selectors.py", "thread.py:81)",
+                                                                  "Event.wait", "Lock.acquire")),
+)
+#: where a working sample's stack says the receiving process was, first match wins (frames are
+#: ``function (file:line)``); what matches none is reported by its innermost frame
+PROFILE_BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("folder fsync (storage.fsync_directory)", ("fsync_directory",)),
+    ("database commit (SQLAlchemy, SQLite)", ("sqlalchemy/", "sqlite3")),
+    ("the file: write, hash, fsync, link (storage.py)", ("storage.py",)),
+    ("header parse and checks (pydicom, listener)", ("_parse (", "pydicom/")),
+    ("pynetdicom: PDUs, DIMSE, association", ("pynetdicom/",)),
+)
+
+
+def start_py_spy(receiver: Receiver, folder: Path, name: str) -> subprocess.Popen[bytes] | None:
+    """``py-spy record`` attached to the receiving process (raw collapsed stacks, all threads)."""
+    if receiver.pid is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(receiver.pid), "--rate", "250", "--format", "raw",
+                            "--output", str(folder / f"{name}.txt")], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached before the first association
+    return spy
+
+
+def stop_py_spy(spy: subprocess.Popen[bytes]) -> None:
+    spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+    try:
+        spy.wait(30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+
+
+def summarise_profiles(folder: Path) -> str:
+    """Share of the samples per :data:`PROFILE_BUCKETS` and the busiest innermost frames, per run file."""
+    lines = ["# Where orthonode's receiving process spends its time (py-spy samples of every thread)", "",
+             "Rows starting with 'waiting' are threads that sleep or wait (py-spy does not count all of them as idle).",
+             ""]
+    for path in sorted(folder.glob("*.txt")):
+        buckets: dict[str, int] = {}
+        leaves: dict[str, int] = {}
+        total = 0
+        for line in path.read_text(errors="replace").splitlines():
+            stack, _, count_text = line.rpartition(" ")
+            if not stack or not count_text.isdigit():
+                continue
+            count = int(count_text)
+            total += count
+            frames = stack.split(";")
+            label = next((name for name, keys in WAIT_BUCKETS if any(k in frames[-1] for k in keys)), None)
+            label = label or next((name for name, keys in PROFILE_BUCKETS if any(k in stack for k in keys)), None)
+            label = label or f"other: {frames[-1]}"
+            buckets[label] = buckets.get(label, 0) + count
+            leaves[frames[-1]] = leaves.get(frames[-1], 0) + count
+        if not total:
+            continue
+        lines += [f"## {path.stem} ({total} samples)", "", "| where | share of samples |", "| --- | ---: |"]
+        lines += [f"| {name} | {100 * n / total:.1f} % |" for name, n in sorted(buckets.items(), key=lambda kv: -kv[1])[:12]]
+        lines += ["", "| busiest innermost frames | share |", "| --- | ---: |"]
+        lines += [f"| `{name}` | {100 * n / total:.1f} % |" for name, n in sorted(leaves.items(), key=lambda kv: -kv[1])[:10]]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def machine() -> str:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -309,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave dcmtk's default (Nagle on); by default TCP_NODELAY=1 is set for dcmtk and Orthanc")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=None, help="append the markdown table to this file")
+    parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
+                        help="sample the orthonode receivers with py-spy (pip install py-spy) while they receive; "
+                             "raw stacks per run and a summary of where the time goes in DIR/profile.md")
     args = parser.parse_args(argv)
     if (BASELINE_RECEIVER in args.receivers) != (args.baseline_root is not None):
         parser.error(f"--baseline-root and the receiver {BASELINE_RECEIVER} go together")
@@ -337,7 +415,10 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 run_dir.mkdir(parents=True)
                 with FACTORIES[name](run_dir) as receiver:
+                    spy = start_py_spy(receiver, args.py_spy, f"{name}-{senders}-{repeat}") if args.py_spy else None
                     seconds = storescu_load(receiver, folders)
+                    if spy is not None:
+                        stop_py_spy(spy)
                     held = receiver.count()
                 if held != len(files):
                     raise RuntimeError(f"{name}: holds {held} instances after the run, {len(files)} were sent")
@@ -366,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         with open(args.out, "a", encoding="utf-8") as fh:
             fh.write(text + "\n")
+    if args.py_spy is not None:
+        summary = summarise_profiles(args.py_spy)
+        (args.py_spy / "profile.md").write_text(summary, encoding="utf-8")
+        print(summary)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
