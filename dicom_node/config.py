@@ -10,10 +10,10 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicom_node.layout import DataLayout
+from inference.config_files import ConfigFileError, error_locations, read_yaml
 from inference.joint import DEFAULT_JOINT_RULES, JointRules
 from inference.labels import JOINTS
 from inference.selection import DEFAULT_RULES, SelectionRules
@@ -21,7 +21,7 @@ from inference.selection import DEFAULT_RULES, SelectionRules
 _AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
 
 
-class ConfigError(ValueError):
+class ConfigError(ConfigFileError):
     """A node.yaml problem; the message names the file and the key."""
 
 
@@ -381,9 +381,8 @@ def _deep_merge(base: dict, override: dict) -> dict:
 
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = [f"{source}: {len(exc.errors())} problem(s) in the node configuration"]
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
+    for loc, msg in error_locations(exc):
+        key = ".".join(str(p) for p in loc) or "(top level)"
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
 
@@ -405,12 +404,5 @@ def parse_config(data: dict, source: str = "<config>", base_dir: Path | None = N
 def load_config(path: str | Path) -> NodeConfig:
     """Read and validate node.yaml."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: configuration file not found") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path, ConfigError, "configuration file")
     return parse_config(data, source=str(path), base_dir=path.resolve().parent)

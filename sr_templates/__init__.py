@@ -23,10 +23,10 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydicom.sr.coding import Code
 
+from inference.config_files import ConfigFileError, error_locations, read_yaml
 from inference.labels import JOINT_LABELS, JOINTS, KNEE_STRUCTURES, label_keys
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
@@ -40,7 +40,7 @@ _PRIVATE_VALUE = re.compile(r"^[A-Z0-9][A-Z0-9_.-]{0,15}$")
 _NUMERIC_VALUE = re.compile(r"^[0-9]{1,16}$")
 
 
-class TemplateError(ValueError):
+class TemplateError(ConfigFileError):
     """A template file is unreadable or invalid; the message names the file and the key."""
 
 
@@ -295,13 +295,7 @@ def _checked(spec: CodeSpec, designator: str, where: str) -> None:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open(encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except OSError as exc:
-        raise TemplateError(f"{path}: cannot read template file: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise TemplateError(f"{path}: not valid YAML: {exc}") from exc
+    data = read_yaml(path, TemplateError, "template file")
     if not isinstance(data, dict):
         raise TemplateError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -310,14 +304,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _format_validation(path: Path, exc: ValidationError, data: dict[str, Any], list_key: str) -> TemplateError:
     """Turn pydantic locations like ('labels', 2, 'concept') into ("labels[acl].concept")."""
     parts = []
-    for err in exc.errors():
-        loc = list(err["loc"])
+    for loc, message in error_locations(exc):
         if len(loc) >= 2 and loc[0] == list_key and isinstance(loc[1], int):
             items = data.get(list_key) or []
             if loc[1] < len(items) and isinstance(items[loc[1]], dict) and "key" in items[loc[1]]:
                 loc[1] = f"[{items[loc[1]]['key']}]"
         where = ".".join(str(p) for p in loc).replace(".[", "[")
-        message = err["msg"].removeprefix("Value error, ")
         parts.append(f"{where}: {message}" if where else message)
     return TemplateError(f"{path}: " + "; ".join(parts))
 

@@ -25,8 +25,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from inference.config_files import ConfigFileError, error_locations, read_yaml
 
 if TYPE_CHECKING:  # pragma: no cover - import only for type checkers
     from inference.model import ModelConfig
@@ -37,7 +38,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 BUILTIN_CONFIGS: tuple[str, ...] = ("paper", "small", "tiny", "demo")
 
 
-class ConfigError(ValueError):
+class ConfigError(ConfigFileError):
     """A configuration file is unreadable or invalid; the message names the file and the key."""
 
 
@@ -231,9 +232,9 @@ class TrainConfig(_Section):
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:
     lines = []
-    for err in exc.errors():
-        loc = ".".join(str(part) for part in err["loc"] if part != "fields") or "<root>"
-        lines.append(f"{source}: key {loc!r}: {err['msg']}")
+    for parts, msg in error_locations(exc, skip=("fields",)):
+        loc = ".".join(str(part) for part in parts) or "<root>"
+        lines.append(f"{source}: key {loc!r}: {msg}")
     return "\n".join(lines)
 
 
@@ -268,11 +269,7 @@ def config_path(name_or_path: str | Path) -> Path:
 def load_config(name_or_path: str | Path) -> TrainConfig:
     """Read and validate a configuration by built-in name or path."""
     path = config_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return _validate(data, str(path))
+    return _validate(read_yaml(path, ConfigError, "configuration"), str(path))
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> TrainConfig:
