@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Destination, ExportSection, NodeConfig, RetrySection, Route
 from dicom_node.db import EventKind, EventRecord, Export, ExportState, Job, JobState, session_scope, utcnow
+from dicom_node.service import BackgroundService
 
 log = logging.getLogger(__name__)
 
@@ -445,14 +445,17 @@ def retry_failed(
         return ids
 
 
-class Exporter:
+class Exporter(BackgroundService):
     """The sender thread: sends due exports, records each outcome and the next attempt.
 
     ``on_result(destination, kind, ok, seconds)`` is called per object (the node hooks its
     metrics there).  ``poll_seconds`` bounds how long a new or due export waits when nobody
-    calls :meth:`wake`.  ``sender`` and ``verifier`` send and look up objects (by default
-    :func:`send_files` and :func:`verify_held`).
+    calls :meth:`wake` (called when a job queued some).  ``sender`` and ``verifier`` send and
+    look up objects (by default :func:`send_files` and :func:`verify_held`).
     """
+
+    stop_timeout = 30.0
+    already_started_message = "exporter already started"
 
     def __init__(
         self,
@@ -465,6 +468,7 @@ class Exporter:
         sender: Callable[[Destination, Sequence[Path], str], list[SendOutcome]] = send_files,
         verifier: Callable[[Destination, Sequence[Path], str], list[Presence]] = verify_held,
     ) -> None:
+        super().__init__("orthonode-exporter")
         self.config = config
         self.export_config: ExportSection = config.export
         self.factory = factory
@@ -474,10 +478,6 @@ class Exporter:
         self.sender = sender
         self.verifier = verifier
         self.calling_ae_title = config.listener.ae_titles[0]
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.last_loop_at: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def recover(self) -> int:
@@ -496,40 +496,18 @@ class Exporter:
                 log.warning("%d export(s) were interrupted by a restart; sending them again", len(rows))
             return len(rows)
 
-    def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("exporter already started")
+    # ------------------------------------------------------------------ the loop (BackgroundService)
+    def _starting(self) -> None:
         self.recover()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="orthonode-exporter", daemon=True)
-        self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    def _tick(self) -> bool:
+        return self.run_once()
 
-    def wake(self) -> None:
-        """Look for due exports now (called when a job queued some)."""
-        self._wake.set()
+    def _wait_seconds(self) -> float:
+        return self.poll_seconds
 
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.last_loop_at = time.monotonic()
-            try:
-                busy = self.run_once()
-            except Exception:  # the sender thread must survive a database hiccup; it is logged
-                log.exception("export loop failed; retrying in %.0f s", self.poll_seconds)
-                busy = False
-            if not busy:
-                self._wake.wait(self.poll_seconds)
-                self._wake.clear()
+    def _tick_failed(self) -> None:  # the sender thread must survive a database hiccup; it is logged
+        log.exception("export loop failed; retrying in %.0f s", self.poll_seconds)
 
     # ------------------------------------------------------------------ work
     def _claim(self) -> dict[str, list[_Claimed]]:
