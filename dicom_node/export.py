@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Protocol
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -222,33 +224,37 @@ def _request_never_arrived(exc: BaseException) -> bool:
 
 def send_files(destination: Destination, files: Sequence[Path], calling_ae_title: str) -> list[SendOutcome]:
     """Send ``files`` to ``destination`` by its type; one outcome per file, in order."""
-    if destination.type == "dimse":
-        return send_dimse(destination, files, calling_ae_title)
-    if destination.type == "stowrs":
-        return send_stowrs(destination, files)
-    raise ExportError(f"unknown destination type {destination.type!r}")
+    return destination_kind(destination).send(files, calling_ae_title)
 
 
 def echo(destination: Destination, calling_ae_title: str, timeout: float = 10.0) -> tuple[bool, str]:
     """C-ECHO a DIMSE destination, or GET the STOW-RS base of a DICOMweb one; (ok, detail)."""
-    if destination.type == "stowrs":
-        import requests
+    return destination_kind(destination).echo(calling_ae_title, timeout)
 
-        try:
-            response = requests.get(
-                str(destination.url).rstrip("/") + "/studies", params={"limit": "1"}, timeout=timeout,
-                auth=(destination.username, destination.password or "") if destination.username else None,
-            )
-        except requests.RequestException as exc:
-            return False, f"{destination.url}: {exc}"
-        return response.status_code < 400, f"{destination.url}: HTTP {response.status_code}"
+
+def echo_stowrs(destination: Destination, timeout: float = 10.0) -> tuple[bool, str]:
+    """GET ``<url>/studies?limit=1`` of a DICOMweb destination; (ok, detail)."""
+    import requests
+
+    try:
+        response = requests.get(
+            str(destination.url).rstrip("/") + "/studies", params={"limit": "1"}, timeout=timeout,
+            auth=(destination.username, destination.password or "") if destination.username else None,
+        )
+    except requests.RequestException as exc:
+        return False, f"{destination.url}: {exc}"
+    return response.status_code < 400, f"{destination.url}: HTTP {response.status_code}"
+
+
+def echo_dimse(destination: Destination, calling_ae_title: str, timeout: float = 10.0) -> tuple[bool, str]:
+    """C-ECHO a DIMSE destination; (ok, detail)."""
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
     ae.add_requested_context(Verification)
-    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    where = DimseDestination(destination).describe()
     started = time.monotonic()
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
@@ -376,11 +382,79 @@ def find_qido(destination: Destination, files: Sequence[Path], timeout: float = 
 
 def verify_held(destination: Destination, files: Sequence[Path], calling_ae_title: str) -> list[Presence]:
     """Whether ``destination`` already holds each of ``files`` (C-FIND or QIDO-RS by its type)."""
-    if destination.type == "dimse":
-        return find_dimse(destination, files, calling_ae_title)
-    if destination.type == "stowrs":
-        return find_qido(destination, files)
-    raise ExportError(f"unknown destination type {destination.type!r}")
+    return destination_kind(destination).holds(files, calling_ae_title)
+
+
+# --------------------------------------------------------------------------- destination types
+
+
+class DestinationKind(Protocol):
+    """What the node does with one type of destination (``destination.type`` in node.yaml)."""
+
+    def send(self, files: Sequence[Path], calling_ae_title: str) -> list[SendOutcome]:
+        """Send ``files``; one outcome per file, in order."""
+
+    def holds(self, files: Sequence[Path], calling_ae_title: str) -> list[Presence]:
+        """Whether the destination already holds each of ``files`` (verify before resend)."""
+
+    def echo(self, calling_ae_title: str, timeout: float) -> tuple[bool, str]:
+        """Whether the destination answers; (ok, detail)."""
+
+    def describe(self) -> str:
+        """Where the destination is, for messages (``AE@host:port`` or the URL)."""
+
+
+@dataclass(frozen=True)
+class DimseDestination:
+    """A DICOM peer: C-STORE to send, C-FIND (Study Root, IMAGE level) to verify, C-ECHO."""
+
+    config: Destination
+
+    def send(self, files: Sequence[Path], calling_ae_title: str) -> list[SendOutcome]:
+        return send_dimse(self.config, files, calling_ae_title)
+
+    def holds(self, files: Sequence[Path], calling_ae_title: str) -> list[Presence]:
+        return find_dimse(self.config, files, calling_ae_title)
+
+    def echo(self, calling_ae_title: str, timeout: float) -> tuple[bool, str]:
+        return echo_dimse(self.config, calling_ae_title, timeout)
+
+    def describe(self) -> str:
+        return f"{self.config.ae_title}@{self.config.host}:{self.config.port}"
+
+
+@dataclass(frozen=True)
+class StowRsDestination:
+    """A DICOMweb server: STOW-RS to send, QIDO-RS to verify, a GET of its studies to echo."""
+
+    config: Destination
+
+    def send(self, files: Sequence[Path], calling_ae_title: str) -> list[SendOutcome]:
+        return send_stowrs(self.config, files)
+
+    def holds(self, files: Sequence[Path], calling_ae_title: str) -> list[Presence]:
+        return find_qido(self.config, files)
+
+    def echo(self, calling_ae_title: str, timeout: float) -> tuple[bool, str]:
+        return echo_stowrs(self.config, timeout)
+
+    def describe(self) -> str:
+        return f"{self.config.url}"
+
+
+#: the class of each ``destination.type``
+DESTINATION_KINDS: dict[str, Callable[[Destination], DestinationKind]] = {
+    "dimse": DimseDestination,
+    "stowrs": StowRsDestination,
+}
+
+
+def destination_kind(destination: Destination) -> DestinationKind:
+    """The operations of ``destination``'s type; :class:`ExportError` for an unknown type."""
+    kind = DESTINATION_KINDS.get(destination.type)
+    if kind is None:
+        raise ExportError(f"unknown destination type {destination.type!r}")
+    return kind(destination)
 
 
 # --------------------------------------------------------------------------- queue
