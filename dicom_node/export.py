@@ -30,17 +30,19 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Protocol
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Destination, ExportSection, NodeConfig, RetrySection, Route
 from dicom_node.db import EventKind, EventRecord, Export, ExportState, Job, JobState, session_scope, utcnow
+from dicom_node.service import BackgroundService
 
 log = logging.getLogger(__name__)
 
@@ -222,33 +224,37 @@ def _request_never_arrived(exc: BaseException) -> bool:
 
 def send_files(destination: Destination, files: Sequence[Path], calling_ae_title: str) -> list[SendOutcome]:
     """Send ``files`` to ``destination`` by its type; one outcome per file, in order."""
-    if destination.type == "dimse":
-        return send_dimse(destination, files, calling_ae_title)
-    if destination.type == "stowrs":
-        return send_stowrs(destination, files)
-    raise ExportError(f"unknown destination type {destination.type!r}")
+    return destination_kind(destination).send(files, calling_ae_title)
 
 
 def echo(destination: Destination, calling_ae_title: str, timeout: float = 10.0) -> tuple[bool, str]:
     """C-ECHO a DIMSE destination, or GET the STOW-RS base of a DICOMweb one; (ok, detail)."""
-    if destination.type == "stowrs":
-        import requests
+    return destination_kind(destination).echo(calling_ae_title, timeout)
 
-        try:
-            response = requests.get(
-                str(destination.url).rstrip("/") + "/studies", params={"limit": "1"}, timeout=timeout,
-                auth=(destination.username, destination.password or "") if destination.username else None,
-            )
-        except requests.RequestException as exc:
-            return False, f"{destination.url}: {exc}"
-        return response.status_code < 400, f"{destination.url}: HTTP {response.status_code}"
+
+def echo_stowrs(destination: Destination, timeout: float = 10.0) -> tuple[bool, str]:
+    """GET ``<url>/studies?limit=1`` of a DICOMweb destination; (ok, detail)."""
+    import requests
+
+    try:
+        response = requests.get(
+            str(destination.url).rstrip("/") + "/studies", params={"limit": "1"}, timeout=timeout,
+            auth=(destination.username, destination.password or "") if destination.username else None,
+        )
+    except requests.RequestException as exc:
+        return False, f"{destination.url}: {exc}"
+    return response.status_code < 400, f"{destination.url}: HTTP {response.status_code}"
+
+
+def echo_dimse(destination: Destination, calling_ae_title: str, timeout: float = 10.0) -> tuple[bool, str]:
+    """C-ECHO a DIMSE destination; (ok, detail)."""
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
     ae.add_requested_context(Verification)
-    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    where = DimseDestination(destination).describe()
     started = time.monotonic()
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
@@ -376,11 +382,79 @@ def find_qido(destination: Destination, files: Sequence[Path], timeout: float = 
 
 def verify_held(destination: Destination, files: Sequence[Path], calling_ae_title: str) -> list[Presence]:
     """Whether ``destination`` already holds each of ``files`` (C-FIND or QIDO-RS by its type)."""
-    if destination.type == "dimse":
-        return find_dimse(destination, files, calling_ae_title)
-    if destination.type == "stowrs":
-        return find_qido(destination, files)
-    raise ExportError(f"unknown destination type {destination.type!r}")
+    return destination_kind(destination).holds(files, calling_ae_title)
+
+
+# --------------------------------------------------------------------------- destination types
+
+
+class DestinationKind(Protocol):
+    """What the node does with one type of destination (``destination.type`` in node.yaml)."""
+
+    def send(self, files: Sequence[Path], calling_ae_title: str) -> list[SendOutcome]:
+        """Send ``files``; one outcome per file, in order."""
+
+    def holds(self, files: Sequence[Path], calling_ae_title: str) -> list[Presence]:
+        """Whether the destination already holds each of ``files`` (verify before resend)."""
+
+    def echo(self, calling_ae_title: str, timeout: float) -> tuple[bool, str]:
+        """Whether the destination answers; (ok, detail)."""
+
+    def describe(self) -> str:
+        """Where the destination is, for messages (``AE@host:port`` or the URL)."""
+
+
+@dataclass(frozen=True)
+class DimseDestination:
+    """A DICOM peer: C-STORE to send, C-FIND (Study Root, IMAGE level) to verify, C-ECHO."""
+
+    config: Destination
+
+    def send(self, files: Sequence[Path], calling_ae_title: str) -> list[SendOutcome]:
+        return send_dimse(self.config, files, calling_ae_title)
+
+    def holds(self, files: Sequence[Path], calling_ae_title: str) -> list[Presence]:
+        return find_dimse(self.config, files, calling_ae_title)
+
+    def echo(self, calling_ae_title: str, timeout: float) -> tuple[bool, str]:
+        return echo_dimse(self.config, calling_ae_title, timeout)
+
+    def describe(self) -> str:
+        return f"{self.config.ae_title}@{self.config.host}:{self.config.port}"
+
+
+@dataclass(frozen=True)
+class StowRsDestination:
+    """A DICOMweb server: STOW-RS to send, QIDO-RS to verify, a GET of its studies to echo."""
+
+    config: Destination
+
+    def send(self, files: Sequence[Path], calling_ae_title: str) -> list[SendOutcome]:
+        return send_stowrs(self.config, files)
+
+    def holds(self, files: Sequence[Path], calling_ae_title: str) -> list[Presence]:
+        return find_qido(self.config, files)
+
+    def echo(self, calling_ae_title: str, timeout: float) -> tuple[bool, str]:
+        return echo_stowrs(self.config, timeout)
+
+    def describe(self) -> str:
+        return f"{self.config.url}"
+
+
+#: the class of each ``destination.type``
+DESTINATION_KINDS: dict[str, Callable[[Destination], DestinationKind]] = {
+    "dimse": DimseDestination,
+    "stowrs": StowRsDestination,
+}
+
+
+def destination_kind(destination: Destination) -> DestinationKind:
+    """The operations of ``destination``'s type; :class:`ExportError` for an unknown type."""
+    kind = DESTINATION_KINDS.get(destination.type)
+    if kind is None:
+        raise ExportError(f"unknown destination type {destination.type!r}")
+    return kind(destination)
 
 
 # --------------------------------------------------------------------------- queue
@@ -445,14 +519,17 @@ def retry_failed(
         return ids
 
 
-class Exporter:
+class Exporter(BackgroundService):
     """The sender thread: sends due exports, records each outcome and the next attempt.
 
     ``on_result(destination, kind, ok, seconds)`` is called per object (the node hooks its
     metrics there).  ``poll_seconds`` bounds how long a new or due export waits when nobody
-    calls :meth:`wake`.  ``sender`` and ``verifier`` send and look up objects (by default
-    :func:`send_files` and :func:`verify_held`).
+    calls :meth:`wake` (called when a job queued some).  ``sender`` and ``verifier`` send and
+    look up objects (by default :func:`send_files` and :func:`verify_held`).
     """
+
+    stop_timeout = 30.0
+    already_started_message = "exporter already started"
 
     def __init__(
         self,
@@ -465,6 +542,7 @@ class Exporter:
         sender: Callable[[Destination, Sequence[Path], str], list[SendOutcome]] = send_files,
         verifier: Callable[[Destination, Sequence[Path], str], list[Presence]] = verify_held,
     ) -> None:
+        super().__init__("orthonode-exporter")
         self.config = config
         self.export_config: ExportSection = config.export
         self.factory = factory
@@ -474,10 +552,6 @@ class Exporter:
         self.sender = sender
         self.verifier = verifier
         self.calling_ae_title = config.listener.ae_titles[0]
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.last_loop_at: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def recover(self) -> int:
@@ -496,40 +570,18 @@ class Exporter:
                 log.warning("%d export(s) were interrupted by a restart; sending them again", len(rows))
             return len(rows)
 
-    def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("exporter already started")
+    # ------------------------------------------------------------------ the loop (BackgroundService)
+    def _starting(self) -> None:
         self.recover()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="orthonode-exporter", daemon=True)
-        self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    def _tick(self) -> bool:
+        return self.run_once()
 
-    def wake(self) -> None:
-        """Look for due exports now (called when a job queued some)."""
-        self._wake.set()
+    def _wait_seconds(self) -> float:
+        return self.poll_seconds
 
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.last_loop_at = time.monotonic()
-            try:
-                busy = self.run_once()
-            except Exception:  # the sender thread must survive a database hiccup; it is logged
-                log.exception("export loop failed; retrying in %.0f s", self.poll_seconds)
-                busy = False
-            if not busy:
-                self._wake.wait(self.poll_seconds)
-                self._wake.clear()
+    def _tick_failed(self) -> None:  # the sender thread must survive a database hiccup; it is logged
+        log.exception("export loop failed; retrying in %.0f s", self.poll_seconds)
 
     # ------------------------------------------------------------------ work
     def _claim(self) -> dict[str, list[_Claimed]]:

@@ -63,6 +63,7 @@ from dicom_node.db import (
     session_scope,
     utcnow,
 )
+from dicom_node.service import BackgroundService
 
 log = logging.getLogger(__name__)
 
@@ -438,14 +439,19 @@ class SharedModel:
             return self._bundle
 
 
-class Worker:
+class Worker(BackgroundService):
     """Runs queued jobs one at a time in a thread: snapshot -> pipeline -> results -> exports.
 
     ``resolve_instance(path)`` maps an instance path relative to the storage root to a file
     (:meth:`dicom_node.storage.Storage.resolve`).  ``bundle`` is an already loaded
     :class:`inference.checkpoint.ModelBundle`; without it the worker takes the model from
     ``model`` (a :class:`SharedModel`, by default one of its own) when its first job starts.
+
+    :meth:`stop` stops after the current job (a job cut short is re-queued at the next start).
     """
+
+    stop_timeout = 60.0
+    already_started_message = "worker already started"
 
     def __init__(
         self,
@@ -467,6 +473,7 @@ class Worker:
         self.factory = factory
         self.resolve_instance = resolve_instance
         self.worker_id = worker_identity(index)
+        super().__init__(f"orthonode-worker-{self.worker_id}")
         self.queue = JobQueue(factory, self.worker_id, config.jobs.lease_seconds, config.jobs.max_attempts)
         self.poll_seconds = poll_seconds
         self.preview = preview
@@ -474,11 +481,8 @@ class Worker:
         self.on_exports_queued = on_exports_queued
         #: the model; loaded from ``model.checkpoint`` at the first job unless given
         self._bundle: Any = bundle
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.current_job: int | None = None
-        self.last_loop_at: float | None = None
+        self._last_sweep = 0.0
 
     @property
     def results_root(self) -> Path:
@@ -488,46 +492,28 @@ class Worker:
     def work_root(self) -> Path:
         return self.config.layout.work
 
-    # ------------------------------------------------------------------ lifecycle
-    def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("worker already started")
+    # ------------------------------------------------------------------ the loop (BackgroundService)
+    def _starting(self) -> None:
         self.queue.requeue_abandoned(at_startup=True)
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name=f"orthonode-worker-{self.worker_id}", daemon=True)
-        self._thread.start()
+        self._last_sweep = 0.0
 
-    def stop(self, timeout: float = 60.0) -> None:
-        """Stop after the current job (a job cut short is re-queued at the next start)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    def _tick(self) -> bool:
+        """Sweep for abandoned jobs (every ``HEARTBEAT_SECONDS``), then run one claimed job;
+        True when a job ran (the next is claimed without waiting)."""
+        if time.monotonic() - self._last_sweep > HEARTBEAT_SECONDS:
+            self.queue.requeue_abandoned()
+            self._last_sweep = time.monotonic()
+        claimed = self.queue.claim()
+        if claimed is None:
+            return False
+        self.run_job(claimed)
+        return True
 
-    def wake(self) -> None:
-        self._wake.set()
+    def _wait_seconds(self) -> float:
+        return self.poll_seconds
 
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _loop(self) -> None:
-        last_sweep = 0.0
-        while not self._stop.is_set():
-            self.last_loop_at = time.monotonic()
-            try:
-                if time.monotonic() - last_sweep > HEARTBEAT_SECONDS:
-                    self.queue.requeue_abandoned()
-                    last_sweep = time.monotonic()
-                claimed = self.queue.claim()
-                if claimed is not None:
-                    self.run_job(claimed)
-                    continue
-            except Exception:  # a database outage must not end the worker; logged with traceback
-                log.exception("worker %s: loop failed; retrying in %.0f s", self.worker_id, self.poll_seconds)
-            self._wake.wait(self.poll_seconds)
-            self._wake.clear()
+    def _tick_failed(self) -> None:  # a database outage must not end the worker; logged with traceback
+        log.exception("worker %s: loop failed; retrying in %.0f s", self.worker_id, self.poll_seconds)
 
     # ------------------------------------------------------------------ one job
     def bundle(self) -> Any:

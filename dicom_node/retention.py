@@ -47,6 +47,7 @@ from dicom_node.db import (
     utcnow,
 )
 from dicom_node.layout import DataDirLock, DataDirLockedError, DataLayout
+from dicom_node.service import BackgroundService
 from dicom_node.storage import fsync_directory, validate_uid
 
 log = logging.getLogger(__name__)
@@ -627,49 +628,41 @@ class Purger:
 # --------------------------------------------------------------------------- the schedule
 
 
-class RetentionRunner:
-    """Runs :meth:`Purger.purge` in a thread: once shortly after start, then every
+class RetentionRunner(BackgroundService):
+    """Runs :meth:`Purger.purge` in a thread: once ``first_delay_seconds`` after start, then every
     ``interval_minutes``.  A failing run (e.g. a database outage) is logged and the schedule
-    goes on."""
+    goes on.  :meth:`stop` stops after the study being purged (a purge is never cut in the
+    middle by this)."""
+
+    stop_timeout = 30.0
+    already_started_message = "the retention runner is already started"
 
     def __init__(self, purger: Purger, interval_minutes: float, first_delay_seconds: float = 0.0) -> None:
         if interval_minutes <= 0:
             raise ValueError(f"interval_minutes must be > 0, got {interval_minutes}")
+        super().__init__("orthonode-retention")
         self.purger = purger
         self.interval_seconds = interval_minutes * 60.0
         self.first_delay_seconds = first_delay_seconds
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.runs = 0
         self.last_report: PurgeReport | None = None
 
-    def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("the retention runner is already started")
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="orthonode-retention", daemon=True)
-        self._thread.start()
+    # ------------------------------------------------------------------ the loop (BackgroundService)
+    def _first_wait_seconds(self) -> float:
+        return self.first_delay_seconds
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop after the study being purged (a purge is never cut in the middle by this)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    def _pause(self, seconds: float) -> None:
+        """The schedule keeps its interval: only :meth:`stop` cuts a wait short, not :meth:`wake`."""
+        self._stop.wait(seconds)
 
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+    def _tick(self) -> bool:
+        self.last_report = self.purger.purge()
+        return False  # one run per interval
 
-    def _loop(self) -> None:
-        delay = self.first_delay_seconds
-        while not self._stop.wait(delay):
-            delay = self.interval_seconds
-            try:
-                self.last_report = self.purger.purge()
-            except Exception:  # a database outage must not end the schedule; logged with traceback
-                log.exception("retention run failed; trying again in %.0f min", self.interval_seconds / 60)
-            self.runs += 1
+    def _wait_seconds(self) -> float:
+        return self.interval_seconds
+
+    def _tick_failed(self) -> None:  # a database outage must not end the schedule; logged with traceback
+        log.exception("retention run failed; trying again in %.0f min", self.interval_seconds / 60)
 
 
 # --------------------------------------------------------------------------- orthonode purge
