@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -64,6 +64,11 @@ from dicom_node.db import (
     utcnow,
 )
 from dicom_node.service import BackgroundService
+
+if TYPE_CHECKING:  # torch and the model stay out of the node's start-up
+    from inference.checkpoint import ModelBundle
+    from inference.model_set import ModelSet
+    from inference.pipeline import StudyResult
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +373,7 @@ class SharedModel:
         self.files: dict[str, Path] | None = None if isinstance(files, (str, Path)) else dict(files)
         self.path: Path | None = Path(files) if isinstance(files, (str, Path)) else None
         self.torch_threads = torch_threads
-        self._bundle: Any = None
+        self._bundle: ModelSet | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -412,7 +417,7 @@ class SharedModel:
         thread.start()
         return thread
 
-    def get(self) -> Any:
+    def get(self) -> ModelSet:
         """The :class:`inference.model_set.ModelSet`, loaded at the first call."""
         with self._lock:
             if self._bundle is None:
@@ -464,7 +469,7 @@ class Worker(BackgroundService):
         preview: bool = False,
         on_finished: Callable[[JobOutcome], None] | None = None,
         on_exports_queued: Callable[[], None] | None = None,
-        bundle: Any = None,
+        bundle: ModelBundle | ModelSet | None = None,
         model: SharedModel | None = None,
     ) -> None:
         self.config = config
@@ -480,7 +485,7 @@ class Worker(BackgroundService):
         self.on_finished = on_finished
         self.on_exports_queued = on_exports_queued
         #: the model; loaded from ``model.checkpoint`` at the first job unless given
-        self._bundle: Any = bundle
+        self._bundle: ModelBundle | ModelSet | None = bundle
         self.current_job: int | None = None
         self._last_sweep = 0.0
 
@@ -516,7 +521,7 @@ class Worker(BackgroundService):
         log.exception("worker %s: loop failed; retrying in %.0f s", self.worker_id, self.poll_seconds)
 
     # ------------------------------------------------------------------ one job
-    def bundle(self) -> Any:
+    def bundle(self) -> ModelBundle | ModelSet:
         """The model, loaded when the first job needs it (given, shared, or from the checkpoint)."""
         if self._bundle is None:
             self._bundle = self.model.get()
@@ -602,7 +607,8 @@ class Worker(BackgroundService):
             return []
         return [path]
 
-    def _run_pipeline(self, snapshot: Path, bundle: Any, out_dir: Path, previous_reports: list[Path]) -> Any:
+    def _run_pipeline(self, snapshot: Path, bundle: ModelBundle | ModelSet, out_dir: Path,
+                      previous_reports: list[Path]) -> StudyResult:
         from inference.pipeline import run_study
         from inference.uids import NodeInfo, default_node_info
 
@@ -619,7 +625,7 @@ class Worker(BackgroundService):
             previous_reports=previous_reports,
         )
 
-    def _summary(self, result: Any, out_dir: Path) -> dict[str, Any]:
+    def _summary(self, result: StudyResult, out_dir: Path) -> dict[str, Any]:
         data_dir = self.config.data_dir
         return {
             "outcome": result.outcome.value,
@@ -639,18 +645,13 @@ class Worker(BackgroundService):
             "out_dir": str(out_dir),
         }
 
-    def _finish_ok(self, claimed: ClaimedJob, result: Any, out_dir: Path, seconds: float) -> JobOutcome:
-        from pydicom import dcmread
-
+    def _finish_ok(self, claimed: ClaimedJob, result: StudyResult, out_dir: Path, seconds: float) -> JobOutcome:
         from dicom_node.export import queue_exports, route_destinations
 
         study_uid = claimed.study_instance_uid
         summary = self._summary(result, out_dir)
-        objects = []
-        for path in result.files:
-            ds = dcmread(path, stop_before_pixels=True)
-            kind = str(ds.Modality).lower()  # "seg" or "sr"
-            objects.append((str(path.relative_to(self.config.data_dir)), kind, str(ds.SOPInstanceUID)))
+        # what was written, as the pipeline wrote it: the files are not read again
+        objects = [(str(o.path.relative_to(self.config.data_dir)), o.kind, o.sop_instance_uid) for o in result.outputs]
         for line in result.log:
             log.info("study %s: job %d: %s", study_uid, claimed.job_id, line)
         (out_dir / "result.json").parent.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -77,6 +77,7 @@ __all__ = [
     "ChosenSeries",
     "Outcome",
     "StudyResult",
+    "WrittenObject",
     "ehr_from_header",
     "run_study",
 ]
@@ -102,6 +103,14 @@ class Outcome(str, enum.Enum):
     PARTIAL = "partial"
     #: not interpreted (wrong body part, no usable series, another joint than the model's)
     UNSUPPORTED = "unsupported"
+
+
+class WrittenObject(NamedTuple):
+    """One DICOM object :func:`run_study` wrote: its file, ``"seg"`` or ``"sr"``, its SOP Instance UID."""
+
+    path: Path
+    kind: str
+    sop_instance_uid: str
 
 
 @dataclass(frozen=True)
@@ -161,6 +170,8 @@ class StudyResult:
     device: str = "cpu"
     #: the model that interpreted the study ("name version"), None when none was chosen
     model: str | None = None
+    #: SOP Instance UID of each DICOM file written, as it was written
+    sop_instance_uids: dict[Path, str] = field(default_factory=dict)
 
     @property
     def supported(self) -> bool:
@@ -171,6 +182,12 @@ class StudyResult:
         """Every DICOM file written: the SEGs in plane order, then the SR."""
         files = [self.segmentations[p] for p in PLANES if p in self.segmentations]
         return files + ([self.report] if self.report is not None else [])
+
+    @property
+    def outputs(self) -> list[WrittenObject]:
+        """:attr:`files` with what a sender needs to know of each (kind, SOP Instance UID), without reading them."""
+        return [WrittenObject(path, "sr" if path == self.report else "seg", self.sop_instance_uids[path])
+                for path in self.files]
 
     def summary(self) -> str:
         """Readable multi-line summary (what ``orthonode predict`` prints)."""
@@ -510,6 +527,7 @@ def _segment(run: _Run) -> None:
             )
             path = run.out_dir / f"seg_{plane}.dcm"
             seg.save_as(path)
+            result.sop_instance_uids[path] = str(seg.SOPInstanceUID)
             result.volumes_ml[plane] = structure_volumes_ml(volume.datasets, run.label_maps[plane], run.structures)
         run.segs[plane] = seg
         result.segmentations[plane] = path
@@ -548,6 +566,7 @@ def _map(run: _Run) -> None:
             )
             path = run.out_dir / f"seg_{plane}.dcm"
             seg.save_as(path)
+            result.sop_instance_uids[path] = str(seg.SOPInstanceUID)
         result.segmentations[plane] = path
         result.mapped_from[plane] = segmented
         result.log.append(f"segmentation: {plane} {target.info.label()} -> {path.name} (the {segmented} label "
@@ -595,6 +614,7 @@ def _report(run: _Run) -> None:
         )
         result.report = run.out_dir / "sr.dcm"
         sr.save_as(result.report)
+        result.sop_instance_uids[result.report] = str(sr.SOPInstanceUID)
     result.log.append(f"report: {result.report.name}")
     for item in sr.get("PredecessorDocumentsSequence", []):
         for series in item.ReferencedSeriesSequence:

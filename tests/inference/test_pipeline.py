@@ -236,6 +236,16 @@ def _referenced_instances(items) -> set[str]:
     return found
 
 
+def test_outputs_say_what_each_written_file_is_without_reading_it(complete_run: StudyResult) -> None:
+    from pydicom import dcmread
+
+    outputs = complete_run.outputs
+    assert [o.path for o in outputs] == complete_run.files and len(outputs) == 4  # 3 SEGs, then the SR
+    for written in outputs:
+        ds = dcmread(written.path, stop_before_pixels=True)
+        assert (written.kind, written.sop_instance_uid) == (str(ds.Modality).lower(), str(ds.SOPInstanceUID))
+
+
 def test_mapped_segs_hold_the_sagittal_label_map_on_their_grids(complete_run: StudyResult, oblique_case: Path) -> None:
     """Each mapped SEG read back is the sagittal SEG's label map resampled with the node's rule."""
     from inference.plane_mapping import DEFAULT_RULE, map_label_map
