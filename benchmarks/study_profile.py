@@ -32,7 +32,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
@@ -154,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {label} | {seconds:.3f} | {seconds * scale:.3f} |" for label, seconds in buckets.items()]
     lines += [
         "",
-        f"Profiled run's stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in profiled.timings.items()),
+        "Profiled run's stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in profiled.timings.items()),
         "",
         f"<details><summary>top {args.top} functions by cumulative time (profiled run)</summary>",
         "",

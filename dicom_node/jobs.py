@@ -489,14 +489,6 @@ class Worker(BackgroundService):
         self.current_job: int | None = None
         self._last_sweep = 0.0
 
-    @property
-    def results_root(self) -> Path:
-        return self.config.layout.results
-
-    @property
-    def work_root(self) -> Path:
-        return self.config.layout.work
-
     # ------------------------------------------------------------------ the loop (BackgroundService)
     def _starting(self) -> None:
         self.queue.requeue_abandoned(at_startup=True)

@@ -46,7 +46,7 @@ from dicom_node.db import (
     upgrade_database,
     utcnow,
 )
-from dicom_node.layout import DataDirLock, DataDirLockedError, DataLayout
+from dicom_node.layout import DataDirLock, DataDirLockedError
 from dicom_node.service import BackgroundService
 from dicom_node.storage import fsync_directory, validate_uid
 
@@ -363,9 +363,7 @@ class Purger:
         self.on_purged = on_purged
         self.guard_timeout = guard_timeout
         self.data_dir = config.data_dir
-        self.layout = DataLayout(self.data_dir)
-        self.instances_root = self.layout.instances
-        self.results_root = self.layout.results
+        self.layout = config.layout
         self._run_lock = threading.Lock()
 
     # ------------------------------------------------------------------ what is there
@@ -380,7 +378,7 @@ class Purger:
         """Result objects of the study's exports outside its own result folder (normally none);
         only files under ``results/`` are ever considered."""
         paths = []
-        results = self.results_root.resolve()
+        results = self.layout.results.resolve()
         inside = results / study_uid
         rows = session.scalars(select(Export.object_path).join(Job).where(Job.study_id == study_id))
         for relative in rows:
@@ -526,7 +524,7 @@ class Purger:
         """In an abandoned purge: delete the rows of instances received before the mark whose
         files are gone, recount their series and drop series left empty, so that no row names
         a deleted file.  The study's next job runs on what is left."""
-        root = self.instances_root.resolve()
+        root = self.layout.instances.resolve()
 
         def present(relative: str) -> bool:
             path = (root / relative).resolve()

@@ -507,7 +507,7 @@ def _segment(run: _Run) -> None:
     from inference.seg_writer import structure_volumes_ml, write_segmentation
 
     result, bundle = run.result, run.bundle
-    run.out_dir.mkdir(parents=True, exist_ok=True)
+    run.out_dir.mkdir(parents=True, exist_ok=True)  # the first stage that writes; map, report, preview follow
     for plane in run.to_segment:
         if plane not in run.volumes:
             result.log.append(f"segmentation: no {plane} series; no SEG for that plane")
@@ -582,7 +582,6 @@ def _report(run: _Run) -> None:
     from inference.uids import instances_fingerprint
     from sr_templates import load_template
 
-    run.out_dir.mkdir(parents=True, exist_ok=True)
     with run.clock.stage("write"):
         # the SR's volume groups measure the first segmented plane (sagittal before coronal, axial)
         referenced = next((p for p in PLANES if p in run.segs), None)
@@ -626,7 +625,6 @@ def _preview(run: _Run) -> None:
     """PNGs of key slices per plane with the masks and findings."""
     from inference.preview import write_previews
 
-    run.out_dir.mkdir(parents=True, exist_ok=True)
     with run.clock.stage("preview"):
         run.result.previews = write_previews(
             run.out_dir / "preview", run.volumes, {**run.overlays, **run.label_maps}, run.result.findings,
