@@ -51,6 +51,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection, make_url
@@ -350,6 +351,9 @@ class Export(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    #: ``host:pid`` of the exporter sending it (state ``sending``); another exporter sends it
+    #: again only when that process is gone
+    sender_id: Mapped[str | None] = mapped_column(String(128))
 
     job: Mapped[Job] = relationship(back_populates="exports")
 
@@ -382,6 +386,39 @@ class EventRecord(Base):
         Index("ix_events_time", "time"),
         Index("ix_events_study_time", "study_instance_uid", "time"),
     )
+
+
+class ProcessRecord(Base):
+    """One running ``orthonode serve`` process: what it runs and when it last said so.
+
+    Several processes (on several hosts) may share one PostgreSQL database and one data
+    folder; each registers here at start-up, refreshes ``heartbeat_at`` while it runs and
+    removes its row when it stops (:mod:`dicom_node.cluster`).  A row whose heartbeat is old
+    belongs to a process that died.
+    """
+
+    __tablename__ = "processes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: ``host:pid``, the prefix of the worker ids of its jobs and the sender id of its exports
+    process_id: Mapped[str] = mapped_column(String(128), unique=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    #: comma-separated roles, e.g. ``listener`` or ``listener,worker,exporter``
+    roles: Mapped[str] = mapped_column(String(64))
+    #: the torch device its workers use (None without the worker role)
+    device: Mapped[str | None] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Setting(Base):
+    """Facts every process of one database shares, e.g. the identity of its data folder."""
+
+    __tablename__ = "settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
 
 
 def input_fingerprint(sop_instance_uids: Iterable[str]) -> str:
@@ -463,6 +500,9 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
+#: the advisory lock key (class, object) held while the schema is migrated (PostgreSQL)
+MIGRATION_LOCK = {"c": 0x4F4E0001, "o": 1}
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
@@ -482,15 +522,28 @@ def alembic_config(engine_or_url: Engine | str) -> Any:
 
 
 def upgrade_database(engine_or_url: Engine | str, revision: str = "head") -> None:
-    """Create the schema or bring it up to ``revision`` (idempotent; run at node start-up)."""
+    """Create the schema or bring it up to ``revision`` (idempotent; run at node start-up).
+
+    On PostgreSQL several processes may start at once: the migration runs under an advisory
+    lock, so one of them migrates and the others then find the schema at ``revision``.
+    """
     from alembic import command
 
     config = alembic_config(engine_or_url)
+    engine: Engine = config.attributes["engine"]
     try:
-        command.upgrade(config, revision)
+        if engine.dialect.name == "postgresql":
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                connection.execute(text("SELECT pg_advisory_lock(:c, :o)"), MIGRATION_LOCK)
+                try:
+                    command.upgrade(config, revision)
+                finally:
+                    connection.execute(text("SELECT pg_advisory_unlock(:c, :o)"), MIGRATION_LOCK)
+        else:
+            command.upgrade(config, revision)
     finally:
         if isinstance(engine_or_url, str):
-            config.attributes["engine"].dispose()
+            engine.dispose()
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -3,7 +3,8 @@
 ::
 
     data_dir/
-        orthonode.lock                       DataDirLock: the node (or ``orthonode purge``) using the folder
+        orthonode.lock                       DataDirLock: the node (or ``orthonode purge``) using the folder (SQLite)
+        orthonode-folder-id                  the folder's id, also kept in the database (shared folders)
         orthonode.sqlite (-wal, -shm)        the database, unless ``database.url`` names another
         instances/<study>/<series>/<sop>.dcm  received instances (:class:`dicom_node.storage.Storage`)
         results/<study>/job-<id>/            a job's result objects (:class:`dicom_node.jobs.Worker`)
@@ -12,9 +13,11 @@
 The purge (:mod:`dicom_node.retention`) deletes a study's ``results/<study>``, its jobs'
 leftover ``work/job-<id>`` and its ``instances/<study>``.
 
-One node per ``data_dir``: the running node holds an exclusive lock on ``orthonode.lock``
+On SQLite, one node per ``data_dir``: the running node holds an exclusive lock on ``orthonode.lock``
 (:class:`DataDirLock`, ``flock``, released by the kernel when the process dies however it
 dies); ``orthonode purge`` takes the same lock and refuses to delete while a node holds it.
+On PostgreSQL several processes share the folder and the database's advisory locks take the
+lock file's place (:mod:`dicom_node.cluster`).
 
 This module imports nothing else of the node, so every other module can take the layout
 from here.
@@ -35,6 +38,8 @@ RESULTS_DIR = "results"
 WORK_DIR = "work"
 #: the lock file a running node holds in its data directory
 LOCK_FILE = "orthonode.lock"
+#: the data folder's id, which the database keeps too (:func:`dicom_node.cluster.check_data_folder`)
+IDENTITY_FILE = "orthonode-folder-id"
 #: the SQLite database when ``database.url`` is empty
 DATABASE_FILE = "orthonode.sqlite"
 
@@ -65,6 +70,10 @@ class DataLayout:
     @property
     def lock_file(self) -> Path:
         return self.root / LOCK_FILE
+
+    @property
+    def identity_file(self) -> Path:
+        return self.root / IDENTITY_FILE
 
     @property
     def database(self) -> Path:
