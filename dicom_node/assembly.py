@@ -23,6 +23,12 @@ listener can also *hold* a study while an association that delivered to it is op
 before the association ends, except at the forced limit, which bounds the wait for an
 association that never ends.
 
+With several listener processes (:mod:`dicom_node.cluster`), each arms timers for the
+studies it received instances of; the times come from the database, which every listener
+updates, and a check holds the study's row lock, so one study's instances may arrive through
+different listeners and still give one job per instance set.  A hold is the holding
+listener's own: another listener's timer sees only the quiet period in the database.
+
 Nothing here needs to survive a restart: at start-up :meth:`StudyAssembler.recover` re-arms a
 timer for every study still receiving (or complete without a job), computed from the times in
 the database.
@@ -239,7 +245,11 @@ class StudyAssembler:
         job_id: int | None = None
         try:
             with session_scope(self.factory) as session:
-                study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).first()
+                # the study's row lock: with several listeners each arms its own timer for a study
+                # it received part of, and the checks of one study must not queue twice
+                study = session.scalars(
+                    select(Study).where(Study.study_instance_uid == study_uid).with_for_update()
+                ).first()
                 if study is None:
                     log.warning("study %s: timer fired but the study is not in the database", study_uid)
                     return None

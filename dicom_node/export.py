@@ -40,6 +40,7 @@ from typing import Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.cluster import PROCESS_LEASE_SECONDS, live_process_ids, process_id
 from dicom_node.config import Destination, ExportSection, NodeConfig, RetrySection, Route
 from dicom_node.db import EventKind, EventRecord, Export, ExportState, Job, JobState, session_scope, utcnow
 from dicom_node.service import BackgroundService
@@ -552,29 +553,52 @@ class Exporter(BackgroundService):
         self.sender = sender
         self.verifier = verifier
         self.calling_ae_title = config.listener.ae_titles[0]
+        #: ``host:pid``, recorded on the exports this exporter is sending
+        self.process_id = process_id()
+        self._last_sweep = time.monotonic()
+        #: exports of the batch being sent now (for /healthz and /metrics)
+        self.sending = 0
 
     # ------------------------------------------------------------------ lifecycle
-    def recover(self) -> int:
-        """Put exports left ``sending`` by a stopped node back to ``pending`` (due now)."""
+    def recover(self, at_startup: bool = True) -> int:
+        """Put exports left ``sending`` by an exporter that is gone back to ``pending`` (due now).
+
+        Gone: a process no longer registered alive in ``processes`` (:mod:`dicom_node.cluster`),
+        or, at start-up, an earlier life of this process id.  Exports another live exporter is
+        sending are left to it.
+        """
+        me = process_id()
         with session_scope(self.factory) as session:
-            rows = list(session.scalars(select(Export).where(Export.state == ExportState.SENDING)))
+            live = live_process_ids(session)
+            query = select(Export).where(Export.state == ExportState.SENDING)
+            if session.get_bind().dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            rows = [row for row in session.scalars(query)
+                    if row.sender_id is None or (row.sender_id == me and at_startup)
+                    or (row.sender_id != me and row.sender_id not in live)]
             for row in rows:
                 row.state = ExportState.PENDING
                 row.next_attempt_at = utcnow()
-                # the stopped node may have sent it before it could record the answer
-                row.last_error = f"{OUTCOME_UNKNOWN}interrupted while being sent (node stopped)"
+                row.sender_id = None
+                # the stopped exporter may have sent it before it could record the answer
+                row.last_error = f"{OUTCOME_UNKNOWN}interrupted while being sent (exporter stopped)"
                 session.add(EventRecord(kind=EventKind.EXPORT_RECOVERED, job_id=row.job_id,
-                                        message=f"export {row.id} to {row.destination} was being sent when the node "
-                                                f"stopped; it is sent again unless the destination already holds it"))
+                                        message=f"export {row.id} to {row.destination} was being sent by an exporter "
+                                                f"that stopped; it is sent again unless the destination already "
+                                                f"holds it"))
             if rows:
-                log.warning("%d export(s) were interrupted by a restart; sending them again", len(rows))
+                log.warning("%d export(s) were interrupted by a stopped exporter; sending them again", len(rows))
             return len(rows)
 
     # ------------------------------------------------------------------ the loop (BackgroundService)
     def _starting(self) -> None:
         self.recover()
+        self._last_sweep = time.monotonic()
 
     def _tick(self) -> bool:
+        if time.monotonic() - self._last_sweep > PROCESS_LEASE_SECONDS:
+            self.recover(at_startup=False)  # an exporter of another process may have died
+            self._last_sweep = time.monotonic()
         return self.run_once()
 
     def _wait_seconds(self) -> float:
@@ -589,14 +613,16 @@ class Exporter(BackgroundService):
         now = utcnow()
         batches: dict[str, list[_Claimed]] = {}
         with session_scope(self.factory) as session:
-            rows = session.scalars(
-                select(Export)
-                .where(Export.state == ExportState.PENDING, Export.next_attempt_at <= now)
-                .order_by(Export.next_attempt_at, Export.id)
-                .limit(self.batch_size)
-            ).all()
+            query = (select(Export)
+                     .where(Export.state == ExportState.PENDING, Export.next_attempt_at <= now)
+                     .order_by(Export.next_attempt_at, Export.id)
+                     .limit(self.batch_size))
+            if session.get_bind().dialect.name == "postgresql":  # several exporters: each row to one
+                query = query.with_for_update(skip_locked=True)
+            rows = session.scalars(query).all()
             for row in rows:
                 row.state = ExportState.SENDING
+                row.sender_id = self.process_id
                 row.attempts += 1
                 batches.setdefault(row.destination, []).append(_Claimed(
                     row.id, self.config.data_dir / row.object_path, row.object_kind, row.sop_instance_uid,
@@ -606,16 +632,21 @@ class Exporter(BackgroundService):
     def run_once(self) -> bool:
         """Send one batch of due exports; True when there was something to send."""
         batches = self._claim()
-        for name, items in batches.items():
-            destination = self.export_config.destinations.get(name)
-            started = time.monotonic()
-            if destination is None:
-                outcomes = [SendOutcome(False, f"destination {name!r} is no longer in node.yaml export.destinations")
-                            for _ in items]
-            else:
-                outcomes = self._send(name, destination, items)
-            seconds = (time.monotonic() - started) / max(len(items), 1)
-            self._record(name, items, outcomes, seconds)
+        self.sending = sum(len(items) for items in batches.values())
+        try:
+            for name, items in batches.items():
+                destination = self.export_config.destinations.get(name)
+                started = time.monotonic()
+                if destination is None:
+                    outcomes = [SendOutcome(False, f"destination {name!r} is no longer in node.yaml "
+                                                   f"export.destinations") for _ in items]
+                else:
+                    outcomes = self._send(name, destination, items)
+                seconds = (time.monotonic() - started) / max(len(items), 1)
+                self._record(name, items, outcomes, seconds)
+                self.sending -= len(items)
+        finally:
+            self.sending = 0
         return bool(batches)
 
     def _send(self, name: str, destination: Destination, items: list[_Claimed]) -> list[SendOutcome]:

@@ -98,11 +98,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _dead_local_worker(worker_id: str | None) -> bool:
-    """True when ``worker_id`` names a process on this host that no longer runs (or is us:
-    a job recorded under our own pid before we started belongs to a previous life)."""
+def _dead_local_worker(worker_id: str | None, at_startup: bool = True) -> bool:
+    """True when ``worker_id`` names a process on this host that no longer runs (or, at
+    start-up, is us: a job recorded under our own pid before we started belongs to a previous
+    life).  A job without a worker id is dead only at start-up."""
     if not worker_id:
-        return True
+        return at_startup
     parts = worker_id.split(":")
     if len(parts) != 3 or parts[0] != socket.gethostname():
         return False
@@ -110,7 +111,9 @@ def _dead_local_worker(worker_id: str | None) -> bool:
         pid = int(parts[1])
     except ValueError:
         return False
-    return pid == os.getpid() or not _pid_alive(pid)
+    if pid == os.getpid():
+        return at_startup
+    return not _pid_alive(pid)
 
 
 def content_fingerprint(pairs: Iterable[tuple[str, str]]) -> str:
@@ -253,15 +256,21 @@ class JobQueue:
     def requeue_abandoned(self, at_startup: bool = False) -> list[int]:
         """Running jobs of dead workers go back to ``queued`` (or ``failed`` after too many starts).
 
-        At start-up a job of this host whose pid is gone is dead at once; otherwise a job is
-        dead when its heartbeat is older than the lease.  Returns the ids handled.
+        A job of another process on this host whose pid is gone is dead at once (and at
+        start-up one recorded under this process's own pid: a previous life); otherwise a job
+        is dead when its heartbeat is older than the lease (a worker on another host).  On
+        PostgreSQL several workers sweep: each job is handled by one of them (``SKIP LOCKED``).
+        Returns the ids handled.
         """
         limit = utcnow() - timedelta(seconds=self.lease_seconds)
         handled = []
         with session_scope(self.factory) as session:
-            for job in session.scalars(select(Job).where(Job.state == JobState.RUNNING)):
+            query = select(Job).where(Job.state == JobState.RUNNING)
+            if session.get_bind().dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            for job in session.scalars(query):
                 stale = job.heartbeat_at is None or job.heartbeat_at < limit
-                if not (stale or (at_startup and _dead_local_worker(job.worker_id))):
+                if not (stale or _dead_local_worker(job.worker_id, at_startup)):
                     continue
                 study = job.study
                 if job.step in STEPS_BEFORE_THE_STUDY:

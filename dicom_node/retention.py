@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -46,6 +46,7 @@ from dicom_node.db import (
     upgrade_database,
     utcnow,
 )
+from dicom_node.cluster import RETENTION_RUN_LOCK, AdvisoryLock, LockTimeout, is_postgresql, study_lock_key
 from dicom_node.layout import DataDirLock, DataDirLockedError
 from dicom_node.service import BackgroundService
 from dicom_node.storage import fsync_directory, validate_uid
@@ -143,6 +144,47 @@ class StudyGuard:
     def is_purging(self, study_uid: str) -> bool:
         with self._cond:
             return study_uid in self._purging
+
+
+class DatabaseStudyGuard:
+    """:class:`StudyGuard` across processes and hosts, for PostgreSQL: a receive holds the
+    study's advisory lock shared, a purge holds it exclusively (:class:`dicom_node.cluster.AdvisoryLock`).
+
+    A purge waiting for the lock makes new receives of the study wait behind it, as the
+    in-process guard does, and the server drops a lock whose process died.  Each hold costs a
+    pooled connection and two statements.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @contextmanager
+    def receiving(self, study_uid: str) -> Iterator[None]:
+        lock = AdvisoryLock(self.engine, study_lock_key(study_uid), shared=True)
+        lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    @contextmanager
+    def purging(self, study_uid: str, timeout: float | None = None) -> Iterator[None]:
+        lock = AdvisoryLock(self.engine, study_lock_key(study_uid))
+        try:
+            lock.acquire(timeout)
+        except LockTimeout:
+            raise StudyBusyError(f"study {study_uid}: instances were still being received after {timeout:g} s; "
+                                 f"left for the next purge") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+
+def study_guard_for(engine: Engine) -> StudyGuard | DatabaseStudyGuard:
+    """The guard a node on ``engine`` uses: across processes on PostgreSQL, in memory on SQLite
+    (one process)."""
+    return DatabaseStudyGuard(engine) if is_postgresql(engine) else StudyGuard()
 
 
 # --------------------------------------------------------------------------- eligibility
@@ -340,7 +382,9 @@ class _Mark:
 class Purger:
     """Finds and purges the studies the retention policy allows (see the module docstring).
 
-    ``guard`` is the node's :class:`StudyGuard` (the listener's receives hold it).  ``busy(uid)``
+    ``guard`` is the node's :class:`StudyGuard`, or :class:`DatabaseStudyGuard` on PostgreSQL (the
+    listener's receives hold it; the default is :func:`study_guard_for` the factory's engine).
+    On PostgreSQL one purge runs at a time over all processes (an advisory lock).  ``busy(uid)``
     answers why the rest of the node still needs a study that the database alone cannot tell
     (the assembler holds it for an open association, or has a timer armed), or None.
     ``on_purged`` is called after each study's rows were deleted (the node counts metrics there).
@@ -358,7 +402,11 @@ class Purger:
     ) -> None:
         self.policy = config.retention
         self.factory = factory
-        self.guard = guard if guard is not None else StudyGuard()
+        engine = factory.kw.get("bind")
+        #: PostgreSQL: several processes may run purges; an advisory lock lets one at a time
+        self._engine: Engine | None = engine if engine is not None and is_postgresql(engine) else None
+        self.guard = guard if guard is not None else (
+            study_guard_for(engine) if engine is not None else StudyGuard())
         self.busy = busy
         self.on_purged = on_purged
         self.guard_timeout = guard_timeout
@@ -565,7 +613,32 @@ class Purger:
             purged = self._delete_rows(mark, files, size, resumed=False)
         return purged if purged is not None else "an instance arrived during the purge"
 
+    @contextmanager
+    def _one_run(self, wait: bool) -> Iterator[bool]:
+        """One purge run at a time: in this process, and on PostgreSQL in every process of the
+        database.  Yields False when another process is purging and ``wait`` is false."""
+        with self._run_lock:
+            if self._engine is None:
+                yield True
+                return
+            lock = AdvisoryLock(self._engine, RETENTION_RUN_LOCK)
+            try:
+                lock.acquire(None if wait else 0)
+            except LockTimeout:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                lock.release()
+
     def finish_interrupted(self, report: PurgeReport | None = None) -> list[PurgedStudy]:
+        """Finish every purge that was marked and not completed (see :meth:`_finish_interrupted`);
+        waits while another process purges."""
+        with self._one_run(wait=True):
+            return self._finish_interrupted(report)
+
+    def _finish_interrupted(self, report: PurgeReport | None = None) -> list[PurgedStudy]:
         """Finish every purge that was marked and not completed (run before the listener starts,
         and at the beginning of each purge run); returns the studies finished.
 
@@ -600,8 +673,12 @@ class Purger:
         reported, and the run goes on with the others.
         """
         report = PurgeReport()
-        with self._run_lock:
-            report.purged.extend(self.finish_interrupted(report))
+        with self._one_run(wait=False) as ours:
+            if not ours:
+                log.info("retention: another process is purging now; this run is skipped")
+                report.skipped.append(("*", "another process is purging"))
+                return report
+            report.purged.extend(self._finish_interrupted(report))
             retried = {uid for uid, _ in report.failed}
             for verdict in self.assessments(now):
                 uid = verdict.study_instance_uid
@@ -695,10 +772,13 @@ def run(args: argparse.Namespace) -> int:
               f"studies (or run with --dry-run to see what would be deleted)", file=sys.stderr)
         return 2
     lock = DataDirLock(config.data_dir)
-    if args.dry_run:
+    # On PostgreSQL several node processes share the folder; the database's locks guard each
+    # study and let one purge run at a time, so a purge may run beside them.  On SQLite the
+    # one node holds the folder's lock.
+    if config.database_url.startswith("sqlite") and args.dry_run:
         if lock.locked_by_other():
             print(f"note: a node is serving {config.data_dir} ({lock.holder()}); the list may change while it runs")
-    else:
+    elif config.database_url.startswith("sqlite"):
         try:
             lock.acquire("orthonode purge")
         except DataDirLockedError:

@@ -3,6 +3,8 @@ and the worker running the real pipeline on a stored phantom study (results, rou
 queued once, superseded jobs, output UIDs)."""
 from __future__ import annotations
 
+import os
+
 import subprocess
 import threading
 import time
@@ -78,12 +80,22 @@ def test_jobs_of_dead_workers_go_back_to_the_queue(node_db) -> None:
     assert dead.claim() is not None  # ... and died while loading the model
     assert dead.heartbeat(job_id, step="load model")
     survivor = JobQueue(node_db, worker_identity(), lease_seconds=60)
-    assert survivor.requeue_abandoned() == [], "a job with a fresh heartbeat was taken away"
-    assert survivor.requeue_abandoned(at_startup=True) == [job_id], "the dead local worker's job was not recovered"
+    # a worker process of this host whose pid is gone loses its job at the next sweep, although
+    # its heartbeat is fresh (several worker processes may share a host)
+    assert survivor.requeue_abandoned() == [job_id], "the dead local worker's job was not recovered"
     with session_scope(node_db) as session:
         job = session.get(Job, job_id)
         assert job.state is JobState.QUEUED and job.study.state is StudyState.COMPLETE
         assert job.attempts == 0, "a death before the study was processed counted against the study"
+
+    # a live worker process of this host (our parent) with a fresh heartbeat keeps its job
+    alive = JobQueue(node_db, f"{worker_identity().split(':')[0]}:{os.getppid()}:0")
+    assert alive.claim().job_id == job_id
+    assert alive.heartbeat(job_id, step="inference")
+    assert survivor.requeue_abandoned() == [], "a job of a live local worker with a fresh heartbeat was taken away"
+    with session_scope(node_db) as session:
+        job = session.get(Job, job_id)
+        job.state, job.attempts = JobState.QUEUED, 0
 
     # a worker on another host, dying inside the study's processing: only its stale lease frees the job
     other = JobQueue(node_db, "elsewhere:42:0")
