@@ -39,6 +39,11 @@ def _load(args: argparse.Namespace) -> Any:
 def configure_serve(parser: argparse.ArgumentParser) -> None:
     _config_argument(parser)
     parser.add_argument("--preview", action="store_true", help="also write preview PNGs with each result")
+    parser.add_argument("--role", metavar="ROLES",
+                        help="what this process runs: all (the default), or listener, worker, exporter, "
+                             "comma-separated; overrides node.role (roles in separate processes need PostgreSQL)")
+    parser.add_argument("--device", metavar="DEVICE",
+                        help="torch device of this process's workers: auto, cpu, cuda or cuda:N; overrides jobs.device")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -50,6 +55,18 @@ def run_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"orthonode serve: {exc}", file=sys.stderr)
         return 2
+    from dicom_node.config import check_device
+    from dicom_node.roles import parse_roles
+
+    try:
+        role, device = getattr(args, "role", None), getattr(args, "device", None)
+        roles = parse_roles(role) if role is not None else config.node.roles
+        if device is not None:
+            jobs = config.jobs.model_copy(update={"device": check_device(device)})
+            config = config.model_copy(update={"jobs": jobs})
+    except ValueError as exc:
+        print(f"orthonode serve: {exc}", file=sys.stderr)
+        return 2
     if not getattr(args, "verbose", 0):  # -v on the command line wins over logging.level
         logging.getLogger().setLevel(getattr(logging, config.logging.level))
         # pynetdicom logs every PDU exchange at INFO; the listener and exporter log each
@@ -58,7 +75,7 @@ def run_serve(args: argparse.Namespace) -> int:
         logging.getLogger("alembic").setLevel(logging.WARNING)
     from dicom_node.check_config import model_problems
 
-    problems, _ = model_problems(config, args.config)
+    problems, _ = model_problems(config, args.config) if "worker" in roles else ([], None)
     if problems:
         for problem in problems:
             print(f"orthonode serve: {problem}", file=sys.stderr)
@@ -68,9 +85,14 @@ def run_serve(args: argparse.Namespace) -> int:
     # Everything the node writes (database, results, work copies, logs) holds patient data:
     # nothing of it for other users, whatever umask the service manager gave us.
     os.umask(PRIVATE_UMASK)
+    from dicom_node.cluster import ClusterError
+
     try:
-        node = Node(config, preview=args.preview)
+        node = Node(config, preview=args.preview, roles=roles)
         node.start()
+    except ClusterError as exc:
+        print(f"orthonode serve: cannot start: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"orthonode serve: cannot start: {exc} (is another node using port "
               f"{config.listener.port} or {config.http.port}?)", file=sys.stderr)
@@ -83,8 +105,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    print(f"orthonode: serving {'/'.join(config.listener.ae_titles)} on {config.listener.bind_address}:"
-          f"{config.listener.port}" + (f", health on {node.http_url}/healthz" if node.http_url else ""), flush=True)
+    from dicom_node.roles import describe_roles
+
+    serving = (f"{'/'.join(config.listener.ae_titles)} on {config.listener.bind_address}:{config.listener.port}"
+               if "listener" in roles else f"role {describe_roles(roles)}")
+    print(f"orthonode: serving {serving}" + (f", health on {node.http_url}/healthz" if node.http_url else ""),
+          flush=True)
     try:
         while not stop.wait(1.0):
             pass
@@ -164,7 +190,34 @@ def collect_status(factory: Any, limit: int = 20) -> dict[str, Any]:
             )
         ]
     return {"studies": studies, "jobs": jobs, "exports": exports_all, "failed_jobs": failed_jobs,
-            "failed_exports": failed_exports, "retrying_exports": waiting}
+            "failed_exports": failed_exports, "retrying_exports": waiting, **collect_processes(factory)}
+
+
+def collect_processes(factory: Any) -> dict[str, Any]:
+    """The registered node processes, and the workers holding job leases (running jobs): host,
+    pid, job, heartbeat age."""
+    from sqlalchemy import select
+
+    from dicom_node.cluster import processes
+    from dicom_node.db import Job, JobState, session_scope, utcnow
+
+    now = utcnow()
+    with session_scope(factory) as session:
+        registered = [
+            {"process": p.process_id, "host": p.host, "pid": p.pid, "roles": p.roles, "device": p.device,
+             "started": _when(p.started_at), "heartbeat_age_seconds": round((now - p.heartbeat_at).total_seconds(), 1),
+             "alive": p.alive(now)}
+            for p in processes(session)
+        ]
+        leases = []
+        for job in session.scalars(select(Job).where(Job.state == JobState.RUNNING).order_by(Job.id)):
+            parts = (job.worker_id or "").rsplit(":", 2)  # host:pid:thread (dicom_node.jobs.worker_identity)
+            host, pid, index = parts if len(parts) == 3 else (job.worker_id or "?", "?", "?")
+            age = None if job.heartbeat_at is None else round((now - job.heartbeat_at).total_seconds(), 1)
+            leases.append({"worker": job.worker_id, "host": host, "pid": pid, "thread": index, "job": job.id,
+                           "study_instance_uid": job.study.study_instance_uid, "step": job.step,
+                           "heartbeat_age_seconds": age})
+    return {"processes": registered, "leases": leases}
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -186,6 +239,17 @@ def format_status(status: dict[str, Any]) -> str:
                      f"{s['last_received']:<19}  {job_text}")
     if not status["studies"]:
         lines.append("(no studies received yet)")
+    if status.get("processes"):
+        lines += ["", "processes:"]
+        lines += [f"  {p['host']} pid {p['pid']}: {p['roles']}" + (f" on {p['device']}" if p["device"] else "")
+                  + f", heartbeat {p['heartbeat_age_seconds']:.0f} s ago" + ("" if p["alive"] else " (gone)")
+                  for p in status["processes"]]
+    if status.get("leases"):
+        lines += ["", "workers holding jobs:"]
+        lines += [f"  {w['host']} pid {w['pid']} thread {w['thread']}: job {w['job']} (study "
+                  f"{w['study_instance_uid']}, step {w['step']}), heartbeat "
+                  + ("never" if w["heartbeat_age_seconds"] is None else f"{w['heartbeat_age_seconds']:.0f} s ago")
+                  for w in status["leases"]]
     if status["retrying_exports"]:
         lines += ["", "exports waiting for a retry:"]
         lines += [f"  export {e['id']} {e['kind']} -> {e['destination']}: attempt {e['attempts']} failed, next at "

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicom_node.layout import DataLayout
+from dicom_node.roles import ALL, parse_roles
 from inference.config_files import ConfigFileError, error_locations, read_yaml
 from inference.joint import DEFAULT_JOINT_RULES, JointRules
 from inference.labels import JOINTS
@@ -39,6 +40,19 @@ class NodeSection(_Section):
     name: str = "orthonode"
     data_dir: Path = Path("./data")
     institution: str = ""
+    #: what this process runs: ``all`` (the default), or some of ``listener``, ``worker``,
+    #: ``exporter`` (comma-separated); ``orthonode serve --role`` overrides it
+    role: str = ALL
+
+    @field_validator("role")
+    @classmethod
+    def _known_roles(cls, value: str) -> str:
+        parse_roles(value)
+        return value.strip()
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return parse_roles(self.role)
 
 
 class AllowedCaller(_Section):
@@ -126,8 +140,20 @@ class StudyAssemblySection(_Section):
         return self
 
 
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
+
+
+def check_device(value: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; anything else raises :class:`ValueError`."""
+    if not _DEVICE_RE.match(value):
+        raise ValueError(f"device {value!r}: use auto, cpu, cuda or cuda:N (one GPU per worker process: cuda:0, "
+                         f"cuda:1, ..., or CUDA_VISIBLE_DEVICES)")
+    return value
+
+
 class JobsSection(_Section):
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: the torch device of this process's workers: auto, cpu, cuda or cuda:N
+    device: str = "auto"
     workers: int = Field(1, ge=1)
     #: CPU threads torch may use for the networks (None: torch's default, one per core).  On a
     #: machine shared with other services fewer threads are often faster.
@@ -139,6 +165,11 @@ class JobsSection(_Section):
     lease_seconds: float = Field(60.0, ge=15.0)
     #: interruptions of one job while processing its study before it is marked failed
     max_attempts: int = Field(3, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return check_device(value)
 
 
 #: the models of a node.yaml that names none: the demo model of each joint (`orthonode train demo`)

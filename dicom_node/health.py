@@ -93,6 +93,16 @@ class NodeMetrics:
             "orthonode_active_associations", "DICOM associations open on the listener", registry=self.registry
         )
         self.up = Gauge("orthonode_up", "1 while the node is serving", registry=self.registry)
+        self.process_roles = Gauge(
+            "orthonode_process_role", "1 for each role this process runs (listener, worker, exporter)",
+            ["process", "role"], registry=self.registry,
+        )
+        self.jobs_held = Gauge(
+            "orthonode_jobs_held", "Jobs this process's workers are running now", registry=self.registry
+        )
+        self.exports_held = Gauge(
+            "orthonode_exports_held", "Exports this process's exporter is sending now", registry=self.registry
+        )
         self.purged_studies = Counter(
             "orthonode_purged_studies", "Studies deleted by the retention policy since the node started",
             registry=self.registry,
@@ -101,6 +111,11 @@ class NodeMetrics:
             "orthonode_purged_bytes", "Bytes of instance, result and work files deleted by the retention policy "
             "since the node started", registry=self.registry,
         )
+
+    def set_process(self, process: str, roles: tuple[str, ...]) -> None:
+        """Say which process this is and what it runs (``host:pid``, its roles)."""
+        for role in roles:
+            self.process_roles.labels(process=process, role=role).set(1)
 
     def job_finished(self, state: str, outcome: str, seconds: float) -> None:
         self.job_seconds.labels(state=state, outcome=outcome).observe(seconds)
@@ -218,12 +233,14 @@ class HealthServer:
     """``/healthz`` and ``/metrics`` over HTTP in a background thread.
 
     ``checks`` maps a name to a function returning a :class:`Check`; all run on each request.
+    ``about()`` adds what the process says of itself to ``/healthz`` (its roles, what it holds).
     """
 
     def __init__(self, bind_address: str, port: int, checks: dict[str, Callable[[], Check]],
-                 render_metrics: Callable[[], bytes]) -> None:
+                 render_metrics: Callable[[], bytes], about: Callable[[], dict[str, Any]] | None = None) -> None:
         self.checks = checks
         self.render_metrics = render_metrics
+        self.about = about
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -261,8 +278,10 @@ class HealthServer:
     def healthz(self) -> tuple[int, bytes, str]:
         results = {name: check() for name, check in self.checks.items()}
         ok = all(r.ok for r in results.values())
-        body = {"status": "ok" if ok else "fail",
-                "checks": {name: {"ok": r.ok, "detail": r.detail} for name, r in results.items()}}
+        body: dict[str, Any] = {"status": "ok" if ok else "fail"}
+        if self.about is not None:
+            body.update(self.about())
+        body["checks"] = {name: {"ok": r.ok, "detail": r.detail} for name, r in results.items()}
         return (200 if ok else 503), (json.dumps(body, indent=2) + "\n").encode(), "application/json"
 
     def start(self) -> None:
