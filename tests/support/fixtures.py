@@ -13,17 +13,15 @@
 
 PostgreSQL: ``ORTHONODE_TEST_POSTGRES_URL`` (a URL to a server where the tests may create
 databases) is used when set; otherwise a throw-away server is started from
-``/usr/lib/postgresql/15/bin`` on 127.0.0.1 in a temporary folder (as the ``postgres``
+``/usr/lib/postgresql/15/bin`` on 127.0.0.1 (:mod:`dicom_node.local_postgres`; as the ``postgres``
 user when the tests run as root, since PostgreSQL refuses to run as root).  Tests that need
 it are skipped when neither is available.
 """
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,12 +29,12 @@ from typing import Any
 
 import pytest
 
+from dicom_node import local_postgres
 from dicom_node.config import NodeConfig, parse_config
 from tests.support.node import MATRIX, ServeProcess, free_port, make_node_config, write_node_yaml
 from tests.support.shared import built_once
 from tests.support.tiny_model import build_tiny_checkpoint
 
-PG_BIN = Path(os.environ.get("ORTHONODE_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
 
 @pytest.fixture(scope="session")
@@ -98,12 +96,13 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 @pytest.fixture()
-def serve_process(tmp_path: Path) -> Iterator[Callable[[Path], ServeProcess]]:
-    """Factory for ``orthonode serve`` subprocesses; every one started is killed at the end."""
+def serve_process(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """Factory for ``orthonode serve`` subprocesses (``make(config_path, *options)``); every one
+    started is killed at the end."""
     started: list[ServeProcess] = []
 
-    def make(config_path: Path) -> ServeProcess:
-        proc = ServeProcess(config_path, tmp_path / f"serve-{len(started)}.log").start()
+    def make(config_path: Path, *args: str) -> ServeProcess:
+        proc = ServeProcess(config_path, tmp_path / f"serve-{len(started)}.log", args).start()
         started.append(proc)
         return proc
 
@@ -184,46 +183,6 @@ def make_config(tmp_path: Path) -> Callable[..., NodeConfig]:
 # --------------------------------------------------------------------------- PostgreSQL
 
 
-def _as_postgres(cmd: list[str]) -> list[str]:
-    if os.geteuid() != 0:
-        return cmd
-    return ["runuser", "-u", "postgres", "--", *cmd]
-
-
-class _PostgresServer:
-    """A PostgreSQL cluster in a temporary folder, trust authentication on 127.0.0.1 only."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        # not under pytest's tmp_path: that tree is private to root and the server runs as postgres
-        self.dir = Path(tempfile.mkdtemp(prefix="orthonode-pg-"))
-        if os.geteuid() == 0:
-            user = pwd.getpwnam("postgres")
-            os.chown(self.dir, user.pw_uid, user.pw_gid)
-        self.data = self.dir / "data"
-        self.log = self.dir / "server.log"
-
-    def _run(self, *cmd: str) -> None:
-        proc = subprocess.run(_as_postgres(list(cmd)), capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            log_text = self.log.read_text(errors="replace") if self.log.exists() else ""
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}\n{log_text}")
-
-    def start(self) -> str:
-        self._run(
-            str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "orthonode", "--auth=trust", "-E", "UTF8", "--no-sync"
-        )
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.log), "-w", "start")
-        return f"postgresql+psycopg2://orthonode@127.0.0.1:{self.port}/postgres"
-
-    def stop(self) -> None:
-        try:
-            self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="session")
 def postgres_server_url() -> Iterator[str]:
     """URL of a PostgreSQL server (maintenance database) the tests may create databases on."""
@@ -231,14 +190,10 @@ def postgres_server_url() -> Iterator[str]:
     if given:
         yield given
         return
-    if not (PG_BIN / "initdb").exists():
-        pytest.skip(f"no PostgreSQL: set ORTHONODE_TEST_POSTGRES_URL or install PostgreSQL 15 ({PG_BIN})")
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no 'postgres' user to run the server as")
-    server = _PostgresServer()
+    why_not = local_postgres.available()
+    if why_not:
+        pytest.skip(f"no PostgreSQL: set ORTHONODE_TEST_POSTGRES_URL, or: {why_not}")
+    server = local_postgres.LocalPostgres()
     try:
         url = server.start()
     except BaseException:

@@ -179,9 +179,11 @@ def run_storescu(port: int, files: list[Path] | Path, calling_ae: str = "STORESC
 class ServeProcess:
     """``orthonode serve`` in a subprocess (for kill -9 tests)."""
 
-    def __init__(self, config_path: Path, log_path: Path) -> None:
+    def __init__(self, config_path: Path, log_path: Path, args: tuple[str, ...] = ()) -> None:
         self.config_path = config_path
         self.log_path = log_path
+        #: more ``orthonode serve`` options, e.g. ``("--role", "worker")``
+        self.args = tuple(args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> "ServeProcess":
@@ -189,7 +191,7 @@ class ServeProcess:
         handle = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_path)],
+                [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_path), *self.args],
                 stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env,
             )
         finally:
