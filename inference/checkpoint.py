@@ -23,12 +23,14 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict, model_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from inference.labels import JOINTS, KNEE_STRUCTURES, PLANES
 from inference.model import (
@@ -39,6 +41,7 @@ from inference.model import (
     make_segmenter,
 )
 from inference.preprocess import PreprocessConfig, preprocess_volume, segment_series
+from inference.validated import plain_errors, sequence
 
 __all__ = [
     "CHECKPOINT_FORMAT", "INTENDED_USE", "CheckpointError", "ModelBundle", "ModelCard", "pick_device", "read_card",
@@ -70,7 +73,28 @@ def _now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-@dataclass
+def _distinct(values: list[str]) -> list[str]:
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"must not repeat an entry, but {repeated} appear more than once in {values}")
+    return values
+
+
+_NonEmptyStr = Annotated[str, Strict(), Field(min_length=1)]
+_Plane = Literal[PLANES]  # type: ignore[valid-type]
+_Structure = Literal[tuple(s.key for s in KNEE_STRUCTURES)]  # type: ignore[misc]
+#: lists are given as lists or tuples (a set or a string has no reliable order) and kept as lists
+_Strings = Annotated[list[_NonEmptyStr], BeforeValidator(sequence)]
+_DistinctStrings = Annotated[list[_NonEmptyStr], BeforeValidator(sequence), AfterValidator(_distinct)]
+_Structures = Annotated[list[_Structure], BeforeValidator(sequence)]  # type: ignore[valid-type]
+_Planes = Annotated[list[_Plane], BeforeValidator(sequence), AfterValidator(_distinct)]  # type: ignore[valid-type]
+_Probability = Annotated[float, Strict(), Field(ge=0.0, le=1.0)]  # an int is read as a float; a bool is not
+_Sha256 = Annotated[str, Strict(), Field(pattern=r"^[0-9a-fA-F]{64}$")]
+_Mapping = dict[str, Any]
+
+
+@plain_errors
+@pydantic_dataclass(config=ConfigDict(extra="forbid"))
 class ModelCard:
     """What a model is, what it was trained on and how to rebuild and use it.
 
@@ -81,84 +105,55 @@ class ModelCard:
     :meth:`ModelConfig.to_dict` and :meth:`PreprocessConfig.to_dict`.  ``training_data``
     describes the data (``description``, ``fingerprint`` sha256, ``counts``, ``sites``; it
     says "synthetic phantoms" where so).
+
+    A pydantic dataclass: the fields' types and values are checked by pydantic (unknown keys
+    are errors), the rules between fields by :meth:`_check_consistency`, which also rebuilds
+    both configurations, so a card that saves also loads; an invalid card raises
+    ``ValueError`` naming the field.
     """
 
-    name: str
-    version: str
-    joint: str
-    labels: list[str]
-    label_names: list[str]
-    structures: list[str]
-    thresholds: dict[str, float]
-    planes: list[str]
-    use_ehr: bool
-    model: dict[str, Any]
-    preprocess: dict[str, Any]
-    training_data: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    created: str = field(default_factory=_now_iso)
+    name: _NonEmptyStr
+    version: _NonEmptyStr
+    joint: Literal[JOINTS]  # type: ignore[valid-type]
+    labels: _DistinctStrings
+    label_names: _Strings
+    structures: _Structures
+    thresholds: dict[str, _Probability]
+    planes: _Planes
+    use_ehr: Annotated[bool, Strict()]
+    model: _Mapping
+    preprocess: _Mapping
+    training_data: _Mapping = field(default_factory=dict)
+    metrics: _Mapping = field(default_factory=dict)
+    created: _NonEmptyStr = field(default_factory=_now_iso)
     framework: dict[str, str] = field(default_factory=_framework_versions)
-    intended_use: str = INTENDED_USE
+    intended_use: _NonEmptyStr = INTENDED_USE
     #: the plane whose series the segmenter was trained on (and the node segments); None without one
-    segmentation_plane: str | None = None
+    segmentation_plane: _Plane | None = None
     #: sha256 of each diffusion backbone's weights ("classifier.<plane>", "segmenter"), written
     #: when the bundle is saved; bundles whose cards give the same fingerprint hold the same
     #: weights, and a node serving both keeps one copy (:mod:`inference.model_set`)
-    backbones: dict[str, str] = field(default_factory=dict)
+    backbones: dict[str, _Sha256] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        for name in ("name", "version", "joint", "created", "intended_use"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"ModelCard.{name} must be a non-empty string, got {getattr(self, name)!r}")
-        if self.joint not in JOINTS:
-            raise ValueError(f"ModelCard.joint must be one of {JOINTS}, got {self.joint!r}")
-        for name in ("labels", "label_names", "structures", "planes"):
-            value = getattr(self, name)
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-                raise ValueError(f"ModelCard.{name} must be a list of non-empty strings, got {value!r}")
-            setattr(self, name, list(value))
-        if len(set(self.labels)) != len(self.labels):
-            raise ValueError(f"ModelCard.labels repeat a key: {self.labels}")
+    @model_validator(mode="after")
+    def _check_consistency(self) -> ModelCard:
+        """The rules between fields; then both configurations must rebuild."""
         if len(self.label_names) != len(self.labels):
             raise ValueError(
                 f"ModelCard.label_names has {len(self.label_names)} entries; labels has {len(self.labels)}"
             )
-        known_structures = [s.key for s in KNEE_STRUCTURES]
-        unknown = [s for s in self.structures if s not in known_structures]
-        if unknown:
-            raise ValueError(f"ModelCard.structures: unknown structure(s) {unknown}; known are {known_structures}")
-        bad_planes = [p for p in self.planes if p not in PLANES]
-        if bad_planes or len(set(self.planes)) != len(self.planes):
-            raise ValueError(f"ModelCard.planes must be distinct planes from {PLANES}, got {self.planes}")
-        if not isinstance(self.thresholds, Mapping):
-            raise ValueError(f"ModelCard.thresholds must map label -> probability, got {self.thresholds!r}")
         if set(self.thresholds) != set(self.labels):
             raise ValueError(
                 "ModelCard.thresholds must have exactly one entry per label: missing "
                 f"{sorted(set(self.labels) - set(self.thresholds))}, "
                 f"extra {sorted(set(self.thresholds) - set(self.labels))}"
             )
-        for key, value in self.thresholds.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"ModelCard.thresholds[{key!r}] must be a probability in [0, 1], got {value!r}")
-        self.thresholds = {k: float(self.thresholds[k]) for k in self.labels}
-        if self.segmentation_plane is not None and self.segmentation_plane not in PLANES:
-            raise ValueError(f"ModelCard.segmentation_plane must be one of {PLANES} or None, got {self.segmentation_plane!r}")
+        self.thresholds = {k: self.thresholds[k] for k in self.labels}  # in label order
         if self.segmentation_plane is not None and not self.structures:
             raise ValueError("ModelCard.segmentation_plane is set but the card lists no structures")
-        if not isinstance(self.use_ehr, bool):
-            raise ValueError(f"ModelCard.use_ehr must be a bool, got {self.use_ehr!r}")
-        if not isinstance(self.backbones, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in self.backbones.items()
-        ):
-            raise ValueError(f"ModelCard.backbones must map a backbone name to a sha256 hex digest, got {self.backbones!r}")
-        self.backbones = dict(self.backbones)
-        for name in ("model", "preprocess", "training_data", "metrics", "framework"):
-            if not isinstance(getattr(self, name), Mapping):
-                raise ValueError(f"ModelCard.{name} must be a mapping, got {getattr(self, name)!r}")
-        # Both configurations must rebuild; checking here means a card that saves also loads.
         self.model_config()
         self.preprocess_config()
+        return self
 
     def segmenter_plane(self) -> str | None:
         """The plane the segmenter works on: the card's field, else what older cards recorded."""
@@ -195,14 +190,6 @@ class ModelCard:
     def from_dict(cls, d: Mapping[str, Any]) -> ModelCard:
         if not isinstance(d, Mapping):
             raise ValueError(f"model card must be a mapping, got {type(d).__name__}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"model card has unknown key(s) {unknown}")
-        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
-        missing = [k for k in required if k not in d]
-        if missing:
-            raise ValueError(f"model card lacks key(s) {missing}")
         return cls(**dict(d))
 
 

@@ -39,17 +39,20 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import field, fields
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict, model_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor, nn
 
 from inference.labels import NUM_SEG_CLASSES, PLANES
+from inference.validated import plain_errors, sequence
 
 __all__ = [
     "EHR_FEATURES",
@@ -95,22 +98,31 @@ _BLOCK_RE = re.compile(r"^(mid)_([012])$|^(down|up)_(\d+)$")
 # --------------------------------------------------------------------------- configuration
 
 
-@dataclass(frozen=True)
+#: what ``FeaturePoint.block`` may be (whether its level exists is checked against a ModelConfig)
+_BLOCK_FORMS = "'mid_0', 'mid_1', 'mid_2', 'down_<i>' or 'up_<i>'"
+
+#: unknown keys are errors; the scalar fields below are ``Strict`` (no "8", 8.0 or True for an
+#: int), and a tuple may be given as a list (what a checkpoint's card stores) or a tuple
+_CONFIG = ConfigDict(extra="forbid")
+
+_PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+_NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
+_Sizes = Annotated[tuple[_PositiveInt, ...], BeforeValidator(sequence), Field(min_length=1)]
+
+
+def _check_block(block: str) -> str:
+    if not _BLOCK_RE.match(block):
+        raise ValueError(f"must be {_BLOCK_FORMS}, got {block!r}")
+    return block
+
+
+@plain_errors
+@pydantic_dataclass(frozen=True, config=_CONFIG)
 class FeaturePoint:
     """Where the features of one plane are taken: forward-process noise level and UNet block."""
 
-    timestep: int = 100
-    block: str = "mid_2"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.timestep, bool) or not isinstance(self.timestep, int):
-            raise TypeError(f"FeaturePoint.timestep must be an int, got {self.timestep!r}")
-        if self.timestep < 0:
-            raise ValueError(f"FeaturePoint.timestep must be >= 0, got {self.timestep}")
-        if not isinstance(self.block, str) or not _BLOCK_RE.match(self.block):
-            raise ValueError(
-                f"FeaturePoint.block must be 'mid_0', 'mid_1', 'mid_2', 'down_<i>' or 'up_<i>', got {self.block!r}"
-            )
+    timestep: _NonNegativeInt = 100
+    block: Annotated[str, Strict(), AfterValidator(_check_block)] = "mid_2"
 
     def to_dict(self) -> dict[str, Any]:
         return {"timestep": self.timestep, "block": self.block}
@@ -120,7 +132,8 @@ def _default_points() -> dict[str, FeaturePoint]:
     return {plane: FeaturePoint() for plane in PLANES}
 
 
-@dataclass(frozen=True)
+@plain_errors
+@pydantic_dataclass(frozen=True, config=_CONFIG)
 class ModelConfig:
     """Every number needed to rebuild an OrthoDiffusion model; stored in each checkpoint's card.
 
@@ -142,54 +155,40 @@ class ModelConfig:
     ``UNet`` has the diffusion UNet's ``channels`` with one stride-2 step per level after the
     first and two residual units per level, and ``SegResNet`` starts at ``channels[0]``
     filters with GroupNorm of ``norm_num_groups`` groups.
+
+    A pydantic dataclass (frozen; lists are accepted for the tuples): each field's type and
+    range is checked by pydantic, the rules that tie fields together by :meth:`_check_geometry`;
+    an invalid configuration raises ``ValueError`` naming the field.
     """
 
-    input_shape: tuple[int, int, int] = (16, 256, 256)
-    channels: tuple[int, ...] = (64, 64, 128, 128, 256)
-    attention_levels: tuple[bool, ...] = (False, False, False, False, True)
-    num_res_blocks: int = 1
-    num_head_channels: int = 64
-    norm_num_groups: int = 32
-    num_train_timesteps: int = 1000
-    schedule: str = "cosine"
-    pool_heads: int = 16
-    feature_points: dict[str, FeaturePoint] = field(default_factory=_default_points, hash=False)
-    ehr_hidden: int = 64
-    seg_decoder_channels: tuple[int, ...] = (128, 128, 64, 64)
-    seg_timestep: int = 0
-    seg_head: str = "bottleneck"
-    feature_noise_seed: int = 0
-    flash_attention: bool = True
-    classifier_backbone: str = "diffusion_unet"
-    segmenter_backbone: str = "diffusion_unet"
+    input_shape: Annotated[tuple[_PositiveInt, ...], BeforeValidator(sequence), Field(min_length=3, max_length=3)] = (
+        16, 256, 256,
+    )
+    channels: _Sizes = (64, 64, 128, 128, 256)
+    attention_levels: Annotated[tuple[Annotated[bool, Strict()], ...], BeforeValidator(sequence)] = (
+        False, False, False, False, True,
+    )
+    num_res_blocks: _PositiveInt = 1
+    num_head_channels: _PositiveInt = 64
+    norm_num_groups: _PositiveInt = 32
+    num_train_timesteps: _PositiveInt = 1000
+    schedule: Annotated[str, Strict()] = "cosine"
+    pool_heads: _PositiveInt = 16
+    feature_points: Annotated[dict[Literal[PLANES], FeaturePoint], Field(min_length=1)] = field(
+        default_factory=_default_points, hash=False
+    )
+    ehr_hidden: _PositiveInt = 64
+    seg_decoder_channels: _Sizes = (128, 128, 64, 64)
+    seg_timestep: _NonNegativeInt = 0
+    seg_head: Literal[SEG_HEADS] = "bottleneck"
+    feature_noise_seed: _NonNegativeInt = 0
+    flash_attention: Annotated[bool, Strict()] = True
+    classifier_backbone: Literal[CLASSIFIER_BACKBONES] = "diffusion_unet"
+    segmenter_backbone: Literal[SEGMENTER_BACKBONES] = "diffusion_unet"
 
-    def __post_init__(self) -> None:
-        _check_int_tuple("input_shape", self.input_shape, length=3)
-        _check_int_tuple("channels", self.channels)
-        _check_int_tuple("seg_decoder_channels", self.seg_decoder_channels)
-        if not isinstance(self.attention_levels, tuple) or not all(
-            isinstance(a, bool) for a in self.attention_levels
-        ):
-            raise TypeError(f"ModelConfig.attention_levels must be a tuple of bools, got {self.attention_levels!r}")
-        for name in ("num_res_blocks", "num_head_channels", "norm_num_groups", "num_train_timesteps",
-                     "pool_heads", "ehr_hidden"):
-            _check_positive_int(name, getattr(self, name))
-        for name in ("seg_timestep", "feature_noise_seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"ModelConfig.{name} must be an int >= 0, got {value!r}")
-        if self.seg_head not in SEG_HEADS:
-            raise ValueError(f"ModelConfig.seg_head must be one of {list(SEG_HEADS)}, got {self.seg_head!r}")
-        if self.classifier_backbone not in CLASSIFIER_BACKBONES:
-            raise ValueError(
-                f"ModelConfig.classifier_backbone must be one of {list(CLASSIFIER_BACKBONES)}, "
-                f"got {self.classifier_backbone!r}"
-            )
-        if self.segmenter_backbone not in SEGMENTER_BACKBONES:
-            raise ValueError(
-                f"ModelConfig.segmenter_backbone must be one of {list(SEGMENTER_BACKBONES)}, "
-                f"got {self.segmenter_backbone!r}"
-            )
+    @model_validator(mode="after")
+    def _check_geometry(self) -> ModelConfig:
+        """The rules between fields: widths, heads and groups that divide, shapes that halve."""
         if self.segmenter_backbone == "monai_segresnet":
             for axis, size in zip("DHW", self.input_shape):
                 if size % 8:  # SegResNet's three stride-2 stages
@@ -197,8 +196,6 @@ class ModelConfig:
                         f"ModelConfig.segmenter_backbone='monai_segresnet' needs every input size divisible by 8; "
                         f"input_shape {self.input_shape} has {axis}={size}"
                     )
-        if not isinstance(self.flash_attention, bool):
-            raise TypeError(f"ModelConfig.flash_attention must be a bool, got {self.flash_attention!r}")
         levels = len(self.channels)
         if len(self.attention_levels) != levels:
             raise ValueError(
@@ -240,13 +237,7 @@ class ModelConfig:
                 f"ModelConfig.seg_timestep={self.seg_timestep} must be < num_train_timesteps={self.num_train_timesteps}"
             )
         # The pooling attention runs on whatever block a plane is configured to use.
-        if not isinstance(self.feature_points, Mapping) or not self.feature_points:
-            raise TypeError("ModelConfig.feature_points must be a non-empty dict plane -> FeaturePoint")
         for plane, point in self.feature_points.items():
-            if plane not in PLANES:
-                raise ValueError(f"ModelConfig.feature_points: unknown plane {plane!r}; planes are {PLANES}")
-            if not isinstance(point, FeaturePoint):
-                raise TypeError(f"ModelConfig.feature_points[{plane!r}] must be a FeaturePoint, got {point!r}")
             if point.timestep >= self.num_train_timesteps:
                 raise ValueError(
                     f"ModelConfig.feature_points[{plane!r}].timestep={point.timestep} must be < "
@@ -261,6 +252,7 @@ class ModelConfig:
                     f"ModelConfig.pool_heads={self.pool_heads} must divide the width {width} of block "
                     f"{point.block!r} used by feature_points[{plane!r}]"
                 )
+        return self
 
     # -- geometry ------------------------------------------------------------------------
 
@@ -321,57 +313,7 @@ class ModelConfig:
         """Build and validate a config; missing keys take the defaults, unknown keys are errors."""
         if not isinstance(d, Mapping):
             raise TypeError(f"model configuration must be a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model configuration key(s) {unknown}; known keys are {sorted(known)}")
-        kwargs: dict[str, Any] = {}
-        for key, value in d.items():
-            if key in ("input_shape", "channels", "seg_decoder_channels", "attention_levels"):
-                if not isinstance(value, (list, tuple)):
-                    raise TypeError(f"model configuration key {key!r} must be a list, got {value!r}")
-                value = tuple(value)
-            elif key == "feature_points":
-                value = _points_from_dict(value)
-            kwargs[key] = value
-        try:
-            return cls(**kwargs)
-        except TypeError as err:
-            raise TypeError(f"invalid model configuration: {err}") from None
-
-
-def _points_from_dict(value: Any) -> dict[str, FeaturePoint]:
-    if not isinstance(value, Mapping):
-        raise TypeError(f"model configuration key 'feature_points' must map plane -> point, got {value!r}")
-    points = {}
-    for plane, point in value.items():
-        if isinstance(point, FeaturePoint):
-            points[plane] = point
-            continue
-        if not isinstance(point, Mapping):
-            raise TypeError(f"feature_points[{plane!r}] must be a mapping with timestep and block, got {point!r}")
-        extra = sorted(set(point) - {"timestep", "block"})
-        if extra:
-            raise ValueError(f"feature_points[{plane!r}]: unknown key(s) {extra}")
-        try:
-            points[plane] = FeaturePoint(**point)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"feature_points[{plane!r}]: {err}") from None
-    return points
-
-
-def _check_int_tuple(name: str, value: Any, length: int | None = None) -> None:
-    if not isinstance(value, tuple) or not value or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
-    ):
-        raise TypeError(f"ModelConfig.{name} must be a non-empty tuple of positive ints, got {value!r}")
-    if length is not None and len(value) != length:
-        raise ValueError(f"ModelConfig.{name} must have {length} entries, got {value!r}")
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        return cls(**d)
 
 
 def _known_schedules() -> set[str]:

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from inference.checkpoint import autocast
 from training.config import TrainConfig
+from training.loop import train_epochs, train_step
 from training.metrics import dice_of_labels
 from training.pretrain import (
     PretrainedBackbone,
@@ -406,14 +406,6 @@ def _joint(records: Sequence[Any]) -> str | None:
     return next(iter(joints))
 
 
-def _progress(iterable: Iterable[Any], enabled: bool, desc: str, total: int | None = None) -> Iterable[Any]:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
-
-
 def _batch_inputs(batch: Mapping[str, Any], planes: Sequence[str], use_ehr: bool, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
     volumes = {p: _tensor(batch[p]).float().to(device) for p in planes}
     if not use_ehr:
@@ -545,32 +537,23 @@ def finetune_classifier(
         pos_weight = torch.from_numpy(positive_weights(train_labels, ccfg.max_pos_weight))
         log.info("classifier: positive weights %s", dict(zip(label_keys, np.round(pos_weight.numpy(), 2).tolist())))
 
-    history: list[dict[str, float]] = []
-    step = 0
-    for epoch in range(1, epochs + 1):
-        model.train()
-        losses = []
-        for batch in _progress(loader, progress, f"classify epoch {epoch}/{epochs}"):
-            if step >= total:
-                break
-            volumes, ehr, mask = _batch_inputs(batch, planes, use_ehr, device)
-            labels = _tensor(batch["labels"]).float().to(device)
-            label_mask = _tensor(batch["label_mask"]).float().to(device)
-            with autocast(device, ccfg.amp, training=True):
-                logits = model(volumes, ehr, mask, precomputed=precomputed)
-            loss = classification_loss(logits, labels, label_mask, pos_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            losses.append(float(loss.detach()))
-        row: dict[str, Any] = {"epoch": epoch, "steps": step, "train_loss": float(np.mean(losses))}
-        if val_loader is not None:
-            probs, labels_np, _ = predict_classifier(model, val_loader, planes, use_ehr, device, precomputed)
-            row["val_macro_auc"] = _classifier_metrics(probs, labels_np, label_keys)["val_macro_auc"]
-        history.append(row)
-        log.info("classify epoch %d: %s", epoch, row)
+    def step(batch: Mapping[str, Any]) -> torch.Tensor:
+        volumes, ehr, mask = _batch_inputs(batch, planes, use_ehr, device)
+        labels = _tensor(batch["labels"]).float().to(device)
+        label_mask = _tensor(batch["label_mask"]).float().to(device)
+        return train_step(
+            lambda: model(volumes, ehr, mask, precomputed=precomputed), optimizer, device=device, amp=ccfg.amp,
+            loss_fn=lambda logits: classification_loss(logits, labels, label_mask, pos_weight), scheduler=scheduler,
+        )
+
+    def validate() -> dict[str, Any]:
+        if val_loader is None:
+            return {}
+        probs, labels_np, _ = predict_classifier(model, val_loader, planes, use_ehr, device, precomputed)
+        return {"val_macro_auc": _classifier_metrics(probs, labels_np, label_keys)["val_macro_auc"]}
+
+    history = train_epochs(model, loader, step, epochs=epochs, total=total, task="classify", log=log,
+                           show_progress=progress, validate=validate)
 
     thresholds = {k: 0.5 for k in label_keys}
     sources = {k: "default 0.5" if ccfg.threshold_policy == "fixed" else
@@ -692,28 +675,17 @@ def finetune_segmenter(
     total, epochs = _steps(scfg.epochs, scfg.steps, len(loader))
     optimizer, scheduler = make_optimizer(model, scfg.lr, backbone_factor, scfg.weight_decay, scfg.schedule, total)
 
-    history: list[dict[str, float]] = []
-    step = 0
-    for epoch in range(1, epochs + 1):
-        model.train()
-        losses = []
-        for batch in _progress(loader, progress, f"segment epoch {epoch}/{epochs}"):
-            if step >= total:
-                break
-            step += 1
-            image = _tensor(batch["image"]).float().to(device)
-            mask = _tensor(batch["mask"]).long().to(device)
-            with autocast(device, scfg.amp, training=True):
-                logits = model(image)
-            loss = segmentation_loss(logits, mask, scfg.ce_weight, scfg.dice_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-        row: dict[str, Any] = {"epoch": epoch, "steps": step, "train_loss": float(np.mean(losses))}
-        history.append(row)
-        log.info("segment epoch %d: %s", epoch, row)
+    def step(batch: Mapping[str, Any]) -> torch.Tensor:
+        image = _tensor(batch["image"]).float().to(device)
+        mask = _tensor(batch["mask"]).long().to(device)
+        return train_step(
+            lambda: model(image), optimizer, device=device, amp=scfg.amp,
+            loss_fn=lambda logits: segmentation_loss(logits, mask, scfg.ce_weight, scfg.dice_weight),
+            scheduler=scheduler,
+        )
+
+    history = train_epochs(model, loader, step, epochs=epochs, total=total, task="segment", log=log,
+                           show_progress=progress)
 
     metrics: dict[str, Any] = {"train_exams": len(train), "val_exams": len(val), "final_train_loss": history[-1]["train_loss"]}
     if val_loader is not None:

@@ -24,7 +24,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +35,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from inference.checkpoint import autocast
 from training.config import TrainConfig
 from training.distributed import DistContext, barrier, init_distributed, mean_across_ranks, unwrap
+from training.loop import train_step
 
 log = logging.getLogger(__name__)
 
@@ -477,15 +477,10 @@ def pretrain(
                 iterator = batches.epoch(epoch, 0)
                 continue
             x = x.to(ctx.device, non_blocking=True)
-            with autocast(ctx.device, use_amp, training=True):
-                loss = module(x, noise_gen)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"pretraining loss is {loss.item()} at step {step + 1}; lower base_lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if pcfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(backbone.parameters(), pcfg.grad_clip)
-            optimizer.step()
+            loss = train_step(
+                lambda: module(x, noise_gen), optimizer, device=ctx.device, amp=use_amp, check=_finite(step + 1),
+                clip=(backbone, pcfg.grad_clip) if pcfg.grad_clip is not None else None,
+            )
             step += 1
             ema.update(backbone, step)
             value = float(mean_across_ranks(loss.float(), ctx))
@@ -511,6 +506,16 @@ def pretrain(
         result.ema_path = _export_ema(run_dir, plane, ema, model_cfg_dict, step)
     barrier(ctx)
     return result
+
+
+def _finite(step: int) -> Callable[[torch.Tensor], None]:
+    """The check of step ``step``'s loss: a non-finite one stops the run before it reaches the weights."""
+
+    def check(loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"pretraining loss is {loss.item()} at step {step}; lower base_lr")
+
+    return check
 
 
 def _save_checkpoint(

@@ -163,6 +163,30 @@ def test_card_validation_names_the_field() -> None:
         _card(structures=["femur", "humerus"])
     with pytest.raises(ValueError, match="lacks"):
         ModelCard.from_dict({"name": "x"})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['colour'\]"):
+        ModelCard.from_dict({**_card().to_dict(), "colour": "red"})
+    with pytest.raises(ValueError, match=r"thresholds\.acl.*got True"):  # a bool is no probability
+        _card(thresholds={k: True for k in label_keys("knee")})
+    with pytest.raises(ValueError, match="planes.*repeat"):
+        _card(planes=["sagittal", "sagittal"])
+    with pytest.raises(ValueError, match="backbones.segmenter"):
+        _card(backbones={"segmenter": "not a sha256"})
+    with pytest.raises(ValueError, match="segmentation_plane"):
+        _card(segmentation_plane="axial", structures=[])
+    with pytest.raises(ValueError, match="use_ehr"):
+        _card(use_ehr="yes")
+
+
+def test_card_keeps_its_stored_form() -> None:
+    """A card stores as the same plain dict as before it was a pydantic dataclass: fields in
+    declaration order, thresholds as floats in label order, lists not tuples."""
+    keys = list(label_keys("knee"))
+    card = _card(thresholds={**{k: 0.5 for k in reversed(keys)}, keys[0]: 1}, planes=("sagittal", "coronal"))
+    d = card.to_dict()
+    assert list(d) == [f.name for f in dataclasses.fields(ModelCard)]
+    assert list(d["thresholds"]) == keys and d["thresholds"][keys[0]] == 1.0
+    assert type(d["thresholds"][keys[0]]) is float and d["planes"] == ["sagittal", "coronal"]
+    assert ModelCard.from_dict(d) == card
 
 
 def test_bundle_rejects_a_model_that_disagrees_with_its_card() -> None:

@@ -88,6 +88,11 @@ def test_config_round_trip_and_overrides() -> None:
         ({"feature_points": {"sagittal": {"timestep": 10, "block": "up_9"}}}, "up_9"),
         ({"feature_points": {"oblique": {"timestep": 10, "block": "mid_2"}}}, "oblique"),
         ({"pool_heads": 3}, "pool_heads"),
+        ({"pool_heads": True}, "pool_heads"),  # no silent conversions: a bool is no int ...
+        ({"num_res_blocks": "1"}, "num_res_blocks"),  # ... nor a string
+        ({"channels": "8"}, "channels"),
+        ({"flash_attention": 1}, "flash_attention"),
+        ({"feature_points": {"sagittal": {"timestep": 10, "block": "mid_2", "t": 1}}}, r"sagittal\.t: unknown key"),
     ],
 )
 def test_invalid_config_names_the_field(change: dict, needle: str) -> None:
