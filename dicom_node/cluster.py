@@ -185,15 +185,20 @@ class ProcessRegistry(BackgroundService):
 # --------------------------------------------------------------------------- start-up checks
 
 
-def check_roles_on_database(engine: Engine, roles: Iterable[str], factory: sessionmaker[Session]) -> None:
-    """SQLite is for one process running every role: anything else is refused with a reason."""
-    if is_postgresql(engine):
-        return
+def check_roles_for_database(database_url: str, roles: Iterable[str]) -> None:
+    """Roles in separate processes need PostgreSQL: on SQLite only ``all`` is accepted (checked
+    from the configuration alone, before anything is created)."""
     roles = tuple(roles)
-    if set(roles) != set(ROLES):
+    if database_url.startswith("sqlite") and set(roles) != set(ROLES):
         raise ClusterError(
             f"role {describe_roles(roles)!r} needs PostgreSQL: SQLite is for one process that runs every role "
             f"(role {ALL!r}); set database.url to a PostgreSQL database to run roles in separate processes")
+
+
+def check_single_sqlite_process(engine: Engine, factory: sessionmaker[Session]) -> None:
+    """On SQLite, refuse to start beside another live process registered on the same database."""
+    if is_postgresql(engine):
+        return
     now = utcnow()
     with session_scope(factory) as session:
         others = [p for p in processes(session) if p.alive(now) and p.process_id != process_id()]

@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.assembly import StudyAssembler
-from dicom_node.cluster import ProcessRegistry, check_data_folder, check_roles_on_database, is_postgresql, process_id
+from dicom_node.cluster import (
+    ProcessRegistry,
+    check_data_folder,
+    check_roles_for_database,
+    check_single_sqlite_process,
+    is_postgresql,
+    process_id,
+)
 from dicom_node.config import NodeConfig
 from dicom_node.db import make_engine, make_session_factory, upgrade_database
 from dicom_node.export import Exporter
@@ -82,6 +89,7 @@ class Node:
         self.roles = tuple(role for role in ROLES if role in set(roles)) if roles is not None else config.node.roles
         if not self.roles:
             raise ValueError("a node process needs at least one role")
+        check_roles_for_database(config.database_url, self.roles)  # before anything is created
         self.poll_seconds = poll_seconds
         self.data_dir = config.data_dir
         self.layout = DataLayout(self.data_dir)
@@ -230,9 +238,9 @@ class Node:
         try:
             if self._lock is not None:
                 self._lock.acquire()
-            # refused before anything is written: roles that need PostgreSQL, a second process on
-            # SQLite, a data folder that is not the one the database's processes share
-            check_roles_on_database(self.engine, self.roles, self.factory)
+            # refused before anything is received: a second process on SQLite, a data folder that
+            # is not the one the database's processes share
+            check_single_sqlite_process(self.engine, self.factory)
             check_data_folder(self.factory, self.data_dir)
             self.registry.start()
             if self.listener is not None:
