@@ -11,8 +11,10 @@ Each arrow that crosses a thread goes through the database, so the node can be k
 point and picks up where it was at the next start (see :mod:`dicom_node.jobs` and
 :mod:`dicom_node.export`).  In memory there are only timers and wake-up events.
 
-Start order is data-dir lock -> unfinished purges -> rows without files -> exporter -> workers ->
-assembler -> listener -> HTTP -> scheduled purge: everything that consumes work runs before
+A process runs the parts of its roles (:mod:`dicom_node.cluster`: listener, worker, exporter;
+all by default).  Start order is data-dir lock (SQLite) -> start-up refusals (a second SQLite
+process, a foreign data folder) -> process registration -> unfinished purges -> rows without
+files -> exporter -> workers -> assembler -> listener -> HTTP -> scheduled purge: everything that consumes work runs before
 anything that produces it, the listener acknowledges instances only once the assembler can hear
 about them, a purge a crash interrupted is finished before any instance can arrive for its study
 (:mod:`dicom_node.retention`), and rows committed just before a crash whose files did not survive
