@@ -32,7 +32,7 @@ import socket
 import uuid
 import zlib
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -75,7 +75,8 @@ def is_postgresql(engine: Engine) -> bool:
     return engine.dialect.name == "postgresql"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with ``pid`` runs on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -104,7 +105,7 @@ class ProcessInfo:
         if now - self.heartbeat_at > timedelta(seconds=PROCESS_LEASE_SECONDS):
             return False
         if self.host == socket.gethostname() and self.pid != os.getpid():
-            return _pid_alive(self.pid)
+            return pid_alive(self.pid)
         return True
 
 
@@ -373,11 +374,12 @@ class AdvisoryLock:
 
 
 @contextmanager
-def try_exclusive(engine: Engine, key: tuple[int, int]) -> Iterator[bool]:
-    """Hold ``key`` exclusively if nobody else does (yields True), else yield False at once."""
+def holding(engine: Engine, key: tuple[int, int], timeout: float | None = None) -> Iterator[bool]:
+    """Hold ``key`` exclusively, waiting up to ``timeout`` seconds (None: as long as it takes;
+    0: not at all); yields False, holding nothing, when another session kept it."""
     lock = AdvisoryLock(engine, key)
     try:
-        lock.acquire(timeout=0)
+        lock.acquire(timeout)
     except LockTimeout:
         yield False
         return
@@ -385,3 +387,8 @@ def try_exclusive(engine: Engine, key: tuple[int, int]) -> Iterator[bool]:
         yield True
     finally:
         lock.release()
+
+
+def try_exclusive(engine: Engine, key: tuple[int, int]) -> AbstractContextManager[bool]:
+    """Hold ``key`` exclusively if nobody else does (yields True), else yield False at once."""
+    return holding(engine, key, timeout=0)

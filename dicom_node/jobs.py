@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.cluster import pid_alive
 from dicom_node.config import NodeConfig
 from dicom_node.db import (
     EventKind,
@@ -88,16 +89,6 @@ def worker_identity(index: int = 0) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{index}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def _dead_local_worker(worker_id: str | None, at_startup: bool = True) -> bool:
     """True when ``worker_id`` names a process on this host that no longer runs (or, at
     start-up, is us: a job recorded under our own pid before we started belongs to a previous
@@ -113,7 +104,7 @@ def _dead_local_worker(worker_id: str | None, at_startup: bool = True) -> bool:
         return False
     if pid == os.getpid():
         return at_startup
-    return not _pid_alive(pid)
+    return not pid_alive(pid)
 
 
 def content_fingerprint(pairs: Iterable[tuple[str, str]]) -> str:

@@ -46,7 +46,14 @@ from dicom_node.db import (
     upgrade_database,
     utcnow,
 )
-from dicom_node.cluster import RETENTION_RUN_LOCK, AdvisoryLock, LockTimeout, is_postgresql, study_lock_key
+from dicom_node.cluster import (
+    RETENTION_RUN_LOCK,
+    AdvisoryLock,
+    LockTimeout,
+    holding,
+    is_postgresql,
+    study_lock_key,
+)
 from dicom_node.layout import DataDirLock, DataDirLockedError
 from dicom_node.service import BackgroundService
 from dicom_node.storage import fsync_directory, validate_uid
@@ -621,16 +628,8 @@ class Purger:
             if self._engine is None:
                 yield True
                 return
-            lock = AdvisoryLock(self._engine, RETENTION_RUN_LOCK)
-            try:
-                lock.acquire(None if wait else 0)
-            except LockTimeout:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                lock.release()
+            with holding(self._engine, RETENTION_RUN_LOCK, None if wait else 0) as ours:
+                yield ours
 
     def finish_interrupted(self, report: PurgeReport | None = None) -> list[PurgedStudy]:
         """Finish every purge that was marked and not completed (see :meth:`_finish_interrupted`);
