@@ -36,6 +36,7 @@ from sqlalchemy import (
     DateTime,
     Engine,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -194,10 +195,6 @@ class EventKind(str, enum.Enum):
         return cls(ASSOCIATION_REJECTED_PREFIX + reason)
 
 
-#: the retention purge's event kinds: a study's latest one tells whether its purge is unfinished
-PURGE_EVENT_KINDS = (EventKind.PURGE_STARTED, EventKind.PURGED, EventKind.PURGE_ABANDONED)
-
-
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
     # Stored as VARCHAR + CHECK (not a native PostgreSQL enum) so adding a state is a plain
     # migration on both databases; the values, not the Python names, go into the column.
@@ -247,6 +244,14 @@ class Study(Base):
     last_received_at: Mapped[datetime]
     state: Mapped[StudyState] = mapped_column(_enum(StudyState, "study_state"), default=StudyState.RECEIVING)
     state_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: the retention purge's state: set when a purge marks the study (step 1 of
+    #: :class:`dicom_node.retention.Purger`), cleared when it gives up; the study's row is
+    #: deleted when the purge finishes.  A set mark with the row still here is an unfinished
+    #: purge: its files may be half deleted on purpose, and the next run finishes it.
+    purge_started_at: Mapped[datetime | None]
+    #: why the study is being purged (the policy's verdict), and its age in days at the mark
+    purge_reason: Mapped[str | None] = mapped_column(String(255))
+    purge_age_days: Mapped[float | None] = mapped_column(Float)
 
     series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete-orphan", passive_deletes=True)
     jobs: Mapped[list[Job]] = relationship(back_populates="study", cascade="all, delete-orphan", passive_deletes=True)

@@ -37,14 +37,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import ListenerSection, NodeConfig
 from dicom_node.db import (
-    PURGE_EVENT_KINDS,
     RECENT_INSTANCES_CHECKED,
     EventKind,
-    EventRecord,
     ReceivedInstance,
     RecordedFile,
     RecordResult,
     SeriesStudyMismatchError,
+    Study,
     add_event,
     forget_instances,
     newest_instances,
@@ -554,19 +553,16 @@ class GroupRecorder:
 
 
 def _studies_being_purged(connection: Connection, study_uids: set[str]) -> set[str]:
-    """The studies among ``study_uids`` whose latest retention event is a purge mark without its
-    end (see :mod:`dicom_node.retention`): their files may be half deleted on purpose."""
+    """The studies among ``study_uids`` whose retention purge is marked and not finished
+    (``studies.purge_started_at``, see :mod:`dicom_node.retention`): their files may be half
+    deleted on purpose."""
     if not study_uids:
         return set()
-    events = EventRecord.__table__
-    latest: dict[str, str] = {}
-    for uid, kind in connection.execute(
-        select(events.c.study_instance_uid, events.c.kind)
-        .where(events.c.kind.in_(PURGE_EVENT_KINDS), events.c.study_instance_uid.in_(study_uids))
-        .order_by(events.c.id)
-    ):
-        latest[uid] = kind
-    return {uid for uid, kind in latest.items() if kind == EventKind.PURGE_STARTED}
+    studies = Study.__table__
+    return set(connection.scalars(
+        select(studies.c.study_instance_uid)
+        .where(studies.c.study_instance_uid.in_(study_uids), studies.c.purge_started_at.is_not(None))
+    ))
 
 
 def _may_commit_before_folder_sync(

@@ -11,7 +11,6 @@ import argparse
 import errno
 import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -20,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -28,9 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import ConfigError, NodeConfig, RetentionSection, load_config
 from dicom_node.db import (
-    PURGE_EVENT_KINDS,
     EventKind,
-    EventRecord,
     Export,
     ExportState,
     Instance,
@@ -67,8 +64,6 @@ _OPEN_STUDY_STATES = frozenset({StudyState.RECEIVING, StudyState.COMPLETE, Study
 _OPEN_JOB_STATES = frozenset({JobState.QUEUED, JobState.RUNNING})
 _OPEN_EXPORT_STATES = frozenset({ExportState.PENDING, ExportState.SENDING})
 _DAY = 86400.0
-#: the message of a ``study_purge_started`` event: ``<reason>; <age> days since the last activity ...``
-_MARK_MESSAGE = re.compile(r"^(?P<reason>.*?); (?P<age>[0-9]+(?:\.[0-9]+)?) days since the last activity")
 
 
 # --------------------------------------------------------------------------- the guard
@@ -480,26 +475,16 @@ class Purger:
         return found
 
     def interrupted(self) -> list[_Mark]:
-        """Studies whose purge was marked but not finished (nor given up)."""
+        """Studies whose purge was marked but not finished (nor given up): their ``purge_started_at``."""
         with session_scope(self.factory) as session:
             rows = session.execute(
-                select(EventRecord.kind, EventRecord.time, EventRecord.message, Study.id, Study.study_instance_uid,
-                       Study.first_received_at)
-                .join(Study, Study.study_instance_uid == EventRecord.study_instance_uid)
-                .where(EventRecord.kind.in_(PURGE_EVENT_KINDS))
-                .order_by(EventRecord.id)
+                select(Study.id, Study.study_instance_uid, Study.purge_started_at, Study.purge_reason,
+                       Study.purge_age_days)
+                .where(Study.purge_started_at.is_not(None))
+                .order_by(Study.purge_started_at, Study.id)
             ).all()
-        latest: dict[str, Any] = {}
-        for row in rows:
-            latest[row.study_instance_uid] = row
-        marks = []
-        for row in latest.values():
-            # a study first received after the mark is a new one under the same UID, not the one marked
-            if row.kind == EventKind.PURGE_STARTED and row.first_received_at <= row.time:
-                found = _MARK_MESSAGE.match(row.message)
-                reason, age = (found["reason"], float(found["age"])) if found else (row.message, 0.0)
-                marks.append(_Mark(row.id, row.study_instance_uid, row.time, reason, age))
-        return marks
+        return [_Mark(r.id, r.study_instance_uid, r.purge_started_at, r.purge_reason or "", r.purge_age_days or 0.0)
+                for r in rows]
 
     # ------------------------------------------------------------------ purging
     def _mark(self, study_uid: str, now: datetime) -> _Mark | str:
@@ -519,6 +504,9 @@ class Purger:
                               f"{verdict.reason}; {verdict.age_days:.2f} days since the last activity "
                               f"({verdict.last_activity:%Y-%m-%d %H:%M:%S} UTC); deleting files, then rows",
                               study_instance_uid=study_uid)
+            study.purge_started_at = event.time
+            study.purge_reason = verdict.reason[:255]
+            study.purge_age_days = verdict.age_days
             return _Mark(study.id, study_uid, event.time, verdict.reason, verdict.age_days)
 
     def _delete_files(self, mark: _Mark) -> tuple[int, int]:
@@ -548,6 +536,7 @@ class Purger:
                            f"UTC): the study is kept with the instances received since; {forgotten} row(s) of "
                            f"instances whose files were already deleted removed (is the listener holding the "
                            f"study guard?)")
+                study.purge_started_at = study.purge_reason = study.purge_age_days = None
                 add_event(session, EventKind.PURGE_ABANDONED, message, study_instance_uid=mark.study_instance_uid)
                 log.error("study %s: purge abandoned: %s", mark.study_instance_uid, message)
                 return None

@@ -1044,8 +1044,6 @@ def test_start_up_check_leaves_what_a_crash_cannot_explain(
     the study's retention purge was interrupted (the purge finishes it)."""
     import shutil
 
-    from dicom_node.db import EventKind
-
     receiver, factory, engine, storage = _receiver_parts(make_config, tmp_path)
     studies = [_series(tmp_path / f"s{i}", slices=2) for i in range(3)]
     try:
@@ -1057,8 +1055,9 @@ def test_start_up_check_leaves_what_a_crash_cannot_explain(
         shutil.rmtree(storage.root / uids[0])
         for path in (storage.root / uids[1]).rglob("*.dcm"):
             path.unlink()
-        with db.session_scope(factory) as s:
-            db.add_event(s, EventKind.PURGE_STARTED, "delivered; 31.00 days since the last activity", study_instance_uid=uids[1])
+        with db.session_scope(factory) as s:  # the purge's mark (retention.Purger._mark)
+            marked = s.scalars(select(db.Study).where(db.Study.study_instance_uid == uids[1])).one()
+            marked.purge_started_at, marked.purge_reason, marked.purge_age_days = db.utcnow(), "delivered", 31.0
         with caplog.at_level(logging.WARNING, logger="dicom_node.listener"):
             assert receiver.forget_rows_without_files() == 0
         assert len(_instances_in_db(factory)) == 6

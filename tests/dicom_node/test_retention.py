@@ -462,6 +462,10 @@ def test_a_purge_cut_short_is_finished_at_the_next_start(site: Site, monkeypatch
     assert site.rows(crashed)["instances"] == 2 and site.instance_dir(crashed).is_dir()
     assert not site.results_dir(crashed).exists()
     assert [e.kind for e in site.events(crashed, EventKind.PURGE_STARTED, EventKind.PURGED)] == [EventKind.PURGE_STARTED]
+    with session_scope(site.factory) as session:  # the mark is the study row's purge state
+        marked = session.scalars(select(Study).where(Study.study_instance_uid == crashed)).one()
+        assert marked.purge_started_at is not None and marked.purge_reason == "delivered"
+        assert 39.9 < marked.purge_age_days < 40.1
 
     restarted = Purger(site.config, site.factory)  # a new process
     assert [m.study_instance_uid for m in restarted.interrupted()] == [crashed]
@@ -522,6 +526,9 @@ def test_an_instance_committed_past_the_guard_makes_the_purge_give_up(site: Site
     assert [e.kind for e in site.events(uid, EventKind.PURGE_STARTED, EventKind.PURGED, EventKind.PURGE_ABANDONED)] == [EventKind.PURGE_STARTED,
                                                                                           EventKind.PURGE_ABANDONED]
     assert Purger(site.config, site.factory).interrupted() == []  # given up, not resumed at the next start
+    with session_scope(site.factory) as session:  # the purge state is cleared
+        kept = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
+        assert (kept.purge_started_at, kept.purge_reason, kept.purge_age_days) == (None, None, None)
 
 
 def test_a_resumed_purge_keeps_what_arrived_after_its_mark(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -544,6 +551,44 @@ def test_a_resumed_purge_keeps_what_arrived_after_its_mark(site: Site, monkeypat
     assert late.is_file() and [p.name for p in site.instance_dir(uid).rglob("*.dcm")] == [late.name]
     assert site.rows(uid)["instances"] == 1 and not site.results_dir(uid).exists()
     assert site.events(uid)[-1].kind == EventKind.PURGE_ABANDONED
+
+
+def test_the_purge_state_migration_carries_over_unfinished_marks(make_config: Callable[..., NodeConfig]) -> None:
+    """A database of revision 0002 kept its purge marks in events only: upgrading sets the purge
+    state of a study whose latest purge event is a mark, and of no other."""
+    import sqlalchemy as sa
+
+    config = make_config(retention=RETENTION)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_database(config.database_url, "0002_processes")
+    engine = make_engine(config.database_url)
+    now = utcnow()
+    studies = sa.table("studies", sa.column("study_instance_uid"), sa.column("first_received_at"),
+                       sa.column("last_received_at"), sa.column("state"), sa.column("state_changed_at"))
+    events = sa.table("events", sa.column("time"), sa.column("kind"), sa.column("message"),
+                      sa.column("study_instance_uid"))
+    old, day = now - timedelta(days=50), timedelta(days=1)
+    mark = "delivered; 41.50 days since the last activity (2026-10-20 10:00:00 UTC); deleting files, then rows"
+    with engine.begin() as connection:
+        for n, first in ((1, old), (2, old), (3, old), (4, now)):
+            connection.execute(studies.insert().values(study_instance_uid=_uid(n), first_received_at=first,
+                                                       last_received_at=first, state="done", state_changed_at=first))
+        connection.execute(events.insert(), [
+            # 1: marked, never finished; 2: marked, then given up; 3: no purge; 4: marked, purged, received again
+            {"time": old + day, "kind": "study_purge_started", "message": mark, "study_instance_uid": _uid(1)},
+            {"time": old + day, "kind": "study_purge_started", "message": mark, "study_instance_uid": _uid(2)},
+            {"time": old + 2 * day, "kind": "study_purge_abandoned", "message": "x", "study_instance_uid": _uid(2)},
+            {"time": old + day, "kind": "study_purge_started", "message": mark, "study_instance_uid": _uid(4)},
+        ])
+    engine.dispose()
+    upgrade_database(config.database_url)
+    engine = make_engine(config.database_url)
+    try:
+        marks = Purger(config, make_session_factory(engine)).interrupted()
+        assert [(m.study_instance_uid, m.reason, m.age_days) for m in marks] == [(_uid(1), "delivered", 41.5)]
+        assert abs((marks[0].time - (old + day)).total_seconds()) < 1
+    finally:
+        engine.dispose()
 
 
 # --------------------------------------------------------------------------- the node

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,15 @@ class Database:
                                   .where(Study.study_instance_uid == study_uid)) or 0
 
 
+def _get_text(http_port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}{path}", timeout=10) as response:
+        return response.read().decode()
+
+
+def _get_json(http_port: int, path: str) -> dict:
+    return json.loads(_get_text(http_port, path))
+
+
 def _storescu(port: int, folders: list[Path], *options: str) -> subprocess.Popen[str]:
     return subprocess.Popen(["storescu", *options, "-aet", "STORESCU", "-aec", "ORTHONODE", "-nh", "+sd", "+r",
                              "127.0.0.1", str(port), *map(str, folders)],
@@ -112,6 +122,13 @@ def test_listener_two_workers_and_exporter_on_postgres(tmp_path: Path, tiny_chec
             proc.wait_healthy(configs[name][1])
         listener = serve_process(listener_config, "--role", "listener")
         listener.wait_healthy(listener_http)
+        # each process says what it is and checks only its own parts
+        for name, role, parts in (("exporter", "exporter", {"database", "exporter", "disk"}),
+                                  ("worker-a", "worker", {"database", "worker", "disk"}),
+                                  ("listener", "listener", {"listener", "database", "assembler", "disk"})):
+            health = _get_json(configs[name][1], "/healthz")
+            assert health["roles"] == [role] and set(health["checks"]) == parts, health
+            assert f'role="{role}"' in _get_text(configs[name][1], "/metrics")
 
         sender = _storescu(port, first)
         assert sender.wait(180) == 0, sender.stdout.read() if sender.stdout else ""
@@ -122,6 +139,8 @@ def test_listener_two_workers_and_exporter_on_postgres(tmp_path: Path, tiny_chec
         job_id, _, _, _, worker_id = running[0]
         pid = int(worker_id.split(":")[1])
         victim = next(name for name, proc in workers.items() if proc.proc is not None and proc.proc.pid == pid)
+        held = _get_json(configs[victim][1], "/healthz")["holds"]
+        assert job_id in held["jobs"] or not [j for j in db.jobs() if j[0] == job_id and j[2] is JobState.RUNNING], held
         os.kill(pid, signal.SIGKILL)
         workers[victim].proc.wait(10)
         survivor = next(name for name in workers if name != victim)

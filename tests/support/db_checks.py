@@ -41,7 +41,7 @@ def check_migrations_match_models(url: str) -> None:
     db.upgrade_database(url)  # second run: nothing to do, no error
     engine = db.make_engine(url)
     try:
-        assert db.current_revision(engine) == "0002_processes"
+        assert db.current_revision(engine) == "0003_purge_state"
         with engine.connect() as conn:
             diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), db.Base.metadata)
         assert diff == [], f"models and migrations differ: {diff}"
