@@ -837,7 +837,7 @@ def add_event(session: Session, kind: EventKind, message: str = "", **refs: Any)
 # --------------------------------------------------------------------------- recovery
 
 #: how many of the newest instance rows :func:`newest_instances` returns for the start-up check
-#: of :meth:`dicom_node.listener.StoreReceiver.forget_rows_without_files`; the rows that can
+#: of :meth:`dicom_node.ingest.StoreReceiver.forget_rows_without_files`; the rows that can
 #: lack their file after a crash are those of handlers still waiting for their folder fsync,
 #: at most one per open association (``listener.max_associations``), so this leaves a wide
 #: margin at the cost of a thousand ``stat`` calls at start-up

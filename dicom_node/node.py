@@ -18,7 +18,7 @@ files -> exporter -> workers -> assembler -> listener -> HTTP -> scheduled purge
 anything that produces it, the listener acknowledges instances only once the assembler can hear
 about them, a purge a crash interrupted is finished before any instance can arrive for its study
 (:mod:`dicom_node.retention`), and rows committed just before a crash whose files did not survive
-are removed before anything reads them (:meth:`dicom_node.listener.Listener.check_rows_without_files`).
+are removed before anything reads them (:meth:`dicom_node.ingest.Listener.check_rows_without_files`).
 Stop order is the reverse.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ from dicom_node.health import (
 )
 from dicom_node.jobs import JobOutcome, SharedModel, Worker
 from dicom_node.layout import DataDirLock, DataLayout
-from dicom_node.listener import AssociationHolds, Listener
+from dicom_node.ingest import AssociationHolds, Listener
 from dicom_node.retention import PurgedStudy, Purger, RetentionRunner, study_guard_for
 from dicom_node.roles import ROLES, describe_roles
 from dicom_node.storage import Storage

@@ -28,7 +28,7 @@ from sqlalchemy import func, select, text
 from dicom_node import db
 from dicom_node.config import NodeConfig
 from dicom_node.db import ASSOCIATION_REJECTED_PREFIX
-from dicom_node.listener import AssociationHolds, CallerPolicy, GroupRecorder, Listener, StoreReceiver, StoreStatus
+from dicom_node.ingest import AssociationHolds, CallerPolicy, GroupRecorder, Listener, StoreReceiver, StoreStatus
 from dicom_node.storage import Storage
 from tests.support.node import receive_file, wait_for
 from tests.inference.dicom_factory import (
@@ -184,7 +184,7 @@ def test_echo(start_node: Callable[..., Node]) -> None:
 @needs_dcmtk
 def test_unknown_called_and_calling_titles_are_rejected(start_node: Callable[..., Node], caplog: Any) -> None:
     node = start_node()
-    with caplog.at_level(logging.WARNING, logger="dicom_node.listener"):
+    with caplog.at_level(logging.WARNING, logger="dicom_node.ingest"):
         wrong_called = _run(["echoscu", "-aet", "ECHOSCU", "-aec", "NOTME", "127.0.0.1", str(node.port)])
         wrong_calling = _run(["echoscu", "-aet", "STRANGER", "-aec", "ORTHONODE", "127.0.0.1", str(node.port)])
     assert wrong_called.returncode != 0 and "Called AE Title Not Recognized" in wrong_called.stderr
@@ -200,7 +200,7 @@ def test_unknown_host_is_rejected(start_node: Callable[..., Node], caplog: Any) 
     node = start_node()
     ae = AE(ae_title="STORESCU")
     ae.add_requested_context(sop_class.Verification)
-    with caplog.at_level(logging.WARNING, logger="dicom_node.listener"):
+    with caplog.at_level(logging.WARNING, logger="dicom_node.ingest"):
         assoc = ae.associate("127.0.0.1", node.port, ae_title="ORTHONODE", bind_address=("127.0.0.2", 0))
     assert assoc.is_rejected and not assoc.is_established
     assert "host 127.0.0.2 is not among the hosts allowed for calling AE title 'STORESCU'" in caplog.text
@@ -335,7 +335,7 @@ def test_unsupported_sop_class_is_refused_at_negotiation(start_node: Callable[..
 def test_ignored_sop_class_is_acknowledged_and_dropped(start_node: Callable[..., Node], caplog: Any) -> None:
     node = start_node()
     gsps = _small_dataset(sop_class.GrayscaleSoftcopyPresentationStateStorage, Modality="PR")
-    with caplog.at_level(logging.INFO, logger="dicom_node.listener"):
+    with caplog.at_level(logging.INFO, logger="dicom_node.ingest"):
         assert _send(node.port, [gsps]) == [0x0000]
     assert node.files() == [] and node.count(db.Instance) == 0 and node.stored_calls == []
     assert f"ignored SOP instance {gsps.SOPInstanceUID}" in caplog.text
@@ -390,7 +390,7 @@ def test_duplicate_uid_in_another_series(start_node: Callable[..., Node], tmp_pa
 def test_disk_reserve_refuses_with_a700(start_node: Callable[..., Node], tmp_path: Path, caplog: Any) -> None:
     node = start_node(storage={"min_free_mb": 10**9})
     files = _series(tmp_path / "in", slices=1)
-    with caplog.at_level(logging.ERROR, logger="dicom_node.listener"):
+    with caplog.at_level(logging.ERROR, logger="dicom_node.ingest"):
         assert _send(node.port, files) == [0xA700]
     assert node.files() == [] and node.count(db.Instance) == 0 and node.count(db.Study) == 0
     assert "out of space" in caplog.text and "storage.min_free_mb" in caplog.text
@@ -409,7 +409,7 @@ def test_disk_reserve_refuses_with_a700(start_node: Callable[..., Node], tmp_pat
 def test_unsafe_or_missing_uids_are_refused(start_node: Callable[..., Node], values: dict[str, Any], caplog: Any) -> None:
     node = start_node()
     ds = _small_dataset(sop_class.MRImageStorage, **values)
-    with caplog.at_level(logging.WARNING, logger="dicom_node.listener"):
+    with caplog.at_level(logging.WARNING, logger="dicom_node.ingest"):
         assert _send(node.port, [ds]) == [StoreStatus.INVALID_UIDS]
     assert node.files() == [] and node.count(db.Instance) == 0
     assert f"refused SOP instance {ds.SOPInstanceUID}" in caplog.text
@@ -421,7 +421,7 @@ def test_database_failure_keeps_nothing(start_node: Callable[..., Node], tmp_pat
     with node.engine.begin() as conn:  # the commit of the row fails: no events table
         conn.execute(text("DROP TABLE events"))
     files = _series(tmp_path / "in", slices=1)
-    with caplog.at_level(logging.ERROR, logger="dicom_node.listener"):
+    with caplog.at_level(logging.ERROR, logger="dicom_node.ingest"):
         assert _send(node.port, files) == [StoreStatus.DATABASE_UNAVAILABLE]
     assert node.files() == [] and node.count(db.Instance) == 0 and node.count(db.Study) == 0
     assert node.stored_calls == []
@@ -434,10 +434,10 @@ def test_unexpected_error_answers_processing_failure_and_keeps_nothing(
     """A bug between writing the file and committing its row (here: building the row raises)
     does not end the association or pass for "cannot understand": the sender gets 0x0110, the
     log has the traceback, the file is removed, and the next instance is stored."""
-    import dicom_node.listener as listener_module
+    import dicom_node.ingest.receiver as receiver_module
 
     node = start_node()
-    real = listener_module.ReceivedInstance
+    real = receiver_module.ReceivedInstance
     calls = {"n": 0}
 
     def failing_once(**fields: Any) -> Any:
@@ -446,9 +446,9 @@ def test_unexpected_error_answers_processing_failure_and_keeps_nothing(
             raise RuntimeError("injected fault while building the row")
         return real(**fields)
 
-    monkeypatch.setattr(listener_module, "ReceivedInstance", failing_once)
+    monkeypatch.setattr(receiver_module, "ReceivedInstance", failing_once)
     files = _series(tmp_path / "in", slices=2)
-    with caplog.at_level(logging.ERROR, logger="dicom_node.listener"):
+    with caplog.at_level(logging.ERROR, logger="dicom_node.ingest"):
         assert _send(node.port, files) == [StoreStatus.PROCESSING_FAILURE, StoreStatus.SUCCESS]
     assert "unexpected error in the node" in caplog.text and "injected fault while building the row" in caplog.text
     assert len(node.files()) == 1 and node.count(db.Instance) == 1
@@ -474,7 +474,7 @@ def test_hook_failure_does_not_fail_the_store(start_node: Callable[..., Node], t
 
     node = start_node(hook=broken)
     files = _series(tmp_path / "in", slices=1)
-    with caplog.at_level(logging.ERROR, logger="dicom_node.listener"):
+    with caplog.at_level(logging.ERROR, logger="dicom_node.ingest"):
         assert _send(node.port, files) == [0x0000]
     assert node.count(db.Instance) == 1
     assert "on_instance_stored failed" in caplog.text
@@ -575,7 +575,7 @@ def test_tls(start_node: Callable[..., Node], tls_files: dict[str, Path]) -> Non
 
 
 def test_tls_configuration_errors_name_the_key(make_config: Callable[..., NodeConfig], tmp_path: Path) -> None:
-    from dicom_node.listener import make_ssl_context
+    from dicom_node.ingest import make_ssl_context
 
     config = make_config(
         listener={"tls": {"enabled": True, "certificate": "missing.pem", "private_key": "missing.key"}}
@@ -724,7 +724,7 @@ def test_group_recorder_falls_back_to_one_transaction_each(
             path=stored.relative_path, size_bytes=stored.size_bytes, sha256=stored.sha256, received_at=received_at,
         )
         pending.append((info, stored))
-    from dicom_node.listener import _Pending
+    from dicom_node.ingest.group_commit import _Pending
 
     items = [_Pending(info, stored, move=False) for info, stored in pending]
     try:
@@ -841,11 +841,11 @@ def test_new_rows_commit_while_their_folder_is_fsynced_and_the_answer_waits_for_
 ) -> None:
     """The commit of a new row overlaps its folder fsync (the row is committed while the fsync
     is still held), but the C-STORE is answered only once the fsync is done."""
-    import dicom_node.listener as listener_module
+    import dicom_node.ingest.group_commit as group_commit
 
     receiver, factory, engine, storage = _receiver_parts(make_config, tmp_path)
     held = _HeldFolderSync()
-    monkeypatch.setattr(listener_module, "sync_directories", held)
+    monkeypatch.setattr(group_commit, "sync_directories", held)
     file = _series(tmp_path / "in", slices=1)[0]
     sop = str(pydicom.dcmread(file, stop_before_pixels=True).SOPInstanceUID)
     try:
@@ -869,11 +869,11 @@ def test_next_batch_commits_while_the_previous_folder_fsync_runs(
     """A batch whose rows are committed hands the lead on before waiting for its folder fsync:
     another association's instance is committed meanwhile, and each is answered only after
     the folder fsyncs (its own included) are done."""
-    import dicom_node.listener as listener_module
+    import dicom_node.ingest.group_commit as group_commit
 
     receiver, factory, engine, storage = _receiver_parts(make_config, tmp_path)
     held = _HeldFolderSync()
-    monkeypatch.setattr(listener_module, "sync_directories", held)
+    monkeypatch.setattr(group_commit, "sync_directories", held)
     first, second = _series(tmp_path / "a", slices=1)[0], _series(tmp_path / "b", slices=1)[0]
     sops = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in (first, second)]
     try:
@@ -900,7 +900,7 @@ def test_an_overwrite_commits_only_after_the_folder_fsync(
 ) -> None:
     """An update of an acknowledged row (``overwrite`` with other bytes) keeps the old order:
     the row changes only once the new file's folder entry is durable."""
-    import dicom_node.listener as listener_module
+    import dicom_node.ingest.group_commit as group_commit
 
     receiver, factory, engine, storage = _receiver_parts(make_config, tmp_path, policy="overwrite")
     file = _series(tmp_path / "in", slices=1)[0]
@@ -910,7 +910,7 @@ def test_an_overwrite_commits_only_after_the_folder_fsync(
         first_sha = _instances_in_db(factory)[sop]
         changed = file.read_bytes()[:-2] + b"\x01\x02"  # same header, other last pixel
         held = _HeldFolderSync()
-        monkeypatch.setattr(listener_module, "sync_directories", held)
+        monkeypatch.setattr(group_commit, "sync_directories", held)
         thread, statuses = _receive_in_thread(receiver, file, changed)
         assert held.started.wait(20)
         time.sleep(0.3)
@@ -929,15 +929,15 @@ def test_failed_folder_fsync_after_the_commit_removes_the_rows(
 ) -> None:
     """The rows committed before the folder fsync failed are removed again, the file too: the
     instance is refused with A701 and the database is as before (no study, series or row)."""
-    import dicom_node.listener as listener_module
+    import dicom_node.ingest.group_commit as group_commit
 
     receiver, factory, engine, storage = _receiver_parts(make_config, tmp_path)
     held = _HeldFolderSync(error=OSError(5, "Input/output error"))
-    monkeypatch.setattr(listener_module, "sync_directories", held)
+    monkeypatch.setattr(group_commit, "sync_directories", held)
     file = _series(tmp_path / "in", slices=1)[0]
     sop = str(pydicom.dcmread(file, stop_before_pixels=True).SOPInstanceUID)
     try:
-        with caplog.at_level(logging.ERROR, logger="dicom_node.listener"):
+        with caplog.at_level(logging.ERROR, logger="dicom_node.ingest"):
             thread, statuses = _receive_in_thread(receiver, file)
             assert held.started.wait(20)
             wait_for(lambda: sop in _instances_in_db(factory), 20, "the row committed before the fsync fails")
@@ -984,7 +984,7 @@ def test_start_up_forgets_rows_whose_file_name_was_lost(
         if path.stem in lost_uids:
             path.unlink()
     try:
-        with caplog.at_level(logging.WARNING, logger="dicom_node.listener"):
+        with caplog.at_level(logging.WARNING, logger="dicom_node.ingest"):
             listener = Listener(config, storage, factory)
         assert set(_instances_in_db(factory)) == {
             str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in kept[:-1]
@@ -1010,7 +1010,7 @@ def test_commit_before_folder_sync_only_for_new_rows_on_sqlite(tmp_path: Path) -
     """The rule itself: new rows with a pending folder entry may commit first on SQLite; an
     updated row, or any batch on PostgreSQL (where the newest rows may be another node's, so
     the start-up check cannot repair them), waits for the fsync."""
-    from dicom_node.listener import _may_commit_before_folder_sync, _Pending
+    from dicom_node.ingest.group_commit import _may_commit_before_folder_sync, _Pending
 
     storage = Storage(tmp_path / "incoming", 0)
     study, series = "1.2.826.0.1.3680043.8.498.40", "1.2.826.0.1.3680043.8.498.41"
@@ -1058,7 +1058,7 @@ def test_start_up_check_leaves_what_a_crash_cannot_explain(
         with db.session_scope(factory) as s:  # the purge's mark (retention.Purger._mark)
             marked = s.scalars(select(db.Study).where(db.Study.study_instance_uid == uids[1])).one()
             marked.purge_started_at, marked.purge_reason, marked.purge_age_days = db.utcnow(), "delivered", 31.0
-        with caplog.at_level(logging.WARNING, logger="dicom_node.listener"):
+        with caplog.at_level(logging.WARNING, logger="dicom_node.ingest"):
             assert receiver.forget_rows_without_files() == 0
         assert len(_instances_in_db(factory)) == 6
         assert "its row is kept" in caplog.text
@@ -1066,7 +1066,7 @@ def test_start_up_check_leaves_what_a_crash_cannot_explain(
         for path in (storage.root / uids[2]).rglob("*.dcm"):
             path.unlink()
         caplog.clear()
-        with caplog.at_level(logging.ERROR, logger="dicom_node.listener"):
+        with caplog.at_level(logging.ERROR, logger="dicom_node.ingest"):
             assert receiver.forget_rows_without_files(at_most=1) == 0
         assert "nothing is removed, check the storage" in caplog.text
         assert len(_instances_in_db(factory)) == 6

@@ -57,7 +57,7 @@ def test_receiver_on_postgres(postgres_url: str, tmp_path) -> None:
     """The C-STORE path (file, rows, duplicate refusal) with PostgreSQL as the database."""
     from sqlalchemy import func, select
 
-    from dicom_node.listener import StoreReceiver, StoreStatus
+    from dicom_node.ingest import StoreReceiver, StoreStatus
     from dicom_node.storage import Storage
     from tests.support.node import receive_file
     from tests.inference.dicom_factory import Geometry, pattern_volume, write_classic_series

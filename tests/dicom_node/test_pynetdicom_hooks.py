@@ -15,7 +15,7 @@ from pynetdicom import AE
 from pynetdicom.acse import ACSE
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from dicom_node.listener import _GatedACSE, _GatedRequestHandler, _NodeServer
+from dicom_node.ingest.association import _GatedACSE, _GatedRequestHandler, _NodeServer
 
 
 def test_the_overridden_private_hooks_exist_with_the_signatures_the_listener_uses() -> None:

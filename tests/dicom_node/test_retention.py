@@ -385,7 +385,7 @@ def test_the_receiver_stores_a_study_again_after_its_purge(site: Site, tmp_path:
     makes them again."""
     from pydicom import dcmread
 
-    from dicom_node.listener import StoreReceiver, StoreStatus
+    from dicom_node.ingest import StoreReceiver, StoreStatus
     from dicom_node.storage import Storage
     from tests.support.node import receive_file
     from tests.inference.dicom_factory import Geometry, pattern_volume, write_classic_series

@@ -9,7 +9,7 @@ group) are assembled from raw elements with :func:`element`.
 :func:`send_files` is the sender: pynetdicom with ``STORE_SEND_CHUNKED_DATASET``, so a file's
 data set goes out byte for byte as built here, never decoded and re-encoded by the sender.
 
-The statuses are those of :class:`dicom_node.listener.StoreStatus`; ``None`` stands for "refused
+The statuses are those of :class:`dicom_node.ingest.StoreStatus`; ``None`` stands for "refused
 at association negotiation" (no accepted presentation context, so nothing is sent at all).
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ from pydicom.uid import (
 from pynetdicom import AE, sop_class
 from pynetdicom import _config as pynetdicom_config
 
-from dicom_node.listener import StoreStatus
+from dicom_node.ingest import StoreStatus
 
 MR = str(sop_class.MRImageStorage)
 ENHANCED_MR = str(sop_class.EnhancedMRImageStorage)

@@ -23,7 +23,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicom_node import db
-from dicom_node.listener import StoreStatus
+from dicom_node.ingest import StoreStatus
 from tests.hostile.corpus import (
     mutated_body,
     VALID_STATUSES,

@@ -121,7 +121,7 @@ def test_disk_full_refuses_with_a700_and_recovers_by_itself(tmp_path: Path, capl
     try:
         node.storage.min_free_mb = 10**9  # the disk is "full": no space above the reserve
         path, sop = _write(tmp_path, "while_full")
-        with caplog.at_level(logging.ERROR, logger="dicom_node.listener"):
+        with caplog.at_level(logging.ERROR, logger="dicom_node.ingest"):
             assert send_files(node.port, [path]).statuses == [0xA700]
         assert "out of space" in caplog.text and "storage.min_free_mb" in caplog.text
         assert node.row(sop) is None and node.files_named(sop) == [] and node.temporaries() == []
@@ -154,7 +154,7 @@ def test_database_unavailable_refuses_with_a702_and_recovers_by_itself(
             conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name})
 
         during, during_sop = _write(tmp_path, "during")
-        with caplog.at_level(logging.ERROR, logger="dicom_node.listener"):
+        with caplog.at_level(logging.ERROR, logger="dicom_node.ingest"):
             assert send_files(node.port, [during]).statuses == [0xA702]
         assert "the database is unavailable" in caplog.text
         assert node.files_named(during_sop) == [] and node.temporaries() == []

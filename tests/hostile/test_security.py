@@ -20,7 +20,7 @@ from pynetdicom import AE, sop_class
 from sqlalchemy import select
 
 from dicom_node import db
-from dicom_node.listener import Listener
+from dicom_node.ingest import Listener
 from dicom_node.storage import Storage
 from tests.support.node import wait_for
 from tests.hostile.corpus import echo, encode, mr_dataset, send_files
@@ -59,7 +59,7 @@ def _associate(port: int, calling: str, called: str, bind: str = "127.0.0.1") ->
 
 def test_unknown_titles_and_hosts_are_rejected_and_logged(listener: Listener, caplog: Any) -> None:
     port = listener.config.listener.port
-    with caplog.at_level(logging.WARNING, logger="dicom_node.listener"):
+    with caplog.at_level(logging.WARNING, logger="dicom_node.ingest"):
         attempts = {
             "unknown called title": _associate(port, "TESTSCU", "NOT_THE_NODE"),
             "unknown calling title": _associate(port, "INTRUDER", "ORTHONODE"),

@@ -26,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import select
 
 from dicom_node import db
-from dicom_node.listener import StoreStatus
+from dicom_node.ingest import StoreStatus
 from inference.checkpoint import ModelBundle
 from inference.pipeline import Outcome, run_study
 from inference.series import SeriesError, load_series, scan_folder_report
@@ -100,7 +100,7 @@ def test_the_same_instance_in_another_lossless_encoding_is_accepted_and_the_firs
     first = vendor_file(ENHANCED)
     sop = str(pydicom.dcmread(first, stop_before_pixels=True).SOPInstanceUID)
     assert send_files(node.port, [first]).statuses == [StoreStatus.SUCCESS]
-    with caplog.at_level(logging.INFO, logger="dicom_node.listener"):
+    with caplog.at_level(logging.INFO, logger="dicom_node.ingest"):
         result = send_files(node.port, [vendor_file(n) for n in ENHANCED_OTHER_ENCODINGS])
     assert result.statuses == [StoreStatus.SUCCESS] * len(ENHANCED_OTHER_ENCODINGS)
     assert caplog.text.count("already stored in another encoding with the same header and pixels") == 4

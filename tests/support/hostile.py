@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from dicom_node import db
 from dicom_node.config import NodeConfig, parse_config
-from dicom_node.listener import Listener
+from dicom_node.ingest import Listener
 from dicom_node.storage import Storage
 from tests.support.node import free_port
 

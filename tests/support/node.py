@@ -73,7 +73,7 @@ class NodeParts:
 
     def __init__(self, config: Any) -> None:
         from dicom_node.db import make_engine, make_session_factory, upgrade_database
-        from dicom_node.listener import StoreReceiver
+        from dicom_node.ingest import StoreReceiver
         from dicom_node.layout import INSTANCES_DIR
         from dicom_node.storage import Storage
 
