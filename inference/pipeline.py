@@ -8,8 +8,9 @@ Steps, each a function of the stages section below (``_scan``, ``_choose``, ``_l
 ``_classify``, ``_segment``, ``_map``, ``_report``, ``_preview``) that reads and extends one
 ``_Run``; each is timed and each decision written to the log that comes back with the result:
 
-1. **scan** the folder (:func:`inference.series.scan_folder_report`); unreadable files are
-   listed, never fatal.
+1. **scan** the folder (:func:`inference.series.scan_folder_report`), or exactly the files a
+   :class:`StudyFiles` names (the node's worker passes those its database records for the
+   job); unreadable files are listed, never fatal.
 2. **joint**: :func:`inference.joint.detect_joint` on the headers chooses the model (one per
    joint, :class:`inference.model_set.ModelSet`).  A study whose headers name no joint, or a
    joint without a model, is *unsupported*: it gets a reason, no output.
@@ -63,6 +64,7 @@ from inference.series import (
     SeriesVolume,
     complete_slice_thickness,
     load_series,
+    scan_files_report,
     scan_folder_report,
 )
 
@@ -111,6 +113,22 @@ class WrittenObject(NamedTuple):
     path: Path
     kind: str
     sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class StudyFiles:
+    """The files of one study as a caller already knows them (the node's database): the scan
+    reads exactly these instead of walking a folder.  ``root`` names the study in messages and
+    the result."""
+
+    root: Path
+    files: tuple[Path, ...]
+
+    def __post_init__(self) -> None:
+        missing = [str(f) for f in self.files if not Path(f).is_file()]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise FileNotFoundError(f"instance file {missing[0]}{more} of the study is missing")
 
 
 @dataclass(frozen=True)
@@ -360,6 +378,8 @@ class _Run:
 
     # inputs
     study_dir: Path
+    #: the files to scan, or None: every file under study_dir
+    files: tuple[Path, ...] | None
     out_dir: Path
     models: ModelSet
     rules: SelectionRules
@@ -398,7 +418,7 @@ def _scan(run: _Run) -> None:
     """Read every file's header; one study of one patient, or unsupported."""
     result, study_dir = run.result, run.study_dir
     with run.clock.stage("scan"):
-        scan = scan_folder_report(study_dir)
+        scan = scan_folder_report(study_dir) if run.files is None else scan_files_report(run.files)
     for skipped in scan.skipped:
         result.log.append(f"file {skipped.path.name}: skipped: {skipped.reason}")
     if not scan.series:
@@ -640,7 +660,7 @@ _STAGE_FUNCTIONS = (_scan, _choose, _load, _classify, _segment, _map, _report)
 
 
 def run_study(
-    study_dir: str | Path,
+    study_dir: str | Path | StudyFiles,
     bundle: ModelBundle | ModelSet,
     out_dir: str | Path,
     rules: SelectionRules = DEFAULT_RULES,
@@ -657,7 +677,8 @@ def run_study(
     """Interpret the study in ``study_dir`` with ``bundle`` and write its SEG(s) and SR to ``out_dir``.
 
     Args:
-        study_dir: folder holding the DICOM files of one study (any layout, any file names).
+        study_dir: folder holding the DICOM files of one study (any layout, any file names),
+            or a :class:`StudyFiles` naming exactly the files to read.
         bundle: the model, or a :class:`inference.model_set.ModelSet` of one model per joint
             (the study's joint chooses; a joint without a model is unsupported); moved to
             ``device``.
@@ -688,8 +709,11 @@ def run_study(
     from inference.uids import default_node_info
 
     started = time.perf_counter()
+    files: tuple[Path, ...] | None = None
+    if isinstance(study_dir, StudyFiles):
+        study_dir, files = Path(study_dir.root), tuple(Path(f) for f in study_dir.files)
     study_dir, out_dir = Path(study_dir), Path(out_dir)
-    if not study_dir.is_dir():
+    if files is None and not study_dir.is_dir():
         raise FileNotFoundError(f"study_dir {str(study_dir)!r} does not exist or is not a folder")
     target = pick_device(device)
     models = bundle if isinstance(bundle, ModelSet) else ModelSet.single(bundle, release_memory=False)
@@ -702,7 +726,7 @@ def run_study(
         if mapping_rule not in RULES:
             raise ValueError(f"mapping_rule must be one of {RULES}, got {mapping_rule!r}")
     run = _Run(
-        study_dir=study_dir, out_dir=out_dir, models=models, rules=rules, joint_rules=joint_rules,
+        study_dir=study_dir, files=files, out_dir=out_dir, models=models, rules=rules, joint_rules=joint_rules,
         node_info=node_info or default_node_info(), segment_planes=segment_planes, overlay_planes=overlay_planes,
         mapping_rule=mapping_rule, previous_reports=previous_reports,
         result=StudyResult(study_dir=study_dir, outcome=Outcome.UNSUPPORTED, reason="", device=str(target)),

@@ -475,9 +475,15 @@ def scan_folder_report(folder: Path | str) -> ScanResult:
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"scan folder {root} does not exist or is not a directory")
+    return scan_files_report(_iter_files(root))
+
+
+def scan_files_report(paths: Iterable[Path]) -> ScanResult:
+    """The series of exactly these files (e.g. those the node's database records for a study)
+    and every file skipped, with its reason; a file that cannot be opened is skipped too."""
     grouped: dict[str, list[_FileHeader]] = defaultdict(list)
     skipped: list[SkippedFile] = []
-    for path in _iter_files(root):
+    for path in paths:
         ds, reason = _read_header(path)
         parsed: _FileHeader | None = None
         if ds is not None:

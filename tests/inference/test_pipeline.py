@@ -14,7 +14,7 @@ import pytest
 
 from inference.checkpoint import ModelBundle
 from inference.labels import KNEE_STRUCTURES, PLANES, STRUCTURE_INDEX
-from inference.pipeline import SEG_SERIES_NUMBER, Outcome, StudyResult, ehr_from_header, run_study
+from inference.pipeline import SEG_SERIES_NUMBER, Outcome, StudyFiles, StudyResult, ehr_from_header, run_study
 from sr_templates import load_template
 from tests.inference.output_factory import dciodvfy_errors, dsrdump_text
 
@@ -294,6 +294,27 @@ def test_same_study_twice_gives_the_same_uids(
         a, b = pydicom.dcmread(first, stop_before_pixels=True), pydicom.dcmread(second, stop_before_pixels=True)
         assert (a.SeriesInstanceUID, a.SOPInstanceUID) == (b.SeriesInstanceUID, b.SOPInstanceUID)
     assert [f.probability for f in again.findings] == pytest.approx([f.probability for f in complete_run.findings])
+
+
+def test_the_files_the_database_names_are_read_and_nothing_else_in_the_folder(
+    complete_run: StudyResult, bundle: ModelBundle, oblique_case: Path, other_case: Path, tmp_path: Path
+) -> None:
+    """The worker passes the instance files its database records (:class:`StudyFiles`): a
+    folder that also holds another study is unsupported when scanned whole, and gives exactly
+    the study's own result when only its files are named."""
+    folder = tmp_path / "instances"
+    shutil.copytree(oblique_case, folder / "study")
+    shutil.copytree(other_case, folder / "other")
+    scanned = run_study(folder, bundle, tmp_path / "scanned")
+    assert scanned.outcome is Outcome.UNSUPPORTED and "2 studies" in scanned.reason
+    named = run_study(StudyFiles(folder, tuple(sorted((folder / "study").rglob("*.dcm")))), bundle, tmp_path / "named")
+    assert named.outcome is complete_run.outcome and named.study_dir == folder
+    assert [o.sop_instance_uid for o in named.outputs] == [o.sop_instance_uid for o in complete_run.outputs]
+    assert [f.probability for f in named.findings] == pytest.approx([f.probability for f in complete_run.findings])
+    gone = sorted((folder / "study").rglob("*.dcm"))[3]
+    gone.unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        StudyFiles(folder, tuple(sorted((folder / "study").rglob("*.dcm"))) + (gone,))
 
 
 def test_classification_matches_the_bundle_when_every_plane_is_present(
