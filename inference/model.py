@@ -1,5 +1,9 @@
 """The OrthoDiffusion model: per-plane 3D diffusion UNets used as feature extractors.
 
+Why one module of about 1,100 lines: the backbone, the feature path, the heads and the MONAI
+baselines are built from one :class:`ModelConfig` and saved in one checkpoint format; kept
+together, one file says how a configuration becomes a network.
+
 Three objects, kept apart as in MONAI (network, noise schedule, procedure):
 
 * :class:`DiffusionBackbone` holds one plane's ``DiffusionModelUNet`` (3D, epsilon prediction)

@@ -1,5 +1,8 @@
 """One study on disk -> planes -> volumes -> model -> DICOM SEG + SR: what the node runs per study.
 
+Why one module of about 760 lines: the stages share one ``_Run`` and read top to bottom as the
+pipeline, with the result types the node and evaluation consume defined beside them.
+
 :func:`run_study` is the whole flow, a pure function of its inputs (the study folder, the
 model bundle, the rules, the node identity): the same inputs give the same outputs, byte for
 byte up to the creation timestamps, and the same UIDs (see :mod:`inference.uids`).

@@ -1,5 +1,9 @@
 """DICOM series to volumes: scan a folder cheaply, then load one series into a 3D array.
 
+Why one module of about 820 lines: the header scan and the volume loader share the per-frame
+geometry readers (classic and enhanced multi-frame) and the completeness rules, so the scan
+and the loader cannot disagree about a frame.
+
 Two steps, because a study holds many series and only three of them feed the model:
 
 1. :func:`scan_folder` reads headers only (``stop_before_pixels``) and groups files by

@@ -1,5 +1,8 @@
 """DICOM SR writer: the diagnostic findings and structure volumes as a TID 1500 Measurement Report.
 
+Why one module of about 690 lines: the content tree is shaped by two readers' constraints
+(below), written beside the code that meets each of them.
+
 The report is a highdicom ``MeasurementReport`` (TID 1500) inside a ``Comprehensive3DSR``,
 the only SR form OHIF interprets.  Two readers shape its content tree, and both were checked
 against their code: PixelMed's ``DicomSRValidator`` and OHIF 3.13's SR extension.

@@ -1,5 +1,8 @@
 """Training data readers: every supported layout becomes a list of :class:`ExamRecord`.
 
+Why one module of about 1,000 lines: one small reader per supported layout, sharing the
+record types and the header parsing; a new layout is one more reader here.
+
 A record describes one exam (one study of one joint): its labels, its EHR values and, per
 plane, *how* to load the volume (a :class:`VolumeSource`), never the pixels themselves, so a
 list of records for thousands of exams is cheap to build, to split and to hash.  The MONAI

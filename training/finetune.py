@@ -1,5 +1,9 @@
 """Fine-tuning: classification heads (per plane or fused, optional EHR) and the segmenter.
 
+Why one module of about 850 lines: both fine-tunings (classifier and segmenter) with their
+splits, class weights, thresholds and the supervised baselines' entry points, over the one
+training step of :mod:`training.loop`.
+
 Both tasks start from the pretrained backbones (the EMA weights of each plane's
 pretraining run) or, with ``from_scratch``, from the same architecture at random
 initialisation, which is the baseline the label-efficiency benchmark compares against.
