@@ -169,13 +169,13 @@ class EventKind(str, enum.Enum):
     ASSOCIATION_REJECTED_CALLING_AE_TITLE = ASSOCIATION_REJECTED_PREFIX + "calling_ae_title"
     ASSOCIATION_REJECTED_HOST = ASSOCIATION_REJECTED_PREFIX + "host"
     ASSOCIATION_REJECTED_TOO_MANY_ASSOCIATIONS = ASSOCIATION_REJECTED_PREFIX + "too_many_associations"
-    # jobs (:mod:`dicom_node.jobs`)
+    # jobs (:mod:`dicom_node.services.jobs`)
     JOB_QUEUED = "job_queued"
     JOB_REQUEUED = "job_requeued"
     JOB_STARTED = "job_started"
     JOB_DONE = "job_done"
     JOB_FAILED = "job_failed"
-    # exports (:mod:`dicom_node.export`)
+    # exports (:mod:`dicom_node.services.export`)
     EXPORT_REQUEUED = "export_requeued"
     EXPORT_RECOVERED = "export_recovered"
     EXPORT_DONE = "export_done"

@@ -8,8 +8,8 @@
     PACS <--C-STORE / STOW-RS-- Exporter <--(export rows)-- Worker (inference.pipeline.run_study)
 
 Each arrow that crosses a thread goes through the database, so the node can be killed at any
-point and picks up where it was at the next start (see :mod:`dicom_node.jobs` and
-:mod:`dicom_node.export`).  In memory there are only timers and wake-up events.
+point and picks up where it was at the next start (see :mod:`dicom_node.services.jobs` and
+:mod:`dicom_node.services.export`).  In memory there are only timers and wake-up events.
 
 A process runs the parts of its roles (:mod:`dicom_node.cluster`: listener, worker, exporter;
 all by default).  Start order is data-dir lock (SQLite) -> start-up refusals (a second SQLite
@@ -29,7 +29,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from dicom_node.assembly import StudyAssembler
 from dicom_node.cluster import (
     ProcessRegistry,
     check_data_folder,
@@ -40,7 +39,6 @@ from dicom_node.cluster import (
 )
 from dicom_node.config import NodeConfig
 from dicom_node.db import make_engine, make_session_factory, upgrade_database
-from dicom_node.export import Exporter
 from dicom_node.health import (
     Check,
     DatabaseCollector,
@@ -50,11 +48,13 @@ from dicom_node.health import (
     check_disk,
     check_loop,
 )
-from dicom_node.jobs import JobOutcome, SharedModel, Worker
 from dicom_node.layout import DataDirLock, DataLayout
 from dicom_node.listener import AssociationHolds, Listener
 from dicom_node.retention import PurgedStudy, Purger, RetentionRunner, study_guard_for
 from dicom_node.roles import ROLES, describe_roles
+from dicom_node.services.assembly import StudyAssembler
+from dicom_node.services.export import Exporter
+from dicom_node.services.jobs import JobOutcome, SharedModel, Worker
 from dicom_node.storage import Storage
 
 log = logging.getLogger(__name__)

@@ -52,7 +52,7 @@ from dicom_node.cluster import (
     study_lock_key,
 )
 from dicom_node.layout import DataDirLock, DataDirLockedError
-from dicom_node.service import BackgroundService
+from dicom_node.services.base import BackgroundService
 from dicom_node.storage import fsync_directory, validate_uid
 
 log = logging.getLogger(__name__)
