@@ -17,7 +17,7 @@ process, a foreign data folder) -> process registration -> unfinished purges -> 
 files -> exporter -> workers -> assembler -> listener -> HTTP -> scheduled purge: everything that consumes work runs before
 anything that produces it, the listener acknowledges instances only once the assembler can hear
 about them, a purge a crash interrupted is finished before any instance can arrive for its study
-(:mod:`dicom_node.retention`), and rows committed just before a crash whose files did not survive
+(:mod:`dicom_node.services.retention`), and rows committed just before a crash whose files did not survive
 are removed before anything reads them (:meth:`dicom_node.listener.Listener.check_rows_without_files`).
 Stop order is the reverse.
 """
@@ -50,7 +50,7 @@ from dicom_node.health import (
 )
 from dicom_node.layout import DataDirLock, DataLayout
 from dicom_node.listener import AssociationHolds, Listener
-from dicom_node.retention import PurgedStudy, Purger, RetentionRunner, study_guard_for
+from dicom_node.services.retention import PurgedStudy, Purger, RetentionRunner, study_guard_for
 from dicom_node.roles import ROLES, describe_roles
 from dicom_node.services.assembly import StudyAssembler
 from dicom_node.services.export import Exporter

@@ -2,7 +2,7 @@
 
 The job worker (:class:`dicom_node.services.jobs.Worker`), the export sender
 (:class:`dicom_node.services.export.Exporter`) and the retention schedule
-(:class:`dicom_node.retention.RetentionRunner`) share this loop::
+(:class:`dicom_node.services.retention.RetentionRunner`) share this loop::
 
     [wait _first_wait_seconds()]         (only when it is not None)
     while not stopped:

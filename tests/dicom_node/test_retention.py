@@ -38,7 +38,7 @@ from dicom_node.db import (
     utcnow,
 )
 from dicom_node.layout import DataDirLock, DataDirLockedError
-from dicom_node.retention import (
+from dicom_node.services.retention import (
     PurgedStudy,
     Purger,
     StudyBusyError,
@@ -273,7 +273,7 @@ def test_purge_deletes_files_results_and_rows_and_leaves_an_event(site: Site) ->
 
 def test_purge_on_postgres(make_config: Callable[..., NodeConfig], postgres_url: str) -> None:
     """The same deletes, the mark's row lock and the resumption on a real PostgreSQL server."""
-    import dicom_node.retention as retention
+    import dicom_node.services.retention as retention
 
     site = Site(make_config(retention=RETENTION, database={"url": postgres_url}))
     try:
@@ -440,7 +440,7 @@ class _Crash(BaseException):
 
 
 def test_a_purge_cut_short_is_finished_at_the_next_start(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
-    import dicom_node.retention as retention
+    import dicom_node.services.retention as retention
 
     site.study(_uid(1), days=40)
     site.study(_uid(2), days=40)
@@ -478,7 +478,7 @@ def test_a_purge_cut_short_is_finished_at_the_next_start(site: Site, monkeypatch
 
 
 def test_a_failed_purge_is_reported_and_the_run_goes_on(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
-    import dicom_node.retention as retention
+    import dicom_node.services.retention as retention
 
     site.study(_uid(1), days=40)
     site.study(_uid(2), days=41)
@@ -503,7 +503,7 @@ def test_an_instance_committed_past_the_guard_makes_the_purge_give_up(site: Site
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Second line of defence, for a listener that does not hold the guard: an instance that
     arrives after the mark keeps the rows (and its own file), and the trail says why."""
-    import dicom_node.retention as retention
+    import dicom_node.services.retention as retention
 
     uid = _uid(1)
     site.study(uid, days=40)
@@ -534,7 +534,7 @@ def test_an_instance_committed_past_the_guard_makes_the_purge_give_up(site: Site
 def test_a_resumed_purge_keeps_what_arrived_after_its_mark(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
     """A purge cut short, then an instance of the study stored (by a listener without the
     guard) before the purge is finished: its file and row survive the finishing."""
-    import dicom_node.retention as retention
+    import dicom_node.services.retention as retention
 
     uid = _uid(1)
     site.study(uid, days=40)
@@ -597,7 +597,7 @@ def test_the_purge_state_migration_carries_over_unfinished_marks(make_config: Ca
 def test_the_node_finishes_a_cut_purge_at_start_and_runs_the_scheduled_purge(
     make_config: Callable[..., NodeConfig], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import dicom_node.retention as retention
+    import dicom_node.services.retention as retention
     from dicom_node.node import Node
 
     config = make_config(retention=RETENTION, http={"enabled": False},
