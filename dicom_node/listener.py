@@ -52,7 +52,7 @@ from dicom_node.db import (
     session_scope,
     utcnow,
 )
-from dicom_node.retention import StudyGuard
+from dicom_node.services.retention import StudyGuard
 from dicom_node.storage import (
     DuplicateConflictError,
     InsufficientStorageError,
