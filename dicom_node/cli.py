@@ -25,7 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("dicom_node.commands:status", "studies, jobs, exports and failures recorded in the node's database"),
     "retry": ("dicom_node.commands:retry", "queue failed exports again"),
     "echo": ("dicom_node.commands:echo", "C-ECHO a configured export destination"),
-    "purge": ("dicom_node.retention", "delete studies older than the retention policy allows (--dry-run lists them)"),
+    "purge": ("dicom_node.services.retention.command",
+              "delete studies older than the retention policy allows (--dry-run lists them)"),
 }
 
 

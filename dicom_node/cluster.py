@@ -17,12 +17,12 @@ process running every role.  How to deploy it is in ``docs/deploy.md``.
 Every process registers in the ``processes`` table (:class:`ProcessRegistry`) and refreshes its
 heartbeat; an export left ``sending`` by a process that is gone is sent again by another
 exporter, a running job of a dead worker is queued again by the job lease
-(:mod:`dicom_node.jobs`).  The data folder carries an identity file whose id the database
+(:mod:`dicom_node.services.jobs`).  The data folder carries an identity file whose id the database
 keeps (:func:`check_data_folder`), so a process whose folder is not the shared one is refused
 before it writes anything.
 
 This module imports only :mod:`dicom_node.db`, :mod:`dicom_node.layout`,
-:mod:`dicom_node.roles` and :mod:`dicom_node.service`.
+:mod:`dicom_node.roles` and :mod:`dicom_node.services.base`.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.db import MIGRATION_LOCK, ProcessRecord, Setting, session_scope, utcnow
 from dicom_node.layout import DataLayout
 from dicom_node.roles import ALL, ROLES, describe_roles
-from dicom_node.service import BackgroundService
+from dicom_node.services.base import BackgroundService
 
 log = logging.getLogger(__name__)
 

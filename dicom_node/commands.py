@@ -211,7 +211,7 @@ def collect_processes(factory: Any) -> dict[str, Any]:
         ]
         leases = []
         for job in session.scalars(select(Job).where(Job.state == JobState.RUNNING).order_by(Job.id)):
-            parts = (job.worker_id or "").rsplit(":", 2)  # host:pid:thread (dicom_node.jobs.worker_identity)
+            parts = (job.worker_id or "").rsplit(":", 2)  # host:pid:thread (dicom_node.services.jobs.worker_identity)
             host, pid, index = parts if len(parts) == 3 else (job.worker_id or "?", "?", "?")
             age = None if job.heartbeat_at is None else round((now - job.heartbeat_at).total_seconds(), 1)
             leases.append({"worker": job.worker_id, "host": host, "pid": pid, "thread": index, "job": job.id,
@@ -301,7 +301,7 @@ def configure_retry(parser: argparse.ArgumentParser) -> None:
 
 def run_retry(args: argparse.Namespace) -> int:
     from dicom_node.config import ConfigError
-    from dicom_node.export import ExportError, retry_failed
+    from dicom_node.services.export import ExportError, retry_failed
 
     try:
         config = _load(args)
@@ -309,7 +309,7 @@ def run_retry(args: argparse.Namespace) -> int:
         print(f"orthonode retry: {exc}", file=sys.stderr)
         return 2
     if args.jobs:
-        from dicom_node.jobs import retry_failed_jobs
+        from dicom_node.services.jobs import retry_failed_jobs
 
         if args.destination is not None:
             print("orthonode retry: --destination applies to exports, not to --jobs", file=sys.stderr)
@@ -345,7 +345,7 @@ def configure_echo(parser: argparse.ArgumentParser) -> None:
 
 def run_echo(args: argparse.Namespace) -> int:
     from dicom_node.config import ConfigError
-    from dicom_node.export import echo
+    from dicom_node.services.export import echo
 
     try:
         config = _load(args)

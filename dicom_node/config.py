@@ -313,7 +313,7 @@ class HTTPSection(_Section):
 
 
 class RetentionSection(_Section):
-    """When received studies and their results are deleted (:mod:`dicom_node.retention`).
+    """When received studies and their results are deleted (:mod:`dicom_node.services.retention`).
 
     Off by default: deleting patient data is a decision an administrator takes deliberately.
     Ages count from a study's last activity (last instance, job end, export delivery).

@@ -169,19 +169,19 @@ class EventKind(str, enum.Enum):
     ASSOCIATION_REJECTED_CALLING_AE_TITLE = ASSOCIATION_REJECTED_PREFIX + "calling_ae_title"
     ASSOCIATION_REJECTED_HOST = ASSOCIATION_REJECTED_PREFIX + "host"
     ASSOCIATION_REJECTED_TOO_MANY_ASSOCIATIONS = ASSOCIATION_REJECTED_PREFIX + "too_many_associations"
-    # jobs (:mod:`dicom_node.jobs`)
+    # jobs (:mod:`dicom_node.services.jobs`)
     JOB_QUEUED = "job_queued"
     JOB_REQUEUED = "job_requeued"
     JOB_STARTED = "job_started"
     JOB_DONE = "job_done"
     JOB_FAILED = "job_failed"
-    # exports (:mod:`dicom_node.export`)
+    # exports (:mod:`dicom_node.services.export`)
     EXPORT_REQUEUED = "export_requeued"
     EXPORT_RECOVERED = "export_recovered"
     EXPORT_DONE = "export_done"
     EXPORT_FAILED = "export_failed"
     EXPORT_RETRY = "export_retry"
-    # retention (:mod:`dicom_node.retention`): the mark, the end, and a purge given up
+    # retention (:mod:`dicom_node.services.retention`): the mark, the end, and a purge given up
     PURGE_STARTED = "study_purge_started"
     PURGED = "study_purged"
     PURGE_ABANDONED = "study_purge_abandoned"
@@ -245,7 +245,7 @@ class Study(Base):
     state: Mapped[StudyState] = mapped_column(_enum(StudyState, "study_state"), default=StudyState.RECEIVING)
     state_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
     #: the retention purge's state: set when a purge marks the study (step 1 of
-    #: :class:`dicom_node.retention.Purger`), cleared when it gives up; the study's row is
+    #: :class:`dicom_node.services.retention.Purger`), cleared when it gives up; the study's row is
     #: deleted when the purge finishes.  A set mark with the row still here is an unfinished
     #: purge: its files may be half deleted on purpose, and the next run finishes it.
     purge_started_at: Mapped[datetime | None]

@@ -7,10 +7,10 @@
         orthonode-folder-id                  the folder's id, also kept in the database (shared folders)
         orthonode.sqlite (-wal, -shm)        the database, unless ``database.url`` names another
         instances/<study>/<series>/<sop>.dcm  received instances (:class:`dicom_node.storage.Storage`)
-        results/<study>/job-<id>/            a job's result objects (:class:`dicom_node.jobs.Worker`)
+        results/<study>/job-<id>/            a job's result objects (:class:`dicom_node.services.jobs.Worker`)
         work/job-<id>/                       a job's snapshot of its instances while it runs
 
-The purge (:mod:`dicom_node.retention`) deletes a study's ``results/<study>``, its jobs'
+The purge (:mod:`dicom_node.services.retention`) deletes a study's ``results/<study>``, its jobs'
 leftover ``work/job-<id>`` and its ``instances/<study>``.
 
 On SQLite, one node per ``data_dir``: the running node holds an exclusive lock on ``orthonode.lock``

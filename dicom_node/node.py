@@ -8,8 +8,8 @@
     PACS <--C-STORE / STOW-RS-- Exporter <--(export rows)-- Worker (inference.pipeline.run_study)
 
 Each arrow that crosses a thread goes through the database, so the node can be killed at any
-point and picks up where it was at the next start (see :mod:`dicom_node.jobs` and
-:mod:`dicom_node.export`).  In memory there are only timers and wake-up events.
+point and picks up where it was at the next start (see :mod:`dicom_node.services.jobs` and
+:mod:`dicom_node.services.export`).  In memory there are only timers and wake-up events.
 
 A process runs the parts of its roles (:mod:`dicom_node.cluster`: listener, worker, exporter;
 all by default).  Start order is data-dir lock (SQLite) -> start-up refusals (a second SQLite
@@ -17,7 +17,7 @@ process, a foreign data folder) -> process registration -> unfinished purges -> 
 files -> exporter -> workers -> assembler -> listener -> HTTP -> scheduled purge: everything that consumes work runs before
 anything that produces it, the listener acknowledges instances only once the assembler can hear
 about them, a purge a crash interrupted is finished before any instance can arrive for its study
-(:mod:`dicom_node.retention`), and rows committed just before a crash whose files did not survive
+(:mod:`dicom_node.services.retention`), and rows committed just before a crash whose files did not survive
 are removed before anything reads them (:meth:`dicom_node.ingest.Listener.check_rows_without_files`).
 Stop order is the reverse.
 """
@@ -29,7 +29,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from dicom_node.assembly import StudyAssembler
 from dicom_node.cluster import (
     ProcessRegistry,
     check_data_folder,
@@ -40,7 +39,6 @@ from dicom_node.cluster import (
 )
 from dicom_node.config import NodeConfig
 from dicom_node.db import make_engine, make_session_factory, upgrade_database
-from dicom_node.export import Exporter
 from dicom_node.health import (
     Check,
     DatabaseCollector,
@@ -50,11 +48,13 @@ from dicom_node.health import (
     check_disk,
     check_loop,
 )
-from dicom_node.jobs import JobOutcome, SharedModel, Worker
 from dicom_node.layout import DataDirLock, DataLayout
 from dicom_node.ingest import AssociationHolds, Listener
-from dicom_node.retention import PurgedStudy, Purger, RetentionRunner, study_guard_for
 from dicom_node.roles import ROLES, describe_roles
+from dicom_node.services.assembly import StudyAssembler
+from dicom_node.services.export import Exporter
+from dicom_node.services.jobs import JobOutcome, SharedModel, Worker
+from dicom_node.services.retention import PurgedStudy, Purger, RetentionRunner, study_guard_for
 from dicom_node.storage import Storage
 
 log = logging.getLogger(__name__)

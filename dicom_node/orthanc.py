@@ -9,7 +9,7 @@ site routes studies to an AI node.
 The Lua hook remembers which series it forwarded with how many instances, so the results the
 node sends back (which make the study unstable again) do not cause the same MR series to be
 forwarded a second time.  Even if they were, the node recognises identical instances and an
-unchanged study (see :mod:`dicom_node.assembly`).
+unchanged study (see :mod:`dicom_node.services.assembly`).
 """
 from __future__ import annotations
 

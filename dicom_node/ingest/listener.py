@@ -23,7 +23,7 @@ from dicom_node.ingest.receiver import (
     handle_echo,
     handle_store,
 )
-from dicom_node.retention import StudyGuard
+from dicom_node.services.retention import StudyGuard
 from dicom_node.storage import Storage
 
 log = logging.getLogger(__name__)

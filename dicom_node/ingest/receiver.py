@@ -41,7 +41,7 @@ from dicom_node.ingest.checks import (
 from dicom_node.ingest.group_commit import GroupRecorder
 from dicom_node.ingest.recovery import forget_rows_without_files
 from dicom_node.ingest.status import StoreStatus
-from dicom_node.retention import StudyGuard
+from dicom_node.services.retention import StudyGuard
 from dicom_node.storage import (
     DuplicateConflictError,
     InsufficientStorageError,
@@ -103,7 +103,7 @@ class StoreReceiver:
         self.log_phi = log_phi
         self.recorder = GroupRecorder(session_factory)
         self.holds: AssociationHolds | None = None
-        #: shared per-study guard against the retention purge (:class:`dicom_node.retention.StudyGuard`):
+        #: shared per-study guard against the retention purge (:class:`dicom_node.services.retention.StudyGuard`):
         #: a study is never purged between writing an instance's file and committing its row
         self.study_guard: StudyGuard | None = None
 

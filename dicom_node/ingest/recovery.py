@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 def _studies_being_purged(connection: Connection, study_uids: set[str]) -> set[str]:
     """The studies among ``study_uids`` whose retention purge is marked and not finished
-    (``studies.purge_started_at``, see :mod:`dicom_node.retention`): their files may be half
+    (``studies.purge_started_at``, see :mod:`dicom_node.services.retention`): their files may be half
     deleted on purpose."""
     if not study_uids:
         return set()
@@ -44,7 +44,7 @@ def forget_rows_without_files(storage: Storage, session_factory: sessionmaker[Se
     What the crash cannot explain is left alone, with a log line: a missing folder (storage
     not mounted, a study deleted by hand), more missing files than ``at_most`` (the
     listener's association limit), and the studies whose retention purge was interrupted
-    (:mod:`dicom_node.retention` finishes those itself).
+    (:mod:`dicom_node.services.retention` finishes those itself).
 
     Run it before the study assembler and the workers start (:class:`Listener` does it when
     it is created).  Only on SQLite: on PostgreSQL the commit waits for the folder fsync,

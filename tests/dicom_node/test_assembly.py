@@ -13,10 +13,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from dicom_node.assembly import StudyAssembler, readiness
 from dicom_node.config import StudyAssemblySection
 from dicom_node.db import EventRecord, Job, JobState, Study, StudyState, session_scope, utcnow
-from dicom_node.jobs import enqueue_if_changed
+from dicom_node.services.assembly import StudyAssembler, readiness
+from dicom_node.services.jobs import enqueue_if_changed
 from tests.support.node import add_instance, wait_for
 
 STUDY = "1.2.3.100"

@@ -15,7 +15,7 @@ import yaml
 from dicom_node.cluster import ClusterError, ProcessRegistry, process_id
 from dicom_node.db import ProcessRecord, make_engine, make_session_factory, session_scope, upgrade_database, utcnow
 from dicom_node.node import Node
-from dicom_node.retention import DatabaseStudyGuard, Purger, StudyBusyError
+from dicom_node.services.retention import DatabaseStudyGuard, Purger, StudyBusyError
 from dicom_node.roles import ROLES, parse_roles
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,10 +14,10 @@ from sqlalchemy import select
 
 from dicom_node.config import RetrySection, Route, parse_config
 from dicom_node.db import EventRecord, Export, ExportState, Study, make_engine, make_session_factory, session_scope, utcnow
-from dicom_node.export import (ExportError, Exporter, backoff_delay, outcome_unknown, queue_exports, retry_failed,
-                               route_destinations, verify_held)
-from dicom_node.jobs import enqueue_if_changed
 from dicom_node.orthanc import DICOMWEB_PLUGIN
+from dicom_node.services.export import (ExportError, Exporter, backoff_delay, outcome_unknown, queue_exports,
+                                        retry_failed, route_destinations, verify_held)
+from dicom_node.services.jobs import enqueue_if_changed
 from tests.support.node import NodeParts, add_instance, free_port, make_node_config, wait_for
 
 STUDY_ROUTES = [
@@ -141,7 +141,7 @@ def test_failed_sends_back_off_in_the_database_across_a_restart_then_fail_and_ar
 def test_orthanc_answers_the_c_find_of_a_node_it_knows(
     tmp_path: Path, tiny_checkpoint: Path, result_objects: list[Path]
 ) -> None:
-    from dicom_node.export import send_dimse
+    from dicom_node.services.export import send_dimse
     from dicom_node.orthanc import OrthancServer, orthanc_available
 
     if not orthanc_available():
@@ -334,7 +334,7 @@ def test_without_an_answer_to_the_query_the_object_is_resent_and_the_log_says_so
         parts, study_uid, sops = _setup(tmp_path, tiny_checkpoint, result_objects,
                                         pacs.destination(verify_before_resend=verify), retry=QUICK_RETRY)
         exporter = Exporter(parts.config, parts.factory)
-        with caplog.at_level("WARNING", logger="dicom_node.export"):
+        with caplog.at_level("WARNING", logger="dicom_node.services.export"):
             done = _send_until_settled(exporter, parts.factory)
         assert [r.state for r in done] == [ExportState.DONE] * len(result_objects)
         # the documented fallback: delivered, possibly twice, and said so
@@ -400,7 +400,7 @@ def test_which_http_failures_leave_a_stow_rs_outcome_unknown() -> None:
     import requests
     from urllib3.exceptions import MaxRetryError, NewConnectionError
 
-    from dicom_node.export import _request_never_arrived
+    from dicom_node.services.export import _request_never_arrived
 
     def http_error(status: int) -> requests.HTTPError:
         response = requests.Response()

@@ -15,10 +15,10 @@ from pynetdicom.sop_class import MRImageStorage
 from dicom_node.cli import main
 from dicom_node.config import parse_config
 from dicom_node.db import Export, ExportState, JobState, Study, session_scope
-from dicom_node.export import queue_exports
 from dicom_node.health import check_disk
-from dicom_node.jobs import enqueue_if_changed
 from dicom_node.node import Node
+from dicom_node.services.export import queue_exports
+from dicom_node.services.jobs import enqueue_if_changed
 from tests.support.node import free_port, make_node_config, run_storescu, write_node_yaml
 
 

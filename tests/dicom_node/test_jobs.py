@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicom_node.db import ExportState, Job, JobState, Study, StudyState, session_scope, utcnow
-from dicom_node.jobs import (
+from dicom_node.services.jobs import (
     MAX_JOB_ATTEMPTS,
     JobQueue,
     Worker,
@@ -348,7 +348,7 @@ def test_shared_model_preloads_in_the_background_and_a_missing_file_fails_the_jo
         tmp_path: Path, tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture) -> None:
     import torch
 
-    from dicom_node.jobs import SharedModel
+    from dicom_node.services.jobs import SharedModel
 
     threads = torch.get_num_threads()
     try:
@@ -377,7 +377,7 @@ def test_shared_model_preloads_in_the_background_and_a_missing_file_fails_the_jo
     assert not thread.is_alive() and not never.loaded
 
     missing = SharedModel(tmp_path / "absent.pt")
-    with caplog.at_level("ERROR", logger="dicom_node.jobs"):
+    with caplog.at_level("ERROR", logger="dicom_node.services.jobs"):
         missing.preload().join(timeout=30)
     assert "could not be loaded at start-up" in caplog.text and "absent.pt" in caplog.text
     assert not missing.loaded
@@ -388,7 +388,7 @@ def test_shared_model_preloads_in_the_background_and_a_missing_file_fails_the_jo
 def test_lease_and_attempts_come_from_node_yaml_and_a_lease_shorter_than_three_heartbeats_is_refused(
         node_db, tmp_path: Path) -> None:
     from dicom_node.config import load_config
-    from dicom_node.jobs import HEARTBEAT_SECONDS
+    from dicom_node.services.jobs import HEARTBEAT_SECONDS
 
     with pytest.raises(ValueError, match="at least 3 heartbeats"):
         JobQueue(node_db, "host-a:1:0", lease_seconds=2 * HEARTBEAT_SECONDS)

@@ -38,7 +38,7 @@ from dicom_node.db import (
     utcnow,
 )
 from dicom_node.layout import DataDirLock, DataDirLockedError
-from dicom_node.retention import (
+from dicom_node.services.retention import (
     PurgedStudy,
     Purger,
     StudyBusyError,
@@ -273,26 +273,26 @@ def test_purge_deletes_files_results_and_rows_and_leaves_an_event(site: Site) ->
 
 def test_purge_on_postgres(make_config: Callable[..., NodeConfig], postgres_url: str) -> None:
     """The same deletes, the mark's row lock and the resumption on a real PostgreSQL server."""
-    import dicom_node.retention as retention
+    from dicom_node.services.retention import purge as purge_module
 
     site = Site(make_config(retention=RETENTION, database={"url": postgres_url}))
     try:
         site.study(_uid(1), days=40, exports=(ExportState.DONE, ExportState.DONE))
         site.study(_uid(2), days=100, study_state=StudyState.SKIPPED, exports=())
         site.study(_uid(3), days=5)
-        real_remove = retention.remove_tree
+        real_remove = purge_module.remove_tree
 
         def die_on_2(path: Path, **options: Any) -> tuple[int, int]:
             if _uid(2) in str(path):
                 raise _Crash()
             return real_remove(path, **options)
 
-        retention.remove_tree = die_on_2
+        purge_module.remove_tree = die_on_2
         try:
             with pytest.raises(_Crash):
                 Purger(site.config, site.factory).purge()
         finally:
-            retention.remove_tree = real_remove
+            purge_module.remove_tree = real_remove
         report = Purger(site.config, site.factory).purge()
         # study 2 (the oldest) went first and was cut short; the next run finishes it, then study 1
         assert [(p.study_instance_uid, p.resumed) for p in report.purged] == [(_uid(2), True), (_uid(1), False)]
@@ -440,22 +440,22 @@ class _Crash(BaseException):
 
 
 def test_a_purge_cut_short_is_finished_at_the_next_start(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
-    import dicom_node.retention as retention
+    from dicom_node.services.retention import purge as purge_module
 
     site.study(_uid(1), days=40)
     site.study(_uid(2), days=40)
     site.study(_uid(3), days=5)
-    real_remove = retention.remove_tree
+    real_remove = purge_module.remove_tree
 
     def remove_then_die(path: Path, **options: Any) -> tuple[int, int]:
         if path == site.instance_dir(_uid(2)):  # study 2: results and work copy deleted, then the crash
             raise _Crash()
         return real_remove(path, **options)
 
-    monkeypatch.setattr(retention, "remove_tree", remove_then_die)
+    monkeypatch.setattr(purge_module, "remove_tree", remove_then_die)
     with pytest.raises(_Crash):
         Purger(site.config, site.factory).purge()
-    monkeypatch.setattr(retention, "remove_tree", real_remove)
+    monkeypatch.setattr(purge_module, "remove_tree", real_remove)
     # study 1 was purged; the crash left study 2 marked, with part of its files and all of its rows
     assert site.rows(_uid(1))["studies"] == 0
     crashed = _uid(2)
@@ -478,22 +478,22 @@ def test_a_purge_cut_short_is_finished_at_the_next_start(site: Site, monkeypatch
 
 
 def test_a_failed_purge_is_reported_and_the_run_goes_on(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
-    import dicom_node.retention as retention
+    from dicom_node.services.retention import purge as purge_module
 
     site.study(_uid(1), days=40)
     site.study(_uid(2), days=41)
-    real_remove = retention.remove_tree
+    real_remove = purge_module.remove_tree
 
     def refuse_study_2(path: Path, **options: Any) -> tuple[int, int]:
         if _uid(2) in str(path):
             raise PermissionError(13, "Permission denied", str(path))
         return real_remove(path, **options)
 
-    monkeypatch.setattr(retention, "remove_tree", refuse_study_2)
+    monkeypatch.setattr(purge_module, "remove_tree", refuse_study_2)
     report = Purger(site.config, site.factory).purge()
     assert [p.study_instance_uid for p in report.purged] == [_uid(1)]
     assert [uid for uid, _ in report.failed] == [_uid(2)] and "Permission denied" in report.failed[0][1]
-    monkeypatch.setattr(retention, "remove_tree", real_remove)
+    monkeypatch.setattr(purge_module, "remove_tree", real_remove)
     # the next run finishes it first
     again = Purger(site.config, site.factory).purge()
     assert [(p.study_instance_uid, p.resumed) for p in again.purged] == [(_uid(2), True)]
@@ -503,11 +503,11 @@ def test_an_instance_committed_past_the_guard_makes_the_purge_give_up(site: Site
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Second line of defence, for a listener that does not hold the guard: an instance that
     arrives after the mark keeps the rows (and its own file), and the trail says why."""
-    import dicom_node.retention as retention
+    from dicom_node.services.retention import purge as purge_module
 
     uid = _uid(1)
     site.study(uid, days=40)
-    real_remove = retention.remove_tree
+    real_remove = purge_module.remove_tree
     late: list[Path] = []
 
     def remove_then_receive(path: Path, **options: Any) -> tuple[int, int]:
@@ -516,7 +516,7 @@ def test_an_instance_committed_past_the_guard_makes_the_purge_give_up(site: Site
             late.append(site.receive(uid, "unguarded"))
         return result
 
-    monkeypatch.setattr(retention, "remove_tree", remove_then_receive)
+    monkeypatch.setattr(purge_module, "remove_tree", remove_then_receive)
     outcome = Purger(site.config, site.factory).purge_study(uid)
     assert outcome == "an instance arrived during the purge"
     # the study goes on with the instance that arrived; the rows of the deleted files are gone
@@ -534,7 +534,7 @@ def test_an_instance_committed_past_the_guard_makes_the_purge_give_up(site: Site
 def test_a_resumed_purge_keeps_what_arrived_after_its_mark(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
     """A purge cut short, then an instance of the study stored (by a listener without the
     guard) before the purge is finished: its file and row survive the finishing."""
-    import dicom_node.retention as retention
+    from dicom_node.services.retention import purge as purge_module
 
     uid = _uid(1)
     site.study(uid, days=40)
@@ -542,7 +542,7 @@ def test_a_resumed_purge_keeps_what_arrived_after_its_mark(site: Site, monkeypat
     def die(path: Path, **options: Any) -> tuple[int, int]:
         raise _Crash()
 
-    monkeypatch.setattr(retention, "remove_tree", die)
+    monkeypatch.setattr(purge_module, "remove_tree", die)
     with pytest.raises(_Crash):
         Purger(site.config, site.factory).purge_study(uid)
     monkeypatch.undo()
@@ -597,7 +597,7 @@ def test_the_purge_state_migration_carries_over_unfinished_marks(make_config: Ca
 def test_the_node_finishes_a_cut_purge_at_start_and_runs_the_scheduled_purge(
     make_config: Callable[..., NodeConfig], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import dicom_node.retention as retention
+    from dicom_node.services.retention import purge as purge_module
     from dicom_node.node import Node
 
     config = make_config(retention=RETENTION, http={"enabled": False},
@@ -612,7 +612,7 @@ def test_the_node_finishes_a_cut_purge_at_start_and_runs_the_scheduled_purge(
         def die(path: Path, **options: Any) -> tuple[int, int]:
             raise _Crash()
 
-        monkeypatch.setattr(retention, "remove_tree", die)
+        monkeypatch.setattr(purge_module, "remove_tree", die)
         with pytest.raises(_Crash):
             Purger(config, site.factory).purge_study(_uid(1))
         monkeypatch.undo()

@@ -1,330 +1,48 @@
-"""Retention: deleting old studies (instance files, result files, rows) so ``data_dir`` stays bounded.
+"""The retention purge: finding eligible studies and purging each in three crash-safe steps.
 
-The policy (:func:`assess`), the purge of one study in three crash-safe steps
-(:class:`Purger`), the guard between purge and listener (:class:`StudyGuard`), the scheduled
-runner and ``orthonode purge``.  The rules, the steps and the race are described in
-``docs/retention.md``.
+:class:`Purger` marks a study (step 1), deletes its files (step 2) and then its rows with the
+``study_purged`` event (step 3); a purge cut short is finished by the next run
+(:meth:`Purger.finish_interrupted`).  It holds the study's guard
+(:mod:`dicom_node.services.retention.guard`) while it works, and on PostgreSQL one purge runs at a
+time over all processes.  The steps and the race are described in ``docs/retention.md``.
 """
 from __future__ import annotations
 
-import argparse
-import errno
 import logging
-import os
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Literal
 
 from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.config import ConfigError, NodeConfig, RetentionSection, load_config
+from dicom_node.cluster import RETENTION_RUN_LOCK, holding, is_postgresql
+from dicom_node.config import NodeConfig
 from dicom_node.db import (
     EventKind,
     Export,
-    ExportState,
     Instance,
     Job,
-    JobState,
     Series,
     Study,
     StudyState,
     add_event,
-    make_engine,
-    make_session_factory,
     session_scope,
-    upgrade_database,
     utcnow,
 )
-from dicom_node.cluster import (
-    RETENTION_RUN_LOCK,
-    AdvisoryLock,
-    LockTimeout,
-    holding,
-    is_postgresql,
-    study_lock_key,
-)
-from dicom_node.layout import DataDirLock, DataDirLockedError
-from dicom_node.service import BackgroundService
-from dicom_node.storage import fsync_directory, validate_uid
+from dicom_node.services.retention.files import remove_tree, tree_size
+from dicom_node.services.retention.guard import StudyBusyError, StudyGuard, study_guard_for
+from dicom_node.services.retention.policy import Assessment, assess
+from dicom_node.storage import validate_uid
 
 log = logging.getLogger(__name__)
 
 #: how long a scheduled purge waits for a study's receivers before leaving it for the next run
 GUARD_TIMEOUT_SECONDS = 30.0
-
-_OPEN_STUDY_STATES = frozenset({StudyState.RECEIVING, StudyState.COMPLETE, StudyState.PROCESSING})
-_OPEN_JOB_STATES = frozenset({JobState.QUEUED, JobState.RUNNING})
-_OPEN_EXPORT_STATES = frozenset({ExportState.PENDING, ExportState.SENDING})
-_DAY = 86400.0
-
-
-# --------------------------------------------------------------------------- the guard
-
-
-class StudyBusyError(RuntimeError):
-    """The exclusive guard of a study could not be taken in time (instances kept arriving)."""
-
-
-class StudyGuard:
-    """In-process reader/writer guard per Study Instance UID.
-
-    ``receiving(uid)`` is shared: any number of associations may store instances of one study
-    at once.  ``purging(uid)`` is exclusive: it waits until no receive of the study is in
-    progress, and receives that start meanwhile wait until the purge is over.  A waiting purge
-    has priority over new receives, so a steady stream of instances cannot starve it (the
-    purge then re-checks, sees the fresh instance and leaves the study alone).
-
-    Only studies in use have an entry, so the guard does not grow with the number of studies.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._receivers: dict[str, int] = {}
-        self._purging: set[str] = set()
-        self._waiting_purges: dict[str, int] = {}
-
-    @contextmanager
-    def receiving(self, study_uid: str) -> Iterator[None]:
-        """Hold while writing one instance of ``study_uid`` and committing its row."""
-        with self._cond:
-            while study_uid in self._purging or self._waiting_purges.get(study_uid, 0):
-                self._cond.wait()
-            self._receivers[study_uid] = self._receivers.get(study_uid, 0) + 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                left = self._receivers[study_uid] - 1
-                if left:
-                    self._receivers[study_uid] = left
-                else:
-                    del self._receivers[study_uid]
-                self._cond.notify_all()
-
-    @contextmanager
-    def purging(self, study_uid: str, timeout: float | None = None) -> Iterator[None]:
-        """Hold exclusively while purging ``study_uid``; :class:`StudyBusyError` when receives of
-        the study still run after ``timeout`` seconds (``None``: wait as long as it takes)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            self._waiting_purges[study_uid] = self._waiting_purges.get(study_uid, 0) + 1
-            try:
-                while study_uid in self._purging or self._receivers.get(study_uid, 0):
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise StudyBusyError(f"study {study_uid}: instances were still being received after "
-                                             f"{timeout:g} s; left for the next purge")
-                    self._cond.wait(remaining)
-                self._purging.add(study_uid)
-            finally:
-                left = self._waiting_purges[study_uid] - 1
-                if left:
-                    self._waiting_purges[study_uid] = left
-                else:
-                    del self._waiting_purges[study_uid]
-                self._cond.notify_all()  # receivers waiting only for this waiting purge re-check
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._purging.discard(study_uid)
-                self._cond.notify_all()
-
-    def receivers(self, study_uid: str) -> int:
-        """Receives of ``study_uid`` in progress now."""
-        with self._cond:
-            return self._receivers.get(study_uid, 0)
-
-    def is_purging(self, study_uid: str) -> bool:
-        with self._cond:
-            return study_uid in self._purging
-
-
-class DatabaseStudyGuard:
-    """:class:`StudyGuard` across processes and hosts, for PostgreSQL: a receive holds the
-    study's advisory lock shared, a purge holds it exclusively (:class:`dicom_node.cluster.AdvisoryLock`).
-
-    A purge waiting for the lock makes new receives of the study wait behind it, as the
-    in-process guard does, and the server drops a lock whose process died.  Each hold costs a
-    pooled connection and two statements.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    @contextmanager
-    def receiving(self, study_uid: str) -> Iterator[None]:
-        lock = AdvisoryLock(self.engine, study_lock_key(study_uid), shared=True)
-        lock.acquire()
-        try:
-            yield
-        finally:
-            lock.release()
-
-    @contextmanager
-    def purging(self, study_uid: str, timeout: float | None = None) -> Iterator[None]:
-        lock = AdvisoryLock(self.engine, study_lock_key(study_uid))
-        try:
-            lock.acquire(timeout)
-        except LockTimeout:
-            raise StudyBusyError(f"study {study_uid}: instances were still being received after {timeout:g} s; "
-                                 f"left for the next purge") from None
-        try:
-            yield
-        finally:
-            lock.release()
-
-
-def study_guard_for(engine: Engine) -> StudyGuard | DatabaseStudyGuard:
-    """The guard a node on ``engine`` uses: across processes on PostgreSQL, in memory on SQLite
-    (one process)."""
-    return DatabaseStudyGuard(engine) if is_postgresql(engine) else StudyGuard()
-
-
-# --------------------------------------------------------------------------- eligibility
-
-Category = Literal["delivered", "failed"]
-
-
-@dataclass(frozen=True)
-class Assessment:
-    """What the retention policy says about one study at one moment."""
-
-    study_id: int
-    study_instance_uid: str
-    #: may be purged now
-    eligible: bool
-    #: ``delivered`` (kept ``delivered_days``) or ``failed`` (kept ``failed_days``); None when
-    #: open work keeps the study whatever its age
-    category: Category | None
-    #: why, in words: ``delivered``, ``processing failed``, ``export pending`` ...
-    reason: str
-    #: the study's last activity (the age counts from here)
-    last_activity: datetime
-    age_days: float
-    #: when the study becomes eligible (None: open work)
-    keep_until: datetime | None
-
-
-def _latest(values: list[datetime | None]) -> datetime:
-    present = [v for v in values if v is not None]
-    return max(present)
-
-
-def assess(session: Session, study: Study, policy: RetentionSection, now: datetime) -> Assessment:
-    """Whether ``study`` may be purged at ``now`` under ``policy``, and why (reads its jobs and
-    exports in ``session``)."""
-    jobs = sorted(study.jobs, key=lambda j: j.id)
-    exports = [e for j in jobs for e in j.exports]
-    last = _latest([study.last_received_at, study.state_changed_at, *(j.finished_at for j in jobs),
-                    *(j.created_at for j in jobs), *(e.updated_at for e in exports)])
-    age_days = (now - last).total_seconds() / _DAY
-
-    def result(category: Category | None, reason: str) -> Assessment:
-        if category is None:
-            return Assessment(study.id, study.study_instance_uid, False, None, reason, last, age_days, None)
-        days = policy.delivered_days if category == "delivered" else policy.failed_days
-        keep_until = last + timedelta(days=days)
-        return Assessment(study.id, study.study_instance_uid, now >= keep_until, category, reason, last, age_days,
-                          keep_until)
-
-    if study.state in _OPEN_STUDY_STATES:
-        return result(None, f"work pending: study {study.state.value}")
-    open_jobs = [j for j in jobs if j.state in _OPEN_JOB_STATES]
-    if open_jobs:
-        return result(None, f"work pending: job {open_jobs[-1].id} {open_jobs[-1].state.value}")
-    open_exports = [e for e in exports if e.state in _OPEN_EXPORT_STATES]
-    if open_exports:
-        e = open_exports[0]
-        what = "retrying" if e.state is ExportState.PENDING and e.attempts > 0 else e.state.value
-        return result(None, f"work pending: export {e.id} to {e.destination} {what}")
-    current = next((j for j in reversed(jobs) if j.state is not JobState.SUPERSEDED), None)
-    if current is None:
-        return result("failed", "no job recorded")
-    if study.state is StudyState.FAILED or current.state is JobState.FAILED:
-        return result("failed", "processing failed")
-    if study.state is StudyState.SKIPPED:
-        return result("failed", "unsupported (nothing the node could process)")
-    mine = list(current.exports)
-    if not mine:
-        return result("failed", "results not exported (no route matched)")
-    if any(e.state is ExportState.FAILED for e in mine):
-        return result("failed", "export failed")
-    return result("delivered", "delivered")
-
-
-# --------------------------------------------------------------------------- deleting files
-
-
-def tree_size(root: Path) -> tuple[int, int]:
-    """(files, bytes) under ``root`` (0, 0 when it does not exist); links are not followed."""
-    files = size = 0
-    if root.is_symlink() or not root.is_dir():
-        return (1, root.lstat().st_size) if root.is_symlink() or root.is_file() else (0, 0)
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            try:
-                size += os.lstat(os.path.join(dirpath, name)).st_size
-                files += 1
-            except FileNotFoundError:
-                continue
-    return files, size
-
-
-def remove_tree(root: Path, written_before: float | None = None) -> tuple[int, int]:
-    """Delete ``root`` and everything under it, durably; returns (files, bytes) deleted.
-
-    Bottom-up: the files of a folder are unlinked, the folder removed and its parent fsynced,
-    so a crash leaves a smaller tree that a second call finishes (missing entries are fine).
-    Symbolic links are removed, never followed.  With ``written_before`` (a POSIX time), files
-    modified later are left in place with their folders: they were written after the purge
-    began, so they are not part of what it deletes.
-    """
-    if not root.exists() and not root.is_symlink():
-        return 0, 0
-    if root.is_symlink() or not root.is_dir():
-        stat = root.lstat()
-        if written_before is not None and stat.st_mtime > written_before:
-            return 0, 0
-        root.unlink()
-        fsync_directory(root.parent)
-        return 1, stat.st_size
-    files = size = 0
-    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
-        folder = Path(dirpath)
-        for name in [*filenames, *(d for d in dirnames if (folder / d).is_symlink())]:
-            path = folder / name
-            try:
-                stat = path.lstat()
-                if written_before is not None and stat.st_mtime > written_before:
-                    continue
-                path.unlink()
-            except FileNotFoundError:
-                continue
-            size += stat.st_size
-            files += 1
-        try:
-            folder.rmdir()
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-            log.warning("%s: left in place, it holds files written after the purge began", folder)
-            continue
-        fsync_directory(folder.parent)
-    return files, size
-
-
-# --------------------------------------------------------------------------- purging
 
 
 @dataclass(frozen=True)
@@ -686,126 +404,3 @@ class Purger:
             log.info("retention: %d study(ies) purged (%.1f MB), %d skipped, %d failed", len(report.purged),
                      report.size_bytes / 1e6, len(report.skipped), len(report.failed))
         return report
-
-
-# --------------------------------------------------------------------------- the schedule
-
-
-class RetentionRunner(BackgroundService):
-    """Runs :meth:`Purger.purge` in a thread: once ``first_delay_seconds`` after start, then every
-    ``interval_minutes``.  A failing run (e.g. a database outage) is logged and the schedule
-    goes on.  :meth:`stop` stops after the study being purged (a purge is never cut in the
-    middle by this)."""
-
-    stop_timeout = 30.0
-    already_started_message = "the retention runner is already started"
-
-    def __init__(self, purger: Purger, interval_minutes: float, first_delay_seconds: float = 0.0) -> None:
-        if interval_minutes <= 0:
-            raise ValueError(f"interval_minutes must be > 0, got {interval_minutes}")
-        super().__init__("orthonode-retention")
-        self.purger = purger
-        self.interval_seconds = interval_minutes * 60.0
-        self.first_delay_seconds = first_delay_seconds
-        self.last_report: PurgeReport | None = None
-
-    # ------------------------------------------------------------------ the loop (BackgroundService)
-    def _first_wait_seconds(self) -> float:
-        return self.first_delay_seconds
-
-    def _pause(self, seconds: float) -> None:
-        """The schedule keeps its interval: only :meth:`stop` cuts a wait short, not :meth:`wake`."""
-        self._stop.wait(seconds)
-
-    def _tick(self) -> bool:
-        self.last_report = self.purger.purge()
-        return False  # one run per interval
-
-    def _wait_seconds(self) -> float:
-        return self.interval_seconds
-
-    def _tick_failed(self) -> None:  # a database outage must not end the schedule; logged with traceback
-        log.exception("retention run failed; trying again in %.0f min", self.interval_seconds / 60)
-
-
-# --------------------------------------------------------------------------- orthonode purge
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=Path("node.yaml"), metavar="NODE_YAML",
-                        help="node configuration (default: ./node.yaml); its retention section sets the ages")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="list what would be deleted (study, age, size, reason) and delete nothing")
-
-
-def _table(rows: list[tuple[str, str, float, int]]) -> list[str]:
-    lines = [f"{'study':<64}  {'reason':<44} {'age (days)':>10} {'size (MB)':>10}"]
-    lines += [f"{uid:<64}  {reason:<44} {age:>10.1f} {size / 1e6:>10.1f}" for uid, reason, age, size in rows]
-    return lines
-
-
-def run(args: argparse.Namespace) -> int:
-    """``orthonode purge``: list (``--dry-run``) or delete the studies the retention policy allows."""
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"orthonode purge: {exc}", file=sys.stderr)
-        return 2
-    policy = config.retention
-    if not config.data_dir.is_dir():
-        print(f"orthonode purge: data directory {config.data_dir} does not exist; nothing to purge")
-        return 0
-    if not args.dry_run and not policy.enabled:
-        print(f"orthonode purge: retention.enabled is false in {args.config}; set it to true to allow deleting "
-              f"studies (or run with --dry-run to see what would be deleted)", file=sys.stderr)
-        return 2
-    lock = DataDirLock(config.data_dir)
-    # On PostgreSQL several node processes share the folder; the database's locks guard each
-    # study and let one purge run at a time, so a purge may run beside them.  On SQLite the
-    # one node holds the folder's lock.
-    if config.database_url.startswith("sqlite") and args.dry_run:
-        if lock.locked_by_other():
-            print(f"note: a node is serving {config.data_dir} ({lock.holder()}); the list may change while it runs")
-    elif config.database_url.startswith("sqlite"):
-        try:
-            lock.acquire("orthonode purge")
-        except DataDirLockedError:
-            print(f"orthonode purge: a node is serving {config.data_dir} ({lock.holder()}, lock file {lock.path}); "
-                  f"stop it first, or let its scheduled purge (retention.interval_minutes) do this",
-                  file=sys.stderr)
-            return 1
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    engine = None
-    try:
-        upgrade_database(config.database_url)
-        engine = make_engine(config.database_url)
-        purger = Purger(config, make_session_factory(engine), guard_timeout=None)
-        print(f"retention: delivered studies kept {policy.delivered_days:g} days, failed or unsupported "
-              f"{policy.failed_days:g} days after their last activity")
-        if args.dry_run:
-            marks = purger.interrupted()
-            for mark in marks:
-                print(f"interrupted purge of {mark.study_instance_uid} (marked {mark.time:%Y-%m-%d %H:%M:%S} UTC) "
-                      f"would be finished")
-            found = purger.candidates()
-            if found:
-                print("\n".join(_table([(c.study_instance_uid, c.assessment.reason, c.assessment.age_days,
-                                         c.size_bytes) for c in found])))
-            print(f"would delete {len(found)} study(ies), {sum(c.size_bytes for c in found) / 1e6:.1f} MB "
-                  f"(dry run: nothing deleted)")
-            return 0
-        report = purger.purge()
-        if report.purged:
-            print("\n".join(_table([(p.study_instance_uid, p.reason + (" (resumed)" if p.resumed else ""),
-                                     p.age_days, p.size_bytes) for p in report.purged])))
-        for uid, why in report.skipped:
-            print(f"kept {uid}: {why}")
-        for uid, error in report.failed:
-            print(f"FAILED {uid}: {error}", file=sys.stderr)
-        print(f"deleted {len(report.purged)} study(ies), {report.size_bytes / 1e6:.1f} MB"
-              + (f"; {len(report.failed)} failed (finished at the next run)" if report.failed else ""))
-        return 1 if report.failed else 0
-    finally:
-        if engine is not None:
-            engine.dispose()
-        lock.release()

@@ -64,7 +64,7 @@ from dicom_node.db import (
     session_scope,
     utcnow,
 )
-from dicom_node.service import BackgroundService
+from dicom_node.services.base import BackgroundService
 
 if TYPE_CHECKING:  # torch and the model stay out of the node's start-up
     from inference.checkpoint import ModelBundle
@@ -638,7 +638,7 @@ class Worker(BackgroundService):
         }
 
     def _finish_ok(self, claimed: ClaimedJob, result: StudyResult, out_dir: Path, seconds: float) -> JobOutcome:
-        from dicom_node.export import queue_exports, route_destinations
+        from dicom_node.services.export import queue_exports, route_destinations
 
         study_uid = claimed.study_instance_uid
         summary = self._summary(result, out_dir)

@@ -11,7 +11,7 @@ Timers are APScheduler date jobs, one per study (id ``assemble:<StudyInstanceUID
 single-threaded executor so checks never overlap.  Every new instance moves the study's timer
 (debounce).  A firing timer does not trust memory: it re-reads the times from the database,
 and either re-arms itself for the moment the study can be ready or queues a job through
-:func:`dicom_node.jobs.enqueue_if_changed`, which refuses a job for an instance set that the
+:func:`dicom_node.services.jobs.enqueue_if_changed`, which refuses a job for an instance set that the
 latest job already covers.  That is what prevents double firing when a study arrives in pieces
 or is sent twice, and it makes late instances re-trigger processing (a changed instance set
 gives a new job that supersedes the old one).
@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import StudyAssemblySection
 from dicom_node.db import Instance, Job, JobState, Series, Study, StudyState, session_scope, utcnow
-from dicom_node.jobs import enqueue_if_changed
+from dicom_node.services.jobs import enqueue_if_changed
 
 log = logging.getLogger(__name__)
 # APScheduler logs every timer move at INFO ("Added job ..."), i.e. once per received instance;

@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.cluster import PROCESS_LEASE_SECONDS, live_process_ids, process_id
 from dicom_node.config import Destination, ExportSection, NodeConfig, RetrySection, Route
 from dicom_node.db import EventKind, EventRecord, Export, ExportState, Job, JobState, session_scope, utcnow
-from dicom_node.service import BackgroundService
+from dicom_node.services.base import BackgroundService
 
 log = logging.getLogger(__name__)
 

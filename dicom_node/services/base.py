@@ -1,8 +1,8 @@
 """One background thread that does a piece of work over and over: :class:`BackgroundService`.
 
-The job worker (:class:`dicom_node.jobs.Worker`), the export sender
-(:class:`dicom_node.export.Exporter`) and the retention schedule
-(:class:`dicom_node.retention.RetentionRunner`) share this loop::
+The job worker (:class:`dicom_node.services.jobs.Worker`), the export sender
+(:class:`dicom_node.services.export.Exporter`) and the retention schedule
+(:class:`dicom_node.services.retention.RetentionRunner`) share this loop::
 
     [wait _first_wait_seconds()]         (only when it is not None)
     while not stopped:
