@@ -19,8 +19,8 @@ Where each time comes from (all wall-clock, one machine):
 * queue wait: ``jobs.started_at - jobs.created_at``;
 * run_study stages: the job's ``result_summary.timings`` (read/decode, select, preprocess,
   model forward, write) and the rest of ``run_study`` (EHR, template, volume measurements);
-* job outside run_study: ``finished_at - started_at - timings.total`` (snapshot of the
-  instances, model load on the first job, reading the results back, the finishing commit);
+* job outside run_study: ``finished_at - started_at - timings.total`` (checking the
+  instance files, model load on the first job, reading the results back, the finishing commit);
   the model load is also given on its own from the node's log;
 * export: from ``jobs.finished_at`` (exports are queued in that same transaction) until the
   PACS's C-STORE handler returned success for the last of the job's objects.
@@ -560,8 +560,8 @@ def report(rows: list[StudyTiming], loads: dict[str, str], args: argparse.Namesp
         "- run_study stages: the job's `result_summary.timings` (read/decode = scan + load; model = network "
         "forwards only, synchronised by the copy of the outputs to the host); *rest of run_study*: its total "
         "minus those stages (EHR, template, volume measurements).",
-        "- *job outside run_study*: `finished_at - started_at -` run_study's total: instance snapshot (hard "
-        "links), model load on the first job of a node, reading the results back, result.json and the finishing "
+        "- *job outside run_study*: `finished_at - started_at -` run_study's total: checking the instance "
+        "files, model load on the first job of a node, reading the results back, result.json and the finishing "
         "transaction that also queues the exports. The node records no time for when run_study starts or ends "
         "(the job's `step` column is overwritten), so this part is not split further; the model load is taken "
         "from the node's log (`job N started` to `model ... loaded`).",

@@ -8,7 +8,7 @@
         orthonode.sqlite (-wal, -shm)        the database, unless ``database.url`` names another
         instances/<study>/<series>/<sop>.dcm  received instances (:class:`dicom_node.storage.Storage`)
         results/<study>/job-<id>/            a job's result objects (:class:`dicom_node.services.jobs.Worker`)
-        work/job-<id>/                       a job's snapshot of its instances while it runs
+        work/job-<id>/                       job snapshots left by earlier versions (the worker reads instances in place)
 
 The purge (:mod:`dicom_node.services.retention`) deletes a study's ``results/<study>``, its jobs'
 leftover ``work/job-<id>`` and its ``instances/<study>``.
@@ -34,7 +34,7 @@ from pathlib import Path
 INSTANCES_DIR = "instances"
 #: the jobs' result objects, one folder per study
 RESULTS_DIR = "results"
-#: the jobs' snapshots of their instances, one folder per job
+#: job snapshot folders of earlier versions (the worker now reads the recorded files in place); the purge deletes them
 WORK_DIR = "work"
 #: the lock file a running node holds in its data directory
 LOCK_FILE = "orthonode.lock"

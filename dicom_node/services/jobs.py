@@ -25,9 +25,11 @@ Why it is safe to kill the node at any moment:
   (deaths before that, e.g. during the model load, do not count); ``orthonode retry --jobs``
   queues failed jobs again.
 
-The worker runs :func:`inference.pipeline.run_study` on a *snapshot* of the study: hard links
-(same file system) to exactly the instances recorded when the job was claimed, so instances that
-arrive meanwhile neither change the running job nor get lost (they re-trigger assembly).
+The worker runs :func:`inference.pipeline.run_study` on exactly the instance files recorded
+when the job was claimed (a :class:`inference.pipeline.StudyFiles` from the database's rows),
+so instances that arrive meanwhile neither change the running job nor get lost (they
+re-trigger assembly).  A file replaced meanwhile (``duplicate_policy: overwrite``) is read
+whole, old or new (files are replaced by rename), and its new content queues the study again.
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ from dicom_node.services.base import BackgroundService
 if TYPE_CHECKING:  # torch and the model stay out of the node's start-up
     from inference.checkpoint import ModelBundle
     from inference.model_set import ModelSet
-    from inference.pipeline import StudyResult
+    from inference.pipeline import StudyFiles, StudyResult
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ LEASE_SECONDS = 60.0
 MAX_JOB_ATTEMPTS = 3
 #: steps before the study's own data is processed; a worker that dies in one of them (a kill
 #: during the model load, say) does not count against the job's attempts
-STEPS_BEFORE_THE_STUDY = frozenset({"claimed", "snapshot", "load model"})
+STEPS_BEFORE_THE_STUDY = frozenset({"claimed", "instances", "load model"})
 
 
 def worker_identity(index: int = 0) -> str:
@@ -288,7 +290,7 @@ class JobQueue:
         return handled
 
     def claim(self) -> ClaimedJob | None:
-        """Take the oldest queued job: mark it running under this worker and snapshot its inputs."""
+        """Take the oldest queued job: mark it running under this worker and record the instances it covers."""
         with session_scope(self.factory) as session:
             query = select(Job).where(Job.state == JobState.QUEUED).order_by(Job.created_at, Job.id).limit(1)
             if session.get_bind().dialect.name == "postgresql":
@@ -353,14 +355,6 @@ class JobOutcome:
     state: str  # done | failed | discarded
     outcome: str  # complete | partial | unsupported | error | superseded
     seconds: float
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:  # another file system, or links not allowed: copy
-        shutil.copy2(source, target)
 
 
 class SharedModel:
@@ -445,7 +439,7 @@ class SharedModel:
 
 
 class Worker(BackgroundService):
-    """Runs queued jobs one at a time in a thread: snapshot -> pipeline -> results -> exports.
+    """Runs queued jobs one at a time in a thread: instances -> pipeline -> results -> exports.
 
     ``resolve_instance(path)`` maps an instance path relative to the storage root to a file
     (:meth:`dicom_node.storage.Storage.resolve`).  ``bundle`` is an already loaded
@@ -519,17 +513,13 @@ class Worker(BackgroundService):
             self._bundle = self.model.get()
         return self._bundle
 
-    def _snapshot(self, claimed: ClaimedJob) -> Path:
-        """Hard links to exactly the job's instances in ``work/job-<id>`` (fresh each attempt)."""
-        folder = self.config.layout.job_work(claimed.job_id)
-        if folder.exists():
-            shutil.rmtree(folder)
-        for relative in claimed.instance_paths:
-            source = self.resolve_instance(relative)
-            if not source.is_file():
-                raise FileNotFoundError(f"instance file {source} recorded in the database is missing")
-            _link_or_copy(source, folder / relative)
-        return folder
+    def _inputs(self, claimed: ClaimedJob) -> StudyFiles:
+        """Exactly the job's instance files, as the database recorded them at the claim; raises
+        :class:`FileNotFoundError` naming a file that is gone."""
+        from inference.pipeline import StudyFiles
+
+        return StudyFiles(self.resolve_instance(claimed.study_instance_uid),
+                          tuple(self.resolve_instance(relative) for relative in claimed.instance_paths))
 
     def run_job(self, claimed: ClaimedJob) -> JobOutcome:
         """Run one claimed job to its end and record the outcome; never raises for a job error."""
@@ -541,18 +531,17 @@ class Worker(BackgroundService):
         beat.start()
         study_uid = claimed.study_instance_uid
         out_dir = self.config.layout.job_results(study_uid, claimed.job_id)
-        snapshot: Path | None = None
         try:
             log.info("study %s: job %d started (attempt %d, %d instances)", study_uid, claimed.job_id, claimed.attempt,
                      len(claimed.instance_paths))
-            self.queue.heartbeat(claimed.job_id, step="snapshot")
-            snapshot = self._snapshot(claimed)
+            self.queue.heartbeat(claimed.job_id, step="instances")
+            inputs = self._inputs(claimed)
             self.queue.heartbeat(claimed.job_id, step="load model")
             bundle = self.bundle()
             self.queue.heartbeat(claimed.job_id, step="inference")
             if out_dir.exists():
                 shutil.rmtree(out_dir)  # a previous, interrupted attempt of this job
-            result = self._run_pipeline(snapshot, bundle, out_dir, self._delivered_report(claimed))
+            result = self._run_pipeline(inputs, bundle, out_dir, self._delivered_report(claimed))
             outcome = self._finish_ok(claimed, result, out_dir, time.monotonic() - started)
         except Exception as exc:  # any failure of the job is recorded on the job, with its traceback in the log
             log.exception("study %s: job %d failed", study_uid, claimed.job_id)
@@ -561,8 +550,6 @@ class Worker(BackgroundService):
             stop_beat.set()
             beat.join(5)
             self.current_job = None
-            if snapshot is not None:
-                shutil.rmtree(snapshot, ignore_errors=True)
         if self.on_finished is not None:
             self.on_finished(outcome)
         return outcome
@@ -599,7 +586,7 @@ class Worker(BackgroundService):
             return []
         return [path]
 
-    def _run_pipeline(self, snapshot: Path, bundle: ModelBundle | ModelSet, out_dir: Path,
+    def _run_pipeline(self, inputs: StudyFiles, bundle: ModelBundle | ModelSet, out_dir: Path,
                       previous_reports: list[Path]) -> StudyResult:
         from inference.pipeline import run_study
         from inference.uids import NodeInfo, default_node_info
@@ -611,7 +598,7 @@ class Worker(BackgroundService):
             institution_name=self.config.node.institution or None,
         )
         return run_study(
-            snapshot, bundle, out_dir,
+            inputs, bundle, out_dir,
             rules=self.config.series_selection, joint_rules=self.config.joints,
             node_info=node_info, preview=self.preview, device=self.config.jobs.device,
             previous_reports=previous_reports,

@@ -4,7 +4,7 @@ queued once, superseded jobs, output UIDs)."""
 from __future__ import annotations
 
 import os
-
+import shutil
 import subprocess
 import threading
 import time
@@ -220,7 +220,6 @@ def test_worker_runs_the_study_and_queues_each_result_once_per_routed_destinatio
     for _, kind, _, relative in exports:
         ds = dcmread(parts.config.data_dir / relative)
         assert ds.StudyInstanceUID == parts.study_uid and ds.Modality == kind.upper()
-    assert not (parts.config.data_dir / "work" / f"job-{job_id}").exists(), "the job's snapshot was left behind"
 
     # a study sent by a modality follows the first route instead
     with session_scope(parts.factory) as session:
@@ -241,6 +240,23 @@ def test_worker_runs_the_study_and_queues_each_result_once_per_routed_destinatio
     # the added localizer changes no input of the SEG or the SR: same objects, same UIDs
     assert _outputs(parts, second) == _outputs(parts, job_id)
     assert {kind: len(sops) for kind, sops in _outputs(parts, job_id).items()} == {"seg": 3, "sr": 1}
+
+
+def test_the_worker_reads_the_recorded_instances_and_nothing_else_in_their_folder(
+    stored_knee: NodeParts, bundle, knee_phantoms: Path
+) -> None:
+    """The job's input is the rows of the claim, not a folder scan: a file of another study
+    lying in the study's instance folder (put there by hand, never received) changes nothing."""
+    parts = stored_knee
+    stray_source = next((knee_phantoms / "knee_0002" / "dicom").rglob("*.dcm"))
+    series_folder = next(p for p in (parts.config.data_dir / "instances" / parts.study_uid).iterdir() if p.is_dir())
+    shutil.copy(stray_source, series_folder / "stray.dcm")
+    assert str(dcmread(series_folder / "stray.dcm").StudyInstanceUID) != parts.study_uid
+    _queue_study(parts.factory, parts.study_uid)
+    worker = Worker(parts.config, parts.factory, parts.storage.resolve, bundle=bundle)
+    outcome = worker.run_job(worker.queue.claim())
+    assert (outcome.state, outcome.outcome) == ("done", "complete"), outcome
+    assert not (parts.config.data_dir / "work").exists() or not any((parts.config.data_dir / "work").iterdir())
 
 
 def test_a_job_taken_over_after_a_crash_is_finished_once(stored_knee: NodeParts, bundle) -> None:
@@ -339,7 +355,7 @@ def test_a_failing_study_fails_its_job_with_the_reason(node_db, tmp_path: Path, 
     assert outcome.state == "failed"
     with session_scope(node_db) as session:
         job = session.get(Job, job_id)
-        assert job.state is JobState.FAILED and job.step == "snapshot"
+        assert job.state is JobState.FAILED and job.step == "instances"
         assert "missing" in job.error and "1.2.3.300.1.1.dcm" in job.error
         assert job.study.state is StudyState.FAILED and not job.exports
 
