@@ -234,10 +234,9 @@ class StoreReceiver:
             return StoreStatus.STORAGE_WRITE_FAILED
         try:
             return self._record(stored, incoming)
-        except BaseException:
-            if not stored.finished:  # an error before the rows were committed: no file without its row
+        finally:
+            if not stored.finished:  # refused or failed before the rows were committed: no file without its row
                 stored.undo()
-            raise
 
     def _parse(self, data: bytes, context_class: UID, affected_sop_uid: str, who: str) -> _Incoming | int:
         """The identifying attributes of the data set, checked; or the refusal status.
@@ -311,9 +310,9 @@ class StoreReceiver:
     def _stored_elsewhere(self, stored: StoredInstance, incoming: _Incoming, location: tuple[str, str]) -> int:
         """The SOP Instance UID is recorded under another study or series and the policy does
         not move it (``keep_first``, ``reject_if_different``): the file layout cannot see that
-        conflict, the database did.  The file just written is dropped; returns the status."""
+        conflict, the database did.  The file just written is dropped (by the caller, which
+        undoes every file not finalised); returns the status."""
         where, who = incoming.where, incoming.who
-        stored.undo()
         study_uid, series_uid = location
         moved = f"it is stored under study {study_uid}, series {series_uid}"
         if self.duplicate_policy == "keep_first":
@@ -325,8 +324,8 @@ class StoreReceiver:
         return StoreStatus.DUPLICATE_SOP_INSTANCE
 
     def _record(self, stored: StoredInstance, incoming: _Incoming) -> int:
-        """Commit the rows (with the folder fsync), then finish the file; undo the file if the
-        rows cannot be committed."""
+        """Commit the rows (with the folder fsync), then finish the file; the status.  A file not
+        finalised here (the rows were refused or not committed) is undone by the caller."""
         ds, where, who = incoming.ds, incoming.where, incoming.who
         patient_id = text_value(ds, "PatientID", 64)
         info = ReceivedInstance(
@@ -351,21 +350,15 @@ class StoreReceiver:
         try:
             result = self.recorder.record(info, stored, move=self.duplicate_policy == "overwrite")
         except SeriesStudyMismatchError as exc:
-            stored.undo()
             log.warning("refused %s from %s: %s", where, who, exc)
             self._event(EventKind.SERIES_IN_OTHER_STUDY, f"from {who}; {exc}", incoming)
             return StoreStatus.SERIES_IN_OTHER_STUDY
         except SQLAlchemyError as exc:
-            stored.undo()
             log.error("refused %s from %s: the database is unavailable, the file was not kept: %s", where, who, exc)
             return StoreStatus.DATABASE_UNAVAILABLE
         except OSError as exc:
-            stored.undo()
             log.error("refused %s from %s: making the file's folder entry durable failed: %s", where, who, exc)
             return StoreStatus.STORAGE_WRITE_FAILED
-        except BaseException:
-            stored.undo()
-            raise
         if result.stored_elsewhere is not None:
             return self._stored_elsewhere(stored, incoming, result.stored_elsewhere)
         previous_path, changed = result.previous_path, result.changed
