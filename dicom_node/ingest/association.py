@@ -5,7 +5,7 @@ rejection is logged, audited and counted the same way.
 The check replaces pynetdicom's private ``ACSE._negotiate_as_acceptor`` and
 ``RequestHandler._create_association`` (pynetdicom has no public hook that sees the called
 title and the peer before it answers); pynetdicom is pinned to 3.0.x and
-``tests/dicom_node/test_pynetdicom_hooks.py`` checks that both exist with the shape used here.
+``tests/dicom_node/ingest/test_pynetdicom_hooks.py`` checks that both exist with the shape used here.
 """
 from __future__ import annotations
 
