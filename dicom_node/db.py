@@ -1,5 +1,9 @@
 """The node's database: what was received, which jobs ran on it, what was sent back.
 
+Why one module of about 920 lines: the tables, their states, the audit event kinds and the
+few statements every step shares (recording a received instance, the start-up check's
+queries) are the schema the Alembic migrations must agree with, tested against it as one.
+
 The tables follow the flow of a study through the node::
 
     studies 1--n series 1--n instances        (written by the listener)

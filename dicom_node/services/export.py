@@ -1,5 +1,8 @@
 """Sending results back: destinations, routes, and a retry queue kept in the database.
 
+Why one module of about 780 lines: routes, the two destination classes and the exporter share
+one protocol over the exports table (claim, send, verify before a resend, retry).
+
 Every result object of a finished job becomes one :class:`~dicom_node.db.Export` row per
 destination (chosen by the routes of node.yaml) in the same transaction that marks the job
 done, so a result is queued exactly once.  The :class:`Exporter` thread sends due rows:

@@ -1,5 +1,9 @@
 """Jobs: one processing run of a study, queued in the database and run off the listener.
 
+Why one module of about 700 lines: the queue (claim, lease, heartbeat, sweeps), the shared
+model and the worker that runs a claimed job are one protocol over the jobs table; split, the
+rules of who may finish a job would live in three places.
+
 Life of a job (``dicom_node.db.JobState``)::
 
     queued --claim--> running --finish--> done | failed

@@ -1,5 +1,9 @@
 """Series planning and image formation: from a continuous anatomy to stored pixel values.
 
+Why one module of about 700 lines: series planning and image formation (contrast, coil,
+noise, artefacts per site) feed each other on the same grid; the phantom package keeps anatomy
+(``shapes``) apart from acquisition, as a scanner would.
+
 Every series of a case is planned as a technologist would plan it on the localizer: a field
 of view centred on the joint, a slice stack covering it with a given thickness and gap, a
 plane that may be tilted from the cardinal one (the knee sagittal along the ACL, the shoulder

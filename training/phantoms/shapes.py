@@ -1,5 +1,8 @@
 """Implicit-shape primitives, their combinations and the layered tissue painter of the phantoms.
 
+Why one module of about 890 lines: the primitives, their combinations and the layered tissue
+painter are one small implicit-geometry library; the anatomy of each joint builds on all of it.
+
 Every anatomical part is a :class:`Shape`: a function returning an approximate signed distance
 (mm, negative inside) for points of the *joint frame* (``u`` toward the patient's midline, i.e.
 medial for a limb, ``v`` posterior, ``w`` superior; see :class:`LayeredModel`).  The distances
