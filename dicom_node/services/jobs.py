@@ -71,6 +71,7 @@ from dicom_node.db import (
     utcnow,
 )
 from dicom_node.services.base import BackgroundService
+from dicom_node.services.export import queue_exports, route_destinations
 
 if TYPE_CHECKING:  # torch and the model stay out of the node's start-up
     from inference.checkpoint import ModelBundle
@@ -629,8 +630,6 @@ class Worker(BackgroundService):
         }
 
     def _finish_ok(self, claimed: ClaimedJob, result: StudyResult, out_dir: Path, seconds: float) -> JobOutcome:
-        from dicom_node.services.export import queue_exports, route_destinations
-
         study_uid = claimed.study_instance_uid
         summary = self._summary(result, out_dir)
         # what was written, as the pipeline wrote it: the files are not read again
