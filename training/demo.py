@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from inference.labels import PLANES
-
 log = logging.getLogger(__name__)
 
 #: the site left out of training in the demo and the benchmark (a 1.5 T scanner of another vendor)
@@ -44,9 +42,6 @@ DEMO_JOINTS = ("knee", "ankle", "shoulder")
 #: classify settings of the transfer to the ankle and shoulder: frozen backbones (features
 #: computed once), so only the attention pools, normalisation and heads train
 TRANSFER = {"backbone_lr_factor": 0.0, "cache_features": True, "steps": 1500, "head_lr": 2.0e-3}
-#: the transfers keep the method's reference feature point (mid_2, t = 100) on the knee's
-#: backbones: the knee's up_0 point was measured on knee findings only
-TRANSFER_MODEL = {"feature_points": {plane: {"timestep": 100, "block": "mid_2"} for plane in PLANES}}
 
 
 def demo_model_paths(knee: Path) -> dict[str, Path]:
@@ -214,6 +209,8 @@ def run_demo(
 ) -> DemoSummary:
     """Build the demo bundles (``out`` is the knee's, the others :func:`demo_model_paths`);
     see the module docstring for the stages.  ``joints`` must start with the knee."""
+    from inference.labels import PLANES
+    from inference.model import FeaturePoint
     from training.cli import read_records
     from training.config import load_config
     from training.data import pretrain_dataset
@@ -278,7 +275,10 @@ def run_demo(
 
     transfers: dict[str, dict[str, Any]] = {}
     source = classifier_backbones(classifier.model, f"the knee classifier of {out.name}")
-    transfer_cfg = cfg.with_overrides(classify=TRANSFER, model=TRANSFER_MODEL)
+    # the transfers take their features at the method's reference point (FeaturePoint's
+    # defaults) on the knee's backbones: the config's own point was chosen on knee findings only
+    reference_points = {plane: FeaturePoint().to_dict() for plane in PLANES}
+    transfer_cfg = cfg.with_overrides(classify=TRANSFER, model={"feature_points": reference_points})
     for index, joint in enumerate(joints[1:], start=1):
         t = time.monotonic()
         first = train_cases + held_out_cases  # case ids never shared with the knee sets
